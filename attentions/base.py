@@ -1,0 +1,101 @@
+"""Base class of every mechanism: the call contract and its input checks.
+
+Contract (see DESIGN.md)::
+
+    out = attn(q, k, v, key_padding_mask=mask)
+
+``q, k, v``: float tensors ``(batch, heads, seq, head_dim)``, already projected.
+``key_padding_mask``: bool ``(batch, seq)``, ``True`` = real token, or ``None``.
+Returns ``(batch, heads, seq, head_dim)``. Padded query rows may hold anything finite;
+real rows must not depend on what stands in padded positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import AttentionConfig
+
+LAYOUT = "(batch, heads, seq, head_dim)"
+
+
+class Attention(nn.Module):
+    """Subclasses implement :meth:`attend`; :meth:`forward` checks the inputs first."""
+
+    name: str = "?"
+
+    def __init__(self, config: AttentionConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def backend(self) -> str:
+        """Which implementation ran last (recorded by the benchmark and the results)."""
+        return "torch"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        key_padding_mask = self.check_inputs(q, k, v, key_padding_mask)
+        return self.attend(q, k, v, key_padding_mask)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_inputs(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Validate the contract; returns the mask, or None when every token is real."""
+        cfg = self.config
+        for label, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{self.name}: {label} must be a tensor {LAYOUT}, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(
+                    f"{self.name}: {label} must be 4-D {LAYOUT}, got shape {tuple(t.shape)}"
+                )
+            if not t.is_floating_point():
+                raise ValueError(f"{self.name}: {label} must be a float tensor {LAYOUT}, got dtype {t.dtype}")
+        if not (q.shape == k.shape == v.shape):
+            raise ValueError(
+                f"{self.name}: q, k, v must share the shape {LAYOUT}, got "
+                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        if not (q.dtype == k.dtype == v.dtype):
+            raise ValueError(f"{self.name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        batch, heads, seq, head_dim = q.shape
+        if heads != cfg.num_heads or head_dim != cfg.head_dim:
+            raise ValueError(
+                f"{self.name}: expected {LAYOUT} with heads={cfg.num_heads}, head_dim={cfg.head_dim}; "
+                f"got shape {tuple(q.shape)}"
+            )
+        if seq == 0:
+            raise ValueError(f"{self.name}: seq must be >= 1 in {LAYOUT}")
+        if cfg.max_seq_len is not None and seq > cfg.max_seq_len:
+            raise ValueError(
+                f"{self.name}: sequence length {seq} exceeds max_seq_len={cfg.max_seq_len}"
+            )
+        if key_padding_mask is None:
+            return None
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq):
+            raise ValueError(
+                f"{self.name}: key_padding_mask must be bool (batch, seq) = ({batch}, {seq}) with True = "
+                f"real token; got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"{self.name}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+        return None if bool(key_padding_mask.all()) else key_padding_mask
+
+    def extra_repr(self) -> str:
+        return repr(self.config)

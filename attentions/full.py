@@ -1,0 +1,113 @@
+"""Exact softmax attention, dispatched to the fastest exact kernel for the device.
+
+Backends (chosen in one place, :func:`select_full_backend`, and recorded in ``backend``):
+
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` on CUDA when the ``cuda``
+  extra is installed and the dtype is fp16/bf16/fp32.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (CPU and CUDA).
+- ``reference``: explicit ``softmax(QK^T / sqrt(d)) V``; the tests' ground truth.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .base import Attention
+from .functional import reference_attention
+from .registry import AttentionConfig, register_attention
+
+XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA build
+        return False
+    return True
+
+
+def select_full_backend(
+    requested: str, device_type: str, dtype: torch.dtype, has_xformers: bool
+) -> str:
+    """The single decision of which exact kernel runs. Pure, so it is unit-tested on CPU."""
+    if requested == "reference":
+        return "reference"
+    xformers_ok = device_type == "cuda" and has_xformers and dtype in XFORMERS_DTYPES
+    if requested == "xformers":
+        if not xformers_ok:
+            raise ValueError(
+                "invalid parameter 'backend': 'xformers' needs a CUDA tensor of dtype fp16/bf16/fp32 and the "
+                f"'cuda' extra installed; got device={device_type}, dtype={dtype}, xformers installed={has_xformers}"
+            )
+        return "xformers"
+    if requested == "sdpa":
+        return "sdpa"
+    return "xformers" if xformers_ok else "sdpa"
+
+
+@dataclass(frozen=True)
+class FullConfig(AttentionConfig):
+    backend: Literal["auto", "sdpa", "xformers", "reference"] = "auto"
+
+
+@register_attention(
+    "full",
+    config=FullConfig,
+    family="exact",
+    time_complexity="O(n^2 d)",
+    memory_complexity="O(n^2) reference; O(n) with fused SDPA/xformers kernels",
+    exact=True,
+    supports_causal=False,
+)
+class FullAttention(Attention):
+    """Exact softmax attention (Vaswani et al. 2017)."""
+
+    def __init__(self, config: FullConfig) -> None:
+        super().__init__(config)
+        self._last_backend = "not run yet"
+
+    @property
+    def backend(self) -> str:
+        return self._last_backend
+
+    def attend(self, q, k, v, key_padding_mask):
+        cfg = self.config
+        choice = select_full_backend(cfg.backend, q.device.type, q.dtype, xformers_available())
+        self._last_backend = choice
+        dropout = cfg.dropout if self.training else 0.0
+        if choice == "reference":
+            allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+            return reference_attention(q, k, v, allowed, dropout=dropout, training=self.training)
+        if key_padding_mask is not None:
+            # A sequence with no real token would give an all-masked row (NaN); let it
+            # attend everywhere instead: its outputs are padding and may be anything finite.
+            key_padding_mask = key_padding_mask | ~key_padding_mask.any(dim=-1, keepdim=True)
+        if choice == "xformers":
+            return _xformers_attention(q, k, v, key_padding_mask, dropout)
+        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+
+
+def _xformers_attention(q, k, v, key_padding_mask, dropout: float) -> torch.Tensor:  # pragma: no cover - CUDA only
+    import xformers.ops as xops
+
+    # xformers wants (batch, seq, heads, head_dim).
+    qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))
+    bias = None
+    if key_padding_mask is not None:
+        batch, heads, seq, _ = q.shape
+        # Additive bias (batch, heads, seq, seq); xformers requires the last dim aligned to 8,
+        # so allocate padded storage and slice it.
+        aligned = (seq + 7) // 8 * 8
+        storage = q.new_zeros(batch, heads, seq, aligned)
+        bias = storage[..., :seq]
+        bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+    out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, p=dropout)
+    return out.transpose(1, 2)

@@ -1,0 +1,207 @@
+"""Attention registry: one decorator registers a mechanism, one factory builds it by name.
+
+Each mechanism declares a frozen config dataclass (subclass of :class:`AttentionConfig`)
+that is the single source of truth for its parameters and defaults. Unknown parameter
+names are rejected (xformers' habit of filling unknown keys with ``None`` hid typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+FAMILIES = (
+    "exact",
+    "sparse",
+    "low-rank",
+    "kernel",
+    "hashing",
+    "attention-free",
+    "query-prototyping",
+    "memory-compression",
+)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Parameters every mechanism takes. Subclasses add their own fields.
+
+    ``num_heads`` / ``head_dim`` describe the projected inputs the mechanism receives;
+    ``max_seq_len`` is required only by mechanisms whose parameters depend on the length
+    (their info says ``needs_max_seq_len``); ``seed`` draws every random buffer
+    (features, rotations, random blocks) so the same seed gives the same output.
+    ``dropout`` is dropout on attention probabilities, active only in training mode.
+    """
+
+    num_heads: int = 4
+    head_dim: int = 32
+    max_seq_len: int | None = None
+    dropout: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        require(self.num_heads >= 1, "num_heads", f"must be >= 1, got {self.num_heads}")
+        require(self.head_dim >= 1, "head_dim", f"must be >= 1, got {self.head_dim}")
+        if self.max_seq_len is not None:
+            require(self.max_seq_len >= 1, "max_seq_len", f"must be >= 1 or None, got {self.max_seq_len}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Mechanism-specific checks; raise via :func:`require`."""
+
+
+def require(condition: bool, param: str, message: str) -> None:
+    """Raise a ValueError naming the offending parameter when ``condition`` is false."""
+    if not condition:
+        raise ValueError(f"invalid parameter '{param}': {message}")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(item, args[0]) for item in value)
+        return len(args) == len(value) and all(_type_ok(i, a) for i, a in zip(value, args))
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _check_field_types(config: AttentionConfig) -> None:
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        annotation = hints[field.name]
+        # Hydra / YAML hand lists where we declare tuples.
+        if isinstance(value, list) and typing.get_origin(annotation) in (tuple, typing.Union, types.UnionType):
+            value = tuple(value)
+            object.__setattr__(config, field.name, value)
+        if not _type_ok(value, annotation):
+            raise ValueError(
+                f"invalid parameter '{field.name}': expected {_describe(annotation)}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+        if annotation is float and isinstance(value, int):
+            object.__setattr__(config, field.name, float(value))
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """What the report and the harness know about a mechanism without building it."""
+
+    name: str
+    cls: type
+    config_cls: type[AttentionConfig]
+    family: str
+    time_complexity: str
+    memory_complexity: str
+    exact: bool = False
+    supports_padding_mask: bool = True
+    supports_causal: bool = False
+    needs_max_seq_len: bool = False
+    # Reformer-style mechanisms need keys equal to (normalised) queries: the backbone
+    # ties the query and key projections when this is set.
+    shared_qk: bool = False
+    description: str = ""
+
+    def defaults(self) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(self.config_cls)}
+
+
+_REGISTRY: dict[str, AttentionInfo] = {}
+
+
+def register_attention(
+    name: str,
+    *,
+    config: type[AttentionConfig],
+    family: str,
+    time_complexity: str,
+    memory_complexity: str,
+    **capabilities: Any,
+) -> Callable[[type], type]:
+    """Class decorator that registers a mechanism under ``name``."""
+    if family not in FAMILIES:
+        raise ValueError(f"family '{family}' of '{name}' is not one of {FAMILIES}")
+    if not (dataclasses.is_dataclass(config) and issubclass(config, AttentionConfig)):
+        raise TypeError(f"config of '{name}' must be an AttentionConfig dataclass")
+
+    def decorator(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"attention '{name}' is registered twice")
+        _REGISTRY[name] = AttentionInfo(
+            name=name,
+            cls=cls,
+            config_cls=config,
+            family=family,
+            time_complexity=time_complexity,
+            memory_complexity=memory_complexity,
+            description=(cls.__doc__ or "").strip().split("\n")[0],
+            **capabilities,
+        )
+        cls.name = name
+        return cls
+
+    return decorator
+
+
+def available_attentions(pattern: str | None = None) -> list[str]:
+    """Registered names, sorted; ``pattern`` is a shell wildcard such as ``'*former'``."""
+    names = sorted(_REGISTRY)
+    if pattern is None:
+        return names
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def get_attention_info(name: str) -> AttentionInfo:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention '{name}'; registered: {', '.join(available_attentions())}")
+    return _REGISTRY[name]
+
+
+def make_config(name: str, **params: Any) -> AttentionConfig:
+    """Validated config for ``name``; unknown keys raise a ValueError listing the allowed ones."""
+    info = get_attention_info(name)
+    allowed = [f.name for f in dataclasses.fields(info.config_cls)]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(repr(u) for u in unknown)} for attention '{name}'; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    return info.config_cls(**params)
+
+
+def build_attention(name: str, **params: Any):
+    """Build the registered mechanism ``name`` with keyword overrides of its config."""
+    config = make_config(name, **params)
+    return get_attention_info(name).cls(config)
