@@ -11,8 +11,9 @@ import dataclasses
 import fnmatch
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 FAMILIES = (
     "exact",

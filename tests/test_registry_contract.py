@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attentions import FAMILIES, available_attentions, build_attention, get_attention_info
+
 from conftest import HEAD_DIM, HEADS, MAX_LEN, build_small, make_qkv, right_padding_mask
 
 MECHANISMS = available_attentions()
