@@ -1,0 +1,424 @@
+"""Task registry, the :class:`Task` base class, and batching.
+
+A task is a frozen config dataclass (its parameters and defaults: the one source of truth) plus a
+:class:`Task` subclass that turns the config into compact numpy arrays, one set per split::
+
+    {"tokens": uint8/uint16 (N, L), "labels": int64 (N,), optional "lengths": int32 (N,),
+     and for two-sequence tasks "tokens2" (N, L) with optional "lengths2"}
+
+Stored values are *raw* (bytes, pixels, ListOps token ids); the batch adds ``token_offset`` so that token id 0
+is always padding and real tokens are ``>= 1``. ``lengths`` says how many leading positions are real (absent:
+all ``L`` are real). The arrays are cached on disk by :mod:`tasks.cache` and memory-mapped, and a batch is made
+by one fancy-indexing gather per array: no per-example Python work, so loading never starves training.
+
+Contract (used by the harness)::
+
+    task = build_task("listops", cache_dir=".arena_cache", seed=0, **task_params)
+    task.num_classes, task.vocab_size, task.max_length, task.two_sequence, task.pad_id   # pad_id == 0
+    task.num_examples(split); task.labels(split)
+    for batch in task.batches(split, batch_size, shuffle=True, seed=0, epoch=e): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "validation", "test")
+
+
+def require(condition: bool, param: str, message: str) -> None:
+    """Raise a ValueError naming the offending task parameter when ``condition`` is false."""
+    if not condition:
+        raise ValueError(f"invalid task parameter '{param}': {message}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Parameters every task takes. Subclasses add their own fields.
+
+    ``seed`` fixes everything random about the data (generation, splits). Fields listed in
+    ``NON_DATA_FIELDS`` (e.g. ``num_workers``) do not change the data and are left out of the cache key.
+    """
+
+    NON_DATA_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Task-specific checks; raise via :func:`require`."""
+
+    def data_settings(self) -> dict[str, Any]:
+        """The fields that change the data (everything but ``NON_DATA_FIELDS``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.NON_DATA_FIELDS}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _check_field_types(config: TaskConfig) -> None:
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        annotation = hints[field.name]
+        if isinstance(value, os.PathLike):  # paths may come as pathlib.Path
+            value = os.fspath(value)
+            object.__setattr__(config, field.name, value)
+        if not _type_ok(value, annotation):
+            described = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            raise ValueError(
+                f"invalid task parameter '{field.name}': expected {described}, got {value!r} ({type(value).__name__})"
+            )
+        # Normalise numpy scalars / ints-for-floats so the cache key is stable.
+        if annotation is float and not isinstance(value, float):
+            object.__setattr__(config, field.name, float(value))
+        elif isinstance(value, np.integer):
+            object.__setattr__(config, field.name, int(value))
+
+Arrays = dict[str, dict[str, np.ndarray]]
+
+
+class Task:
+    """Base class of every task: subclasses set the class attributes and implement :meth:`build`.
+
+    Construction is cheap and lazy; data is built (or loaded from the cache) on :meth:`prepare` or on the
+    first access to examples.
+    """
+
+    name: ClassVar[str] = ""
+    num_classes: ClassVar[int] = 2
+    two_sequence: ClassVar[bool] = False
+    pad_id: ClassVar[int] = 0
+    # Added to every stored value of a real position (bytes/pixels are stored raw and shifted by 1 here).
+    token_offset: ClassVar[int] = 0
+    # Splits served by another stored split (Text: LRA evaluates on test as validation).
+    split_aliases: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, config: TaskConfig, cache_dir: str | None = None) -> None:
+        self.config = config
+        self.cache_dir = cache_dir
+        self._data: Arrays | None = None
+
+    # ---- what subclasses provide -------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Size of the embedding table needed: every token id is in ``[0, vocab_size)``."""
+        raise NotImplementedError
+
+    @property
+    def max_length(self) -> int:
+        """Fixed padded length ``L`` of every batch (as LRA pads)."""
+        raise NotImplementedError
+
+    def source_identity(self) -> dict[str, Any]:
+        """Identity of external inputs (files: path + size + mtime; hub names) that the data depends on."""
+        return {}
+
+    def build(self) -> Arrays:
+        """Generate or load the data: ``{split: {"tokens", "labels", ["lengths", "tokens2", "lengths2"]}}``."""
+        raise NotImplementedError
+
+    # ---- data access ----------------------------------------------------------------------------------------
+    def cache_settings(self) -> dict[str, Any]:
+        """Everything that changes the data; hashed into the cache key."""
+        return {"task": self.name, "config": self.config.data_settings(), "source": self.source_identity()}
+
+    def prepare(self) -> None:
+        """Generate/load and cache the data now. Idempotent; fast (memory-mapped) when cached."""
+        if self._data is None:
+            from tasks.cache import load_or_build
+
+            data = load_or_build(self.cache_dir, self.name, self.cache_settings(), self.build)
+            self._check_arrays(data)
+            self._data = data
+
+    def _check_arrays(self, data: Arrays) -> None:
+        stored = set(data)
+        needed = {self.split_aliases.get(s, s) for s in SPLITS}
+        if not needed <= stored:
+            raise RuntimeError(f"task {self.name!r}: built splits {sorted(stored)}, missing {sorted(needed - stored)}")
+        for split, arrays in data.items():
+            fields = ("tokens", "tokens2") if self.two_sequence else ("tokens",)
+            for f in fields:
+                if arrays[f].ndim != 2 or arrays[f].shape[1] != self.max_length:
+                    raise RuntimeError(f"task {self.name!r} split {split}: {f} has shape {arrays[f].shape}, "
+                                       f"expected (N, {self.max_length})")
+
+    def _split(self, split: str) -> dict[str, np.ndarray]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        self.prepare()
+        assert self._data is not None
+        return self._data[self.split_aliases.get(split, split)]
+
+    def num_examples(self, split: str) -> int:
+        """Number of examples in ``split`` (one of train, validation, test)."""
+        return int(self._split(split)["labels"].shape[0])
+
+    def labels(self, split: str) -> np.ndarray:
+        """All labels of ``split`` as an int64 array (for majority-class baselines)."""
+        return np.array(self._split(split)["labels"], dtype=np.int64)
+
+    def batches(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield batches ``{"tokens", "mask", "labels"[, "tokens2", "mask2"]}`` of ``split``.
+
+        ``tokens`` is int64 ``(B, max_length)`` with 0 at padding, ``mask`` bool ``(B, max_length)`` True at real
+        tokens, ``labels`` int64 ``(B,)``. With ``shuffle`` the order is a permutation drawn from
+        ``(seed, epoch)``: the same pair gives the same order, another epoch another order.
+        """
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if seed < 0 or epoch < 0:
+            raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+        arrays = self._split(split)
+        n = int(arrays["labels"].shape[0])
+        order = np.random.default_rng([int(seed), int(epoch)]).permutation(n) if shuffle else None
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            end = min(start + batch_size, n)
+            # A slice reads contiguously from the memory map; a shuffled batch is one fancy-indexing gather.
+            index: slice | np.ndarray = slice(start, end) if order is None else order[start:end]
+            yield self._gather(arrays, index)
+
+    def _gather(self, arrays: dict[str, np.ndarray], index: slice | np.ndarray) -> dict[str, torch.Tensor]:
+        batch = {"labels": torch.from_numpy(np.array(arrays["labels"][index], dtype=np.int64))}
+        pairs = (("tokens", "lengths", "mask"), ("tokens2", "lengths2", "mask2"))
+        for tok_key, len_key, mask_key in pairs if self.two_sequence else pairs[:1]:
+            tokens = torch.from_numpy(np.asarray(arrays[tok_key][index]).astype(np.int64))
+            if len_key in arrays:
+                lengths = torch.from_numpy(np.array(arrays[len_key][index], dtype=np.int64))
+                mask = torch.arange(tokens.shape[1]) < lengths[:, None]
+            else:
+                mask = torch.ones(tokens.shape, dtype=torch.bool)
+            if self.token_offset:
+                tokens += self.token_offset
+            if len_key in arrays:
+                tokens.masked_fill_(~mask, self.pad_id)
+            batch[tok_key] = tokens
+            batch[mask_key] = mask
+        return batch
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+# ---- registry ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the harness knows about a task without building it."""
+
+    name: str
+    cls: type[Task]
+    config_cls: type[TaskConfig]
+    description: str = ""
+
+    def defaults(self) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(self.config_cls)}
+
+
+_REGISTRY: dict[str, TaskInfo] = {}
+
+
+def register_task(name: str, *, config: type[TaskConfig], description: str = "") -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: register a :class:`Task` subclass under ``name`` with its config dataclass."""
+
+    def decorator(cls: type[Task]) -> type[Task]:
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise ValueError(f"task {name!r} is already registered by {_REGISTRY[name].cls.__qualname__}")
+        if not (isinstance(config, type) and issubclass(config, TaskConfig)):
+            raise TypeError(f"config of task {name!r} must subclass TaskConfig")
+        cls.name = name
+        doc = description or (cls.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = TaskInfo(name=name, cls=cls, config_cls=config, description=doc)
+        return cls
+
+    return decorator
+
+
+def available_tasks(pattern: str = "*") -> list[str]:
+    """Sorted names of registered tasks matching the glob ``pattern``."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_task_info(name: str) -> TaskInfo:
+    """Registry entry of ``name``; unknown names raise a ValueError listing the allowed ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(available_tasks())}")
+    return _REGISTRY[name]
+
+
+def build_task(name: str, cache_dir: str | None = None, **params: Any) -> Task:
+    """Build the task ``name`` with its parameters (``seed`` included). Lazy: no data is touched yet.
+
+    Unknown names or parameters raise a ValueError naming them and listing the allowed ones.
+    """
+    info = get_task_info(name)
+    allowed = [f.name for f in dataclasses.fields(info.config_cls)]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for task {name!r}; "
+                         f"allowed: cache_dir, {', '.join(allowed)}")
+    return info.cls(info.config_cls(**params), cache_dir=cache_dir)
+
+
+# ---- external sources (hub or local files through `datasets`) ------------------------------------------------
+
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect within ``timeout`` s (False when offline mode is set).
+
+    The check runs in a daemon thread so that a hanging DNS lookup cannot stall the caller either.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result = [False]
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result[0] = True
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0]
+
+
+def find_split_files(data_dir: str, splits: tuple[str, ...]) -> dict[str, list[str]]:
+    """Files under ``data_dir`` (recursively) named ``<split>*.{parquet,csv,jsonl,json}``, per split.
+
+    Matches both the hub's parquet layout (``plain_text/train-00000-of-00001.parquet``) and flat files
+    (``train.csv``). A split's files must share one format. Missing splits are left out of the result.
+    """
+    found: dict[str, list[str]] = {}
+    for root, _, names in os.walk(data_dir):
+        for name in names:
+            ext = os.path.splitext(name)[1].lower()
+            for split in splits:
+                if ext in DATA_FILE_BUILDERS and (name.startswith(split + "-") or name.startswith(split + ".")
+                                                  or name.startswith(split + "_")):
+                    found.setdefault(split, []).append(os.path.join(root, name))
+    for split, files in found.items():
+        files.sort()
+        exts = {DATA_FILE_BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
+        if len(exts) > 1:
+            raise ValueError(f"data_dir {data_dir!r}: split {split!r} has files of several formats: {files}")
+    return found
+
+
+def load_source(hub_name: str, data_dir: str | None, splits: tuple[str, ...], expected: str,
+                cache_dir: str | None) -> Any:
+    """Load ``splits`` of a dataset with ``datasets``: from local files in ``data_dir``, else from the hub.
+
+    Never waits on an unreachable hub: without network (or in HF offline mode, without a local hub cache) it
+    fails at once with a ValueError that names ``data_dir`` and the files ``expected`` there.
+    """
+    import datasets
+
+    hf_cache = os.path.join(cache_dir or _default_cache_dir(), "hf")
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise ValueError(f"invalid task parameter 'data_dir': {data_dir!r} is not a directory; expected {expected}")
+        files = find_split_files(data_dir, splits)
+        missing = [s for s in splits if s not in files]
+        if missing:
+            raise ValueError(f"invalid task parameter 'data_dir': no files for split(s) {', '.join(missing)} "
+                             f"under {data_dir!r}; expected {expected}")
+        builder = DATA_FILE_BUILDERS[os.path.splitext(files[splits[0]][0])[1].lower()]
+        return datasets.load_dataset(builder, data_files={s: files[s] for s in splits}, cache_dir=hf_cache)
+    offline_hint = (f"the hub dataset {hub_name!r} cannot be reached (no network or HF offline mode); set the task "
+                    f"parameter data_dir to a local directory with {expected}")
+    if not hub_reachable():
+        # Only when `datasets` itself runs in offline mode (env set before it was imported) does it look at its
+        # local cache without retrying the network; otherwise it would retry for ~25 s, so fail now.
+        if getattr(datasets.config, "HF_HUB_OFFLINE", False) or getattr(datasets.config, "HF_DATASETS_OFFLINE", False):
+            try:
+                return datasets.load_dataset(hub_name, cache_dir=hf_cache)
+            except Exception as err:
+                raise ValueError(offline_hint) from err
+        raise ValueError(offline_hint)
+    try:
+        return datasets.load_dataset(hub_name, cache_dir=hf_cache)
+    except Exception as err:
+        raise ValueError(f"loading {hub_name!r} from the hub failed ({type(err).__name__}: {err}); "
+                         f"or set the task parameter data_dir to a local directory with {expected}") from err
+
+
+def _default_cache_dir() -> str:
+    from tasks.cache import default_cache_dir
+
+    return default_cache_dir()
+
+
+def source_files_identity(data_dir: str, splits: tuple[str, ...]) -> dict[str, Any]:
+    """Cache-key identity (path, size, mtime) of the local source files of ``splits`` under ``data_dir``."""
+    from tasks.cache import file_identity
+
+    if not os.path.isdir(data_dir):
+        return {"data_dir": os.path.abspath(data_dir), "missing": True}
+    return {s: [file_identity(f) for f in fs] for s, fs in sorted(find_split_files(data_dir, splits).items())}
+
+
+def bytes_to_rows(texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of each text, truncated to ``max_length``: uint8 (N, max_length) zero-padded, int32 lengths."""
+    tokens = np.zeros((len(texts), max_length), dtype=np.uint8)
+    lengths = np.zeros(len(texts), dtype=np.int32)
+    for i, text in enumerate(texts):
+        raw = np.frombuffer((text or "").encode("utf-8")[:max_length], dtype=np.uint8)  # csv reads "" as None
+        tokens[i, : raw.size] = raw
+        lengths[i] = raw.size
+    return tokens, lengths
+
+
+def subset_rows(n: int, k: int | None, seed: int) -> np.ndarray:
+    """Indices of a deterministic random subset of ``k`` of ``n`` rows (kept in file order); all rows if None.
+
+    Random, not the first ``k``: source files are often sorted by label (IMDb is).
+    """
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, n, k]).permutation(n)[:k])

@@ -1,0 +1,116 @@
+"""Pathfinder and Path-X (LRA): are the two marker discs connected by one path? 2 classes.
+
+``pathfinder``: 32x32 images, 1024 tokens; ``pathx``: 128x128 images, 16384 tokens. Images come from our
+generator (:mod:`tasks.pathfinder_generator`, balanced labels, deterministic in ``seed``) or, with ``data_dir``,
+from a released LRA directory such as ``lra_release/pathfinder32/curv_contour_length_14`` (read by the
+generator module's reader). LRA used ``contour_length`` 14 ("hard") and 200k images split 80/10/10 in order
+(160k/20k/20k); we split the same way: first 80% train, next 10% validation, last 10% test.
+
+Tokens: pixel value ``p`` is token ``p + 1`` (0 stays padding, though nothing is padded: masks are all True),
+``vocab_size = 257``; rows are read top to bottom. ``num_workers`` only sets generation parallelism (the data do
+not depend on it). The cache key includes a hash of the generator's source, so a changed generator regenerates.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from tasks.base import Arrays, Task, TaskConfig, register_task, require
+from tasks.cache import file_identity
+
+
+@dataclass(frozen=True)
+class PathfinderConfig(TaskConfig):
+    """Pathfinder sizes and difficulty. LRA: 200k images, contour length 14 (hard), 80/10/10."""
+
+    NON_DATA_FIELDS = ("num_workers",)
+
+    num_examples: int = 200_000
+    contour_length: Literal[6, 9, 14] = 14
+    data_dir: str | None = None
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        require(self.num_examples >= 10, "num_examples", f"must be >= 10 (80/10/10 split), got {self.num_examples}")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.data_dir is not None:
+            require(os.path.isdir(os.path.join(self.data_dir, "metadata")), "data_dir",
+                    f"{self.data_dir!r} has no metadata/ folder; expected a released LRA Pathfinder directory "
+                    "(e.g. lra_release/pathfinder32/curv_contour_length_14 with metadata/*.npy and the PNGs)")
+
+
+def _generator_module():
+    # Imported lazily: the generator is another module's business, and tests swap it for a stand-in.
+    from tasks import pathfinder_generator
+
+    return pathfinder_generator
+
+
+def _split(images: np.ndarray, labels: np.ndarray) -> Arrays:
+    n = labels.shape[0]
+    a, b = int(0.8 * n), int(0.9 * n)
+    tokens = images.reshape(n, -1)
+    return {"train": {"tokens": tokens[:a], "labels": labels[:a]},
+            "validation": {"tokens": tokens[a:b], "labels": labels[a:b]},
+            "test": {"tokens": tokens[b:], "labels": labels[b:]}}
+
+
+class _PathfinderBase(Task):
+    num_classes = 2
+    token_offset = 1
+    image_size: ClassVar[int] = 32
+    config: PathfinderConfig
+
+    @property
+    def vocab_size(self) -> int:
+        return 257
+
+    @property
+    def max_length(self) -> int:
+        return self.image_size * self.image_size
+
+    def source_identity(self) -> dict:
+        if self.config.data_dir is not None:
+            meta = sorted(glob.glob(os.path.join(self.config.data_dir, "metadata", "*.npy")))
+            return {"data_dir": os.path.abspath(self.config.data_dir), "metadata": [file_identity(m) for m in meta]}
+        module = _generator_module()
+        path = getattr(module, "__file__", None)
+        digest = hashlib.sha256(open(path, "rb").read()).hexdigest()[:16] if path else module.__name__
+        return {"generator": digest, "image_size": self.image_size}
+
+    def build(self) -> Arrays:
+        c = self.config
+        module = _generator_module()
+        if c.data_dir is not None:
+            images, labels = module.read_lra_pathfinder_dir(c.data_dir, image_size=self.image_size)
+        else:
+            images, labels = module.generate_pathfinder(c.num_examples, self.image_size, c.contour_length, c.seed,
+                                                        num_workers=c.num_workers)
+        images, labels = np.asarray(images), np.asarray(labels, dtype=np.int64)
+        n = labels.shape[0]
+        if images.dtype != np.uint8 or images.shape != (n, self.image_size, self.image_size):
+            raise RuntimeError(f"{self.name}: expected uint8 images ({n}, {self.image_size}, {self.image_size}), "
+                               f"got {images.dtype} {images.shape}")
+        if not np.isin(labels, (0, 1)).all():
+            raise RuntimeError(f"{self.name}: labels must be 0/1")
+        return _split(images, labels)
+
+
+@register_task("pathfinder", config=PathfinderConfig)
+class Pathfinder(_PathfinderBase):
+    """Pathfinder: 32x32 path-connectivity images as 1024 pixel tokens (LRA)."""
+
+    image_size = 32
+
+
+@register_task("pathx", config=PathfinderConfig)
+class PathX(_PathfinderBase):
+    """Path-X: 128x128 path-connectivity images as 16384 pixel tokens (LRA)."""
+
+    image_size = 128
