@@ -70,7 +70,7 @@ def test_data_dir_uses_the_reader(tmp_path, calls):
 
 def test_bad_parameters(tmp_path):
     with pytest.raises(ValueError, match="contour_length"):
-        build_task("pathfinder", contour_length=10)
+        build_task("pathfinder", contour_length=1)
     with pytest.raises(ValueError, match="data_dir"):
         build_task("pathx", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="num_examples"):
@@ -83,3 +83,11 @@ def test_real_generator_small(tmp_path):
     assert b["tokens"].shape == (16, 1024) and b["tokens"].min() >= 1 and b["tokens"].max() <= 256
     assert b["tokens"].max() > 1  # something is drawn
     assert set(task.labels("train").tolist()) <= {0, 1}
+
+
+def test_image_size_parameter_sets_length(tmp_path):
+    assert build_task("pathfinder").max_length == 32 * 32
+    assert build_task("pathx").max_length == 128 * 128
+    assert build_task("pathfinder", image_size=16, contour_length=3).max_length == 16 * 16
+    with pytest.raises(ValueError, match="image_size"):
+        build_task("pathfinder", image_size=8)

@@ -40,7 +40,7 @@ def test_unknown_name_and_parameter_errors():
     with pytest.raises(ValueError, match="'num_exemples'.*allowed:.*num_train"):
         build_task("listops", num_exemples=3)
     with pytest.raises(ValueError, match="'contour_length'"):
-        build_task("pathfinder", contour_length=7)
+        build_task("pathfinder", contour_length=0)
     with pytest.raises(ValueError, match="'seed'"):
         build_task("listops", seed=-1)
     with pytest.raises(ValueError, match="split 'val'"):
