@@ -1,0 +1,87 @@
+"""Linformer attention (Wang et al. 2020, arXiv:2006.04768).
+
+Keys and values are projected along the sequence with learned ``E, F`` (n x k):
+
+    out = softmax(Q (E^T K)^T / sqrt(d)) (F^T V)
+
+so the score matrix is ``n x k`` instead of ``n x n``: ``O(n k d)`` time, ``O(n k)`` memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Attention
+from .functional import zero_padded_values
+from .registry import AttentionConfig, register_attention, require
+
+
+@dataclass(frozen=True)
+class LinformerConfig(AttentionConfig):
+    """``proj_dim``: k, the projected length. ``sharing``: "none" = separate E (keys) and F
+    (values); "kv" = one projection for both (the paper's key-value sharing)."""
+
+    proj_dim: int = 256
+    sharing: Literal["none", "kv"] = "none"
+
+    def validate(self) -> None:
+        require(self.max_seq_len is not None, "max_seq_len",
+                "linformer's projections have one row per position: give max_seq_len (an int >= 1)")
+        require(self.proj_dim >= 1, "proj_dim", f"must be >= 1, got {self.proj_dim}")
+
+
+@register_attention(
+    "linformer",
+    config=LinformerConfig,
+    family="low-rank",
+    time_complexity="O(n k d), k = proj_dim",
+    memory_complexity="O(n k + k d)",
+    exact=False,
+    needs_max_seq_len=True,
+)
+class LinformerAttention(Attention):
+    """Linformer: softmax attention over keys/values projected along the sequence to ``proj_dim``.
+
+    Parameters: ``proj_k`` (max_seq_len, proj_dim) and, unless ``sharing="kv"``, ``proj_v``;
+    one pair per layer shared by all heads (the paper's headwise sharing, which its reference
+    implementation in fairseq uses). Layerwise sharing, one pair for the whole model, is a
+    backbone matter, not this module's. Initialised as in fairseq's Linformer
+    (``xavier_uniform_`` with gain ``1/sqrt(2)`` on the (proj_dim, max_seq_len) weight, i.e.
+    ``U(-a, a)``, ``a = sqrt(3 / (max_seq_len + proj_dim))``), drawn from ``seed``.
+
+    A sequence of length ``n < max_seq_len`` uses the first ``n`` rows of ``E``/``F``.
+    Padding: padded keys and values are zeroed before the projection, so ``E^T K`` and ``F^T V``
+    are sums over real positions only, identical to projecting the unpadded sequence. The ``k``
+    projected slots themselves are not masked (each mixes all real positions; that is the
+    Linformer maths), so appended padding leaves real rows unchanged.
+    ``dropout`` drops the ``n x k`` attention probabilities in training mode.
+    """
+
+    def __init__(self, config: LinformerConfig) -> None:
+        super().__init__(config)
+        generator = torch.Generator().manual_seed(config.seed)
+        bound = math.sqrt(3.0 / (config.max_seq_len + config.proj_dim))
+
+        def init() -> nn.Parameter:
+            weight = torch.empty(config.max_seq_len, config.proj_dim).uniform_(-bound, bound, generator=generator)
+            return nn.Parameter(weight)
+
+        self.proj_k = init()
+        self.proj_v = init() if config.sharing == "none" else None
+
+    def attend(self, q, k, v, key_padding_mask):
+        seq = q.shape[-2]
+        e = self.proj_k[:seq].to(q.dtype)
+        f = e if self.proj_v is None else self.proj_v[:seq].to(q.dtype)
+        # (k, n) @ (b, h, n, d) -> (b, h, k, d): a projection along the sequence, shared by all heads.
+        k_proj = torch.matmul(e.T, zero_padded_values(k, key_padding_mask))
+        v_proj = torch.matmul(f.T, zero_padded_values(v, key_padding_mask))
+        dropout = self.config.dropout if self.training else 0.0
+        # Exact softmax over the k projected slots; SDPA picks a fused kernel.
+        return F.scaled_dot_product_attention(q, k_proj, v_proj, dropout_p=dropout)

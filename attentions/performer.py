@@ -1,0 +1,154 @@
+"""Performer attention: FAVOR+ random features (Choromanski et al. 2021, arXiv:2009.14794).
+
+Softmax attention is ``D^-1 A V`` with ``A_ij = exp(q_i . k_j / sqrt(d))``. FAVOR+ writes the
+kernel as an expectation over Gaussian ``w``:
+
+    exp(x . y) = E_w[ exp(w.x - |x|^2/2) exp(w.y - |y|^2/2) ],   w ~ N(0, I_d)
+
+so with ``x = q d^-1/4``, ``y = k d^-1/4`` and ``m`` sampled rows ``w_1..w_m`` the positive
+features ``phi(x) = exp(W x - |x|^2/2) / sqrt(m)`` give ``A ~= phi(Q) phi(K)^T`` and
+
+    out = phi(Q) (phi(K)^T V) / (phi(Q) (phi(K)^T 1))
+
+in ``O(n m d)`` time and ``O(n m + m d)`` memory, bidirectional (no causal prefix sums).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ._random_features import draw_generator, gaussian_projection, linear_attention
+from .base import Attention
+from .functional import zero_padded_values
+from .registry import AttentionConfig, register_attention, require
+
+# The ReLU kernel's additive floor, as in the paper's generalized-kernel code: keeps every
+# feature, hence every denominator, strictly positive.
+RELU_KERNEL_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class PerformerConfig(AttentionConfig):
+    """``num_features``: m random features. ``orthogonal``: block-orthogonal rows with chi(d)
+    norm correction (FAVOR+), else i.i.d. Gaussian rows. ``kernel``: "softmax" (positive random
+    features, unbiased for softmax) or "relu" (``phi = relu(Wx) + eps``, a different kernel).
+    ``redraw_interval``: 0 = fixed features; K > 0 = fresh features every K training-mode calls."""
+
+    num_features: int = 256
+    orthogonal: bool = True
+    kernel: Literal["softmax", "relu"] = "softmax"
+    redraw_interval: int = 0
+
+    def validate(self) -> None:
+        require(self.num_features >= 1, "num_features", f"must be >= 1, got {self.num_features}")
+        require(self.redraw_interval >= 0, "redraw_interval",
+                f"must be 0 (never redraw) or a positive number of training calls, got {self.redraw_interval}")
+
+
+@register_attention(
+    "performer",
+    config=PerformerConfig,
+    family="kernel",
+    time_complexity="O(n m d), m = num_features",
+    memory_complexity="O(n m + m d)",
+    exact=False,
+    needs_max_seq_len=False,
+)
+class PerformerAttention(Attention):
+    """Performer (FAVOR+): positive orthogonal random features approximating softmax attention.
+
+    Random state: ``projection`` (m, d), one matrix shared by all heads, a registered buffer drawn
+    from ``seed``. With ``redraw_interval = K > 0`` each block of K training-mode calls uses one
+    draw; the call after the K-th redraws from the deterministic generator of
+    ``(seed, draw number)`` (see :func:`attentions._random_features.draw_generator`). The call and
+    draw counters are buffers too, so a checkpoint resumes the same schedule. ``eval()`` never
+    redraws and does not count calls.
+
+    Numerical stabiliser (as in the paper's code, kept exact): before ``exp`` each query row
+    subtracts its own max over features and each (batch, head) subtracts one max over all real
+    keys and features. Both factors cancel between numerator and denominator, so the output is the
+    unstabilised estimator up to rounding; the maxima are detached (their exact gradient is zero).
+    The ``1/sqrt(m)`` factor also cancels and is not applied.
+
+    Padding: padded keys and values are zeroed, excluded from the key max, and their feature rows
+    set to zero, so they contribute nothing to ``phi(K)^T V`` or ``phi(K)^T 1``. A sequence with no
+    real key outputs zeros.
+
+    Dropout: there is no explicit probability matrix to drop, so ``dropout`` is accepted for a
+    uniform interface but not applied.
+    """
+
+    def __init__(self, config: PerformerConfig) -> None:
+        super().__init__(config)
+        generator = draw_generator(config.seed, 0)
+        self.register_buffer(
+            "projection",
+            gaussian_projection(config.num_features, config.head_dim, generator, orthogonal=config.orthogonal),
+        )
+        self.register_buffer("calls_since_redraw", torch.zeros((), dtype=torch.long))
+        self.register_buffer("num_redraws", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def redraw_features(self) -> None:
+        """Replace ``projection`` by the next deterministic draw (normally called by the schedule)."""
+        cfg = self.config
+        self.num_redraws += 1
+        fresh = gaussian_projection(cfg.num_features, cfg.head_dim, draw_generator(cfg.seed, int(self.num_redraws)),
+                                    orthogonal=cfg.orthogonal)
+        self.projection.copy_(fresh)
+        self.calls_since_redraw.zero_()
+
+    def _maybe_redraw(self) -> None:
+        interval = self.config.redraw_interval
+        if not (self.training and interval > 0):
+            return
+        if int(self.calls_since_redraw) >= interval:
+            self.redraw_features()
+        self.calls_since_redraw += 1
+
+    def feature_maps(
+        self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stabilised ``(phi(Q), phi(K))``, each ``(batch, heads, seq, m)``; padded key rows are zero.
+
+        Each is the paper's feature map up to a positive factor per query row (for ``phi(Q)``) or
+        per (batch, head) (for ``phi(K)``), which the attention's normalisation cancels.
+        """
+        compute = torch.promote_types(q.dtype, torch.float32)  # exp in half precision overflows
+        q, k = q.to(compute), k.to(compute)
+        k = zero_padded_values(k, key_padding_mask)  # padded contents never reach exp (no inf*0)
+        scale = q.shape[-1] ** -0.25
+        w = self.projection.to(compute) * scale  # fold the d^-1/4 input scaling into W (m x d, cheap)
+        q_proj = torch.matmul(q, w.T)  # w.x for x = q d^-1/4
+        k_proj = torch.matmul(k, w.T)
+        pad = None if key_padding_mask is None else ~key_padding_mask[:, None, :, None]
+        # The n x m tensors dominate time and memory, so they are updated in place where autograd
+        # allows (matmul saves its inputs, not its output): one pass per step.
+        if self.config.kernel == "relu":
+            phi_q = torch.relu(q_proj) + RELU_KERNEL_EPS  # relu saves its output: no in-place here
+            phi_k = torch.relu(k_proj) + RELU_KERNEL_EPS
+            if pad is not None:
+                phi_k = phi_k.masked_fill(pad, 0.0)
+            return phi_q, phi_k
+        # Queries: exp(w.x - |x|^2/2) / max_f exp(w_f.x - |x|^2/2) = exp(w.x - max_f w_f.x); the
+        # |x|^2/2 term is constant along a row, so it cancels with the per-row stabiliser.
+        phi_q = torch.exp(q_proj.sub_(q_proj.detach().amax(dim=-1, keepdim=True)))
+        # Keys: one shift per (batch, head) over all real keys and features, so |y|^2/2 stays.
+        half_sq_norm = (k * scale).square().sum(-1, keepdim=True) / 2  # (b, h, n, 1)
+        row_max = k_proj.detach().amax(dim=-1, keepdim=True) - half_sq_norm.detach()
+        if pad is not None:
+            row_max = row_max.masked_fill(pad, float("-inf"))
+        k_stab = torch.nan_to_num(row_max.amax(dim=-2, keepdim=True), neginf=0.0)  # no real key: any shift
+        k_log = k_proj.add_(-(half_sq_norm + k_stab))  # add_ of a negated (n x 1): no n x m neg in backward
+        if pad is not None:
+            k_log = k_log.masked_fill_(pad, float("-inf"))  # exp(-inf) = 0: padded rows vanish exactly
+        return phi_q, torch.exp(k_log)
+
+    def attend(self, q, k, v, key_padding_mask):
+        self._maybe_redraw()
+        phi_q, phi_k = self.feature_maps(q, k, key_padding_mask)
+        return linear_attention(phi_q, phi_k, v, key_padding_mask)
+

@@ -1,0 +1,137 @@
+"""Random Feature Attention (Peng et al. 2021, arXiv:2103.02143), bidirectional form.
+
+Random Fourier features (Rahimi & Recht 2007): for ``w ~ N(0, sigma^-2 I_d)``
+
+    phi(x) = D^-1/2 [sin(w_1.x), cos(w_1.x), ..., sin(w_D.x), cos(w_D.x)]
+    E[phi(x) . phi(y)] = exp(-|x - y|^2 / (2 sigma^2))
+
+RFA l2-normalises queries and keys first. For unit vectors ``|x - y|^2 = 2 - 2 x.y``, so the
+Gaussian kernel is ``exp(-1/sigma^2) exp(x.y / sigma^2)``: the constant cancels in the
+normalisation and the estimator targets
+
+    softmax(Q^ K^T^ / sigma^2) V        (Q^, K^: row-normalised q, k)
+
+not ``softmax(q k^T / sqrt(d))``: ``sigma^2`` plays the role of the temperature. Computed as
+``phi(Q) (phi(K)^T V) / (phi(Q) (phi(K)^T 1))`` in ``O(n D d)`` time and ``O(n D)`` memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._random_features import draw_generator, gaussian_projection, linear_attention
+from .base import Attention
+from .functional import zero_padded_values
+from .registry import AttentionConfig, register_attention, require
+
+
+@dataclass(frozen=True)
+class RFAConfig(AttentionConfig):
+    """``num_features``: D random frequencies (2D features). ``sigma``: kernel bandwidth, the
+    frequencies are ``N(0, sigma^-2 I)``. ``learn_sigma``: learn one bandwidth per head and
+    dimension (initialised at ``sigma``) instead of keeping it fixed."""
+
+    num_features: int = 128
+    sigma: float = 1.0
+    learn_sigma: bool = False
+
+    def validate(self) -> None:
+        require(self.num_features >= 1, "num_features", f"must be >= 1, got {self.num_features}")
+        require(self.sigma > 0 and math.isfinite(self.sigma), "sigma", f"must be a positive number, got {self.sigma}")
+
+
+@register_attention(
+    "rfa",
+    config=RFAConfig,
+    family="kernel",
+    time_complexity="O(n D d), D = num_features",
+    memory_complexity="O(n D + D d)",
+    exact=False,
+    needs_max_seq_len=False,
+)
+class RFAAttention(Attention):
+    """Random Feature Attention: random Fourier features on l2-normalised queries and keys.
+
+    Random state: ``omega`` (D, d), standard Gaussian rows shared by all heads, a registered
+    buffer drawn from ``seed``; the frequencies are ``omega / sigma``. With ``learn_sigma`` the
+    bandwidth is ``exp(log_sigma)``, a parameter of shape (heads, head_dim): RFA's learned
+    random-feature variance (frequencies ``sigma``-scaled elementwise), kept positive by the log
+    parametrisation. Features are fixed (no redraw); the paper resamples them during training.
+
+    Denominator: sin/cos features are not positive, so the estimate of ``sum_j k(q, k_j)`` can be
+    tiny or negative. The exact value is at least ``n_real * exp(-2 / sigma_min^2)`` (unit vectors
+    are at most 2 apart), so the estimate is clamped from below at that floor (itself kept above
+    the compute dtype's smallest normal): the clamp only acts where the estimate is impossible, and keeps
+    outputs finite and bounded by ``|numerator| / floor``.
+
+    Padding: padded keys and values are zeroed and their rows left out of ``phi(K)^T [V, 1]``.
+    Dropout: there is no explicit probability matrix, so ``dropout`` is accepted but not applied.
+    """
+
+    def __init__(self, config: RFAConfig) -> None:
+        super().__init__(config)
+        generator = draw_generator(config.seed, 0)
+        self.register_buffer("omega", gaussian_projection(config.num_features, config.head_dim, generator))
+        if config.learn_sigma:
+            self.log_sigma = nn.Parameter(torch.full((config.num_heads, config.head_dim), math.log(config.sigma)))
+        else:
+            self.log_sigma = None
+
+    def bandwidth(self) -> torch.Tensor:
+        """``sigma`` broadcastable to (batch, heads, seq, head_dim)."""
+        if self.log_sigma is None:
+            return self.omega.new_tensor(self.config.sigma)
+        return self.log_sigma.exp()[None, :, None, :]
+
+    def feature_maps(
+        self, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``((sin, cos) of Q^, (sin, cos) of K^)``, each ``(batch, heads, seq, D)``.
+
+        ``phi(x)`` is the concatenation of the pair times ``D^-1/2``; that factor cancels in the
+        attention's ratio and is left out (the denominator floor is scaled to match).
+        """
+        compute = torch.promote_types(q.dtype, torch.float32)
+        sigma = self.bandwidth().to(compute)
+        omega_t = self.omega.to(compute).T
+        # w.x with w = omega / sigma (elementwise) == omega . (x / sigma).
+        q_proj = torch.matmul(F.normalize(q.to(compute), dim=-1) / sigma, omega_t)
+        k_proj = torch.matmul(F.normalize(k.to(compute), dim=-1) / sigma, omega_t)
+        return _SinCos.apply(q_proj), _SinCos.apply(k_proj)
+
+    def denominator_floor(self, key_padding_mask: torch.Tensor | None, seq: int, dtype: torch.dtype) -> torch.Tensor:
+        """Smallest possible ``sum_j k(q, k_j)``: ``n_real * exp(-2 / sigma_min^2)``, shape (batch|1, 1, 1, 1)."""
+        sigma_min = self.bandwidth().to(dtype).min()  # not detached: clamped rows depend on it
+        floor = torch.exp(-2.0 / sigma_min.square()).clamp_min(torch.finfo(dtype).tiny)
+        if key_padding_mask is None:
+            n_real = torch.tensor(float(seq), dtype=dtype, device=floor.device)
+        else:
+            n_real = key_padding_mask.sum(-1).to(dtype)[:, None, None, None]
+        return floor * n_real.clamp_min(1.0)
+
+    def attend(self, q, k, v, key_padding_mask):
+        # Padded contents never reach sin/cos (no NaN * 0); linear_attention drops their rows.
+        phi_q, phi_k = self.feature_maps(q, zero_padded_values(k, key_padding_mask))
+        floor = self.denominator_floor(key_padding_mask, q.shape[-2], phi_q[0].dtype).to(phi_q[0].device)
+        return linear_attention(phi_q, phi_k, v, key_padding_mask, min_denominator=floor * self.config.num_features)
+
+
+class _SinCos(torch.autograd.Function):
+    """``(sin u, cos u)`` saving only its outputs: the backward ``g_s cos u - g_c sin u`` reuses
+    them (the matmuls that consume them keep them alive anyway) instead of recomputing sin/cos."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sin, cos = torch.sin(u), torch.cos(u)
+        ctx.save_for_backward(sin, cos)
+        return sin, cos
+
+    @staticmethod
+    def backward(ctx, grad_sin: torch.Tensor, grad_cos: torch.Tensor) -> torch.Tensor:
+        sin, cos = ctx.saved_tensors
+        return torch.addcmul(grad_sin * cos, grad_cos, sin, value=-1.0)
