@@ -1,0 +1,187 @@
+"""Attention Free Transformer (Zhai et al. 2021, arXiv:2105.14103).
+
+    Y_t = sigmoid(Q_t) * sum_t' exp(K_t' + w_{t,t'}) V_t' / sum_t' exp(K_t' + w_{t,t'})
+
+element-wise over channels. The contract hands us ``(batch, heads, seq, head_dim)``; every
+(head, channel) pair is one AFT channel, so heads only group channels. The position biases
+``w`` are shared by all heads and channels, as in the paper (one ``T x T`` matrix per layer).
+
+Modes:
+
+- ``simple``: no biases; a per-channel softmax over keys, O(n d) time and memory.
+- ``local``: biases only where ``|t - t'| < window``, fixed at 0 elsewhere (the paper's
+  AFT-local). Our biases are *relative*: ``w_{t,t'} = rel_bias[t' - t + window - 1]``
+  (2 * window - 1 learned numbers), so the mode works at any length and needs no
+  ``max_seq_len``. Because the bias is 0 outside the window, the sums are the simple sums
+  plus a windowed correction ``(exp(w) - 1) * exp(K) V``: a banded Toeplitz product done as
+  block GEMMs over the sequence, O(n d max(window, 32)) time, O(n d) memory. The blocks
+  are max(32, 2 * window) long (capped at n), so a window of the order of n uses an
+  (n, n)-sized band block: at that size "local" costs what "full" does.
+- ``full``: learned pairwise biases ``w`` of shape ``(max_seq_len, max_seq_len)``; the sums
+  are two matmuls ``exp(w) @ (exp(K) * V)`` and ``exp(w) @ exp(K)``: O(n^2 d) time,
+  O(n^2) memory for ``exp(w)``, O(batch n^2) when a padding mask is given (row maxima over
+  each sequence's real keys); never an ``(n, n, d)`` tensor. The ``K`` and ``w`` shifts
+  are separate, so only extreme biases *and* keys together can underflow a row.
+
+The default is ``local`` (window 32): linear in n, position-aware, no ``max_seq_len``.
+Caveat of ``local``: a bias far below 0 makes ``exp(w) - 1`` close to -1, and the corrected
+sum is then a difference; float32 keeps it accurate unless such keys carry nearly all the
+weight of a row.
+
+Stability: ``K`` minus its per-channel maximum over real keys, and ``w`` minus its per-row
+maximum over real keys, before ``exp``; both shifts cancel between numerator and
+denominator. Learned biases start small (normal, std ``bias_init_std``, drawn from
+``seed``) rather than at exactly 0, so the position path is exercised from the start.
+
+``dropout``: AFT has no attention probabilities, so ``dropout`` is accepted (one harness
+setting for every mechanism) and does nothing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Attention
+from .functional import zero_padded_values
+from .registry import AttentionConfig, register_attention, require
+
+
+@dataclass(frozen=True)
+class AFTConfig(AttentionConfig):
+    mode: Literal["simple", "local", "full"] = "local"
+    window: int = 32
+    bias_init_std: float = 0.02
+
+    def validate(self) -> None:
+        require(self.window >= 1, "window", f"must be >= 1 (biases live where |t - t'| < window), got {self.window}")
+        require(self.bias_init_std >= 0.0, "bias_init_std", f"must be >= 0, got {self.bias_init_std}")
+        if self.mode == "full":
+            require(
+                self.max_seq_len is not None,
+                "max_seq_len",
+                "mode='full' learns a (max_seq_len, max_seq_len) bias matrix and needs max_seq_len; "
+                "got None (or use mode='local' / 'simple', which work at any length)",
+            )
+
+
+@register_attention(
+    "aft",
+    config=AFTConfig,
+    family="attention-free",
+    time_complexity="simple O(n d); local O(n s d); full O(n^2 d)",
+    memory_complexity="simple O(n d); local O(n d); full O(n^2) for exp(w) (O(b n^2) masked), never n x n x d",
+    needs_max_seq_len=False,
+)
+class AFTAttention(Attention):
+    """Attention Free Transformer: per-channel softmax over keys plus learned position biases."""
+
+    def __init__(self, config: AFTConfig) -> None:
+        super().__init__(config)
+        gen = torch.Generator().manual_seed(config.seed)
+        if config.mode == "local":
+            init = torch.randn(2 * config.window - 1, generator=gen) * config.bias_init_std
+            self.rel_bias = nn.Parameter(init)
+        elif config.mode == "full":
+            n = config.max_seq_len
+            self.pos_bias = nn.Parameter(torch.randn(n, n, generator=gen) * config.bias_init_std)
+
+    def attend(self, q, k, v, key_padding_mask):
+        mode = self.config.mode
+        if mode == "simple":
+            return torch.sigmoid(q) * _simple_context(k, v, key_padding_mask)
+        if mode == "full":
+            num, den = self._full_sums(k, v, key_padding_mask)
+        else:
+            num, den = self._local_sums(*_stable_key_weights(k, v, key_padding_mask))
+        # den >= the top key's weight > 0 for any sequence with a real token; the clamp only
+        # keeps all-padding sequences finite (their rows are padding anyway).
+        return torch.sigmoid(q) * (num / den.clamp_min(torch.finfo(den.dtype).tiny))
+
+    def _local_sums(self, weights: torch.Tensor, weighted_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Simple sums plus the windowed correction sum_{|t-t'|<s} (exp(w_{t,t'}) - 1) e_t' [v_t', 1]."""
+        batch, heads, seq, dim = weights.shape
+        s = self.config.window
+        # Numerator and denominator in one pass, channels first so that the sequence is the
+        # contiguous axis: the banded Toeplitz product is then a few plain GEMMs.
+        stacked = torch.cat([weighted_v.transpose(-1, -2), weights.transpose(-1, -2)], dim=-2)  # (b, h, 2d, n)
+        b = min(max(32, 2 * s), seq)  # block length; > s - 1 whenever there are several blocks
+        blocks = -(-seq // b)
+        padded = stacked if blocks * b == seq else F.pad(stacked, (0, blocks * b - seq))
+        rows = padded.view(-1, blocks, b)
+        coeff = torch.expm1(self.rel_bias).to(stacked.dtype)  # coeff[o + s - 1]: key offset t' - t = o
+
+        # Within a block: query i, key j, offset j - i.
+        corr = torch.matmul(rows, _toeplitz(coeff, b, b, row_start=0, col_start=0, window=s).T)
+        if blocks > 1 and s > 1:
+            edge = s - 1
+            # The first s - 1 queries of a block see the last s - 1 keys of the previous block,
+            # the last s - 1 queries see the first s - 1 keys of the next one.
+            prev = _toeplitz(coeff, edge, edge, row_start=b, col_start=b - edge, window=s)
+            nxt = _toeplitz(coeff, edge, edge, row_start=b - edge, col_start=b, window=s)
+            corr[:, 1:, :edge] += torch.matmul(rows[:, :-1, b - edge:], prev.T)
+            corr[:, :-1, b - edge:] += torch.matmul(rows[:, 1:, :edge], nxt.T)
+        corr = corr.view(batch, heads, 2 * dim, blocks * b)
+        if blocks * b != seq:
+            corr = corr[..., :seq]
+        totals = (corr + stacked.sum(dim=-1, keepdim=True)).transpose(-1, -2)  # (b, h, n, 2d), a view
+        num, den = totals.split(dim, dim=-1)  # split (not slicing): its backward is one cat, no zero fill
+        return num, den
+
+    def _full_sums(self, k, v, key_padding_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """exp(w) @ (exp(K) * V) and exp(w) @ exp(K), each exp shifted by its own maximum."""
+        batch, heads, seq, dim = k.shape
+        weights, weighted_v = _stable_key_weights(k, v, key_padding_mask)
+        w = self.pos_bias[:seq, :seq].to(k.dtype)
+        if key_padding_mask is None:
+            w_max = w.detach().amax(dim=-1, keepdim=True)
+            exp_w = torch.exp(w - w_max)  # (seq, seq), shared by batch, heads and channels
+        else:
+            # Row maxima over real keys only: a large bias on a padded key must not
+            # underflow the real ones. Costs a (batch, seq, seq) matrix in this mode.
+            masked = w.detach().masked_fill(~key_padding_mask[:, None, :], float("-inf"))
+            w_max = masked.amax(dim=-1, keepdim=True)
+            w_max = torch.where(torch.isfinite(w_max), w_max, torch.zeros_like(w_max))
+            exp_w = torch.exp(w - w_max)[:, None]  # (batch, 1, seq, seq)
+        # One matmul for numerator and denominator: [e * v, e] share the left factor.
+        stacked = torch.cat([weighted_v, weights], dim=-1)
+        sums = torch.matmul(exp_w, stacked)
+        return sums[..., :dim], sums[..., dim:]
+
+
+def _toeplitz(coeff: torch.Tensor, n_rows: int, n_cols: int, row_start: int, col_start: int, window: int):
+    """(n_rows, n_cols) slice of the banded matrix M[t, t'] = coeff[t' - t + window - 1] for |t' - t| < window."""
+    t = torch.arange(row_start, row_start + n_rows, device=coeff.device)[:, None]
+    t2 = torch.arange(col_start, col_start + n_cols, device=coeff.device)[None, :]
+    offset = t2 - t
+    inside = offset.abs() < window
+    return torch.where(inside, coeff[(offset + window - 1).clamp(0, 2 * window - 2)], coeff.new_zeros(()))
+
+
+def _simple_context(k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """sum_t' softmax_t'(K)_t' V_t' per channel: (batch, heads, 1, dim). softmax subtracts the maximum."""
+    if key_padding_mask is not None:
+        k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+        v = zero_padded_values(v, key_padding_mask)
+    probs = torch.softmax(k, dim=2)
+    if key_padding_mask is not None:
+        probs = torch.nan_to_num(probs, nan=0.0)  # all-padding sequence: no key at all
+    return (probs * v).sum(dim=2, keepdim=True)
+
+
+def _stable_key_weights(
+    k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(K - max over real keys) per channel (0 at padded keys) and its product with V."""
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, None, :, None]
+        k = k.masked_fill(~real, float("-inf"))
+        v = zero_padded_values(v, key_padding_mask)
+    k_max = k.detach().amax(dim=2, keepdim=True)  # the shift cancels in num / den: no gradient needed
+    k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))  # all-padding sequence
+    weights = torch.exp(k - k_max)
+    return weights, weights * v

@@ -1,0 +1,218 @@
+"""Clustered attention (Vyas et al. 2020, "Fast Transformers with Clustered Attention").
+
+Queries are grouped into C = ``num_clusters`` clusters per (batch, head); softmax attention
+is computed once per centroid and every query takes its centroid's result.
+
+Clustering: Euclidean k-means on the raw queries (``kmeans_iterations`` Lloyd steps), not
+the paper's LSH codes + Hamming k-means: at head dims of 32-64 exact distances are cheap
+(an ``n x C`` matrix per step, the same order as the attention itself) and cluster better.
+Initial centroids are C real queries picked by a per-head pseudo-random order of positions,
+``frac(position * golden_ratio + phase[head])`` with ``phase`` drawn from ``seed`` (a
+buffer): no global RNG, and the choice depends only on the real positions, so appended
+padding cannot change it. Padded queries are excluded from clustering (they never move a
+centroid). When C >= the number of real queries every query is its own cluster, which
+makes the result exact attention. An emptied cluster keeps its previous centroid.
+
+``improved`` (i-clustered): each cluster keeps the ``topk`` keys its centroid attends to
+most; every query recomputes exact softmax attention on those keys, scaled to the mass
+the centroid gave them, and takes the centroid's attention for the other keys:
+
+    out_i = m_j * softmax(q_i K_top / sqrt(d)) V_top + (A_j V - A_j[top] V_top),
+    m_j = sum_{top} A_j,   j = cluster of query i.
+
+Gradients: the assignment and the top-k choice are discrete (no gradient). Centroids are
+recomputed differentiably as the mean of their members' queries, so a query's gradient is
+its cluster's centroid gradient divided by the cluster size; keys and values get the
+centroid attention's gradients, plus (improved) the exact top-k attention's.
+
+Cost: O(n C d) per Lloyd step and for the centroid attention (+ O(n k d) improved).
+Memory O(n d): k-means distances are computed for chunks of queries (a bounded buffer) and
+plain clustered runs the centroid attention in PyTorch's fused SDPA; improved needs the
+explicit (C x n) centroid probabilities (O(n C)) and the gathered top keys/values (O(n k d)).
+Never an n x n tensor (unless C >= n, where the centroids are the queries themselves).
+``dropout`` drops centroid attention probabilities (and the per-query top-k
+probabilities when improved) in training mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import Attention
+from .functional import zero_padded_values
+from .registry import AttentionConfig, register_attention, require
+
+GOLDEN_RATIO = (math.sqrt(5.0) - 1.0) / 2.0
+# Distances are computed for about this many (query, centroid) pairs at a time (4 MiB in fp32).
+ASSIGN_CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ClusteredConfig(AttentionConfig):
+    num_clusters: int = 100
+    kmeans_iterations: int = 10
+    improved: bool = False
+    topk: int = 32
+
+    def validate(self) -> None:
+        require(self.num_clusters >= 1, "num_clusters", f"must be >= 1, got {self.num_clusters}")
+        require(self.kmeans_iterations >= 0, "kmeans_iterations", f"must be >= 0, got {self.kmeans_iterations}")
+        require(self.topk >= 1, "topk", f"must be >= 1 (keys recomputed per query when improved), got {self.topk}")
+
+
+@register_attention(
+    "clustered",
+    config=ClusteredConfig,
+    family="query-prototyping",
+    time_complexity="O(n C d) (k-means and centroid attention); improved + O(n k d)",
+    memory_complexity="O(n d) (fused centroid attention, chunked k-means); improved O(n C + n k d)",
+    needs_max_seq_len=False,
+)
+class ClusteredAttention(Attention):
+    """Clustered attention: k-means over queries, one softmax attention per centroid."""
+
+    def __init__(self, config: ClusteredConfig) -> None:
+        super().__init__(config)
+        gen = torch.Generator().manual_seed(config.seed)
+        self.register_buffer("init_phase", torch.rand(config.num_heads, generator=gen, dtype=torch.float64))
+
+    def attend(self, q, k, v, key_padding_mask):
+        cfg = self.config
+        batch, heads, seq, dim = q.shape
+        q = zero_padded_values(q, key_padding_mask)
+        k = zero_padded_values(k, key_padding_mask)
+        v = zero_padded_values(v, key_padding_mask)
+        real = key_padding_mask
+        if real is None:
+            real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+
+        with torch.no_grad():
+            assign, num_slots = self._cluster(q.detach(), real)
+        centroids = _cluster_means(q, assign, real, num_slots)  # differentiable in q
+
+        dropout = cfg.dropout if self.training else 0.0
+        index = assign.clamp_max(num_slots - 1)  # padded queries read any slot; their rows are padding
+        if not cfg.improved:
+            # Only the centroid outputs are needed: the fused kernel never stores the C x n scores.
+            allowed = None
+            if key_padding_mask is not None:
+                # No real key at all (all-padding sequence): attend everywhere to stay finite.
+                allowed = (real | ~real.any(dim=-1, keepdim=True))[:, None, None, :]
+            centroid_out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=allowed, dropout_p=dropout)
+            return _gather_rows(centroid_out, index)
+
+        scores = torch.matmul(centroids * (1.0 / math.sqrt(dim)), k.transpose(-1, -2))  # (b, h, C, n)
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
+        probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # all-padding sequence: no key
+        if dropout > 0.0:
+            probs = F.dropout(probs, p=dropout)
+        centroid_out = torch.matmul(probs, v)  # (b, h, C, d)
+        return self._improved(q, k, v, real, scores.detach(), probs, centroid_out, index, dropout)
+
+    def _cluster(self, q: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Lloyd k-means per (batch, head). Returns cluster ids (padded queries: id = slots) and slots."""
+        batch, heads, seq, dim = q.shape
+        slots = min(self.config.num_clusters, seq)
+        # Pseudo-random order of positions; padded positions last so they are never picked.
+        pos = torch.arange(seq, device=q.device, dtype=torch.float64)
+        priority = torch.frac(pos[None, :] * GOLDEN_RATIO + self.init_phase.to(q.device)[:, None])  # (h, n)
+        priority = priority[None].expand(batch, heads, seq).masked_fill(~real[:, None, :], float("inf"))
+        init = priority.topk(slots, dim=-1, largest=False).indices  # (b, h, slots)
+        centroids = torch.gather(q, 2, init[..., None].expand(-1, -1, -1, dim))
+        # Sequences with fewer real queries than slots: the surplus slots hold padding and
+        # must attract nobody.
+        slot_ok = torch.arange(slots, device=q.device)[None, :] < real.sum(-1, keepdim=True)  # (b, slots)
+        slot_ok = slot_ok[:, None, :].expand(batch, heads, slots)
+        assign = self._assign(q, centroids, slot_ok, real)
+        for _ in range(self.config.kmeans_iterations):
+            means = _cluster_means(q, assign, real, slots)
+            counts = _cluster_counts(assign, slots)
+            centroids = torch.where(counts[..., None] > 0, means, centroids)  # empty cluster: keep centroid
+            assign = self._assign(q, centroids, slot_ok, real)
+        return assign, slots
+
+    @staticmethod
+    def _assign(q, centroids, slot_ok, real) -> torch.Tensor:
+        # argmin |q - c|^2 = argmin (|c|^2 - 2 q.c): the |q|^2 term is constant per query.
+        # Unusable slots get |c|^2 = inf. One fused baddbmm per chunk of queries keeps the
+        # (chunk x C) distances in cache; the chunk loop is over blocks, not positions.
+        batch, heads, seq, dim = q.shape
+        slots = centroids.shape[2]
+        c_sq = centroids.square().sum(-1).masked_fill(~slot_ok, float("inf"))
+        c_sq = c_sq.reshape(batch * heads, 1, slots)
+        c_t = centroids.reshape(batch * heads, slots, dim).transpose(-1, -2)
+        q_flat = q.reshape(batch * heads, seq, dim)
+        chunk = max(1, ASSIGN_CHUNK_ELEMENTS // (batch * heads * slots))
+        assign = torch.empty(batch * heads, seq, dtype=torch.long, device=q.device)
+        for start in range(0, seq, chunk):
+            dist = torch.baddbmm(c_sq, q_flat[:, start:start + chunk], c_t, alpha=-2.0)
+            assign[:, start:start + chunk] = dist.argmin(dim=-1)
+        assign = assign.view(batch, heads, seq)
+        return assign.masked_fill(~real[:, None, :], slots)  # padded queries: a trash slot
+
+    def _improved(self, q, k, v, real, scores, probs, centroid_out, index, dropout):
+        """i-clustered: exact attention on each cluster's top keys, centroid attention elsewhere."""
+        batch, heads, seq, dim = q.shape
+        topk = min(self.config.topk, seq)
+        top = scores.topk(topk, dim=-1).indices  # (b, h, C, k); padded keys have -inf scores
+        top_ok = torch.gather(real[:, None, None, :].expand_as(scores), -1, top)
+        top_mass = torch.gather(probs, -1, top)  # (b, h, C, k): centroid probability of each top key
+        v_top_c = _gather_keys(v, top)  # (b, h, C, k, d)
+        # What the centroid attention gives the non-top keys, per cluster.
+        rest = centroid_out - torch.einsum("bhck,bhckd->bhcd", top_mass, v_top_c)
+        mass = _top_mass_sum(top_mass, top_ok)  # (b, h, C)
+
+        # Per query: its cluster's top keys, gathered (O(n k d)).
+        top_q = _gather_rows(top, index)  # (b, h, n, k)
+        ok_q = _gather_rows(top_ok, index)
+        k_top = _gather_keys(k, top_q)  # (b, h, n, k, d)
+        v_top = _gather_keys(v, top_q)
+        s = torch.einsum("bhnd,bhnkd->bhnk", q, k_top) / math.sqrt(dim)
+        s = s.masked_fill(~ok_q, float("-inf"))
+        p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+        if dropout > 0.0:
+            p = F.dropout(p, p=dropout)
+        exact = torch.einsum("bhnk,bhnkd->bhnd", p, v_top)
+        return _gather_rows(mass[..., None], index) * exact + _gather_rows(rest, index)
+
+
+def _top_mass_sum(top_mass: torch.Tensor, top_ok: torch.Tensor) -> torch.Tensor:
+    """Centroid probability mass on the real top keys."""
+    return (top_mass * top_ok).sum(-1)
+
+
+def _cluster_counts(assign: torch.Tensor, slots: int) -> torch.Tensor:
+    """Members per cluster; padded queries sit in the extra slot ``slots``, which is dropped."""
+    batch, heads, _ = assign.shape
+    counts = torch.zeros(batch, heads, slots + 1, dtype=torch.long, device=assign.device)
+    counts.scatter_add_(-1, assign, torch.ones_like(assign))
+    return counts[..., :slots]
+
+
+def _cluster_means(q: torch.Tensor, assign: torch.Tensor, real: torch.Tensor, slots: int) -> torch.Tensor:
+    """Mean of each cluster's (real) queries; slot ``slots`` collects padding and is dropped."""
+    batch, heads, seq, dim = q.shape
+    sums = q.new_zeros(batch, heads, slots + 1, dim)
+    sums = sums.scatter_add(2, assign[..., None].expand(-1, -1, -1, dim), q)
+    counts = _cluster_counts(assign, slots).clamp_min(1).to(q.dtype)
+    return sums[:, :, :slots] / counts[..., None]
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (b, h, C, *rest), index: (b, h, n) -> (b, h, n, *rest)."""
+    rest = x.shape[3:]
+    flat = x.reshape(*x.shape[:3], -1)
+    out = torch.gather(flat, 2, index[..., None].expand(-1, -1, -1, flat.shape[-1]))
+    return out.view(*index.shape, *rest)
+
+
+def _gather_keys(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (b, h, n, d), index: (b, h, r, k) -> (b, h, r, k, d)."""
+    batch, heads, rows, kk = index.shape
+    out = torch.gather(x, 2, index.reshape(batch, heads, rows * kk, 1).expand(-1, -1, -1, x.shape[-1]))
+    return out.view(batch, heads, rows, kk, x.shape[-1])
