@@ -1,0 +1,293 @@
+"""Reformer LSH attention with shared query/key (Kitaev, Kaiser & Levskaya 2020, "Reformer").
+
+Per hash round ``r`` (all rounds are computed as one batched tensor, no Python loop over chunks):
+
+1. Angular LSH: ``h_r(x) = argmax([x R_r ; -x R_r])`` with a random Gaussian ``R_r`` of shape
+   ``(head_dim, num_buckets / 2)`` per head and round, drawn once from ``seed`` (buffer ``rotations``).
+   The bucket is computed from the query ``q``.
+2. Tokens are sorted by ``(bucket, position)`` and split into chunks of ``bucket_size`` tokens; each
+   chunk attends to itself and to the previous chunk (the first chunk has no previous chunk: no
+   wrap-around, which would let the last, possibly padded, chunk leak into the first).
+3. Scores are ``q_i . k_j / sqrt(head_dim)`` with unit-normalised keys ``k_j = k_j / |k_j|``. Keys are
+   shared with queries: the backbone ties the query and key projections for ``shared_qk`` mechanisms,
+   so ``k == q`` and the keys are the unit-normalised queries, exactly as in the paper. The ``k``
+   argument is still what gets normalised (rather than ``q``) so that the key path carries its own
+   gradient to the tied projection; hashing always uses ``q``. Called with ``k != q`` the mechanism
+   stays well defined (buckets from ``q``, keys from ``k``) but is no longer LSH-consistent.
+4. A token attends to itself only when nothing else is available: ``-1e5`` is added to its self score
+   (the paper sets it to ``-1e5``; adding gives the same result wherever another key exists, and
+   ``v_i`` when none does). Blocked pairs get ``-1e9`` added (padded keys, the first chunk's missing
+   previous chunk, and with ``attend_across_buckets=False`` pairs from different buckets): their
+   ``exp`` is exactly 0 and all-blocked (padding) rows stay finite. In fp16 the two values are
+   ``-1e4`` and ``-3e4``. The default ``attend_across_buckets=True`` keeps every pair of the chunk
+   window, as the paper's chunked attention set and the trax/reformer-pytorch defaults do.
+5. Rounds are combined with weights ``softmax_r(logsumexp_r)``. With ``dedup_pairs=True`` a (query,
+   key) pair that shares a chunk window in ``c`` of the rounds has ``log c`` subtracted from its score
+   in each of them, so the result is exact softmax attention restricted to the union of the rounds'
+   windows (each key counted once). ``dedup_pairs=False`` counts such a pair ``c`` times (cheaper).
+
+Padding: padded inputs are zeroed first (nothing can depend on them; their gradient is exactly 0),
+and a padded token is sent to bucket ``num_buckets``, after every real bucket, so real tokens sort
+first, in an order and with chunk boundaries that do not depend on how much padding follows or what
+it holds. ``num_buckets`` must therefore not depend on the actual length: it is given, or derived
+from ``max_seq_len`` as the paper's ``n / bucket_size``, rounded up to an even number (at least 2).
+Lengths that are not a multiple of ``bucket_size`` are padded internally the same way.
+
+Dropout (``dropout``) is applied to each round's attention probabilities in training mode.
+Memory is ``O(n_hashes * n * bucket_size)``: no ``seq x seq`` tensor is formed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import Attention
+from .registry import AttentionConfig, register_attention, require
+
+
+@dataclass(frozen=True)
+class ReformerConfig(AttentionConfig):
+    """``bucket_size``: chunk length (paper: 64). ``n_hashes``: hash rounds (paper sweeps 1, 2, 4, 8;
+    4 is the default here, LRA's JAX code uses 1, reformer-pytorch 8). ``num_buckets``: even, or None
+    to derive ``max_seq_len / bucket_size`` (rounded up to even)."""
+
+    bucket_size: int = 64
+    n_hashes: int = 4
+    num_buckets: int | None = None
+    attend_across_buckets: bool = True
+    dedup_pairs: bool = True
+
+    def validate(self) -> None:
+        require(self.bucket_size >= 1, "bucket_size", f"must be >= 1, got {self.bucket_size}")
+        require(self.n_hashes >= 1, "n_hashes", f"must be >= 1, got {self.n_hashes}")
+        if self.num_buckets is not None:
+            require(
+                self.num_buckets >= 2 and self.num_buckets % 2 == 0,
+                "num_buckets",
+                f"must be an even integer >= 2 (angular LSH hashes to argmax([xR; -xR])) or None, "
+                f"got {self.num_buckets}",
+            )
+        else:
+            require(
+                self.max_seq_len is not None,
+                "max_seq_len",
+                "reformer derives num_buckets = max_seq_len / bucket_size from it (a bucket count that "
+                "depended on the actual length would let padding move real tokens); give max_seq_len "
+                "or an even num_buckets",
+            )
+
+    @property
+    def resolved_num_buckets(self) -> int:
+        """The bucket count actually used (see the class docstring)."""
+        if self.num_buckets is not None:
+            return self.num_buckets
+        return max(2, 2 * math.ceil(self.max_seq_len / (2 * self.bucket_size)))
+
+
+@register_attention(
+    "reformer",
+    config=ReformerConfig,
+    family="hashing",
+    time_complexity="O(n_hashes * n * (bucket_size * d + log n) + n_hashes * n * num_buckets * d)",
+    memory_complexity="O(n_hashes * n * bucket_size)",
+    needs_max_seq_len=True,
+    shared_qk=True,
+)
+class ReformerAttention(Attention):
+    """LSH attention with shared query/key and multi-round hashing (Kitaev et al. 2020)."""
+
+    def __init__(self, config: ReformerConfig) -> None:
+        super().__init__(config)
+        self.num_buckets = config.resolved_num_buckets
+        self.register_buffer("rotations", self._draw_rotations(config.seed))
+
+    def _draw_rotations(self, seed: int) -> torch.Tensor:
+        cfg = self.config
+        g = torch.Generator().manual_seed(seed)
+        shape = (cfg.num_heads, cfg.n_hashes, cfg.head_dim, self.num_buckets // 2)
+        return torch.randn(shape, generator=g)
+
+    @torch.no_grad()
+    def redraw_rotations(self, seed: int) -> None:
+        """Replace the random rotations by a fresh draw from ``seed`` (the only way they change)."""
+        self.rotations.copy_(self._draw_rotations(seed))
+
+    @torch.no_grad()
+    def hash(self, q: torch.Tensor) -> torch.Tensor:
+        """Bucket of every token in every round: ``(batch, heads, seq, d)`` -> ``(batch, heads, n_hashes, seq)``.
+
+        ``argmax([xR; -xR])`` without building the concatenation: the winner is the max of ``xR``
+        unless ``-min(xR)`` is larger (ties go to the first half, as argmax would). The ``seq x
+        num_buckets / 2`` projections are made one round and one slice of the sequence at a time, each
+        no larger than a round's ``seq x 2 * bucket_size`` scores: ``num_buckets`` grows with
+        ``max_seq_len``, and the hashing transient would otherwise grow quadratically.
+        """
+        half = self.num_buckets // 2
+        piece = max(1, q.shape[-2] * 2 * self.config.bucket_size // half)
+        rotations = self.rotations.to(q.dtype)
+        out = []
+        for r in range(self.config.n_hashes):
+            parts = []
+            for q_part in q.split(piece, dim=-2):
+                proj = torch.matmul(q_part, rotations[None, :, r])  # (b, h, piece, half)
+                top, arg_top = proj.max(dim=-1)
+                low, arg_low = proj.min(dim=-1)
+                parts.append(torch.where(top >= -low, arg_top, arg_low + half))
+            out.append(torch.cat(parts, dim=-1))
+        return torch.stack(out, dim=2)
+
+    def attend(self, q, k, v, key_padding_mask):
+        cfg = self.config
+        batch, heads, n, d = q.shape
+        c, rounds, nb = cfg.bucket_size, cfg.n_hashes, self.num_buckets
+        n_pad = -(-n // c) * c
+        n_chunks = n_pad // c
+        if key_padding_mask is None:
+            real = q.new_ones(batch, n, dtype=torch.bool)
+        else:
+            # Zero what stands in padded slots: nothing downstream can then depend on it (not even
+            # through a -1e9 bias), and the gradient to padded inputs is exactly zero.
+            real = key_padding_mask
+            pad = ~real[:, None, :, None]
+            q, k, v = (t.masked_fill(pad, 0.0) for t in (q, k, v))
+        if n_pad > n:
+            q, k, v = (F.pad(t, (0, 0, 0, n_pad - n)) for t in (q, k, v))
+            real = F.pad(real, (0, n_pad - n), value=False)
+
+        with torch.no_grad():
+            buckets = self.hash(q).masked_fill(~real[:, None, None, :], nb)  # padding sorts last
+            positions = torch.arange(n_pad, device=q.device)
+            sort_idx = (buckets * n_pad + positions).argsort(dim=-1)  # (b, h, r, n_pad): sorted slot -> token
+            rank = torch.empty_like(sort_idx).scatter_(-1, sort_idx, positions.expand_as(sort_idx))
+            chunked_idx = sort_idx.view(batch, heads, rounds, n_chunks, c)
+            window_idx = _look_one_back(chunked_idx)  # (b, h, r, chunks, 2c): the keys each chunk sees
+            bias = self._score_bias(buckets, chunked_idx, window_idx, q.dtype)
+            counts = None
+            if cfg.dedup_pairs and rounds > 1:
+                counts = self._window_counts(buckets, sort_idx, rank).to(q.dtype)
+
+        def gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            # (b, h, n_pad, d) at idx (b, h, r, chunks, m) -> (b, h, r, chunks, m, d); one gather for all rounds.
+            flat = idx.reshape(batch, heads, -1, 1).expand(-1, -1, -1, d)
+            return t.gather(2, flat).view(*idx.shape, d)
+
+        # Scale the (small) queries rather than the (large) score tensor.
+        sq = gather(q * d**-0.5, chunked_idx)
+        sk = gather(F.normalize(k, dim=-1, eps=1e-6), window_idx)
+        sv = gather(v, window_idx)
+        scores = torch.matmul(sq, sk.transpose(-1, -2))  # (b, h, r, chunks, c, 2c)
+        for term in bias:
+            scores = scores.add_(term)  # constants: autograd stores nothing for these
+        probs, lse = _WeightedSoftmax.apply(scores, counts)  # in place: scores is consumed
+        if self.training and cfg.dropout > 0.0:
+            probs = F.dropout(probs, p=cfg.dropout)
+        out = torch.matmul(probs, sv).view(batch, heads, rounds, n_pad, d)
+
+        # Unsort: token t of round r sits at sorted slot rank[r, t].
+        out = out.gather(3, rank[..., None].expand(-1, -1, -1, -1, d))
+        if rounds == 1:
+            return out[:, :, 0, :n]
+        lse = lse.view(batch, heads, rounds, n_pad).gather(3, rank)
+        weights = torch.softmax(lse, dim=2)
+        return (out * weights[..., None]).sum(dim=2)[:, :, :n]
+
+    @torch.no_grad()
+    def _score_bias(
+        self, buckets: torch.Tensor, chunked_idx: torch.Tensor, window_idx: torch.Tensor, dtype: torch.dtype
+    ) -> list[torch.Tensor]:
+        """Additive constants for the ``(b, h, r, chunks, c, 2c)`` scores, as broadcastable terms.
+
+        Blocked pairs (padded key, the first chunk's missing previous chunk, other buckets when they may
+        not mix) get ``mask_value``, the self pair ``self_value``. Additive rather than replaced: a
+        blocked score is ``s - 1e9`` whose ``exp`` is exactly 0, so output and gradient are those of
+        masking, and the in-place add costs autograd nothing.
+        """
+        cfg = self.config
+        c, nb = cfg.bucket_size, self.num_buckets
+        if torch.finfo(dtype).max > 1e10:
+            self_value, mask_value = -1e5, -1e9
+        else:  # fp16: keep s + bias finite
+            self_value, mask_value = -1e4, -3e4
+        key_bucket = buckets.gather(-1, window_idx.flatten(-2)).view(window_idx.shape)  # (b, h, r, chunks, 2c)
+        key_blocked = key_bucket == nb
+        key_blocked[:, :, :, 0, c:] = True  # the first chunk has no previous chunk (no wrap-around)
+        self_bias = torch.eye(c, 2 * c, dtype=dtype, device=buckets.device) * self_value  # slot i is window key i
+        if cfg.attend_across_buckets:
+            blocked = key_blocked[..., None, :]
+        else:
+            query_bucket = buckets.gather(-1, chunked_idx.flatten(-2)).view(chunked_idx.shape)
+            blocked = key_blocked[..., None, :] | (query_bucket[..., :, None] != key_bucket[..., None, :])
+        return [torch.zeros(blocked.shape, dtype=dtype, device=buckets.device).masked_fill_(blocked, mask_value),
+                self_bias]
+
+    @torch.no_grad()
+    def _window_counts(self, buckets: torch.Tensor, sort_idx: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        """For every (query, key) pair of every round's window, in how many rounds they share a window.
+
+        A token's location in round r is its chunk (plus a bucket offset when buckets may not mix);
+        query i sees key j in round r exactly when ``loc_r(i) - loc_r(j)`` is 0 or 1, i.e. when
+        ``(loc_r(i) - loc_r(j)) >> 1 == 0``. The own round always counts, so only the others are looped.
+        """
+        c = self.config.bucket_size
+        batch, heads, rounds, n_pad = rank.shape
+        n_chunks = n_pad // c
+        loc = torch.div(rank, c, rounding_mode="floor")
+        largest = n_chunks
+        if not self.config.attend_across_buckets:
+            loc = loc + buckets * (2 * n_chunks)  # different buckets then differ by >= n_chunks + 1
+            largest += self.num_buckets * 2 * n_chunks
+        loc = loc.to(torch.int16 if largest < 2**15 else torch.int32)  # narrow: the diffs are pair-sized
+        shape = (batch, heads, rounds, n_chunks, c, 2 * c)
+        # Fresh pair-sized buffers are costly (page faults on CPU): allocate each once and reuse it.
+        counts = torch.ones(shape, dtype=torch.uint8, device=rank.device)
+        diff = torch.empty(shape, dtype=loc.dtype, device=rank.device)
+        hit = torch.empty(shape, dtype=torch.bool, device=rank.device)
+        for shift in range(1, rounds):
+            other = loc.roll(-shift, dims=2)  # round (r + shift) % rounds, seen in round r's sort order
+            sorted_other = other.gather(3, sort_idx).view(batch, heads, rounds, n_chunks, c)
+            torch.sub(sorted_other[..., :, None], _look_one_back(sorted_other)[..., None, :], out=diff)
+            torch.eq(diff.bitwise_right_shift_(1), 0, out=hit)
+            counts.add_(hit.view(torch.uint8))
+        return counts
+
+
+def _look_one_back(x: torch.Tensor) -> torch.Tensor:
+    """``(b, h, r, chunks, c, ...)`` -> ``(b, h, r, chunks, 2c, ...)``: each chunk followed by the previous one.
+
+    Chunk 0 gets the last chunk in its second half; callers mask it (no wrap-around).
+    """
+    return torch.cat([x, x.roll(1, dims=3)], dim=4)
+
+
+class _WeightedSoftmax(torch.autograd.Function):
+    """``p_j = exp(s_j) / m_j / sum_k exp(s_k) / m_k`` and its log-normaliser, over the last dim.
+
+    ``m`` (or None for all ones) is the constant multiplicity of each pair (``dedup_pairs``). Works in
+    place on ``scores`` and saves only the probabilities: ``d lse / d s = p`` and the softmax Jacobian
+    give ``grad_s = p * (g - <g, p> + g_lse)``. Autograd through ``torch.logsumexp`` would keep
+    the score tensor alive as well, and every fresh ``seq x bucket_size`` buffer costs time.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, multiplicity: torch.Tensor | None):
+        top = scores.amax(dim=-1, keepdim=True)
+        probs = scores.sub_(top).exp_()
+        if multiplicity is not None:
+            probs.div_(multiplicity)
+        total = probs.sum(dim=-1, keepdim=True)
+        probs.div_(total)
+        lse = (top + total.log()).squeeze(-1)
+        ctx.mark_dirty(scores)
+        ctx.save_for_backward(probs)
+        return probs, lse
+
+    @staticmethod
+    def backward(ctx, grad_probs: torch.Tensor, grad_lse: torch.Tensor):
+        (probs,) = ctx.saved_tensors
+        dot = torch.matmul(grad_probs.unsqueeze(-2), probs.unsqueeze(-1)).squeeze(-1)  # <g, p> per row
+        grad = grad_probs - (dot - grad_lse[..., None])
+        return grad.mul_(probs), None
