@@ -1,0 +1,152 @@
+"""BigBird block-sparse attention (Zaheer et al. 2020), ITC variant (global tokens are existing tokens).
+
+The sequence is cut into blocks of ``block_size`` tokens. Block ``i``:
+
+- attends to blocks ``i-1, i, i+1`` (sliding band of 3 blocks),
+- attends to the first ``num_global_blocks`` blocks, which in turn attend to everything,
+- attends to ``num_random_blocks`` random blocks.
+
+One joint softmax per row; a key block that is both in the band and global is counted once.
+Exact for this pattern: time ``O(n b (3 + g + r) d)``, memory ``O(n b (3 + g + r))``.
+
+The random blocks must be a fixed function of positions (or appending padding would change
+the real rows), so they are drawn once from ``seed`` for the ``ceil(max_seq_len / block_size)``
+blocks of the longest sequence and kept in the buffer ``random_blocks`` (``-1`` = unused slot).
+Each row's random blocks are distinct and exclude its band and the global blocks; a row with
+fewer than ``r`` such candidates gets them all and unused slots. On a shorter input, random
+blocks beyond its last block hold no keys and are masked like padding, so short inputs can see
+fewer than ``r`` random blocks per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _blocked as blk
+from .base import Attention
+from .functional import zero_padded_values
+from .registry import AttentionConfig, register_attention, require
+
+# Rows drawn at once when sampling random blocks (bounds the (rows, blocks) score table).
+_DRAW_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class BigBirdConfig(AttentionConfig):
+    """``block_size`` tokens per block; ``num_global_blocks`` leading global blocks; ``num_random_blocks`` per row.
+
+    ``max_seq_len`` is required: the random blocks are drawn once for its blocks. A ``block_size``
+    at or above ``max_seq_len`` is allowed and makes one block, i.e. full attention.
+    """
+
+    block_size: int = 64
+    num_global_blocks: int = 2
+    num_random_blocks: int = 3
+
+    def validate(self) -> None:
+        require(
+            self.max_seq_len is not None,
+            "max_seq_len",
+            "bigbird needs an int: its random blocks are drawn once for ceil(max_seq_len / block_size) blocks",
+        )
+        require(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
+        require(self.num_global_blocks >= 0, "num_global_blocks", f"must be >= 0, got {self.num_global_blocks}")
+        require(self.num_random_blocks >= 0, "num_random_blocks", f"must be >= 0, got {self.num_random_blocks}")
+
+
+def draw_random_blocks(num_blocks: int, num_global: int, num_random: int, generator: torch.Generator) -> torch.Tensor:
+    """``(num_blocks, num_random)`` random key blocks per query block, ``-1`` for an unused slot.
+
+    Global rows get none (they see everything). Row ``i`` draws without replacement among the
+    blocks outside its band ``i-1..i+1`` and outside the global blocks; each row is sorted with
+    unused slots last.
+    """
+    out = torch.full((num_blocks, num_random), blk.NO_KEY, dtype=torch.long)
+    if num_random == 0 or num_blocks == 0:
+        return out
+    cols = torch.arange(num_blocks)
+    for start in range(0, num_blocks, _DRAW_ROWS):
+        rows = torch.arange(start, min(start + _DRAW_ROWS, num_blocks))
+        # Uniform keys in [0, 1) for candidates, -1 for excluded blocks; top-r = r distinct candidates.
+        keys = torch.rand(rows.numel(), num_blocks, generator=generator)
+        excluded = ((rows[:, None] - cols[None, :]).abs() <= 1) | (cols[None, :] < num_global)
+        keys = keys.masked_fill(excluded, -1.0)
+        top, idx = keys.topk(min(num_random, num_blocks), dim=1)
+        picked = torch.where(top >= 0, idx, torch.full_like(idx, num_blocks))  # unused sorts last
+        picked = picked.sort(dim=1).values
+        picked = torch.where(picked == num_blocks, torch.full_like(picked, blk.NO_KEY), picked)
+        out[rows, : picked.shape[1]] = picked
+    out[:num_global] = blk.NO_KEY
+    return out
+
+
+@register_attention(
+    "bigbird",
+    config=BigBirdConfig,
+    family="sparse",
+    time_complexity="O(n b (3 + g + r) d)",
+    memory_complexity="O(n b (3 + g + r))",
+    exact=True,
+    needs_max_seq_len=True,
+)
+class BigBirdAttention(Attention):
+    """BigBird attention: 3-block band, global blocks and seeded random blocks (ITC)."""
+
+    random_blocks: torch.Tensor
+
+    def __init__(self, config: BigBirdConfig) -> None:
+        super().__init__(config)
+        generator = torch.Generator().manual_seed(config.seed)
+        max_blocks = blk.num_blocks(config.max_seq_len, config.block_size)
+        self.register_buffer(
+            "random_blocks",
+            draw_random_blocks(max_blocks, config.num_global_blocks, config.num_random_blocks, generator),
+        )
+
+    def attend(self, q, k, v, key_padding_mask):
+        cfg = self.config
+        batch, heads, n, d = q.shape
+        block = cfg.block_size
+        nb = blk.num_blocks(n, block)
+        g = min(cfg.num_global_blocks, nb)
+        v = zero_padded_values(v, key_padding_mask)
+        dropout = cfg.dropout if self.training else 0.0
+
+        # Global query rows (the first g blocks) attend to every real key: a dense (g b, n) block.
+        n_glob = min(g * block, n)
+        row_allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        out_glob = blk.masked_attention(q[:, :, :n_glob], k, v, row_allowed, dropout, self.training)
+        if g == nb:
+            return out_glob
+
+        # Local query blocks g .. nb-1: band blocks, random blocks, then the global keys.
+        # (g < nb here, so the global keys 0 .. g b - 1 all lie inside the sequence.)
+        rand = self.random_blocks[g:nb].to(q.device)
+        rand = torch.where(rand < nb, rand, torch.full_like(rand, blk.NO_KEY))  # beyond this input: no key
+        band_pos = blk.band_positions(nb, block, 1, q.device)[g:]
+        # The band's left block of row g is global block g-1: keep it once, in the global part.
+        if g > 0:
+            band_pos[0, :block] = blk.NO_KEY
+        glob_pos = torch.arange(g * block, device=q.device)
+        key_pos = torch.cat([band_pos, blk.block_positions(rand, block), glob_pos.expand(nb - g, -1)], dim=1)
+        allowed = blk.key_exists(key_pos, n, key_padding_mask)  # (batch|1, rows, K): same for the whole block
+
+        qb, kb, vb = (blk.to_blocks(x, block) for x in (q, k, v))
+        keys = self._keys(kb, rand, g)
+        values = self._keys(vb, rand, g)
+        out = blk.masked_attention(qb[:, :, g:], keys, values, allowed[:, None, :, None, :], dropout, self.training)
+        out = out.reshape(batch, heads, -1, d)
+        return torch.cat([out_glob, out], dim=2)[:, :, :n]
+
+    @staticmethod
+    def _keys(xb: torch.Tensor, rand: torch.Tensor, g: int) -> torch.Tensor:
+        """Per local query block: its 3 band blocks, its random blocks, the g global blocks."""
+        batch, heads, nb, block, d = xb.shape
+        parts = [blk.band_blocks(xb, 1)[:, :, g:]]
+        if rand.shape[1]:
+            parts.append(blk.select_blocks(xb, rand))
+        if g:
+            parts.append(xb[:, :, :g].reshape(batch, heads, 1, g * block, d).expand(-1, -1, nb - g, -1, -1))
+        return torch.cat(parts, dim=3)

@@ -1,0 +1,100 @@
+"""Longformer attention (Beltagy et al. 2020): a sliding band plus a few global tokens.
+
+Query ``i`` attends to keys ``j`` with ``|i - j| <= window // 2`` (the band of ``sliding_window``)
+and to every global position; a global position attends to every key. Each row is one joint
+softmax, and a key that is both in the band and global is counted once. Exact for this pattern.
+
+Computed as the blocked band of ``sliding_window`` with the global keys appended to every
+block's keys (masked where the band already holds them), and the few global query rows as
+dense rows over all keys: time ``O(n (w + g) d)``, memory ``O(n (w + g))`` for ``g`` globals.
+The same projections serve local and global attention (the paper's separate global
+projections belong to the backbone, which owns the projections).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _blocked as blk
+from .base import Attention
+from .functional import zero_padded_values
+from .registry import AttentionConfig, register_attention, require
+from .sliding_window import band_setup, validate_window
+
+
+@dataclass(frozen=True)
+class LongformerConfig(AttentionConfig):
+    """``window``: band width as in ``sliding_window``; ``global_positions``: token positions that are global.
+
+    The default global token is position 0, the CLS token under CLS pooling. Positions at or
+    beyond the current sequence length are ignored (so appended padding changes nothing).
+    """
+
+    window: int = 256
+    global_positions: tuple[int, ...] = (0,)
+
+    def validate(self) -> None:
+        validate_window(self.window, self.max_seq_len)
+        negative = [p for p in self.global_positions if p < 0]
+        require(not negative, "global_positions", f"positions must be >= 0, got {negative}")
+        duplicates = sorted({p for p in self.global_positions if self.global_positions.count(p) > 1})
+        require(not duplicates, "global_positions", f"positions must be distinct, got duplicates {duplicates}")
+
+
+@register_attention(
+    "longformer",
+    config=LongformerConfig,
+    family="sparse",
+    time_complexity="O(n (w + g) d), g = global tokens",
+    memory_complexity="O(n (w + g))",
+    exact=True,
+    needs_max_seq_len=False,
+)
+class LongformerAttention(Attention):
+    """Longformer attention: sliding band plus global tokens that see and are seen by every token."""
+
+    def __init__(self, config: LongformerConfig) -> None:
+        super().__init__(config)
+        self._global = tuple(sorted(config.global_positions))
+
+    def attend(self, q, k, v, key_padding_mask):
+        cfg = self.config
+        batch, heads, n, d = q.shape
+        half = cfg.window // 2
+        v = zero_padded_values(v, key_padding_mask)
+        dropout = cfg.dropout if self.training else 0.0
+        glob = torch.tensor([p for p in self._global if p < n], dtype=torch.long, device=q.device)
+
+        block, m, band_pos, in_band = band_setup(n, half, q.device)
+        nb = band_pos.shape[0]
+        query_pos = torch.arange(nb * block, device=q.device).view(nb, block)
+        # Global key columns, skipped where the band already holds that key (counted once).
+        glob_new = (query_pos[:, :, None] - glob[None, None, :]).abs() > half
+        key_pos = torch.cat([band_pos, glob[None, :].expand(nb, -1)], dim=1)
+        pattern = torch.cat([in_band.expand(nb, -1, -1), glob_new], dim=2)
+        allowed = pattern & blk.key_exists(key_pos, n, key_padding_mask)[:, :, None]
+
+        qb = blk.to_blocks(q, block)
+        kb = self._keys(blk.to_blocks(k, block), k, glob, m)
+        vb = self._keys(blk.to_blocks(v, block), v, glob, m)
+        out = blk.masked_attention(qb, kb, vb, allowed[:, None], dropout, self.training)
+        out = out.reshape(batch, heads, -1, d)[:, :, :n]
+        if glob.numel() == 0:
+            return out
+
+        # Global query rows attend to every (real) key: a dense (g, n) block.
+        row_allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        out_glob = blk.masked_attention(q[:, :, glob], k, v, row_allowed, dropout, self.training)
+        return out.index_copy(2, glob, out_glob)
+
+    @staticmethod
+    def _keys(xb: torch.Tensor, x: torch.Tensor, glob: torch.Tensor, m: int) -> torch.Tensor:
+        """Band blocks of ``xb`` followed by the global rows of ``x``, per query block."""
+        band = blk.band_blocks(xb, m)
+        if glob.numel() == 0:
+            return band
+        batch, heads, nb, _, d = band.shape
+        extra = x[:, :, glob][:, :, None].expand(batch, heads, nb, glob.numel(), d)
+        return torch.cat([band, extra], dim=3)

@@ -1,0 +1,94 @@
+"""Sliding-window (local) attention: query ``i`` attends to keys ``j`` with ``|i - j| <= window // 2``.
+
+Exact for its band pattern. Computed in blocks: queries are cut into blocks of ``c`` tokens and
+each block sees its ``2m+1`` neighbouring key blocks (``m = ceil((window // 2) / c)``), with the
+band enforced by a mask inside the blocks; time ``O(n w d)``, memory ``O(n w)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _blocked as blk
+from .base import Attention
+from .functional import zero_padded_values
+from .registry import AttentionConfig, register_attention, require
+
+# Query block length for the band. Blocks of half the window waste a third of the scores
+# (3 blocks of w/2 for a band of w + 1 keys); capping the block at 64 tokens and using more
+# neighbour blocks keeps the waste at <= 64 keys per row while the matmuls stay large.
+BAND_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig(AttentionConfig):
+    """``window``: band width; query ``i`` sees keys ``i - window//2 .. i + window//2``.
+
+    Any positive int is accepted; an even ``window`` covers ``window + 1`` keys (``window // 2`` on
+    each side, as in Longformer), an odd one exactly ``window``.
+    """
+
+    window: int = 256
+
+    def validate(self) -> None:
+        validate_window(self.window, self.max_seq_len)
+
+
+def validate_window(window: int, max_seq_len: int | None) -> None:
+    """Shared by sliding_window and longformer."""
+    require(window >= 1, "window", f"must be a positive int (band |i - j| <= window // 2), got {window}")
+    if max_seq_len is not None:
+        require(
+            window <= 2 * max_seq_len,
+            "window",
+            f"must be <= 2 * max_seq_len = {2 * max_seq_len} (a wider band is full attention), got {window}",
+        )
+
+
+def band_block_size(half_window: int, n: int) -> int:
+    """Query block length for a band of half-width ``half_window`` on ``n`` tokens (never beyond ``n``)."""
+    per_side = max(1, -(-half_window // BAND_BLOCK))
+    block = max(1, -(-half_window // per_side))
+    return min(block, n)
+
+
+def band_setup(n: int, half_window: int, device: torch.device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """Block length, neighbour blocks per side, key positions ``(blocks, K)`` and the band mask ``(c, K)``."""
+    block = band_block_size(half_window, n)
+    nb = blk.num_blocks(n, block)
+    # Neighbours beyond the last block hold nothing: cap m so short inputs do not pay for a wide window.
+    m = min(-(-half_window // block), nb - 1)
+    key_pos = blk.band_positions(nb, block, m, device)
+    # Query i*c + s and key slot (o, t) of block i are o*c + t - s apart whatever i is: the band
+    # inside a block is one (c, K) mask; keys beyond the ends are masked by position later.
+    offset = blk.band_positions(1, block, m, device)[0][None, :] - torch.arange(block, device=device)[:, None]
+    in_band = offset.abs() <= half_window
+    return block, m, key_pos, in_band
+
+
+@register_attention(
+    "sliding_window",
+    config=SlidingWindowConfig,
+    family="sparse",
+    time_complexity="O(n w d)",
+    memory_complexity="O(n w)",
+    exact=True,
+    needs_max_seq_len=False,
+)
+class SlidingWindowAttention(Attention):
+    """Sliding-window attention: each token attends to the keys within window // 2 positions of it."""
+
+    def attend(self, q, k, v, key_padding_mask):
+        cfg = self.config
+        batch, heads, n, d = q.shape
+        v = zero_padded_values(v, key_padding_mask)
+        block, m, key_pos, in_band = band_setup(n, cfg.window // 2, q.device)
+        allowed = in_band & blk.key_exists(key_pos, n, key_padding_mask)[:, :, None, :]
+        qb = blk.to_blocks(q, block)
+        kb = blk.band_blocks(blk.to_blocks(k, block), m)
+        vb = blk.band_blocks(blk.to_blocks(v, block), m)
+        dropout = cfg.dropout if self.training else 0.0
+        out = blk.masked_attention(qb, kb, vb, allowed[:, None], dropout, self.training)
+        return out.reshape(batch, heads, -1, d)[:, :, :n]
