@@ -1,0 +1,276 @@
+"""The one transformer encoder every task and mechanism is trained with.
+
+    token + position embeddings -> [CLS] -> N x pre-LN block -> LayerNorm -> pool -> LRA head
+
+A pre-LN block is ``x + Drop(MHA(LN(x), mask))`` then ``x + Drop(FFN(LN(x)))``. The
+multi-head wrapper owns the Q/K/V/output projections and hands the projected
+``(batch, heads, seq, head_dim)`` tensors and the real key padding mask to ANY registered
+mechanism, built with ``attentions.build_attention``. The same rules hold for every
+mechanism: same projections, fp32 parameters (autocast is the trainer's business), no
+gradient checkpointing.
+
+Two heads, as in LRA: a classifier (Dense -> ReLU -> Dense) on the pooled encoding, and
+for two-sequence tasks a dual encoder (both sequences through the same encoder, features
+``[x1, x2, x1*x2, x1-x2]`` -> Dense -> ReLU -> Dense(mlp/2) -> ReLU -> Dense, as LRA's
+``classifier_head_dual``); no cross-attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attentions import build_attention, get_attention_info
+
+POOLINGS = ("cls", "mean")
+POS_EMBS = ("sinusoidal", "learned")
+ACTIVATIONS = ("gelu", "relu")
+# These come from the model config, so a mechanism's params may not set them.
+_RESERVED_ATTENTION_PARAMS = ("num_heads", "head_dim", "dropout")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone sizes and choices. ``qkv_dim`` = ``num_heads * head_dim`` (LRA's qkv_dim)."""
+
+    vocab_size: int
+    max_length: int
+    num_classes: int
+    embed_dim: int = 64
+    num_heads: int = 4
+    qkv_dim: int = 64
+    mlp_dim: int = 128
+    num_layers: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    pooling: str = "cls"
+    pos_emb: str = "sinusoidal"
+    activation: str = "gelu"
+    two_sequence: bool = False
+    attention: str = "full"
+    attention_params: dict[str, Any] = field(default_factory=dict)
+    # Base seed of the mechanisms' random state; layer i uses seed + i so layers differ.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, param: str, allowed: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid model parameter '{param}': {allowed}, got {getattr(self, param)!r}")
+
+        for name in ("vocab_size", "max_length", "num_classes", "embed_dim", "num_heads", "qkv_dim", "mlp_dim",
+                     "num_layers"):
+            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1")
+        check(self.qkv_dim % self.num_heads == 0, "qkv_dim", f"must be divisible by num_heads={self.num_heads}")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
+        check(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
+        check(self.pos_emb in POS_EMBS, "pos_emb", f"must be one of {POS_EMBS}")
+        check(self.activation in ACTIVATIONS, "activation", f"must be one of {ACTIVATIONS}")
+        self.attention_params = dict(self.attention_params or {})
+        reserved = sorted(set(self.attention_params) & set(_RESERVED_ATTENTION_PARAMS))
+        if reserved:
+            raise ValueError(
+                f"attention_params may not set {reserved}: they come from the model config "
+                "(num_heads, qkv_dim / num_heads, attention_dropout)"
+            )
+        get_attention_info(self.attention)  # unknown name -> ValueError listing the registered ones
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv_dim // self.num_heads
+
+    @property
+    def seq_len(self) -> int:
+        """Length the mechanism sees: the task length plus the CLS token when CLS-pooling."""
+        return self.max_length + (1 if self.pooling == "cls" else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) fixed sin/cos position table (Vaswani et al. 2017; max timescale 1e4)."""
+    position = torch.arange(length, dtype=torch.float64)[:, None]
+    half = dim // 2
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / max(half, 1))
+    angles = position * inv_freq[None, :]
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0 : 2 * half : 2] = torch.sin(angles)
+    table[:, 1 : 2 * half : 2] = torch.cos(angles)
+    return table.float()
+
+
+class MultiHeadAttention(nn.Module):
+    """Projections around a registered mechanism; the mask is always passed through."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        info = get_attention_info(config.attention)
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        # shared_qk mechanisms (Reformer's LSH) need keys equal to the queries, so one
+        # projection produces both: the fused matrix holds [QK; V] instead of [Q; K; V].
+        self.shared_qk = info.shared_qk
+        n_proj = 2 if self.shared_qk else 3
+        # One fused matmul for the projections (the same parameter count as separate Linears).
+        self.in_proj = nn.Linear(config.embed_dim, n_proj * config.qkv_dim)
+        self.out_proj = nn.Linear(config.qkv_dim, config.embed_dim)
+        params = {"max_seq_len": config.seq_len, "seed": config.seed + layer, **config.attention_params}
+        if "seed" in config.attention_params:
+            params["seed"] = config.attention_params["seed"] + layer
+        max_seq_len = params["max_seq_len"]
+        if max_seq_len is not None and max_seq_len < config.seq_len:
+            raise ValueError(
+                f"invalid parameter 'max_seq_len' of attention '{config.attention}': {max_seq_len} is shorter than "
+                f"the sequence the model feeds it ({config.seq_len} = max_length {config.max_length}"
+                f"{' + 1 CLS token' if config.pooling == 'cls' else ''})"
+            )
+        self.attention = build_attention(
+            config.attention,
+            num_heads=config.num_heads,
+            head_dim=config.head_dim,
+            dropout=config.attention_dropout,
+            **params,
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        proj = self.in_proj(x).view(batch, seq, -1, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.shared_qk:
+            q = k = proj[0]
+            v = proj[1]
+        else:
+            q, k, v = proj[0], proj[1], proj[2]
+        out = self.attention(q, k, v, key_padding_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer block: attention then feed-forward, each with a residual."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.embed_dim)
+        self.attn = MultiHeadAttention(config, layer)
+        self.norm2 = nn.LayerNorm(config.embed_dim)
+        self.ff1 = nn.Linear(config.embed_dim, config.mlp_dim)
+        self.ff2 = nn.Linear(config.mlp_dim, config.embed_dim)
+        self.act = F.gelu if config.activation == "gelu" else F.relu
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), mask))
+        h = self.dropout(self.act(self.ff1(self.norm2(x))))
+        return x + self.dropout(self.ff2(h))
+
+
+class Encoder(nn.Module):
+    """Embeddings, blocks, final LayerNorm and pooling: tokens (B, L) -> features (B, embed_dim)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_emb = nn.Embedding(config.vocab_size, config.embed_dim)
+        if config.pooling == "cls":
+            # LRA: a zero-initialised learned token prepended before the position embeddings.
+            self.cls = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+        if config.pos_emb == "learned":
+            self.pos_emb = nn.Parameter(torch.randn(config.seq_len, config.embed_dim) * 0.02)  # LRA: N(0, 0.02)
+        else:
+            self.register_buffer("pos_emb", sinusoidal_table(config.seq_len, config.embed_dim), persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(EncoderBlock(config, i) for i in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.embed_dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
+        batch, length = tokens.shape
+        if length > cfg.max_length:
+            raise ValueError(f"sequence length {length} exceeds the model's max_length={cfg.max_length}")
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
+        if mask.shape != tokens.shape or mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be bool with the tokens' shape {tuple(tokens.shape)} (True = real token); "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        x = self.token_emb(tokens)
+        if cfg.pooling == "cls":
+            x = torch.cat([self.cls.expand(batch, -1, -1), x], dim=1)
+            mask = torch.cat([mask.new_ones(batch, 1), mask], dim=1)
+        x = self.dropout(x + self.pos_emb[: x.shape[1]])
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x)
+        if cfg.pooling == "cls":
+            return x[:, 0]
+        weights = mask.to(x.dtype)[..., None]
+        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+class ArenaModel(nn.Module):
+    """Encoder + LRA classifier head, or the dual-encoder head when ``two_sequence``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        if config.two_sequence:
+            self.head = nn.Sequential(
+                nn.Linear(4 * config.embed_dim, config.mlp_dim),
+                nn.ReLU(),
+                nn.Linear(config.mlp_dim, config.mlp_dim // 2),
+                nn.ReLU(),
+                nn.Linear(config.mlp_dim // 2, config.num_classes),
+            )
+        else:
+            self.head = nn.Sequential(
+                nn.Linear(config.embed_dim, config.mlp_dim), nn.ReLU(), nn.Linear(config.mlp_dim, config.num_classes)
+            )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        tokens2: torch.Tensor | None = None,
+        mask2: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, num_classes). ``tokens2``/``mask2`` are required iff ``two_sequence``."""
+        x1 = self.encoder(tokens, mask)
+        if not self.config.two_sequence:
+            if tokens2 is not None:
+                raise ValueError("tokens2 given to a single-sequence model (two_sequence=False)")
+            return self.head(x1)
+        if tokens2 is None:
+            raise ValueError("a two-sequence model needs tokens2 (and mask2)")
+        x2 = self.encoder(tokens2, mask2)
+        return self.head(torch.cat([x1, x2, x1 * x2, x1 - x2], dim=-1))
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits for a task batch dict (``tokens``, ``mask`` and, for pairs, ``tokens2``, ``mask2``)."""
+        return self(batch["tokens"], batch["mask"], batch.get("tokens2"), batch.get("mask2"))
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        """Parameter count (tied projections counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def attention_backend(self) -> str:
+        """Backend string of the first layer's mechanism (meaningful after a forward)."""
+        return str(self.encoder.blocks[0].attn.attention.backend)
+
+
+def build_model(config: ModelConfig | dict[str, Any]) -> ArenaModel:
+    """Build the backbone from a :class:`ModelConfig` or a dict of its fields."""
+    if isinstance(config, dict):
+        allowed = set(ModelConfig.__dataclass_fields__)
+        unknown = sorted(set(config) - allowed)
+        if unknown:
+            raise ValueError(f"unknown model parameter(s) {unknown}; allowed: {sorted(allowed)}")
+        config = ModelConfig(**config)
+    return ArenaModel(config)

@@ -1,0 +1,290 @@
+"""arena-train: records, best-checkpoint test accuracy, skip/force, kill-and-resume, failures, dispatch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import harness.train as train_mod
+from attentions import available_attentions
+from harness.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.model import build_model
+from harness.schedules import cosine_factor, rsqrt_factor, schedule_factor
+from harness.store import load_records
+from harness.train import CONF_DIR, autocast_context, is_oom, resolve_device, resolve_precision, run
+
+from fake_task import build_fake_task
+
+# A few-second run on the in-memory fake task (100 train examples -> 6 steps per epoch at batch 16).
+FAKE = [
+    "+task.factory=fake_task:build_fake_task", "task.name=fake",
+    "+task.params.num_train=100", "+task.params.num_val=40", "+task.params.num_test=40",
+    "+task.params.max_length=16",
+    "model.num_layers=1", "model.embed_dim=16", "model.qkv_dim=16", "model.num_heads=2", "model.mlp_dim=32",
+    "optimizer.lr=3e-3", "scheduler=constant", "train.batch_size=16", "train.max_steps=12", "train.eval_every=4",
+    "train.throughput_warmup=1", "quiet=true", "device=cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(root: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=[*FAKE, f"results_dir={root}/results", f"cache_dir={root}/cache",
+                                           *overrides])
+
+
+def record_file(root: Path, record: dict) -> Path:
+    return root / "results" / "train" / f"{record['record_id']}.json"
+
+
+def test_end_to_end_run_writes_one_complete_record(tmp_path):
+    record = run(make_cfg(tmp_path))
+    assert record["status"] == "ok", record.get("error")
+    on_disk = json.loads(record_file(tmp_path, record).read_text())
+    assert on_disk["record_id"] == on_disk["config_hash"] == record["record_id"]
+    for key in ("best_val_acc", "test_acc", "majority_test_acc", "final_train_loss", "num_parameters",
+                "wall_time_s", "attention_backend", "git_sha", "versions", "device", "created_at"):
+        assert key in on_disk, key
+    assert 0.0 <= on_disk["test_acc"] <= 1.0 and 0.0 < on_disk["majority_test_acc"] <= 1.0
+    assert on_disk["steps"] == 12 and [s for s, _ in on_disk["val_history"]] == [4, 8, 12]
+    assert on_disk["throughput"]["steps_per_s"] > 0 and on_disk["throughput"]["tokens_per_s"] > 0
+    assert on_disk["throughput"]["measured_steps"] == 10  # 12 steps - 1 warm-up - 1 memory-profiled
+    assert on_disk["peak_memory"]["peak_bytes"] > 0 and on_disk["peak_memory"]["method"]
+    assert on_disk["attention_backend"] == "sdpa"
+    assert on_disk["config"]["train"]["max_steps"] == 12 and on_disk["attention"] == "full"
+    assert on_disk["device"]
+    task = build_fake_task("fake", num_train=100, num_val=40, num_test=40, max_length=16)
+    expected_params = build_model(train_mod.model_config_for(make_cfg(tmp_path), task)).num_parameters()
+    assert on_disk["num_parameters"] == expected_params
+    df = load_records(tmp_path / "results", kind="train")
+    assert len(df) == 1 and df["status"].iloc[0] == "ok"
+
+
+@pytest.mark.parametrize("attention", ["full", "performer"])
+def test_real_listops_smoke_run(tmp_path, attention):
+    """The smoke recipe on the real ListOps task (generated into a temporary cache)."""
+    if attention not in available_attentions():
+        pytest.skip(f"{attention} not registered")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=smoke/listops", f"attention={attention}", "quiet=true",
+                                          f"results_dir={tmp_path}/results", f"cache_dir={tmp_path}/cache"])
+    record = run(cfg)
+    assert record["status"] == "ok", record.get("error")
+    assert record["task"] == "listops" and record["attention"] == attention and record["steps"] == 10
+    assert 0.0 <= record["test_acc"] <= 1.0 and 0.0 < record["majority_test_acc"] < 0.5
+    assert record["model_config"]["max_length"] == 32 and record["attention_config"]["max_seq_len"] == 33
+    assert json.loads(record_file(tmp_path, record).read_text())["status"] == "ok"
+
+
+def test_test_accuracy_is_taken_at_the_best_checkpoint(tmp_path):
+    cfg = make_cfg(tmp_path, "train.max_steps=24", "train.eval_every=2", "optimizer.lr=2e-2")
+    record = run(cfg)
+    history = record["val_history"]
+    best_step, best_val = max(history, key=lambda sv: (sv[1], -sv[0]))
+    assert (record["best_step"], record["best_val_acc"]) == (best_step, best_val)
+    # Re-evaluate the saved best weights on test: that is the reported number (not the last weights).
+    task = build_fake_task("fake", num_train=100, num_val=40, num_test=40, max_length=16)
+    model = build_model(train_mod.model_config_for(cfg, task))
+    best = load_checkpoint(Path(record["checkpoint_dir"]) / "best.pt")
+    assert best["step"] == best_step
+    model.load_state_dict(best["model"])
+    assert train_mod.evaluate(model, task, "test", cfg, torch.device("cpu"), "fp32") == record["test_acc"]
+    assert train_mod.evaluate(model, task, "validation", cfg, torch.device("cpu"), "fp32") == best_val
+
+
+def test_rerun_skips_ok_records_and_force_reruns(tmp_path, caplog):
+    first = run(make_cfg(tmp_path))
+    path = record_file(tmp_path, first)
+    mtime = path.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="arena-train"):
+        again = run(make_cfg(tmp_path))
+    assert again["skipped"] and again["record_id"] == first["record_id"]
+    assert path.stat().st_mtime_ns == mtime
+    assert "skipping" in caplog.text and first["record_id"] in caplog.text
+    # Paths and verbosity are not part of the hash: moving the cache or going quiet still skips.
+    assert run(make_cfg(tmp_path, "quiet=false", "log_every=3")).get("skipped")
+    forced = run(make_cfg(tmp_path, "force=true"))
+    assert not forced.get("skipped") and forced["status"] == "ok"
+    assert forced["test_acc"] == first["test_acc"]  # same seed, same result
+    # A different seed is a different run.
+    assert run(make_cfg(tmp_path, "seed=1"))["record_id"] != first["record_id"]
+
+
+def test_truncated_record_is_rerun_not_trusted(tmp_path):
+    first = run(make_cfg(tmp_path))
+    path = record_file(tmp_path, first)
+    path.write_text(path.read_text()[:40])
+    again = run(make_cfg(tmp_path))
+    assert not again.get("skipped") and again["status"] == "ok"
+    assert json.loads(path.read_text())["status"] == "ok"
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    # Checkpoints every 4 steps; crash after step 8 (mid-epoch: 6 steps per epoch), dropout on.
+    common = ("train.checkpoint_every=4", "train.max_steps=14", "model.dropout=0.2")
+    crashed = run(make_cfg(tmp_path / "a", *common, "fault.raise_at_step=9"))
+    assert crashed["status"] == "error" and crashed["error"]["type"] == "SimulatedCrash"
+    resumed = run(make_cfg(tmp_path / "a", *common))
+    assert resumed["status"] == "ok" and resumed["resumed_from_step"] == 8
+    assert resumed["record_id"] == crashed["record_id"]
+    clean = run(make_cfg(tmp_path / "b", *common))
+    assert clean["resumed_from_step"] is None
+    for key in ("best_val_acc", "best_step", "test_acc", "final_train_loss", "val_history", "steps"):
+        assert resumed[key] == clean[key], key
+    a = load_checkpoint(Path(resumed["checkpoint_dir"]) / "last.pt")["model"]
+    b = load_checkpoint(Path(clean["checkpoint_dir"]) / "last.pt")["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_config_that_cannot_work_fails_before_training(tmp_path):
+    record = run(make_cfg(tmp_path, "+attention.params.max_seq_len=8"))
+    assert record["status"] == "error" and record["stage"] == "setup"
+    assert "max_seq_len" in record["error"]["message"] and "shorter" in record["error"]["message"]
+    record = run(make_cfg(tmp_path, "+attention.params.no_such=1"))
+    assert record["stage"] == "setup" and "'no_such'" in record["error"]["message"]
+    assert "allowed" in record["error"]["message"]
+    assert not (tmp_path / "results" / "checkpoints" / record["record_id"] / "last.pt").exists()
+
+
+def test_divergence_is_recorded(tmp_path, monkeypatch):
+    original = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: original(*a, **k) * float("nan"))
+    record = run(make_cfg(tmp_path))
+    assert record["status"] == "diverged" and "nan" in record["error"]["message"]
+
+
+def test_oom_is_recorded_as_oom(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod, "build_model", boom)
+    record = run(make_cfg(tmp_path))
+    assert record["status"] == "oom" and "out of memory" in record["error"]["message"]
+    assert record_file(tmp_path, record).exists()
+
+
+def test_quiet_mode_logs_plain_lines(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="arena-train"):
+        run(make_cfg(tmp_path, "log_every=4"))
+    lines = [r.getMessage() for r in caplog.records if "step" in r.getMessage() and "loss" in r.getMessage()]
+    assert any("step 4/12" in line for line in lines) and any("step 12/12" in line for line in lines)
+
+
+def test_epochs_and_warmup_epochs_convert_to_steps(tmp_path):
+    cfg = make_cfg(tmp_path, "train.epochs=2", "+scheduler.warmup_epochs=1")
+    assert train_mod.schedule_lengths(cfg, num_train=100) == (6, 12, 6)
+    with pytest.raises(ValueError, match="batch_size.*larger than the training split"):
+        train_mod.schedule_lengths(make_cfg(tmp_path, "train.batch_size=500"), num_train=100)
+
+
+def test_single_run_exits_nonzero_after_recording(tmp_path, monkeypatch):
+    argv = ["arena-train", *FAKE, f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/out",
+            "+attention.params.no_such=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        train_mod.main()
+    assert exit_info.value.code == 1
+    records = load_records(tmp_path / "results", kind="train")
+    assert list(records["status"]) == ["error"]
+
+
+def test_sweep_records_a_failing_run_and_goes_on_then_skips(tmp_path, monkeypatch):
+    """A real Hydra multirun (basic launcher, in-process): seed 1 crashes, seeds 0 and 2 finish."""
+    base = ["arena-train", "-m", *FAKE, "train.max_steps=4", "train.eval_every=2",
+            f"results_dir={tmp_path}/results", f"hydra.sweep.dir={tmp_path}/multirun", "seed=0,1,2"]
+    monkeypatch.setattr(sys, "argv", [*base, "fault.raise_at_step=2", "fault.seeds=[1]"])
+    train_mod.main()  # returns normally: failures in a sweep are recorded, not raised
+    df = load_records(tmp_path / "results", kind="train").set_index("seed")
+    assert df.loc[0, "status"] == "ok" and df.loc[2, "status"] == "ok"
+    assert df.loc[1, "status"] == "error" and df.loc[1, "error.type"] == "SimulatedCrash"
+    mtimes = {seed: os.stat(df.loc[seed, "_path"]).st_mtime_ns for seed in (0, 2)}
+    # Repeat the sweep: finished runs are skipped; the failed one resumes from its checkpoint and finishes.
+    monkeypatch.setattr(sys, "argv", base)
+    train_mod.main()
+    df = load_records(tmp_path / "results", kind="train").set_index("seed")
+    assert list(df.sort_index()["status"]) == ["ok", "ok", "ok"]
+    assert df.loc[1, "resumed_from_step"] == 2
+    assert {seed: os.stat(df.loc[seed, "_path"]).st_mtime_ns for seed in (0, 2)} == mtimes
+
+
+# ----------------------------------------------------------------------------- dispatch, schedules, checkpoints
+
+
+def test_precision_and_device_dispatch():
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="precision.*auto, fp32, bf16"):
+        resolve_precision("fp16", "cuda")
+    with autocast_context("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_context("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda requested"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("tpu9")
+
+
+def test_oom_classification():
+    assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory"))
+    assert is_oom(MemoryError())
+    assert not is_oom(RuntimeError("shape mismatch"))
+    assert not is_oom(ValueError("out of memory budget parameter"))
+
+
+def test_schedules():
+    # LRA rsqrt: linear warm-up to base/sqrt(warmup), then 1/sqrt(step).
+    assert rsqrt_factor(500, 1000) == pytest.approx(0.5 / 1000**0.5)
+    assert rsqrt_factor(1000, 1000) == pytest.approx(1000**-0.5)
+    assert rsqrt_factor(4000, 1000) == pytest.approx(4000**-0.5)
+    assert cosine_factor(50, 100, 1100) == pytest.approx(0.5)
+    assert cosine_factor(100, 100, 1100) == pytest.approx(1.0)
+    assert cosine_factor(600, 100, 1100) == pytest.approx(0.5)
+    assert cosine_factor(1100, 100, 1100, min_ratio=0.1) == pytest.approx(0.1)
+    assert schedule_factor("constant", 0, 10)(1) == 1.0
+    with pytest.raises(ValueError, match="unknown scheduler 'step'.*rsqrt, cosine, constant"):
+        schedule_factor("step", 0, 10)
+
+
+def test_checkpoint_roundtrip_with_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = rng_state()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    path = save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": state,
+                            "state": {"step": 3, "losses": [0.5]}}, tmp_path / "c.pt")
+    loaded = load_checkpoint(path)  # weights_only=True inside
+    set_rng_state(loaded["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+    assert loaded["state"] == {"step": 3, "losses": [0.5]}
+    torch.optim.AdamW(model.parameters()).load_state_dict(loaded["optimizer"])
