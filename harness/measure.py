@@ -1,0 +1,193 @@
+"""Measurement utilities: allocator-level peak memory, wall-clock timing, device description.
+
+Peak memory is what the *allocator* handed out during the measured step, above what was
+already allocated when the step began, with the peak reset first (DESIGN.md, "Measuring
+honestly"). Process RSS is never used: it includes the interpreter, freed-but-cached
+pages and other threads, and it does not go down when tensors are freed.
+
+    out, reading = measure_peak_memory(lambda: attn(q, k, v), "cpu")
+    print(reading.peak_bytes, reading.method)
+    stats = time_fn(lambda: attn(q, k, v), "cpu", warmup=2, repeats=5)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+CUDA_METHOD = "cuda.max_memory_allocated"
+CPU_METHOD = "torch.profiler(cpu alloc events)"
+
+
+@dataclass
+class MemoryReading:
+    """Peak bytes allocated above the baseline at entry, and the method that produced the figure."""
+
+    peak_bytes: int
+    method: str
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {str(device)!r}")
+    return device
+
+
+def measure_peak_memory(fn: Callable[[], T], device: torch.device | str) -> tuple[T, MemoryReading]:
+    """Run ``fn()`` once and return its result with the allocator peak it caused.
+
+    CUDA: ``reset_peak_memory_stats`` then ``max_memory_allocated - memory_allocated`` at entry.
+    CPU: every allocation and free recorded by ``torch.profiler`` (``profile_memory=True``),
+    summed in time order (alloc +, free -); the peak is the largest running sum, floored at 0.
+    Memory allocated before ``fn`` does not count. On CPU the profiler cannot see frees of
+    blocks allocated before it started, so freeing such memory inside ``fn`` does not lower
+    the running sum: the CPU figure is then an upper bound of the live-bytes peak (CUDA's
+    counter does see those frees). Measured steps that free only their own tensors (a
+    forward+backward on inputs made beforehand) are unaffected.
+    """
+    device = _as_device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - baseline
+        return result, MemoryReading(peak_bytes=max(int(peak), 0), method=CUDA_METHOD)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
+    with _quiet_native_stderr():  # kineto prints a line on each start/stop
+        prof.start()
+    try:
+        result = fn()
+    finally:
+        with _quiet_native_stderr():
+            prof.stop()
+    return result, MemoryReading(peak_bytes=_cpu_peak_from_profile(prof), method=CPU_METHOD)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 (native code's stderr) for the duration; Python errors still propagate."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_from_profile(prof: Any) -> int:
+    """Largest running sum of CPU alloc/free events, in the order they happened."""
+    events = []
+    for event in prof.profiler.kineto_results.events():
+        if event.name() != "[memory]" or event.device_type() != torch.autograd.DeviceType.CPU:
+            continue
+        events.append((event.start_ns(), int(event.nbytes())))
+    events.sort(key=lambda e: e[0])  # the stable sort keeps same-timestamp events in emission order
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued device work (a no-op on CPU) so a clock read means the work is done."""
+    device = _as_device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any], device: torch.device | str, warmup: int = 2, repeats: int = 5
+) -> dict[str, Any]:
+    """Wall time of ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    The device is synchronised before each start and end clock read. Returns
+    ``{"median_s", "p10_s", "p90_s", "times_s"}`` (percentiles interpolated linearly).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    device = _as_device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {
+        "median_s": statistics.median(times),
+        "p10_s": percentile(times, 10),
+        "p90_s": percentile(times, 90),
+        "times_s": times,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default) of a non-empty list, ``q`` in [0, 100]."""
+    if not values:
+        raise ValueError("percentile of an empty list")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def device_info(device: torch.device | str) -> dict[str, Any]:
+    """Where a number was measured: device name, torch version, threads, CPU count."""
+    device = _as_device(device)
+    info: dict[str, Any] = {
+        "device": str(device),
+        "device_type": device.type,
+        "torch_version": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info["device_name"] = torch.cuda.get_device_name(index)
+        info["cuda_version"] = torch.version.cuda
+        info["total_memory_bytes"] = torch.cuda.get_device_properties(index).total_memory
+    else:
+        info["device_name"] = _cpu_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"

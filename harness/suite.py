@@ -1,0 +1,203 @@
+"""The one-command suite (``arena-suite``): efficiency scan, quick training sweep, report.
+
+    arena-suite                       # everything, sized for a 2-core CPU (GPU used when present)
+    arena-suite size=smoke            # seconds-to-minutes end-to-end check (tests)
+    arena-suite stages=[report]       # only rebuild the report
+
+Stages (each reuses what the store already holds, so a re-run finishes only what is missing):
+
+1. ``bench``: :func:`harness.bench.run_benchmark` for every registered mechanism, with a
+   CPU-sized sequence range on CPU (the benchmark's full 1K..16K range on CUDA), the
+   approximation errors, and the peers when the ``peers`` extra is installed.
+2. ``train``: ``arena-train -m experiment=<recipes> attention=<all> seed=<seeds>`` in a
+   subprocess (Hydra multirun; runs with an ``ok`` record are skipped by ``arena-train``).
+3. ``report``: :func:`harness.report.build_report`; the suite ends by printing where it is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attentions import available_attentions
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+STAGES = ("bench", "train", "report")
+
+DEFAULTS: dict[str, Any] = {
+    "size": "default",
+    "stages": list(STAGES),
+    "results_dir": "results",
+    "report_dir": None,
+    "mechanisms": "all",
+    "device": "auto",
+    "bench": {
+        "seq_lens": [256, 512, 1024, 2048, 4096],
+        "repeats": 3,
+        "warmup": 1,
+        "max_cell_s": 20,
+        "slope_range": [1024, 4096],
+        "approx": {"seeds": 2},
+        "peers": {"seq_lens": [1024, 4096]},
+    },
+    "cuda_bench": {"seq_lens": [1024, 2048, 4096, 8192, 16384], "repeats": 5, "warmup": 2,
+                   "slope_range": [2048, 16384], "max_cell_s": 60},
+    "train": {"experiments": ["quick/listops", "quick/pathfinder"], "seeds": [0], "overrides": []},
+    "smoke": {
+        "bench": {"smoke": True},
+        "train": {"experiments": ["smoke/listops", "smoke/pathfinder"]},
+    },
+    "time_budget_min": 20,
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_suite(cfg: dict | None = None) -> dict[str, Any]:
+    """Defaults, the user's ``cfg``, then the smoke or CUDA sizes; checks the names."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown suite setting(s) {unknown}; allowed: {sorted(DEFAULTS)}")
+    s = _merge(DEFAULTS, cfg)
+    if s["size"] not in ("default", "smoke"):
+        raise ValueError(f"size must be 'default' or 'smoke', got {s['size']!r}")
+    bad = [st for st in s["stages"] if st not in STAGES]
+    if bad:
+        raise ValueError(f"stages must be among {STAGES}, got {bad}")
+    if s["device"] == "auto":
+        s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if s["size"] == "smoke":
+        s["bench"] = _merge(s["bench"], s["smoke"]["bench"])
+        # The smoke benchmark's own tiny sizes replace the CPU range.
+        for key in ("seq_lens", "repeats", "warmup", "slope_range", "approx", "peers"):
+            s["bench"].pop(key, None)
+        s["train"] = _merge(s["train"], s["smoke"]["train"])
+    elif s["device"].startswith("cuda"):
+        s["bench"] = _merge(s["bench"], s["cuda_bench"])
+    s["results_dir"] = str(Path(s["results_dir"]).resolve())
+    s["report_dir"] = str(Path(s["report_dir"]).resolve()) if s["report_dir"] else str(Path(s["results_dir"]) /
+                                                                                         "report")
+    return s
+
+
+def _banner(text: str, started: float) -> None:
+    print(f"\n=== [arena-suite {time.time() - started:6.0f} s] {text}", flush=True)
+
+
+def train_command(s: dict, mechanisms: list[str], experiments: list[str]) -> list[str]:
+    """The ``arena-train`` multirun command line for the sweep."""
+    seeds = ",".join(str(int(x)) for x in s["train"]["seeds"])
+    sweep_dir = Path(s["results_dir"]) / "multirun" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    return [
+        sys.executable, "-m", "harness.train", "-m",
+        f"experiment={','.join(experiments)}",
+        f"attention={','.join(mechanisms)}",
+        f"seed={seeds}",
+        f"results_dir={s['results_dir']}",
+        f"device={s['device']}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *[str(o) for o in s["train"]["overrides"]],
+    ]
+
+
+def run_training(s: dict, mechanisms: list[str]) -> int:
+    """Run the sweep in a subprocess, its progress streamed to this terminal; returns its exit code."""
+    experiments = []
+    for exp in s["train"]["experiments"]:
+        if (CONF_DIR / "experiment" / f"{exp}.yaml").exists():
+            experiments.append(exp)
+        else:
+            print(f"training: experiment '{exp}' not found in {CONF_DIR / 'experiment'}; skipped", flush=True)
+    if not experiments:
+        return 0
+    attention_group = CONF_DIR / "attention"
+    missing = [m for m in mechanisms if not (attention_group / f"{m}.yaml").exists()]
+    if missing:
+        print(f"training: no conf/attention/<name>.yaml for {missing}; they are not trained", flush=True)
+    trainable = [m for m in mechanisms if m not in missing]
+    if not trainable:
+        return 0
+    cmd = train_command(s, trainable, experiments)
+    total = len(trainable) * len(experiments) * len(s["train"]["seeds"])
+    print(f"training: {total} runs ({len(trainable)} mechanisms x {experiments} x seeds {s['train']['seeds']}); "
+          "runs with an ok record are skipped", flush=True)
+    print("  $ " + " ".join(cmd), flush=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(cmd, cwd=str(REPO), env=env, check=False).returncode
+
+
+def run_suite(cfg: dict | None = None) -> dict[str, Any]:
+    """Run the stages; returns the stage times, the training exit code and the report path."""
+    from harness import bench, report
+
+    s = resolve_suite(cfg)
+    started = time.time()
+    mechanisms = bench.select_mechanisms(s["mechanisms"])
+    if s["mechanisms"] == "all":
+        mechanisms = available_attentions()
+    timings: dict[str, float] = {}
+    result: dict[str, Any] = {"settings": s, "timings": timings}
+    _banner(f"{len(mechanisms)} mechanisms on {s['device']} ({s['size']} size); results in {s['results_dir']}",
+            started)
+    if "bench" in s["stages"]:
+        _banner("stage 1/3: efficiency benchmark (time and memory vs n, approximation error, peers)", started)
+        t = time.time()
+        bench_cfg = {**s["bench"], "mechanisms": mechanisms, "device": s["device"], "results_dir": s["results_dir"]}
+        bench.run_benchmark(bench_cfg)
+        timings["bench_s"] = time.time() - t
+    if "train" in s["stages"]:
+        _banner("stage 2/3: training sweep", started)
+        t = time.time()
+        result["train_returncode"] = run_training(s, mechanisms)
+        timings["train_s"] = time.time() - t
+        if result["train_returncode"]:
+            print(f"training sweep exited with code {result['train_returncode']}; the report shows what finished",
+                  flush=True)
+    if "report" in s["stages"]:
+        _banner("stage 3/3: report", started)
+        slope_range = s["bench"].get("slope_range") or bench.resolve_settings(s["bench"])["slope_range"]
+        built = report.build_report(s["results_dir"], s["report_dir"], slope_range=tuple(slope_range))
+        timings["report_s"] = built["build_s"]
+        result["report"] = str(Path(built["out"]) / "report.html")
+    total = time.time() - started
+    timings["total_s"] = total
+    _banner("done", started)
+    print("  " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()), flush=True)
+    if total > 60 * float(s["time_budget_min"]):
+        print(f"  note: took {total / 60:.1f} min, over the {s['time_budget_min']} min target", flush=True)
+    if "report" in result:
+        print(f"  report: {result['report']}\n          {Path(result['report']).with_suffix('.md')}", flush=True)
+    return result
+
+
+def main() -> None:
+    """``arena-suite``: Hydra app over conf/suite.yaml; no arguments needed."""
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(config_path="../conf", config_name="suite", version_base="1.3")
+    def _app(cfg: DictConfig) -> None:
+        run_suite(OmegaConf.to_container(cfg, resolve=True))
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()

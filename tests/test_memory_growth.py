@@ -1,0 +1,80 @@
+"""Sub-quadratic memory must show in measured memory: peak growth per doubling of n, forward + backward.
+
+Allocator peaks are deterministic, so the growth is asserted, not just reported. Sizes:
+batch 1, 2 heads, head_dim 8, n = 1024 -> 2048, budgets (window, block, features, clusters,
+buckets) well below n so every mechanism is in its sub-quadratic regime.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attentions import available_attentions, build_attention, get_attention_info
+from harness.measure import measure_peak_memory
+
+N = 1024
+HEADS, HEAD_DIM = 2, 8
+LINEAR_LIMIT = 2.3  # 2x plus slack for fixed-size buffers that do not double
+
+GROWTH_PARAMS: dict[str, dict] = {
+    "sliding_window": {"window": 64},
+    "longformer": {"window": 64, "global_positions": (0,)},
+    "bigbird": {"block_size": 32, "num_global_blocks": 1, "num_random_blocks": 2},
+    "linformer": {"proj_dim": 32},
+    "performer": {"num_features": 32},
+    "rfa": {"num_features": 32},
+    "reformer": {"bucket_size": 32, "n_hashes": 2},
+    "aft": {"mode": "local", "window": 16},
+    "clustered": {"num_clusters": 16},
+    # Its n x n/c scores would grow 4x per doubling; the compressed attention runs through the
+    # fused SDPA kernel (declared "O(n d) with a fused SDPA kernel"), so memory grows linearly.
+    "memory_compressed": {"compression": 4},
+}
+
+
+def fwd_bwd_peak(name: str, n: int, **params) -> int:
+    if get_attention_info(name).needs_max_seq_len:
+        params.setdefault("max_seq_len", n)
+    attn = build_attention(name, num_heads=HEADS, head_dim=HEAD_DIM, **params)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=gen).requires_grad_(True) for _ in range(3))
+
+    def step():
+        attn(q, k, v).sum().backward()
+
+    _, reading = measure_peak_memory(step, "cpu")
+    return reading.peak_bytes
+
+
+SUBQUADRATIC = [n for n in available_attentions() if get_attention_info(n).family != "exact"]
+
+
+@pytest.mark.parametrize("name", SUBQUADRATIC)
+def test_peak_memory_grows_at_most_linearly(name):
+    params = GROWTH_PARAMS.get(name, {})
+    small = fwd_bwd_peak(name, N, **params)
+    large = fwd_bwd_peak(name, 2 * N, **params)
+    ratio = large / small
+    assert small > 0
+    assert ratio <= LINEAR_LIMIT, f"{name}: peak {small} -> {large} bytes is x{ratio:.2f} per doubling of n"
+
+
+def test_every_subquadratic_mechanism_has_growth_settings():
+    # A new mechanism must declare budgets below n here, or it would be tested at its defaults.
+    missing = [n for n in SUBQUADRATIC if n not in GROWTH_PARAMS]
+    assert not missing, f"add settings for {missing} to GROWTH_PARAMS"
+
+
+def test_full_reference_grows_quadratically():
+    # Sanity check of the measurement: the reference path materialises n x n scores.
+    small = fwd_bwd_peak("full", N, backend="reference")
+    large = fwd_bwd_peak("full", 2 * N, backend="reference")
+    assert 3.6 <= large / small <= 4.2
+
+
+def test_full_sdpa_kernel_is_not_quadratic_on_cpu():
+    # The fused CPU kernel (flash attention) never stores n x n probabilities.
+    small = fwd_bwd_peak("full", N, backend="sdpa")
+    large = fwd_bwd_peak("full", 2 * N, backend="sdpa")
+    assert large / small <= LINEAR_LIMIT

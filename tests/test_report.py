@@ -1,0 +1,171 @@
+"""harness.report: a fixture store with missing cells builds every file, shows them as missing; self-contained HTML."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pandas as pd
+import pytest
+
+from harness.report import MISSING, accuracy_table, build_report, markdown_table, task_labels
+from harness.store import load_records, now_iso, write_record
+
+NS = [1024, 2048, 4096]
+
+
+def train_record(attention, task, seed, status="ok", acc=None, speed=100.0, mem=1e8, max_steps=1000):
+    record = {
+        "kind": "train", "record_id": f"{attention.replace('_', '-')}.{task}.{seed}.{max_steps}", "status": status,
+        "created_at": now_iso(), "attention": attention, "task": task, "seed": seed,
+        "majority_test_acc": 0.2 if task == "listops" else 0.5,
+        "config": {"task": {"name": task}, "train": {"max_steps": max_steps}},
+    }
+    if status == "ok":
+        record.update(test_acc=acc, best_val_acc=acc, throughput={"examples_per_s": speed}, peak_memory_bytes=mem)
+    else:
+        record["error"] = {"type": "OutOfMemoryError", "message": "out of memory"}
+    return record
+
+
+def bench_record(mechanism, pass_, n, outcome="ok", t=None, mem=None):
+    record = {
+        "kind": "bench", "record_id": f"{mechanism.replace('_', '-')}.{pass_.replace('+', '')}.n{n}.x",
+        "status": outcome if outcome != "skipped_budget" else "oom", "outcome": outcome, "created_at": now_iso(),
+        "mechanism": mechanism, "pass": pass_, "n": n, "batch": 2, "heads": 4, "head_dim": 32, "dtype": "float32",
+        "device": "cpu", "reason": None if outcome == "ok" else "because",
+        "device_info": {"device_name": "test cpu", "num_threads": 2},
+    }
+    if outcome == "ok":
+        record["time"] = {"median_s": t, "p10_s": t * 0.9, "p90_s": t * 1.1, "times_s": [t]}
+        record["memory"] = {"peak_bytes": mem, "method": "torch.profiler(cpu alloc events)"}
+    return record
+
+
+@pytest.fixture()
+def store(tmp_path):
+    root = tmp_path / "results"
+    records = [
+        train_record("full", "listops", 0, acc=0.36),
+        train_record("full", "listops", 1, acc=0.38),
+        train_record("full", "pathfinder", 0, acc=0.70),
+        train_record("performer", "listops", 0, acc=0.30, speed=200.0, mem=5e7),
+        train_record("performer", "pathfinder", 0, status="oom"),
+    ]
+    for pass_ in ("fwd", "fwd+bwd"):
+        for n in NS:
+            records.append(bench_record("full", pass_, n, t=1e-9 * n**2, mem=4.0 * n**2))
+            records.append(bench_record("sdpa_direct", pass_, n, t=0.98e-9 * n**2, mem=4.0 * n**2))
+            if n < 4096:
+                records.append(bench_record("performer", pass_, n, t=4e-6 * n, mem=1000.0 * n))
+        records.append(bench_record("performer", pass_, 4096, outcome="oom"))
+        records.append(bench_record("linformer", pass_, 1024, t=1e-3, mem=1e6))
+        records.append(bench_record("linformer", pass_, 2048, outcome="unsupported"))
+        records.append(bench_record("linformer", pass_, 4096, outcome="skipped_budget"))
+    for value in (16, 64, 256):
+        for variant in ("iid", "smooth"):
+            records.append({
+                "kind": "approx", "record_id": f"performer.num_features={value}.{variant}", "status": "ok",
+                "created_at": now_iso(), "mechanism": "performer", "param": "num_features", "value": value,
+                "variant": variant, "error_mean": 1.0 / value**0.5, "error_std": 0.01, "errors": [1.0 / value**0.5],
+                "inputs": f"{variant} inputs",
+            })
+    records.append({
+        "kind": "approx", "record_id": "linformer.proj_dim=16.iid", "status": "error", "created_at": now_iso(),
+        "mechanism": "linformer", "param": "proj_dim", "value": 16, "variant": "iid", "error_mean": None,
+        "error_std": None, "reason": "boom", "inputs": "iid inputs",
+    })
+    records.append({
+        "kind": "peer", "record_id": "performer.fwd.n1024", "status": "ok", "created_at": now_iso(),
+        "pair": "performer", "peer": "performer-pytorch FastAttention", "level": "core", "n": 1024, "pass": "fwd",
+        "time_ratio": 0.8, "memory_ratio": 1.1,
+    })
+    for record in records:
+        write_record(record, root)
+    # A truncated file (a killed writer) must not hide the others.
+    (root / "train" / "broken.json").write_text('{"kind": "train", "stat')
+    return root
+
+
+def test_report_builds_every_file(store, tmp_path):
+    # The unreadable file is reported in the page (see below), not raised.
+    result = build_report(store, tmp_path / "report", slope_range=(1024, 4096))
+    out = tmp_path / "report"
+    names = {p.name for p in result["files"]}
+    assert names == {"report.md", "report.html", "time_vs_n.png", "memory_vs_n.png", "accuracy_vs_speed.png",
+                     "approx_error.png"}
+    for path in result["files"]:
+        assert path.exists() and path.stat().st_size > 0
+        assert path.parent == out
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["build_s"] < 30
+
+
+def test_missing_cells_show_as_missing_never_zero(store, tmp_path):
+    build_report(store, tmp_path / "r", slope_range=(1024, 4096))
+    md = (tmp_path / "r" / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    # Accuracy: performer pathfinder failed (oom), linformer never trained, averages incomplete.
+    acc_rows = [line for line in md.splitlines() if line.startswith("| performer |") and "seed" in line]
+    assert acc_rows and f"{MISSING} (1 oom)" in acc_rows[0] and f"{MISSING} (incomplete)" in acc_rows[0]
+    lin = [line for line in md.splitlines() if line.startswith("| linformer |") and "not run" in line]
+    assert lin, "linformer's accuracy row must say not run"
+    assert "37.00 ± 1.41 (2 seeds)" in md  # full on listops: 36 and 38
+    assert "Majority class" in rows
+    # Efficiency: oom / unsupported / over budget cells say so.
+    assert f"{MISSING} (oom)" in md and f"{MISSING} (unsupported)" in md and f"{MISSING} (over budget)" in md
+    assert "unreadable record file" in md
+    # Peers and approximation tables.
+    assert "0.80 / 1.10" in md
+    assert f"{MISSING} (error)" in md
+    # No fabricated zeros anywhere in the tables.
+    for line in md.splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert "0" not in cells and "0.00" not in cells and "nan" not in " ".join(cells).lower(), line
+
+
+def test_html_is_self_contained(store, tmp_path):
+    result = build_report(store, tmp_path / "r", slope_range=(1024, 4096))
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "<link" not in page and "<script" not in page
+    assert not re.search(r"src=['\"](?!data:)", page)
+    embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    pngs = [p for p in result["files"] if p.suffix == ".png"]
+    assert len(embedded) == len(pngs) == 4
+    assert {base64.b64decode(e) for e in embedded} == {p.read_bytes() for p in pngs}
+    assert "<table" in page and "Majority class" in page
+
+
+def test_empty_store_builds_a_report_that_says_so(tmp_path):
+    result = build_report(tmp_path / "nothing", tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "no training records" in md and "no benchmark records" in md and "no approximation records" in md
+    assert {p.name for p in result["files"]} == {"report.md", "report.html"}
+
+
+def test_accuracy_table_mean_std_majority_average(store):
+    with pytest.warns(UserWarning):
+        train = load_records(store, kind="train")
+    display, numeric = accuracy_table(train, ["full", "performer", "linformer"])
+    assert list(display.columns) == ["listops", "pathfinder", "Average"]
+    assert numeric.loc["full", "listops"] == pytest.approx(37.0)
+    assert numeric.loc["full", "Average"] == pytest.approx((37.0 + 70.0) / 2)
+    assert pd.isna(numeric.loc["performer", "Average"])
+    assert display.loc["Majority class", "listops"] == "20.00"
+    assert display.loc["Majority class", "Average"] == "35.00"
+    assert display.loc["linformer", "listops"] == f"{MISSING} (not run)"
+
+
+def test_task_labels_split_a_task_run_with_two_recipes():
+    train = pd.DataFrame({"task": ["listops", "listops", "text"],
+                          "config.train.max_steps": [1000, 5000, 1000]})
+    labels = list(task_labels(train))
+    assert labels[2] == "text"
+    assert labels[0] != labels[1] and all(label.startswith("listops (") for label in labels[:2])
+
+
+def test_markdown_table_escapes_pipes():
+    text = markdown_table(pd.DataFrame({"a": ["x|y"]}), index=False)
+    assert text.splitlines()[2] == "| x\\|y |"

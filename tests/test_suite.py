@@ -1,0 +1,83 @@
+"""harness.suite: settings, the training command, and the suite end to end in smoke size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from attentions import available_attentions
+from harness import suite
+from harness.store import load_records
+
+
+def test_resolve_suite_sizes():
+    default = suite.resolve_suite({"device": "cpu"})
+    assert default["bench"]["seq_lens"] == [256, 512, 1024, 2048, 4096]
+    assert default["train"]["experiments"] == ["quick/listops", "quick/pathfinder"]
+    assert Path(default["report_dir"]) == Path(default["results_dir"]) / "report"
+    smoke = suite.resolve_suite({"size": "smoke", "device": "cpu"})
+    assert smoke["bench"]["smoke"] is True and "seq_lens" not in smoke["bench"]
+    assert smoke["train"]["experiments"] == ["smoke/listops", "smoke/pathfinder"]
+    cuda = suite.resolve_suite({"device": "cuda"})
+    assert cuda["bench"]["seq_lens"][-1] == 16384
+    with pytest.raises(ValueError, match="unknown suite setting"):
+        suite.resolve_suite({"sizes": "smoke"})
+    with pytest.raises(ValueError, match="stages"):
+        suite.resolve_suite({"stages": ["plot"]})
+
+
+def test_suite_recipes_and_attention_configs_exist():
+    # The default sweep names Hydra config files owned by the training harness: they must exist.
+    for exp in suite.DEFAULTS["train"]["experiments"] + suite.DEFAULTS["smoke"]["train"]["experiments"]:
+        assert (suite.CONF_DIR / "experiment" / f"{exp}.yaml").exists(), exp
+    for name in available_attentions():
+        assert (suite.CONF_DIR / "attention" / f"{name}.yaml").exists(), name
+
+
+def test_train_command_is_one_multirun_over_recipes_and_mechanisms(tmp_path):
+    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu", "train": {"seeds": [0, 1]}})
+    cmd = suite.train_command(s, ["full", "performer"], ["quick/listops", "quick/pathfinder"])
+    assert cmd[1:4] == ["-m", "harness.train", "-m"]
+    assert "experiment=quick/listops,quick/pathfinder" in cmd
+    assert "attention=full,performer" in cmd and "seed=0,1" in cmd
+    assert f"results_dir={tmp_path.resolve()}" in cmd and "device=cpu" in cmd
+
+
+def test_missing_experiment_is_skipped_with_a_message(tmp_path, capsys):
+    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu", "train": {"experiments": ["quick/nope"]}})
+    assert suite.run_training(s, ["full"]) == 0
+    assert "quick/nope' not found" in capsys.readouterr().out
+
+
+def test_bench_and_report_stages_in_smoke_size_and_rerun_reuses(tmp_path, capsys):
+    cfg = {"size": "smoke", "stages": ["bench", "report"], "results_dir": str(tmp_path / "r"),
+           "mechanisms": ["full", "sliding_window"], "device": "cpu",
+           "smoke": {"bench": {"smoke": True, "peers": {"enabled": False}, "approx": {"enabled": False},
+                               "progress": False, "print_table": False}}}
+    result = suite.run_suite(cfg)
+    out = capsys.readouterr().out
+    report = Path(result["report"])
+    assert report.exists() and report.with_suffix(".md").exists()
+    assert f"report: {report}" in out and "stage 1/3" in out and "stage 3/3" in out
+    records = load_records(tmp_path / "r", kind="bench")
+    assert set(records["mechanism"]) == {"full", "sdpa_direct", "sliding_window"}
+    first = {p.name: json.loads(p.read_text())["created_at"] for p in (tmp_path / "r" / "bench").glob("*.json")}
+    suite.run_suite({**cfg, "stages": ["bench"]})
+    again = {p.name: json.loads(p.read_text())["created_at"] for p in (tmp_path / "r" / "bench").glob("*.json")}
+    assert again == first  # nothing re-measured
+
+
+@pytest.mark.slow
+def test_suite_runs_end_to_end_in_smoke_size(tmp_path):
+    # All mechanisms, both smoke recipes, the report: a few minutes on a shared 2-core CPU.
+    result = suite.run_suite({"size": "smoke", "results_dir": str(tmp_path / "r"), "device": "cpu"})
+    assert result["train_returncode"] == 0
+    train = load_records(tmp_path / "r", kind="train")
+    assert set(train["attention"]) == set(available_attentions())
+    assert set(train["task"]) == {"listops", "pathfinder"}
+    md = Path(result["report"]).with_suffix(".md").read_text()
+    for name in available_attentions():
+        assert f"| {name} |" in md
+    assert result["timings"]["report_s"] < 30
