@@ -8,10 +8,11 @@ repeats: median, p10, p90) and the allocator peak of one step (method named, see
 pseudo-mechanism calling ``torch.nn.functional.scaled_dot_product_attention`` directly,
 to show what the registry's ``full`` costs on top of the kernel.
 
-Cells that cannot run say why (``outcome``): ``oom`` (the allocator ran out), ``unsupported``
-(the mechanism raised a ValueError for these inputs, e.g. ``n > max_seq_len``), ``error``
-(anything else, message kept), ``skipped_budget`` (the peak predicted from smaller ``n``
-exceeds ``memory_budget_gb``, or the predicted time exceeds ``max_cell_s``).
+Cells that cannot run say why (the record's ``status``, with a ``reason``): ``oom`` (the allocator
+ran out), ``unsupported`` (the mechanism raised a ValueError for these inputs, e.g.
+``n > max_seq_len``), ``error`` (anything else, message kept), ``skipped_budget`` (not run: the
+peak predicted from smaller ``n`` exceeds ``memory_budget_gb``, or the predicted time exceeds
+``max_cell_s``; ``budget`` says which, ``memory`` or ``time``, and ``reason`` starts with it).
 
 It also measures each non-``full`` mechanism's approximation error against exact softmax
 attention as a function of its budget parameter (:func:`approximation_errors`), and, when
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 
 from attentions import available_attentions, build_attention, get_attention_info
 from harness.measure import device_info, measure_peak_memory, time_fn
-from harness.store import STATUSES, config_hash, find_record, now_iso, write_record
+from harness.store import config_hash, find_record, now_iso, write_record
 
 PASSES = ("fwd", "fwd+bwd")
 SDPA_DIRECT = "sdpa_direct"
@@ -325,11 +327,10 @@ def _jsonable_params(params: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
 
 
-def store_status(outcome: str) -> str:
-    """The store's status for an outcome; ``skipped_budget`` is stored as ``oom`` unless the store knows it."""
-    if outcome in STATUSES:
-        return outcome
-    return "oom"
+def record_outcome(record: dict) -> str:
+    """A bench record's outcome: its ``status`` (records written before the store knew ``skipped_budget``
+    kept the real outcome in an ``outcome`` field beside a stand-in ``oom`` status)."""
+    return str(record.get("outcome") or record["status"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,24 +403,25 @@ def run_benchmark(cfg: dict | None = None, log: Callable[[str], None] = print) -
             key = _cell_key(name, n, pass_, settings, params)
             record_id = cell_record_id(name, n, pass_, key)
             old = find_record(root, "bench", record_id) if settings["reuse"] else None
-            if old is not None and old.get("outcome") in REUSABLE:
+            if old is not None and record_outcome(old) in REUSABLE:
                 record = old
             else:
                 cell = _plan_or_measure(name, n, pass_, settings, done_ns, done_mem, done_time, budget_bytes,
                                         stop_reason)
                 record = {
-                    "kind": "bench", "record_id": record_id, "status": store_status(cell["outcome"]),
+                    "kind": "bench", "record_id": record_id, "status": cell.pop("outcome"),
                     "created_at": now_iso(), "mechanism": name, "family": _family(name), "pass": pass_, "n": n,
                     "batch": settings["batch"], "heads": settings["heads"], "head_dim": settings["head_dim"],
                     "dtype": settings["dtype"], "device": settings["device"], "settings_key": key,
                     "smoke": bool(settings["smoke"]), "device_info": info, **cell,
                 }
                 write_record(record, root)
-            if record.get("outcome") == "ok":
+            outcome = record_outcome(record)
+            if outcome == "ok":
                 done_ns.append(n)
                 done_mem.append(float(record["memory"]["peak_bytes"]))
                 done_time.append(float(record["time"]["median_s"]))
-            elif record.get("outcome") == "oom" and stop_reason is None:
+            elif outcome == "oom" and stop_reason is None:
                 stop_reason = f"not run: out of memory already at n={n}"
             rows.append(_flat_cell(record))
             bar.update(1)
@@ -445,7 +447,8 @@ def _plan_or_measure(name, n, pass_, settings, done_ns, done_mem, done_time, bud
     if predicted_mem is not None and predicted_mem > budget_bytes:
         return {
             "outcome": "skipped_budget",
-            "reason": f"predicted peak {predicted_mem / 1e9:.2f} GB > memory budget {budget_bytes / 1e9:.2f} GB",
+            "budget": "memory",
+            "reason": f"memory, predicted peak {predicted_mem / 1e9:.2f} GB > budget {budget_bytes / 1e9:.2f} GB",
             "predicted_peak_bytes": predicted_mem,
             "params": _jsonable_params(mechanism_params(name, n, settings)),
         }
@@ -456,7 +459,8 @@ def _plan_or_measure(name, n, pass_, settings, done_ns, done_mem, done_time, bud
         if cell_s > float(max_s):
             return {
                 "outcome": "skipped_budget",
-                "reason": f"predicted cell time {cell_s:.0f} s > max_cell_s {float(max_s):.0f} s",
+                "budget": "time",
+                "reason": f"time, predicted cell time {cell_s:.0f} s > max_cell_s {float(max_s):.0f} s",
                 "params": _jsonable_params(mechanism_params(name, n, settings)),
             }
     return measure_cell(name, n, pass_, settings)
@@ -471,7 +475,7 @@ def _flat_cell(record: dict) -> dict[str, Any]:
     mem = record.get("memory") or {}
     return {
         "mechanism": record["mechanism"], "family": record.get("family"), "pass": record["pass"],
-        "n": record["n"], "outcome": record.get("outcome", record["status"]), "reason": record.get("reason"),
+        "n": record["n"], "outcome": record_outcome(record), "reason": record.get("reason"),
         "median_s": time_.get("median_s"), "p10_s": time_.get("p10_s"), "p90_s": time_.get("p90_s"),
         "peak_bytes": mem.get("peak_bytes"), "memory_method": mem.get("method"),
     }
@@ -699,7 +703,7 @@ def approximation_errors(settings: dict, mechanisms: Sequence[str] | None = None
                         errors.append(relative_error(attn(q, k, v), exact))
             except Exception as exc:  # noqa: BLE001
                 failure = _failure(exc)
-                status, reason = store_status(failure["outcome"]), failure["reason"]
+                status, reason = failure["outcome"], failure["reason"]
             record = {
                 "kind": "approx", "record_id": record_id, "status": status, "created_at": now_iso(),
                 "mechanism": name, "family": _family(name), "param": param, "value": value, "n": n,
@@ -783,7 +787,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+    @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="bench", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         run_benchmark(OmegaConf.to_container(cfg, resolve=True))
 

@@ -222,7 +222,7 @@ def run_peers(settings: dict, log: Callable[[str], None] = print) -> pd.DataFram
                 result, status, reason = measure_pair(pair, n, pass_, settings), "ok", None
             except Exception as exc:  # noqa: BLE001 - a peer's failure is recorded, not raised
                 failure = bench._failure(exc)
-                result, status, reason = {}, bench.store_status(failure["outcome"]), failure["reason"]
+                result, status, reason = {}, failure["outcome"], failure["reason"]
             record = {
                 "kind": "peer", "record_id": record_id, "status": status, "created_at": now_iso(),
                 "pair": pair.key, "mechanism": pair.mechanism, "peer": pair.peer, "level": pair.level,

@@ -186,9 +186,13 @@ def bench_cells(bench: pd.DataFrame) -> pd.DataFrame:
 
 
 def _why(row: pd.Series) -> str:
+    """``— (oom)``, ``— (unsupported)``, ...; a budget skip says which budget: ``— (over budget: <reason>)``."""
     outcome = str(row["outcome"])
-    label = {"skipped_budget": "over budget"}.get(outcome, outcome)
-    return f"{MISSING} ({label})"
+    if outcome == "skipped_budget":
+        reason = row.get("reason")
+        reason = str(reason) if isinstance(reason, str) and reason else "memory or time"
+        return f"{MISSING} (over budget: {reason})"
+    return f"{MISSING} ({outcome})"
 
 
 def pivot_cells(cells: pd.DataFrame, pass_: str, fmt) -> pd.DataFrame:
@@ -225,7 +229,7 @@ def relative_table(cells: pd.DataFrame, pass_: str) -> pd.DataFrame:
     rel = relative_to_full(cells[cells["pass"] == pass_])
     if rel.empty:
         return pd.DataFrame()
-    merged = rel.merge(cells[cells["pass"] == pass_][["mechanism", "n", "outcome"]], on=["mechanism", "n"])
+    merged = rel.merge(cells[cells["pass"] == pass_][["mechanism", "n", "outcome", "reason"]], on=["mechanism", "n"])
 
     def fmt(r):
         if r["outcome"] != "ok":
@@ -314,7 +318,7 @@ def plot_scaling(cells: pd.DataFrame, metric: str, path: Path) -> Path:
                 ax.plot(ok["n"], ok[metric].astype(float) * scale, style, marker="o", ms=3, label=name,
                         color=colors[name], lw=1.5)
             for _, r in group[group["outcome"] != "ok"].iterrows():
-                failed.append((r["n"], name, r["outcome"]))
+                failed.append((r["n"], name, "over budget" if r["outcome"] == "skipped_budget" else r["outcome"]))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length n")
@@ -649,7 +653,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    @hydra.main(config_path="../conf", config_name="report", version_base="1.3")
+    @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="report", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         result = build_report(cfg.results_dir, cfg.out, memory_budget_gb=cfg.memory_budget_gb,
                               slope_range=tuple(cfg.slope_range), title=cfg.title)

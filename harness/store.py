@@ -26,7 +26,8 @@ from typing import Any
 import pandas as pd
 
 REQUIRED_FIELDS = ("kind", "record_id", "status", "created_at")
-STATUSES = ("ok", "oom", "diverged", "error", "unsupported")
+STATUSES = ("ok", "oom", "diverged", "error", "unsupported", "skipped_budget")
+# skipped_budget: a benchmark cell not run because its predicted memory or time exceeds the budget.
 # Record ids and kinds become file and directory names: keep them to a safe alphabet.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 

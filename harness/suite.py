@@ -9,17 +9,26 @@ Stages (each reuses what the store already holds, so a re-run finishes only what
 1. ``bench``: :func:`harness.bench.run_benchmark` for every registered mechanism, with a
    CPU-sized sequence range on CPU (the benchmark's full 1K..16K range on CUDA), the
    approximation errors, and the peers when the ``peers`` extra is installed.
-2. ``train``: ``arena-train -m experiment=<recipes> attention=<all> seed=<seeds>`` in a
-   subprocess (Hydra multirun; runs with an ``ok`` record are skipped by ``arena-train``).
+2. ``train``: ``arena-train -m experiment=<recipes> attention=<...> seed=<seeds>`` (Hydra multirun;
+   runs with an ``ok`` record are skipped by ``arena-train``). On CPU, ``train.workers`` processes
+   (default 2) with ``train.threads_per_worker`` torch threads each (default 1) share the sweep: the
+   mechanisms are dealt round-robin into one group per worker, each group one multirun with its own
+   ``hydra.sweep.dir``; their log lines are streamed prefixed by the worker id. Small models train
+   faster as two one-thread processes than as one two-thread process, and the store's one-file-per-run
+   atomic writes make concurrent runs safe. On CUDA (one GPU) it is a single multirun process.
 3. ``report``: :func:`harness.report.build_report`; the suite ends by printing where it is.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import re
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +58,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "cuda_bench": {"seq_lens": [1024, 2048, 4096, 8192, 16384], "repeats": 5, "warmup": 2,
                    "slope_range": [2048, 16384], "max_cell_s": 60},
-    "train": {"experiments": ["quick/listops", "quick/pathfinder"], "seeds": [0], "overrides": []},
+    "train": {"experiments": ["quick/listops", "quick/pathfinder"], "seeds": [0], "overrides": [],
+              "workers": 2, "threads_per_worker": 1},
     "smoke": {
         "bench": {"smoke": True},
         "train": {"experiments": ["smoke/listops", "smoke/pathfinder"]},
@@ -100,10 +110,12 @@ def _banner(text: str, started: float) -> None:
     print(f"\n=== [arena-suite {time.time() - started:6.0f} s] {text}", flush=True)
 
 
-def train_command(s: dict, mechanisms: list[str], experiments: list[str]) -> list[str]:
-    """The ``arena-train`` multirun command line for the sweep."""
+def train_command(s: dict, mechanisms: list[str], experiments: list[str], sweep_dir: str | Path | None = None,
+                  extra: list[str] | None = None) -> list[str]:
+    """The ``arena-train`` multirun command line for (part of) the sweep."""
     seeds = ",".join(str(int(x)) for x in s["train"]["seeds"])
-    sweep_dir = Path(s["results_dir"]) / "multirun" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if sweep_dir is None:
+        sweep_dir = Path(s["results_dir"]) / "multirun" / time.strftime("%Y-%m-%d_%H-%M-%S")
     return [
         sys.executable, "-m", "harness.train", "-m",
         f"experiment={','.join(experiments)}",
@@ -112,8 +124,113 @@ def train_command(s: dict, mechanisms: list[str], experiments: list[str]) -> lis
         f"results_dir={s['results_dir']}",
         f"device={s['device']}",
         f"hydra.sweep.dir={sweep_dir}",
+        *(extra or []),
         *[str(o) for o in s["train"]["overrides"]],
     ]
+
+
+def train_workers(s: dict) -> int:
+    """Parallel training processes: 1 on CUDA (one GPU), else ``train.workers`` (at least 1)."""
+    if str(s["device"]).startswith("cuda"):
+        return 1
+    return max(1, int(s["train"].get("workers") or 1))
+
+
+def split_mechanisms(mechanisms: list[str], workers: int) -> list[list[str]]:
+    """``mechanisms`` dealt round-robin into at most ``workers`` non-empty groups (order kept in each)."""
+    groups = [mechanisms[i::max(1, workers)] for i in range(max(1, workers))]
+    return [g for g in groups if g]
+
+
+def training_jobs(s: dict, mechanisms: list[str], experiments: list[str],
+                  workers: int) -> list[tuple[str, list[str]]]:
+    """(label, command) per worker process. One worker: the whole sweep as one multirun. Several: the
+    mechanisms split into ``workers`` groups, one multirun each over all recipes and seeds, with
+    ``num_threads=threads_per_worker`` and quiet log lines, each in its own sweep dir. One process per
+    worker (not per run) because starting Python + torch + Hydra costs seconds; the second worker takes the
+    recipes in reverse order, so the two start by generating different task data, not the same twice."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    base = Path(s["results_dir"]) / "multirun" / stamp
+    if workers <= 1:
+        return [("all", train_command(s, mechanisms, experiments, sweep_dir=base))]
+    threads = max(1, int(s["train"].get("threads_per_worker") or 1))
+    jobs = []
+    for i, group in enumerate(split_mechanisms(mechanisms, workers)):
+        order = experiments if i % 2 == 0 else experiments[::-1]
+        jobs.append((f"w{i + 1}", train_command(s, group, order, sweep_dir=base / f"worker{i + 1}",
+                                                          extra=[f"num_threads={threads}", "quiet=true"])))
+    return jobs
+
+
+# A finished (or skipped) arena-train run's log line: "<attention>/<task>/seed<N>: <status> ...".
+RUN_DONE = re.compile(r"\] - (skipping )?[\w.-]+/[\w.-]+/seed\d+: ")
+
+
+def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None = None, cwd: str | None = None,
+             echo: Callable[[str], None] | None = None, total_runs: int | None = None) -> int:
+    """Run ``jobs`` with at most ``workers`` at a time (a free worker takes the next job), streaming each
+    job's output lines prefixed by ``[<label>]``; with ``total_runs``, a line that ends a run gets
+    ``(k/total runs)`` appended. Returns 0 when every job exited 0, else the first non-zero exit code.
+    Ctrl-C terminates the running jobs (by their pid)."""
+    lock = threading.Lock()
+    out = echo or (lambda line: print(line, flush=True))
+    todo: queue.Queue = queue.Queue()
+    for job in jobs:
+        todo.put(job)
+    codes: list[int] = []
+    finished_runs = [0]
+    running: dict[int, subprocess.Popen] = {}
+    stop = threading.Event()
+
+    def worker(wid: int) -> None:
+        while not stop.is_set():
+            try:
+                label, cmd = todo.get_nowait()
+            except queue.Empty:
+                return
+            prefix = f"[{label}]"
+            t0 = time.time()
+            try:
+                proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, bufsize=1)
+            except OSError as exc:
+                with lock:
+                    codes.append(1)
+                    out(f"{prefix} could not start: {exc}")
+                continue
+            with lock:
+                running[wid] = proc
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    with lock:
+                        if total_runs and RUN_DONE.search(line):
+                            finished_runs[0] += 1
+                            line += f"  ({finished_runs[0]}/{total_runs} runs)"
+                        out(f"{prefix} {line}")
+            code = proc.wait()
+            with lock:
+                running.pop(wid, None)
+                codes.append(code)
+                out(f"{prefix} finished (exit {code}, {time.time() - t0:.0f} s); "
+                    f"{len(codes)}/{len(jobs)} jobs done")
+
+    threads = [threading.Thread(target=worker, args=(w + 1,), daemon=True) for w in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+    except KeyboardInterrupt:
+        stop.set()
+        with lock:
+            procs = list(running.values())
+        for proc in procs:
+            proc.terminate()
+        raise
+    return next((c for c in codes if c), 0)
 
 
 def run_training(s: dict, mechanisms: list[str]) -> int:
@@ -133,14 +250,21 @@ def run_training(s: dict, mechanisms: list[str]) -> int:
     trainable = [m for m in mechanisms if m not in missing]
     if not trainable:
         return 0
-    cmd = train_command(s, trainable, experiments)
+    workers = min(train_workers(s), len(trainable))
+    jobs = training_jobs(s, trainable, experiments, workers)
     total = len(trainable) * len(experiments) * len(s["train"]["seeds"])
     print(f"training: {total} runs ({len(trainable)} mechanisms x {experiments} x seeds {s['train']['seeds']}); "
           "runs with an ok record are skipped", flush=True)
-    print("  $ " + " ".join(cmd), flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.run(cmd, cwd=str(REPO), env=env, check=False).returncode
+    if workers <= 1:
+        print("  $ " + " ".join(jobs[0][1]), flush=True)
+        return subprocess.run(jobs[0][1], cwd=str(REPO), env=env, check=False).returncode
+    threads = int(s["train"].get("threads_per_worker") or 1)
+    print(f"  {workers} worker processes x {threads} torch thread(s):", flush=True)
+    for label, cmd in jobs:
+        print(f"  [{label}] $ " + " ".join(cmd), flush=True)
+    return run_jobs(jobs, workers, env=env, cwd=str(REPO), total_runs=total)
 
 
 def run_suite(cfg: dict | None = None) -> dict[str, Any]:
@@ -192,7 +316,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(config_path="../conf", config_name="suite", version_base="1.3")
+    @hydra.main(config_path=str(CONF_DIR), config_name="suite", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         run_suite(OmegaConf.to_container(cfg, resolve=True))
 

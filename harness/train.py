@@ -416,8 +416,12 @@ def train(cfg: DictConfig, run_id: str, checkpoint_dir: Path, out: dict[str, Any
                     break
                 batch = _to_device(batch, device)
                 if state["peak_memory"] is None and segment_steps >= warm:
-                    # A real training step (so resuming changes nothing), measured after warm-up so the
-                    # optimizer state is already allocated.
+                    # A real training step (forward, backward, optimizer and scheduler step; so resuming
+                    # changes nothing), measured after warm-up so the optimizer state is already allocated.
+                    # Gradients are dropped first: the step allocates them inside the measurement. Left from
+                    # the previous step, their frees would be invisible to the CPU profiler (allocated before
+                    # it started) while the new ones count, inflating the CPU figure by a gradient's worth.
+                    optimizer.zero_grad(set_to_none=True)
                     holder: dict[str, torch.Tensor] = {}
                     step_fn = functools.partial(_store_result, holder, train_step, batch)
                     state["peak_memory"] = measure_step_memory(step_fn, device)

@@ -45,10 +45,10 @@ def test_tiny_run_writes_well_formed_records_with_an_unsupported_cell(tmp_path):
         for field in REQUIRED_FIELDS:
             assert field in r
         assert r["kind"] == "bench" and r["status"] in STATUSES
-        assert r["outcome"] in bench.OUTCOMES
+        assert r["status"] in bench.OUTCOMES and "outcome" not in r
         assert r["pass"] in bench.PASSES
         assert r["device_info"]["torch_version"] == torch.__version__
-        if r["outcome"] == "ok":
+        if r["status"] == "ok":
             assert r["time"]["p10_s"] <= r["time"]["median_s"] <= r["time"]["p90_s"]
             assert len(r["time"]["times_s"]) == 2
             assert r["memory"]["peak_bytes"] > 0
@@ -56,9 +56,9 @@ def test_tiny_run_writes_well_formed_records_with_an_unsupported_cell(tmp_path):
     by = {(r["mechanism"], r["pass"], r["n"]): r for r in records}
     assert {m for m, _, _ in by} == {"full", "sdpa_direct", "linformer"}
     for pass_ in bench.PASSES:
-        assert by[("linformer", pass_, 16)]["outcome"] == "ok"
+        assert by[("linformer", pass_, 16)]["status"] == "ok"
         bad = by[("linformer", pass_, 32)]
-        assert bad["outcome"] == "unsupported" and bad["status"] == "unsupported"
+        assert bad["status"] == "unsupported"
         assert "max_seq_len" in bad["reason"]
         assert "time" not in bad
         assert by[("full", pass_, 32)]["backend"] == "sdpa"
@@ -83,9 +83,9 @@ def test_out_of_memory_is_recorded_as_oom_and_larger_n_not_run(tmp_path, monkeyp
     monkeypatch.setattr(cls, "attend", boom)
     df = run(tmp_path, mechanisms=["performer"], include_sdpa_direct=False, seq_lens=[16, 32], passes=["fwd"])
     records = {r["n"]: r for r in read_bench_records(tmp_path)}
-    assert records[16]["outcome"] == "oom" and records[16]["status"] == "oom"
+    assert records[16]["status"] == "oom"
     assert "out of memory" in records[16]["reason"]
-    assert records[32]["outcome"] == "oom" and "n=16" in records[32]["reason"]
+    assert records[32]["status"] == "oom" and "n=16" in records[32]["reason"]
     assert list(df["outcome"]) == ["oom", "oom"]
 
 
@@ -103,12 +103,28 @@ def test_memory_budget_skips_n_predicted_to_exceed_it(tmp_path):
     run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16, 32, 64], passes=["fwd+bwd"],
         memory_budget_gb=1e-6)
     records = {r["n"]: r for r in read_bench_records(tmp_path)}
-    assert records[16]["outcome"] == records[32]["outcome"] == "ok"
+    assert records[16]["status"] == records[32]["status"] == "ok"
     skipped = records[64]
-    assert skipped["outcome"] == "skipped_budget"
-    assert skipped["status"] in STATUSES
-    assert "memory budget" in skipped["reason"]
+    # Stored with its own status (no stand-in "oom" + "outcome" field), the reason naming the budget.
+    assert skipped["status"] == "skipped_budget" and "outcome" not in skipped
+    assert skipped["budget"] == "memory" and skipped["reason"].startswith("memory")
     assert skipped["predicted_peak_bytes"] > 1000
+
+
+def test_time_budget_skip_is_stored_as_skipped_budget_saying_time(tmp_path):
+    run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16, 32, 64], passes=["fwd"],
+        max_cell_s=1e-9)
+    records = {r["n"]: r for r in read_bench_records(tmp_path)}
+    skipped = records[64]
+    assert skipped["status"] == "skipped_budget" and skipped["budget"] == "time"
+    assert skipped["reason"].startswith("time") and "max_cell_s" in skipped["reason"]
+
+
+def test_record_outcome_reads_new_and_legacy_budget_skips():
+    assert bench.record_outcome({"status": "skipped_budget"}) == "skipped_budget"
+    # Written before the store knew the status: a stand-in "oom" with the real outcome beside it.
+    assert bench.record_outcome({"status": "oom", "outcome": "skipped_budget"}) == "skipped_budget"
+    assert bench.record_outcome({"status": "oom"}) == "oom"
 
 
 def test_rerun_reuses_ok_records(tmp_path, monkeypatch):

@@ -90,6 +90,20 @@ def test_every_experiment_composes_with_every_attention(experiment):
                         dropout=model.attention_dropout, **attention_params(cfg))
 
 
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("smoke/")])
+def test_smoke_recipes_evaluate_on_more_than_one_class(experiment, tmp_path):
+    """A single-class validation or test split makes the smoke accuracy meaningless (and equal to majority)."""
+    import numpy as np
+
+    from harness.train import make_task
+
+    cfg = compose_train(f"experiment={experiment}", f"cache_dir={tmp_path}")
+    task = make_task(cfg)
+    task.prepare()
+    for split in ("validation", "test"):
+        assert len(np.unique(np.asarray(task.labels(split)))) >= 2, (experiment, split)
+
+
 def test_lra_recipes_match_lra_md():
     expected = {
         "listops": dict(batch_size=32, max_steps=5000, lr=0.05, embed_dim=512, mlp_dim=1024, num_heads=8,

@@ -31,9 +31,11 @@ def train_record(attention, task, seed, status="ok", acc=None, speed=100.0, mem=
 def bench_record(mechanism, pass_, n, outcome="ok", t=None, mem=None):
     record = {
         "kind": "bench", "record_id": f"{mechanism.replace('_', '-')}.{pass_.replace('+', '')}.n{n}.x",
-        "status": outcome if outcome != "skipped_budget" else "oom", "outcome": outcome, "created_at": now_iso(),
+        "status": outcome, "created_at": now_iso(),
         "mechanism": mechanism, "pass": pass_, "n": n, "batch": 2, "heads": 4, "head_dim": 32, "dtype": "float32",
-        "device": "cpu", "reason": None if outcome == "ok" else "because",
+        "device": "cpu",
+        "reason": None if outcome == "ok" else (
+            "memory, predicted peak 9.00 GB > budget 6.00 GB" if outcome == "skipped_budget" else "because"),
         "device_info": {"device_name": "test cpu", "num_threads": 2},
     }
     if outcome == "ok":
@@ -114,7 +116,10 @@ def test_missing_cells_show_as_missing_never_zero(store, tmp_path):
     assert "37.00 ± 1.41 (2 seeds)" in md  # full on listops: 36 and 38
     assert "Majority class" in rows
     # Efficiency: oom / unsupported / over budget cells say so.
-    assert f"{MISSING} (oom)" in md and f"{MISSING} (unsupported)" in md and f"{MISSING} (over budget)" in md
+    assert f"{MISSING} (oom)" in md and f"{MISSING} (unsupported)" in md
+    assert f"{MISSING} (over budget: memory, predicted peak 9.00 GB > budget 6.00 GB)" in md
+    lin_eff = [line for line in md.splitlines() if line.startswith("| linformer |") and "over budget" in line]
+    assert lin_eff and all(f"{MISSING} (oom)" not in line for line in lin_eff)
     assert "unreadable record file" in md
     # Peers and approximation tables.
     assert "0.80 / 1.10" in md

@@ -9,7 +9,7 @@ import os
 import pandas as pd
 import pytest
 
-from harness.store import config_hash, export_records, find_record, load_records, now_iso, write_record
+from harness.store import config_hash, export_records, find_record, load_records, now_iso, read_record, write_record
 
 
 def _record(record_id: str, **extra) -> dict:
@@ -63,6 +63,13 @@ def test_replace_failure_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_invalid_records_are_rejected(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         write_record(bad, root=tmp_path)
+
+
+def test_skipped_budget_is_a_valid_status(tmp_path):
+    record = {"kind": "bench", "record_id": "b", "status": "skipped_budget", "created_at": now_iso(),
+              "reason": "memory, predicted peak 9.00 GB > budget 6.00 GB"}
+    path = write_record(record, root=tmp_path)
+    assert read_record(path)["status"] == "skipped_budget"
 
 
 def test_truncated_file_is_reported_and_does_not_hide_others(tmp_path):

@@ -45,6 +45,59 @@ def test_train_command_is_one_multirun_over_recipes_and_mechanisms(tmp_path):
     assert f"results_dir={tmp_path.resolve()}" in cmd and "device=cpu" in cmd
 
 
+def test_cpu_sweep_splits_the_mechanisms_between_parallel_workers(tmp_path):
+    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu"})
+    assert suite.train_workers(s) == 2 and s["train"]["threads_per_worker"] == 1
+    mechanisms = available_attentions()
+    exps = ["quick/listops", "quick/pathfinder"]
+    groups = suite.split_mechanisms(mechanisms, 2)
+    assert len(groups) == 2 and sorted(groups[0] + groups[1]) == sorted(mechanisms)
+    assert abs(len(groups[0]) - len(groups[1])) <= 1
+    assert suite.split_mechanisms(["full"], 2) == [["full"]]  # never an empty group
+    jobs = suite.training_jobs(s, mechanisms, exps, workers=2)
+    assert [label for label, _ in jobs] == ["w1", "w2"]
+    sweep_dirs = set()
+    for i, ((_, cmd), group) in enumerate(zip(jobs, groups)):
+        assert f"attention={','.join(group)}" in cmd and "num_threads=1" in cmd and "quiet=true" in cmd
+        assert "seed=0" in cmd and "device=cpu" in cmd
+        # Both recipes in each worker; the second starts with the other one (different data first).
+        assert f"experiment={','.join(exps if i == 0 else exps[::-1])}" in cmd
+        sweep_dirs |= {c for c in cmd if c.startswith("hydra.sweep.dir=")}
+    assert len(sweep_dirs) == 2  # no two workers share a Hydra sweep dir
+    # One worker: the whole sweep as one multirun, with torch's default threads.
+    (label, cmd), = suite.training_jobs(s, mechanisms, exps, workers=1)
+    assert f"attention={','.join(mechanisms)}" in cmd and not any(c.startswith("num_threads") for c in cmd)
+    # CUDA: one GPU, one process.
+    assert suite.train_workers({**s, "device": "cuda"}) == 1
+    assert suite.train_workers({**s, "train": {**s["train"], "workers": 1}}) == 1
+
+
+def test_run_jobs_runs_every_job_with_at_most_n_at_once_and_prefixes_lines():
+    import sys
+    import time
+
+    code = "import sys, time; print('hello', sys.argv[1]); time.sleep(0.8); sys.exit(int(sys.argv[2]))"
+    jobs = [(f"j{i}", [sys.executable, "-c", code, f"j{i}", "3" if i == 2 else "0"]) for i in range(4)]
+    lines: list[str] = []
+    t0 = time.time()
+    rc = suite.run_jobs(jobs, 2, echo=lines.append)
+    wall = time.time() - t0
+    assert rc == 3  # a failing job's code comes back; the others still ran
+    for i in range(4):
+        assert f"[j{i}] hello j{i}" in lines, lines
+    assert sum("jobs done" in line for line in lines) == 4 and any("4/4 jobs done" in line for line in lines)
+    assert 1.6 <= wall < 3.0  # two at a time: two rounds of 0.8 s, not four (3.2 s), not one
+
+
+def test_run_done_lines_are_counted():
+    ok = "[2026-01-01 00:00:00,000][arena-train][INFO] - aft/listops/seed0: ok  best val 0.1 (step 5) -> x"
+    skip = "[2026-01-01 00:00:00,000][arena-train][INFO] - skipping full/pathfinder/seed1: config abc already"
+    start = "[2026-01-01 00:00:00,000][arena-train][INFO] - run aft/listops/seed0 (abc): checkpoints in x"
+    step = "[2026-01-01 00:00:00,000][arena-train][INFO] - aft/listops/seed0 step 50/1500 loss 2.1"
+    assert suite.RUN_DONE.search(ok) and suite.RUN_DONE.search(skip)
+    assert not suite.RUN_DONE.search(start) and not suite.RUN_DONE.search(step)
+
+
 def test_missing_experiment_is_skipped_with_a_message(tmp_path, capsys):
     s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu", "train": {"experiments": ["quick/nope"]}})
     assert suite.run_training(s, ["full"]) == 0

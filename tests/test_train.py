@@ -75,6 +75,47 @@ def test_end_to_end_run_writes_one_complete_record(tmp_path):
     assert len(df) == 1 and df["status"].iloc[0] == "ok"
 
 
+def test_measured_step_starts_without_gradients_and_is_a_whole_training_step(tmp_path, monkeypatch):
+    """The peak-memory step starts with grads set to None (the CPU profiler cannot see frees of blocks
+    allocated before it started) and still runs forward, backward and the optimizer step."""
+    models, calls, seen = [], {"forward": 0, "backward": 0, "step": 0}, {}
+    build = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda cfg: models.append(build(cfg)) or models[-1])
+    forward_batch = train_mod.ArenaModel.forward_batch
+    backward = torch.Tensor.backward
+    adamw_step = torch.optim.AdamW.step
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(train_mod.ArenaModel, "forward_batch", count("forward", forward_batch))
+    monkeypatch.setattr(torch.Tensor, "backward", count("backward", backward))
+    monkeypatch.setattr(torch.optim.AdamW, "step", count("step", adamw_step))
+    measure = train_mod.measure_step_memory
+
+    def spy(fn, device):
+        params = list(models[-1].parameters())
+        seen["grads_at_entry"] = [p.grad is not None for p in params]
+        before = dict(calls)
+        result = measure(fn, device)
+        seen["inside"] = {k: calls[k] - before[k] for k in calls}
+        seen["grads_after"] = all(p.grad is not None for p in params if p.requires_grad)
+        seen["param_bytes"] = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        return result
+
+    monkeypatch.setattr(train_mod, "measure_step_memory", spy)
+    record = run(make_cfg(tmp_path))
+    assert record["status"] == "ok", record.get("error")
+    assert seen["grads_at_entry"] and not any(seen["grads_at_entry"])
+    assert seen["inside"] == {"forward": 1, "backward": 1, "step": 1}
+    assert seen["grads_after"]
+    # The gradients are allocated inside the measured step, so the peak covers at least them.
+    assert record["peak_memory"]["peak_bytes"] >= seen["param_bytes"]
+
+
 @pytest.mark.parametrize("attention", ["full", "performer"])
 def test_real_listops_smoke_run(tmp_path, attention):
     """The smoke recipe on the real ListOps task (generated into a temporary cache)."""
