@@ -139,14 +139,15 @@ class AFTAttention(Attention):
         w = self.pos_bias[:seq, :seq].to(k.dtype)
         if key_padding_mask is None:
             w_max = w.detach().amax(dim=-1, keepdim=True)
-            exp_w = torch.exp(w - w_max)  # (seq, seq), shared by batch, heads and channels
+            # In-place exp: one (seq, seq) buffer instead of two (autograd keeps exp's output, not its input).
+            exp_w = (w - w_max).exp_()  # (seq, seq), shared by batch, heads and channels
         else:
             # Row maxima over real keys only: a large bias on a padded key must not
             # underflow the real ones. Costs a (batch, seq, seq) matrix in this mode.
             masked = w.detach().masked_fill(~key_padding_mask[:, None, :], float("-inf"))
             w_max = masked.amax(dim=-1, keepdim=True)
             w_max = torch.where(torch.isfinite(w_max), w_max, torch.zeros_like(w_max))
-            exp_w = torch.exp(w - w_max)[:, None]  # (batch, 1, seq, seq)
+            exp_w = (w - w_max).exp_()[:, None]  # (batch, 1, seq, seq)
         # One matmul for numerator and denominator: [e * v, e] share the left factor.
         stacked = torch.cat([weighted_v, weights], dim=-1)
         sums = torch.matmul(exp_w, stacked)
