@@ -76,6 +76,7 @@ class AFTConfig(AttentionConfig):
     time_complexity="simple O(n d); local O(n s d); full O(n^2 d)",
     memory_complexity="simple O(n d); local O(n d); full O(n^2) for exp(w) (O(b n^2) masked), never n x n x d",
     needs_max_seq_len=False,
+    applies_dropout=False,
 )
 class AFTAttention(Attention):
     """Attention Free Transformer: per-channel softmax over keys plus learned position biases."""

@@ -56,6 +56,7 @@ class PerformerConfig(AttentionConfig):
     memory_complexity="O(n m + m d)",
     exact=False,
     needs_max_seq_len=False,
+    applies_dropout=False,
 )
 class PerformerAttention(Attention):
     """Performer (FAVOR+): positive orthogonal random features approximating softmax attention.

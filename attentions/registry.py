@@ -132,6 +132,9 @@ class AttentionInfo:
     # Reformer-style mechanisms need keys equal to (normalised) queries: the backbone
     # ties the query and key projections when this is set.
     shared_qk: bool = False
+    # False where there is no probability matrix to drop (kernel and AFT mechanisms): ``dropout`` is then
+    # accepted but has no effect, and the report says so next to their accuracies.
+    applies_dropout: bool = True
     description: str = ""
 
     def defaults(self) -> dict[str, Any]:

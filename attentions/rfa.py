@@ -53,6 +53,7 @@ class RFAConfig(AttentionConfig):
     memory_complexity="O(n D + D d)",
     exact=False,
     needs_max_seq_len=False,
+    applies_dropout=False,
 )
 class RFAAttention(Attention):
     """Random Feature Attention: random Fourier features on l2-normalised queries and keys.

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from attentions import available_attentions
+from attentions import available_attentions, get_attention_info
 from harness.store import config_hash, load_records
 
 MISSING = "—"
@@ -513,6 +513,11 @@ def build_report(results_dir: str | Path = "results", out: str | Path | None = N
         display, numeric = accuracy_table(train, registered)
         page.note("mean ± sample std over seeds (no ± with one seed); [+k status] = runs that failed beside them.")
         page.table(display)
+        ran = set(train["attention"].dropna())
+        no_dropout = [m for m in registered if m in ran and not get_attention_info(m).applies_dropout]
+        if no_dropout:
+            page.note("attention dropout has no effect in " + ", ".join(no_dropout) + " (no probability matrix to "
+                      "drop), so with attention_dropout > 0 they train with less regularisation than the others.")
     else:
         page.note(f"{MISSING} no training records (kind=train) in the store.")
 

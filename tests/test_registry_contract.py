@@ -118,6 +118,19 @@ class TestContract:
         # eval() is deterministic call to call
         torch.testing.assert_close(a(q, k, v), a(q, k, v), atol=0, rtol=0)
 
+    def test_dropout_metadata_matches_behaviour(self, name):
+        # `applies_dropout` is what the report prints; it must say what the mechanism really does.
+        q, k, v = make_qkv(seq=26, seed=2)
+        attn = build_small(name, dropout=0.5)
+        expected = attn.eval()(q, k, v)
+        attn.train()
+        torch.manual_seed(0)
+        trained = attn(q, k, v)
+        if get_attention_info(name).applies_dropout:
+            assert not torch.allclose(trained, expected)
+        else:
+            torch.testing.assert_close(trained, expected, atol=0, rtol=0)
+
     def test_bad_shapes_name_layout(self, name):
         attn = build_small(name)
         q, k, v = make_qkv(seq=10)

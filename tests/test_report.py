@@ -174,3 +174,10 @@ def test_task_labels_split_a_task_run_with_two_recipes():
 def test_markdown_table_escapes_pipes():
     text = markdown_table(pd.DataFrame({"a": ["x|y"]}), index=False)
     assert text.splitlines()[2] == "| x\\|y |"
+
+
+def test_report_says_which_trained_mechanisms_ignore_attention_dropout(store, tmp_path):
+    text = (build_report(store, tmp_path / "report", slope_range=(1024, 4096))["out"] / "report.md").read_text()
+    # performer ran and has no probability matrix to drop; full ran and applies dropout; rfa never ran.
+    line = next(ln for ln in text.splitlines() if "attention dropout has no effect" in ln)
+    assert "performer" in line and "full" not in line and "rfa" not in line
