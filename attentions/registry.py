@@ -13,7 +13,9 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
+
+from attentions.config_types import describe_type, normalised_number, value_matches
 
 FAMILIES = (
     "exact",
@@ -63,40 +65,6 @@ def require(condition: bool, param: str, message: str) -> None:
         raise ValueError(f"invalid parameter '{param}': {message}")
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if origin is Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        if not isinstance(value, tuple):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_type_ok(item, args[0]) for item in value)
-        return len(args) == len(value) and all(_type_ok(i, a) for i, a in zip(value, args))
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-def _describe(annotation: Any) -> str:
-    if typing.get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
 def _check_field_types(config: AttentionConfig) -> None:
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
@@ -106,13 +74,13 @@ def _check_field_types(config: AttentionConfig) -> None:
         if isinstance(value, list) and typing.get_origin(annotation) in (tuple, typing.Union, types.UnionType):
             value = tuple(value)
             object.__setattr__(config, field.name, value)
-        if not _type_ok(value, annotation):
+        if not value_matches(value, annotation):
             raise ValueError(
-                f"invalid parameter '{field.name}': expected {_describe(annotation)}, "
+                f"invalid parameter '{field.name}': expected {describe_type(annotation)}, "
                 f"got {value!r} ({type(value).__name__})"
             )
-        if annotation is float and isinstance(value, int):
-            object.__setattr__(config, field.name, float(value))
+        if (plain := normalised_number(value, annotation)) is not value:
+            object.__setattr__(config, field.name, plain)
 
 
 @dataclass(frozen=True)

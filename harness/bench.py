@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from attentions import available_attentions, build_attention, get_attention_info
+from harness.allocator import CPU_ALLOCATORS, configure_cpu_allocator
 from harness.measure import device_info, measure_peak_memory, time_fn
 from harness.store import config_hash, find_record, now_iso, write_record
 
@@ -124,6 +125,7 @@ DEFAULTS: dict[str, Any] = {
     "head_dim": 32,
     "dtype": "float32",
     "device": "auto",
+    "cpu_allocator": "default",
     "repeats": 5,
     "warmup": 2,
     "memory_budget_gb": 6.0,
@@ -159,6 +161,8 @@ def resolve_settings(cfg: dict | None = None) -> dict[str, Any]:
         settings = _apply_smoke(settings, user, DEFAULTS, SMOKE_OVERRIDES)
     if settings["dtype"] not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings['dtype']!r}")
+    if settings["cpu_allocator"] not in CPU_ALLOCATORS:
+        raise ValueError(f"cpu_allocator must be one of {CPU_ALLOCATORS}, got {settings['cpu_allocator']!r}")
     bad = [p for p in settings["passes"] if p not in PASSES]
     if bad:
         raise ValueError(f"passes must be among {PASSES}, got {bad}")
@@ -371,6 +375,9 @@ def _cell_key(name: str, n: int, pass_: str, settings: dict, params: dict) -> st
         "batch": settings["batch"], "heads": settings["heads"], "head_dim": settings["head_dim"],
         "dtype": settings["dtype"], "device": settings["device"], "repeats": settings["repeats"],
         "warmup": settings["warmup"],
+        # Only a non-default policy enters the key, so cells recorded before the option existed stay valid.
+        **({"cpu_allocator": allocator} if (allocator := settings.get("cpu_allocator_used", "default")) != "default"
+           else {}),
     })
 
 
@@ -386,6 +393,7 @@ def run_benchmark(cfg: dict | None = None, log: Callable[[str], None] = print) -
     if settings["include_sdpa_direct"] and "full" in mechanisms and SDPA_DIRECT not in mechanisms:
         mechanisms.insert(mechanisms.index("full") + 1, SDPA_DIRECT)
     info = device_info(settings["device"])
+    settings["cpu_allocator_used"] = configure_cpu_allocator(settings["cpu_allocator"])
     root = settings["results_dir"]
     budget_bytes = float(settings["memory_budget_gb"]) * 1e9 if settings["memory_budget_gb"] else math.inf
     rows = []
@@ -412,7 +420,8 @@ def run_benchmark(cfg: dict | None = None, log: Callable[[str], None] = print) -
                     "kind": "bench", "record_id": record_id, "status": cell.pop("outcome"),
                     "created_at": now_iso(), "mechanism": name, "family": _family(name), "pass": pass_, "n": n,
                     "batch": settings["batch"], "heads": settings["heads"], "head_dim": settings["head_dim"],
-                    "dtype": settings["dtype"], "device": settings["device"], "settings_key": key,
+                    "dtype": settings["dtype"], "device": settings["device"],
+                    "cpu_allocator": settings["cpu_allocator_used"], "settings_key": key,
                     "smoke": bool(settings["smoke"]), "device_info": info, **cell,
                 }
                 write_record(record, root)

@@ -40,7 +40,7 @@ MISSING = "—"
 TASK_ORDER = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 # Columns of a training record that define a recipe (everything but the mechanism and the seed).
 RECIPE_PREFIXES = ("config.task.", "config.model.", "config.train.", "config.optimizer.", "config.scheduler.")
-GROUP_COLUMNS = ("batch", "heads", "head_dim", "dtype", "device")
+GROUP_COLUMNS = ("batch", "heads", "head_dim", "dtype", "device", "cpu_allocator")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,10 +152,12 @@ def training_efficiency(train: pd.DataFrame) -> pd.DataFrame:
 
 
 def select_bench_group(bench: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The bench records of one setting (batch, heads, head_dim, dtype, device): the most recent one."""
+    """The bench records of one setting (batch, heads, head_dim, dtype, device, cpu allocator): the newest one."""
     cols = [c for c in GROUP_COLUMNS if c in bench.columns]
     if bench.empty or not cols:
         return bench, ""
+    if "cpu_allocator" in bench.columns:  # records from before the option were measured with the default
+        bench = bench.assign(cpu_allocator=bench["cpu_allocator"].fillna("default"))
     keyed = bench.assign(_group=bench[cols].astype(str).agg(" ".join, axis=1))
     latest = keyed.sort_values("created_at").iloc[-1]["_group"]
     chosen = keyed[keyed["_group"] == latest].drop(columns="_group")

@@ -24,14 +24,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from attentions.config_types import describe_type, normalised_number, value_matches
 
 SPLITS = ("train", "validation", "test")
 
@@ -67,27 +68,6 @@ class TaskConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.NON_DATA_FIELDS}
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if origin is Literal:
-        return value in typing.get_args(annotation)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
 def _check_field_types(config: TaskConfig) -> None:
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
@@ -96,16 +76,12 @@ def _check_field_types(config: TaskConfig) -> None:
         if isinstance(value, os.PathLike):  # paths may come as pathlib.Path
             value = os.fspath(value)
             object.__setattr__(config, field.name, value)
-        if not _type_ok(value, annotation):
-            described = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-            raise ValueError(
-                f"invalid task parameter '{field.name}': expected {described}, got {value!r} ({type(value).__name__})"
-            )
-        # Normalise numpy scalars / ints-for-floats so the cache key is stable.
-        if annotation is float and not isinstance(value, float):
-            object.__setattr__(config, field.name, float(value))
-        elif isinstance(value, np.integer):
-            object.__setattr__(config, field.name, int(value))
+        if not value_matches(value, annotation):
+            raise ValueError(f"invalid task parameter '{field.name}': expected {describe_type(annotation)}, "
+                             f"got {value!r} ({type(value).__name__})")
+        # numpy scalars and ints-for-floats become plain numbers so the cache key is stable.
+        if (plain := normalised_number(value, annotation)) is not value:
+            object.__setattr__(config, field.name, plain)
 
 Arrays = dict[str, dict[str, np.ndarray]]
 

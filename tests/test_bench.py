@@ -141,6 +141,23 @@ def test_rerun_reuses_ok_records(tmp_path, monkeypatch):
         run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16], batch=3)
 
 
+def test_cells_of_another_cpu_allocator_policy_are_not_reused(tmp_path, monkeypatch):
+    run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16], passes=["fwd"])
+    assert read_bench_records(tmp_path)[0]["cpu_allocator"] == "default"
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(bench, "measure_cell", fail)
+    # mallopt is process-wide, so the test process pretends: only the recorded description matters here.
+    monkeypatch.setattr(bench, "configure_cpu_allocator", lambda mode: "reuse:fake")
+    with pytest.raises(AssertionError, match="measured again"):
+        run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16], passes=["fwd"],
+            cpu_allocator="reuse")
+    with pytest.raises(ValueError, match="cpu_allocator must be one of"):
+        run(tmp_path, cpu_allocator="tcmalloc")
+
+
 def test_approximation_error_records(tmp_path):
     settings = bench.resolve_settings({**TINY, "results_dir": str(tmp_path), "approx": {"variants": ["iid"]}})
     df = bench.approximation_errors(settings, mechanisms=["performer", "sliding_window", "full"], log=lambda _: None)
