@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from attentions import available_attentions, build_attention, get_attention_info
 from harness.allocator import CPU_ALLOCATORS, configure_cpu_allocator
 from harness.measure import device_info, measure_peak_memory, time_fn
+from harness.settings import merge_settings
 from harness.store import config_hash, find_record, now_iso, write_record
 
 PASSES = ("fwd", "fwd+bwd")
@@ -156,7 +157,7 @@ def resolve_settings(cfg: dict | None = None) -> dict[str, Any]:
     unknown = sorted(set(user) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown benchmark setting(s) {unknown}; allowed: {sorted(DEFAULTS)}")
-    settings = _merge(DEFAULTS, user)
+    settings = merge_settings(DEFAULTS, user)
     if settings["smoke"]:
         settings = _apply_smoke(settings, user, DEFAULTS, SMOKE_OVERRIDES)
     if settings["dtype"] not in DTYPES:
@@ -181,16 +182,6 @@ def _apply_smoke(settings: dict, user: dict, defaults: dict, smoke: dict) -> dic
         if isinstance(value, dict):
             out[key] = _apply_smoke(out[key], given if isinstance(given, dict) else {}, defaults[key], value)
         elif key not in user or given == defaults[key]:
-            out[key] = value
-    return out
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
             out[key] = value
     return out
 
@@ -370,15 +361,17 @@ def cell_record_id(name: str, n: int, pass_: str, key: str) -> str:
 
 
 def _cell_key(name: str, n: int, pass_: str, settings: dict, params: dict) -> str:
-    return config_hash({
+    key = {
         "mechanism": name, "n": n, "pass": pass_, "params": _jsonable_params(params),
         "batch": settings["batch"], "heads": settings["heads"], "head_dim": settings["head_dim"],
         "dtype": settings["dtype"], "device": settings["device"], "repeats": settings["repeats"],
         "warmup": settings["warmup"],
-        # Only a non-default policy enters the key, so cells recorded before the option existed stay valid.
-        **({"cpu_allocator": allocator} if (allocator := settings.get("cpu_allocator_used", "default")) != "default"
-           else {}),
-    })
+    }
+    # Only a non-default allocator policy enters the key, so cells recorded before the option existed stay valid.
+    allocator = settings.get("cpu_allocator_used", "default")
+    if allocator != "default":
+        key["cpu_allocator"] = allocator
+    return config_hash(key)
 
 
 def run_benchmark(cfg: dict | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:

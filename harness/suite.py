@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from attentions import available_attentions
+from harness.settings import merge_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -68,23 +69,13 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def resolve_suite(cfg: dict | None = None) -> dict[str, Any]:
     """Defaults, the user's ``cfg``, then the smoke or CUDA sizes; checks the names."""
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown suite setting(s) {unknown}; allowed: {sorted(DEFAULTS)}")
-    s = _merge(DEFAULTS, cfg)
+    s = merge_settings(DEFAULTS, cfg)
     if s["size"] not in ("default", "smoke"):
         raise ValueError(f"size must be 'default' or 'smoke', got {s['size']!r}")
     bad = [st for st in s["stages"] if st not in STAGES]
@@ -93,13 +84,13 @@ def resolve_suite(cfg: dict | None = None) -> dict[str, Any]:
     if s["device"] == "auto":
         s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if s["size"] == "smoke":
-        s["bench"] = _merge(s["bench"], s["smoke"]["bench"])
+        s["bench"] = merge_settings(s["bench"], s["smoke"]["bench"])
         # The smoke benchmark's own tiny sizes replace the CPU range.
         for key in ("seq_lens", "repeats", "warmup", "slope_range", "approx", "peers"):
             s["bench"].pop(key, None)
-        s["train"] = _merge(s["train"], s["smoke"]["train"])
+        s["train"] = merge_settings(s["train"], s["smoke"]["train"])
     elif s["device"].startswith("cuda"):
-        s["bench"] = _merge(s["bench"], s["cuda_bench"])
+        s["bench"] = merge_settings(s["bench"], s["cuda_bench"])
     s["results_dir"] = str(Path(s["results_dir"]).resolve())
     s["report_dir"] = str(Path(s["report_dir"]).resolve()) if s["report_dir"] else str(Path(s["results_dir"]) /
                                                                                          "report")
