@@ -1,6 +1,7 @@
 """The one transformer encoder every task and mechanism is trained with.
 
     token + position embeddings -> [CLS] -> N x pre-LN block -> LayerNorm -> pool -> LRA head
+    token + position embeddings ->         N x pre-LN block -> LayerNorm -> token head   (token_level)
 
 A pre-LN block is ``x + Drop(MHA(LN(x), mask))`` then ``x + Drop(FFN(LN(x)))``. The
 multi-head wrapper owns the Q/K/V/output projections and hands the projected
@@ -9,10 +10,19 @@ mechanism, built with ``attentions.build_attention``. The same rules hold for ev
 mechanism: same projections, fp32 parameters (autocast is the trainer's business), no
 gradient checkpointing.
 
-Two heads, as in LRA: a classifier (Dense -> ReLU -> Dense) on the pooled encoding, and
+Three heads. As in LRA: a classifier (Dense -> ReLU -> Dense) on the pooled encoding, and
 for two-sequence tasks a dual encoder (both sequences through the same encoder, features
 ``[x1, x2, x1*x2, x1-x2]`` -> Dense -> ReLU -> Dense(mlp/2) -> ReLU -> Dense, as LRA's
-``classifier_head_dual``); no cross-attention.
+``classifier_head_dual``); no cross-attention. For token-level tasks (``token_level``, e.g.
+associative recall) the same classifier is applied at every position: logits
+``(batch, seq, num_classes)``, no CLS token, no pooling; the targets are per position with
+``tasks.base.IGNORE_INDEX`` where nothing is to be predicted.
+
+``causal=True`` makes every layer's attention causal (the mechanism is built with
+``causal=True``; position i sees positions <= i), the decoder pattern. A sequence
+classifier then pools with ``last`` (the last real token, the only one that has seen the
+whole sequence) or ``mean``; ``cls`` is refused because a CLS token in front would see
+only itself.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from torch import nn
 
 from attentions import build_attention, get_attention_info
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "last")
 POS_EMBS = ("sinusoidal", "learned")
 ACTIVATIONS = ("gelu", "relu")
 # These come from the model config, so a mechanism's params may not set them.
@@ -52,6 +62,10 @@ class ModelConfig:
     pos_emb: str = "sinusoidal"
     activation: str = "gelu"
     two_sequence: bool = False
+    # One prediction per position (set by the harness from the task, like two_sequence).
+    token_level: bool = False
+    # Causal (decoder) attention in every layer.
+    causal: bool = False
     attention: str = "full"
     attention_params: dict[str, Any] = field(default_factory=dict)
     # Base seed of the mechanisms' random state; layer i uses seed + i so layers differ.
@@ -71,6 +85,11 @@ class ModelConfig:
         check(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
         check(self.pos_emb in POS_EMBS, "pos_emb", f"must be one of {POS_EMBS}")
         check(self.activation in ACTIVATIONS, "activation", f"must be one of {ACTIVATIONS}")
+        check(isinstance(self.causal, bool), "causal", "must be a bool")
+        check(not (self.token_level and self.two_sequence), "token_level",
+              "cannot be combined with two_sequence (the dual encoder pools each sequence)")
+        check(not (self.causal and self.pooling == "cls" and not self.token_level), "pooling",
+              "'cls' cannot be used with causal=true (a CLS token in front sees only itself); use 'last' or 'mean'")
         self.attention_params = dict(self.attention_params or {})
         reserved = sorted(set(self.attention_params) & set(_RESERVED_ATTENTION_PARAMS))
         if reserved:
@@ -85,9 +104,14 @@ class ModelConfig:
         return self.qkv_dim // self.num_heads
 
     @property
+    def uses_cls(self) -> bool:
+        """Whether a CLS token is prepended (CLS pooling of a sequence-level head)."""
+        return self.pooling == "cls" and not self.token_level
+
+    @property
     def seq_len(self) -> int:
         """Length the mechanism sees: the task length plus the CLS token when CLS-pooling."""
-        return self.max_length + (1 if self.pooling == "cls" else 0)
+        return self.max_length + (1 if self.uses_cls else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,8 +151,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"invalid parameter 'max_seq_len' of attention '{config.attention}': {max_seq_len} is shorter than "
                 f"the sequence the model feeds it ({config.seq_len} = max_length {config.max_length}"
-                f"{' + 1 CLS token' if config.pooling == 'cls' else ''})"
+                f"{' + 1 CLS token' if config.uses_cls else ''})"
             )
+        if config.causal:
+            params["causal"] = True  # the registry refuses mechanisms without a causal form, naming those with one
         self.attention = build_attention(
             config.attention,
             num_heads=config.num_heads,
@@ -169,13 +195,16 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Embeddings, blocks, final LayerNorm and pooling: tokens (B, L) -> features (B, embed_dim)."""
+    """Embeddings, blocks, final LayerNorm and pooling: tokens (B, L) -> features (B, embed_dim).
+
+    :meth:`encode` stops before pooling: per-position features (B, L, embed_dim) for token-level heads.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.token_emb = nn.Embedding(config.vocab_size, config.embed_dim)
-        if config.pooling == "cls":
+        if config.uses_cls:
             # LRA: a zero-initialised learned token prepended before the position embeddings.
             self.cls = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         if config.pos_emb == "learned":
@@ -186,7 +215,8 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(config, i) for i in range(config.num_layers))
         self.norm = nn.LayerNorm(config.embed_dim)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-LayerNorm states (B, L', embed_dim) and their mask (B, L'); L' = L + 1 with a CLS token (first)."""
         cfg = self.config
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
@@ -201,21 +231,30 @@ class Encoder(nn.Module):
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
         x = self.token_emb(tokens)
-        if cfg.pooling == "cls":
+        if cfg.uses_cls:
             x = torch.cat([self.cls.expand(batch, -1, -1), x], dim=1)
             mask = torch.cat([mask.new_ones(batch, 1), mask], dim=1)
         x = self.dropout(x + self.pos_emb[: x.shape[1]])
         for block in self.blocks:
             x = block(x, mask)
-        x = self.norm(x)
-        if cfg.pooling == "cls":
+        return self.norm(x), mask
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = self.encode(tokens, mask)
+        pooling = self.config.pooling
+        if pooling == "cls":
             return x[:, 0]
+        if pooling == "last":
+            # Right padding: the last real token is at (number of real tokens - 1); an all-padding row uses 0.
+            last = (mask.sum(dim=1) - 1).clamp_min(0)
+            return x[torch.arange(x.shape[0], device=x.device), last]
         weights = mask.to(x.dtype)[..., None]
         return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 class ArenaModel(nn.Module):
-    """Encoder + LRA classifier head, or the dual-encoder head when ``two_sequence``."""
+    """Encoder + LRA classifier head, the dual-encoder head when ``two_sequence``, or the same classifier at
+    every position when ``token_level``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -241,7 +280,14 @@ class ArenaModel(nn.Module):
         tokens2: torch.Tensor | None = None,
         mask2: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (batch, num_classes). ``tokens2``/``mask2`` are required iff ``two_sequence``."""
+        """Logits (batch, num_classes), or (batch, seq, num_classes) when ``token_level``.
+
+        ``tokens2``/``mask2`` are required iff ``two_sequence``.
+        """
+        if self.config.token_level:
+            if tokens2 is not None:
+                raise ValueError("tokens2 given to a token-level model (token_level=True)")
+            return self.head(self.encoder.encode(tokens, mask)[0])
         x1 = self.encoder(tokens, mask)
         if not self.config.two_sequence:
             if tokens2 is not None:

@@ -42,6 +42,7 @@ from harness.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_
 from harness.model import ArenaModel, ModelConfig, build_model
 from harness.schedules import build_scheduler
 from harness.store import config_hash, find_record, now_iso, write_record
+from tasks.base import IGNORE_INDEX
 
 log = logging.getLogger("arena-train")
 
@@ -154,11 +155,15 @@ def make_task(cfg: DictConfig):
 def model_config_for(cfg: DictConfig, task) -> ModelConfig:
     """The backbone config: sizes from ``cfg.model``, shapes from the task, the mechanism from ``cfg.attention``."""
     model_params = OmegaConf.to_container(cfg.model, resolve=True)
+    if getattr(task, "requires_causal", False) and not model_params.get("causal", False):
+        raise ValueError(f"task {cfg.task.name!r} with these parameters is next-token prediction (its inputs hold "
+                         "the answers one position later), so it needs model.causal=true")
     return ModelConfig(
         vocab_size=int(task.vocab_size),
         max_length=int(task.max_length),
         num_classes=int(task.num_classes),
         two_sequence=bool(task.two_sequence),
+        token_level=bool(getattr(task, "token_level", False)),
         attention=str(cfg.attention.name),
         attention_params=attention_params(cfg),
         seed=int(cfg.seed),
@@ -245,31 +250,53 @@ def _tokens_in(batch: dict[str, torch.Tensor]) -> int:
     return sum(int(batch[k].numel()) for k in ("tokens", "tokens2") if k in batch)
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labelled targets: logits (B, C) with labels (B,), or per position (B, L, C) with
+    labels (B, L); targets equal to ``IGNORE_INDEX`` are left out."""
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
 @torch.no_grad()
-def evaluate(model: ArenaModel, task, split: str, cfg: DictConfig, device: torch.device, precision: str,
-             max_batches: int | None = None) -> float:
-    """Accuracy over ``split`` (every example, or only the first ``max_batches`` batches)."""
+def evaluate_metrics(model: ArenaModel, task, split: str, cfg: DictConfig, device: torch.device, precision: str,
+                     max_batches: int | None = None) -> dict[str, float | None]:
+    """``acc``: accuracy over the labelled targets of ``split`` (every example, or the first ``max_batches``
+    batches); ``sequence_acc``: for token-level tasks the share of examples with every labelled position
+    right, else None."""
     was_training = model.training
     model.eval()
     batch_size = int(cfg.train.eval_batch_size or cfg.train.batch_size)
-    correct = total = 0
+    correct = total = sequences_right = sequences = 0
     for i, batch in enumerate(task.batches(split, batch_size, shuffle=False)):
         if max_batches is not None and i >= int(max_batches):
             break
         batch = _to_device(batch, device)
         with autocast_context(device.type, precision):
             logits = model.forward_batch(batch)
-        correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
-        total += int(batch["labels"].numel())
+        labels = batch["labels"]
+        labelled = labels != IGNORE_INDEX
+        right = (logits.argmax(dim=-1) == labels) & labelled
+        correct += int(right.sum())
+        total += int(labelled.sum())
+        if labels.dim() == 2:
+            sequences_right += int((right | ~labelled).all(dim=1).sum())
+            sequences += labels.shape[0]
     model.train(was_training)
     if total == 0:
-        raise ValueError(f"split '{split}' gave no examples to evaluate")
-    return correct / total
+        raise ValueError(f"split '{split}' gave no labelled targets to evaluate")
+    return {"acc": correct / total, "sequence_acc": sequences_right / sequences if sequences else None}
+
+
+def evaluate(model: ArenaModel, task, split: str, cfg: DictConfig, device: torch.device, precision: str,
+             max_batches: int | None = None) -> float:
+    """Accuracy over the labelled targets of ``split`` (see :func:`evaluate_metrics`)."""
+    return evaluate_metrics(model, task, split, cfg, device, precision, max_batches)["acc"]
 
 
 def majority_accuracy(labels: np.ndarray) -> float:
-    """Accuracy of always predicting the split's most frequent class (a constant predictor's best)."""
-    labels = np.asarray(labels)
+    """Accuracy of always predicting the most frequent class among the labelled targets (a constant predictor's
+    best); per-position labels count every labelled position."""
+    labels = np.asarray(labels).ravel()
+    labels = labels[labels != IGNORE_INDEX]
     return float(np.bincount(labels).max() / len(labels)) if len(labels) else float("nan")
 
 
@@ -380,7 +407,7 @@ def train(cfg: DictConfig, run_id: str, checkpoint_dir: Path, out: dict[str, Any
     def train_step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast_context(device.type, precision):
             logits = model.forward_batch(batch)
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+        loss = classification_loss(logits, batch["labels"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip is not None:
@@ -442,7 +469,7 @@ def train(cfg: DictConfig, run_id: str, checkpoint_dir: Path, out: dict[str, Any
                 if measured and segment_steps > warm:
                     timed_steps += 1
                     timed_s += elapsed
-                    timed_examples += int(batch["labels"].numel())
+                    timed_examples += int(batch["labels"].shape[0])
                     timed_tokens += _tokens_in(batch)
                 step = state["step"]
                 if step % eval_every == 0 or step == max_steps:
@@ -467,6 +494,9 @@ def train(cfg: DictConfig, run_id: str, checkpoint_dir: Path, out: dict[str, Any
     out["stage"] = "test"
     best = load_checkpoint(best_path, map_location=device)
     model.load_state_dict(best["model"])
+    test = evaluate_metrics(model, task, "test", cfg, device, precision)
+    if test["sequence_acc"] is not None:  # token-level tasks: every answer of a sequence right
+        out["test_sequence_acc"] = test["sequence_acc"]
     out.update(
         steps=state["step"],
         max_steps=max_steps,
@@ -474,7 +504,7 @@ def train(cfg: DictConfig, run_id: str, checkpoint_dir: Path, out: dict[str, Any
         epochs_completed=state["step"] / steps_per_epoch,
         best_step=state["best_step"],
         best_val_acc=state["best_val_acc"],
-        test_acc=evaluate(model, task, "test", cfg, device, precision),
+        test_acc=test["acc"],
         final_train_loss=float(np.mean(state["recent_losses"])) if state["recent_losses"] else None,
         val_history=state["val_history"],
         peak_memory=state["peak_memory"],

@@ -1,4 +1,4 @@
-"""Long Range Arena tasks: ListOps, Text, Retrieval, Image, Pathfinder, Path-X.
+"""Long Range Arena tasks (ListOps, Text, Retrieval, Image, Pathfinder, Path-X) and associative recall (MQAR).
 
     from tasks import build_task, available_tasks
     task = build_task("listops", cache_dir=".arena_cache", seed=0, num_train=1000)
@@ -8,6 +8,7 @@ Importing the package registers every task; see :mod:`tasks.base` for the contra
 """
 
 from tasks.base import (
+    IGNORE_INDEX,
     SPLITS,
     Task,
     TaskConfig,
@@ -19,9 +20,10 @@ from tasks.base import (
 )
 
 # Importing a task module registers it.
-from tasks import image, listops, pathfinder, retrieval, text  # noqa: E402,F401  isort: skip
+from tasks import image, listops, mqar, pathfinder, retrieval, text  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "IGNORE_INDEX",
     "SPLITS",
     "Task",
     "TaskConfig",

@@ -6,6 +6,9 @@ A task is a frozen config dataclass (its parameters and defaults: the one source
     {"tokens": uint8/uint16 (N, L), "labels": int64 (N,), optional "lengths": int32 (N,),
      and for two-sequence tasks "tokens2" (N, L) with optional "lengths2"}
 
+A token-level task (``token_level = True``, e.g. MQAR) stores one label per position, ``labels`` (N, L), with
+``IGNORE_INDEX`` where there is nothing to predict.
+
 Stored values are *raw* (bytes, pixels, ListOps token ids); the batch adds ``token_offset`` so that token id 0
 is always padding and real tokens are ``>= 1``. ``lengths`` says how many leading positions are real (absent:
 all ``L`` are real). The arrays are cached on disk by :mod:`tasks.cache` and memory-mapped, and a batch is made
@@ -35,6 +38,8 @@ import torch
 from attentions.config_types import describe_type, normalised_number, value_matches
 
 SPLITS = ("train", "validation", "test")
+# Label of a position with nothing to predict in a token-level task (PyTorch's cross_entropy default).
+IGNORE_INDEX = -100
 
 
 def require(condition: bool, param: str, message: str) -> None:
@@ -96,6 +101,10 @@ class Task:
     name: ClassVar[str] = ""
     num_classes: ClassVar[int] = 2
     two_sequence: ClassVar[bool] = False
+    # One label per position (labels (N, L), IGNORE_INDEX where nothing is asked) instead of one per sequence.
+    token_level: ClassVar[bool] = False
+    # Whether only a causal model may be trained on it (e.g. the inputs hold each target one position later).
+    requires_causal: ClassVar[bool] = False
     pad_id: ClassVar[int] = 0
     # Added to every stored value of a real position (bytes/pixels are stored raw and shifted by 1 here).
     token_offset: ClassVar[int] = 0
