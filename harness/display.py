@@ -109,9 +109,14 @@ def markdown_table(df: pd.DataFrame, index: bool = True) -> str:
     return "\n".join(lines)
 
 
+# Set by arena-suite for the training processes it starts in the repository: their log lines then show
+# paths relative to where the user ran the suite, not to the subprocess's working directory.
+WORKDIR_ENV = "ARENA_WORKDIR"
+
+
 def shown_path(path: str | Path) -> str:
     """``path`` as a report or log line shows it: relative to the working directory (machine paths stay out)."""
     try:
-        return os.path.relpath(Path(path).resolve(), Path.cwd())
+        return os.path.relpath(Path(path).resolve(), os.environ.get(WORKDIR_ENV) or Path.cwd())
     except ValueError:  # another drive (Windows): nothing relative exists
         return str(path)

@@ -42,7 +42,7 @@ import torch
 
 from attentions import available_attentions
 from harness import bench, report
-from harness.display import shown_path
+from harness.display import WORKDIR_ENV, shown_path
 from harness.settings import Settings, merge_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,6 +327,7 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
           "runs with an ok record are skipped", flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env[WORKDIR_ENV] = os.getcwd()  # the runs' log lines show paths relative to where the suite was started
     if workers <= 1:
         print("  $ " + " ".join(jobs[0][1]), flush=True)
         return subprocess.run(jobs[0][1], cwd=str(REPO), env=env, check=False).returncode
