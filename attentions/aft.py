@@ -73,6 +73,7 @@ class AFTConfig(AttentionConfig):
     "aft",
     config=AFTConfig,
     family="attention-free",
+    causal_note="causal form not implemented yet (issue 13)",
     time_complexity="simple O(n d); local O(n s d); full O(n^2 d)",
     memory_complexity="simple O(n d); local O(n d); full O(n^2) for exp(w) (O(b n^2) masked), never n x n x d",
     needs_max_seq_len=False,

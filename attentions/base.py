@@ -8,6 +8,11 @@ Contract (see DESIGN.md)::
 ``key_padding_mask``: bool ``(batch, seq)``, ``True`` = real token, or ``None``.
 Returns ``(batch, heads, seq, head_dim)``. Padded query rows may hold anything finite;
 real rows must not depend on what stands in padded positions.
+
+With ``causal=True`` (mechanisms whose info says ``supports_causal``) the output at position ``i``
+depends on the inputs at positions ``<= i`` only: its value equals the output of the prefix ending at
+``i`` and its gradient with respect to every later input is exactly zero. Key padding still applies
+(a decoder pads on the right, so a real query never meets a padded key before it).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import AttentionConfig
+from .registry import AttentionConfig, check_causal
 
 LAYOUT = "(batch, heads, seq, head_dim)"
 
@@ -27,7 +32,13 @@ class Attention(nn.Module):
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__()
+        check_causal(self.name, config.causal)  # also when a config is built by hand, not via make_config
         self.config = config
+
+    @property
+    def causal(self) -> bool:
+        """Whether query ``i`` attends only to keys ``j <= i`` (the config's ``causal``)."""
+        return self.config.causal
 
     @property
     def backend(self) -> str:

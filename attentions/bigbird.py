@@ -86,6 +86,7 @@ def draw_random_blocks(num_blocks: int, num_global: int, num_random: int, genera
     "bigbird",
     config=BigBirdConfig,
     family="sparse",
+    causal_note="causal form not implemented yet (issue 13)",
     time_complexity="O(n b (3 + g + r) d)",
     memory_complexity="O(n b (3 + g + r))",
     exact=True,

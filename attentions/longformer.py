@@ -47,6 +47,7 @@ class LongformerConfig(AttentionConfig):
     "longformer",
     config=LongformerConfig,
     family="sparse",
+    causal_note="causal form not implemented yet (issue 13)",
     time_complexity="O(n (w + g) d), g = global tokens",
     memory_complexity="O(n (w + g))",
     exact=True,

@@ -47,6 +47,7 @@ class MemoryCompressedConfig(AttentionConfig):
     "memory_compressed",
     config=MemoryCompressedConfig,
     family="memory-compression",
+    causal_note="causal form not implemented yet (issue 13)",
     time_complexity="O(n^2 d / c)",
     memory_complexity="O(n^2 / c) scores (n queries x n/c slots); O(n d) with a fused SDPA kernel",
     needs_max_seq_len=False,

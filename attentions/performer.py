@@ -52,6 +52,7 @@ class PerformerConfig(AttentionConfig):
     "performer",
     config=PerformerConfig,
     family="kernel",
+    causal_note="causal form not implemented yet (issue 13)",
     time_complexity="O(n m d), m = num_features",
     memory_complexity="O(n m + m d)",
     exact=False,

@@ -92,6 +92,7 @@ class ReformerConfig(AttentionConfig):
     "reformer",
     config=ReformerConfig,
     family="hashing",
+    causal_note="causal form not implemented yet (issue 13)",
     time_complexity="O(n_hashes * n * (bucket_size * d + log n) + n_hashes * n * num_buckets * d)",
     memory_complexity="O(n_hashes * n * bucket_size)",
     needs_max_seq_len=True,

@@ -49,6 +49,7 @@ class RFAConfig(AttentionConfig):
     "rfa",
     config=RFAConfig,
     family="kernel",
+    causal_note="causal form not implemented yet (issue 13)",
     time_complexity="O(n D d), D = num_features",
     memory_complexity="O(n D + D d)",
     exact=False,

@@ -72,6 +72,7 @@ def band_setup(n: int, half_window: int, device: torch.device) -> tuple[int, int
     "sliding_window",
     config=SlidingWindowConfig,
     family="sparse",
+    causal_note="causal form not implemented yet (issue 13)",
     time_complexity="O(n w d)",
     memory_complexity="O(n w)",
     exact=True,

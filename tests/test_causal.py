@@ -1,0 +1,190 @@
+"""The causal-self pattern: every mechanism whose info says ``supports_causal`` is checked here.
+
+CAB's causality check (Zhang et al. 2023, "CAB: Comprehensive Attention Benchmarking"): the output at
+position ``i`` of the whole input equals the output of the prefix ending at ``i``, and its gradient with
+respect to every later input is exactly zero. Lengths include 1, odd lengths, and lengths that are not a
+multiple of any block, bucket or chunk of the small test settings. A new causal mechanism is covered the
+day its info says ``supports_causal``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from attentions import available_attentions, build_attention, causal_attentions, get_attention_info
+from attentions.full import causal_mask_plan
+from attentions.functional import causal_allowed, is_right_padded, reference_attention
+
+from conftest import HEAD_DIM, HEADS, build_small, make_qkv, right_padding_mask
+
+CAUSAL = causal_attentions()
+NOT_CAUSAL = [n for n in available_attentions() if n not in CAUSAL]
+LENGTHS = [1, 7, 37, 50]
+
+
+def build_causal(name: str, **overrides):
+    return build_small(name, causal=True, **overrides).eval()
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+def test_causal_listing_matches_info():
+    assert CAUSAL == sorted(n for n in available_attentions() if get_attention_info(n).supports_causal)
+    assert "full" in CAUSAL
+
+
+@pytest.mark.parametrize("name", available_attentions())
+def test_causal_defaults_to_false_and_is_documented(name):
+    info = get_attention_info(name)
+    assert info.defaults()["causal"] is False
+    assert build_small(name).causal is False
+    # Supported: the note names the causal form; unsupported: it says why (the ValueError quotes it).
+    assert info.causal_note
+
+
+@pytest.mark.parametrize("name", NOT_CAUSAL)
+def test_unsupported_causal_is_a_clear_error(name):
+    info = get_attention_info(name)
+    with pytest.raises(ValueError, match=rf"'causal'.*'{name}' has no causal form.*supported by: .*full"):
+        build_small(name, causal=True)
+    # Built by hand, bypassing make_config, the module refuses it too.
+    with pytest.raises(ValueError, match="causal"):
+        info.cls(dataclasses.replace(build_small(name).config, causal=True))
+
+
+@pytest.mark.parametrize("value", ["yes", 1])
+def test_causal_must_be_a_bool(value):
+    with pytest.raises(ValueError, match="'causal'"):
+        build_attention("full", causal=value)
+
+
+# ----------------------------------------------------------------------------- CAB causality check
+
+
+@pytest.mark.parametrize("seq", LENGTHS)
+@pytest.mark.parametrize("name", CAUSAL)
+def test_output_at_i_equals_output_of_prefix(name, seq):
+    attn = build_causal(name)
+    q, k, v = make_qkv(batch=2, seq=seq, seed=seq)
+    whole = attn(q, k, v)
+    assert torch.isfinite(whole).all()
+    for i in range(seq):
+        prefix = attn(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1])
+        torch.testing.assert_close(whole[:, :, i], prefix[:, :, i], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, i=i: f"{name}, seq {seq}, position {i}: {m}")
+
+
+@pytest.mark.parametrize("seq", LENGTHS)
+@pytest.mark.parametrize("name", CAUSAL)
+def test_gradient_to_later_inputs_is_exactly_zero(name, seq):
+    attn = build_causal(name)
+    q, k, v = make_qkv(batch=2, seq=seq, seed=seq + 1, requires_grad=True)
+    out = attn(q, k, v)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seq))
+    positions = sorted({0, seq // 3, seq // 2, seq - 2, seq - 1} - {-1})
+    for i in positions:
+        grads = torch.autograd.grad((out[:, :, i] * weight[:, :, i]).sum(), (q, k, v), retain_graph=True)
+        for label, g in zip("qkv", grads):
+            assert torch.isfinite(g).all()
+            later = g[:, :, i + 1:]
+            assert later.numel() == 0 or later.abs().max().item() == 0, (
+                f"{name}: output {i} has a gradient w.r.t. a later {label}")
+        # Not vacuous: the output depends on its own inputs.
+        assert sum(g[:, :, : i + 1].abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_with_right_padding_equals_unpadded(name):
+    attn = build_causal(name)
+    n, extra = 29, 11
+    q, k, v = make_qkv(batch=2, seq=n + extra, seed=1)
+    mask = right_padding_mask([n, n], n + extra)
+    padded = attn(q, k, v, key_padding_mask=mask)
+    unpadded = attn(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+    torch.testing.assert_close(padded[:, :, :n], unpadded, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_padded_contents_do_not_leak(name):
+    attn = build_causal(name)
+    seq = 41
+    mask = right_padding_mask([41, 23, 6, 0], seq)
+    q, k, v = make_qkv(batch=4, seq=seq, seed=2, requires_grad=True)
+    out1 = attn(q, k, v, key_padding_mask=mask)
+    noise = make_qkv(batch=4, seq=seq, seed=3)
+    pad = ~mask[:, None, :, None]
+    q2, k2, v2 = (torch.where(pad, 50.0 * n_, t) for t, n_ in zip((q, k, v), noise))
+    out2 = attn(q2, k2, v2, key_padding_mask=mask)
+    assert torch.isfinite(out1).all() and torch.isfinite(out2).all()
+    torch.testing.assert_close(out1 * ~pad, out2 * ~pad, atol=1e-5, rtol=1e-4)
+    (out1 * ~pad).square().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert t.grad[1, :, 23:].abs().max() == 0 and t.grad[3].abs().max() == 0
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_differs_from_bidirectional(name):
+    # Not vacuous: the first position sees only itself, the bidirectional one sees everything.
+    q, k, v = make_qkv(seq=20, seed=9)
+    causal = build_causal(name)(q, k, v)
+    both = build_small(name).eval()(q, k, v)
+    assert not torch.allclose(causal[:, :, 0], both[:, :, 0], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- full
+
+
+def test_causal_allowed_is_lower_triangular():
+    expected = torch.tensor([[j <= i for j in range(5)] for i in range(5)])
+    assert torch.equal(causal_allowed(5), expected)
+
+
+def test_right_padding_detection():
+    assert is_right_padded(right_padding_mask([3, 5, 0], 5))
+    assert not is_right_padded(torch.tensor([[False, True, True]]))  # left padding
+    assert not is_right_padded(torch.tensor([[True, False, True]]))  # a gap
+    assert causal_mask_plan(None) == "causal"
+    assert causal_mask_plan(right_padding_mask([2, 4], 4)) == "causal"
+    assert causal_mask_plan(torch.tensor([[False, True]])) == "dense"
+
+
+def _dense_causal_reference(q, k, v, mask):
+    allowed = causal_allowed(q.shape[-2])[None, None]
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, :]
+    return reference_attention(q.double(), k.double(), v.double(), allowed)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "reference"])
+@pytest.mark.parametrize("mask_kind", ["none", "right", "left", "gap"])
+def test_full_causal_equals_dense_reference(backend, mask_kind):
+    seq = 23
+    masks = {
+        "none": None,
+        "right": right_padding_mask([23, 11, 1], seq),
+        "left": ~right_padding_mask([5, 0, 22], seq),
+        "gap": torch.rand(3, seq, generator=torch.Generator().manual_seed(0)) > 0.3,
+    }
+    mask = masks[mask_kind]
+    if mask is not None:
+        mask[:, -1] |= mask_kind == "gap"  # at least one real token per sequence in the gap case
+    attn = build_attention("full", num_heads=HEADS, head_dim=HEAD_DIM, backend=backend, causal=True)
+    q, k, v = make_qkv(batch=3, seq=seq, seed=4, requires_grad=True)
+    out = attn(q, k, v, key_padding_mask=mask)
+    ref = _dense_causal_reference(q, k, v, mask)
+    # Real query rows with at least one real key at or before them are defined; others are padding.
+    real = torch.ones(3, seq, dtype=torch.bool) if mask is None else mask & (mask.cumsum(-1) > 0)
+    rows = real[:, None, :, None]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out * rows, (ref * rows).float(), atol=1e-5, rtol=1e-5)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)) * rows
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v), retain_graph=True)
+    ref_grads = torch.autograd.grad((ref * weight.double()).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
