@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_sparse_patterns import assert_matches_reference, bigbird_pattern, longformer_pattern, sliding_pattern
 
 from attentions import available_attentions, build_attention, causal_attentions, get_attention_info
 from attentions.full import causal_mask_plan
@@ -188,3 +189,52 @@ def test_full_causal_equals_dense_reference(backend, mask_kind):
     for got, want in zip(grads, ref_grads):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sparse patterns: exact
+
+
+CAUSAL_LENGTHS = [(1, None), (7, None), (37, None), (37, [37, 20, 1]), (50, [50, 0])]
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 8, 16, 129])
+@pytest.mark.parametrize("seq,lengths", CAUSAL_LENGTHS)
+def test_sliding_window_causal_equals_dense_left_band(window, seq, lengths):
+    attn = build_attention("sliding_window", num_heads=HEADS, head_dim=HEAD_DIM, window=window, causal=True).eval()
+    pattern = sliding_pattern(seq, window) & causal_allowed(seq)
+    assert_matches_reference(attn, pattern, lengths, seq, check_grad=True)
+
+
+@pytest.mark.parametrize("window,global_positions", [(8, (0, 5)), (4, (3, 20, 36)), (2, ()), (300, (1,))])
+@pytest.mark.parametrize("seq,lengths", CAUSAL_LENGTHS)
+def test_longformer_causal_equals_dense_left_pattern(window, global_positions, seq, lengths):
+    attn = build_attention("longformer", num_heads=HEADS, head_dim=HEAD_DIM, window=window,
+                           global_positions=global_positions, causal=True).eval()
+    pattern = longformer_pattern(seq, window, global_positions) & causal_allowed(seq)
+    assert_matches_reference(attn, pattern, lengths, seq, check_grad=True)
+
+
+@pytest.mark.parametrize("block,g,r", [(4, 1, 2), (4, 0, 3), (5, 2, 1), (3, 1, 0), (1, 1, 2), (64, 1, 1)])
+@pytest.mark.parametrize("seq,lengths", CAUSAL_LENGTHS)
+def test_bigbird_causal_equals_dense_left_pattern(block, g, r, seq, lengths):
+    attn = build_attention("bigbird", num_heads=HEADS, head_dim=HEAD_DIM, max_seq_len=64, block_size=block,
+                           num_global_blocks=g, num_random_blocks=r, seed=3, causal=True).eval()
+    pattern = bigbird_pattern(seq, block, g, attn.random_blocks) & causal_allowed(seq)
+    assert_matches_reference(attn, pattern, lengths, seq, check_grad=True)
+
+
+def test_bigbird_causal_random_blocks_are_past_and_used():
+    g, r = 1, 2
+    attn = build_attention("bigbird", num_heads=HEADS, head_dim=HEAD_DIM, max_seq_len=256, block_size=4,
+                           num_global_blocks=g, num_random_blocks=r, causal=True)
+    blocks = attn.random_blocks
+    for i, row in enumerate(blocks.tolist()):
+        used = [b for b in row if b >= 0]
+        assert all(g <= b <= i - 2 for b in used), (i, row)
+        # Distinct, and as many as the past candidates g .. i-2 allow (global rows get none).
+        expected = 0 if i < g else min(r, max(0, i - 1 - g))
+        assert len(set(used)) == len(used) == expected, (i, row)
+    # The draw is not vacuous: rows far from the start see random blocks outside band and globals.
+    pattern = bigbird_pattern(256, 4, g, blocks) & causal_allowed(256)
+    no_random = bigbird_pattern(256, 4, g, torch.full_like(blocks, -1)) & causal_allowed(256)
+    assert (pattern & ~no_random)[64:].sum(dim=1).min() == r * 4
