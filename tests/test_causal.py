@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_kernel_attention import _assert_real_rows_close, _performer_textbook_features, _rfa_textbook_features
 from test_sparse_patterns import assert_matches_reference, bigbird_pattern, longformer_pattern, sliding_pattern
 
 from attentions import available_attentions, build_attention, causal_attentions, get_attention_info
@@ -238,3 +239,128 @@ def test_bigbird_causal_random_blocks_are_past_and_used():
     pattern = bigbird_pattern(256, 4, g, blocks) & causal_allowed(256)
     no_random = bigbird_pattern(256, 4, g, torch.full_like(blocks, -1)) & causal_allowed(256)
     assert (pattern & ~no_random)[64:].sum(dim=1).min() == r * 4
+
+
+# ----------------------------------------------------------------------------- kernel mechanisms: own reference
+
+
+def _causal_estimator(phi_q, phi_k, v, mask, min_denominator=None):
+    """The explicit causal kernel matrix: tril(phi(Q) phi(K)^T), padded keys dropped, row-normalised, float64."""
+    n = phi_q.shape[-2]
+    scores = (phi_q @ phi_k.transpose(-1, -2)) * causal_allowed(n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], 0.0)
+    row_sums = scores.sum(-1, keepdim=True)
+    if min_denominator is not None:
+        row_sums = torch.maximum(row_sums, min_denominator)
+    row_sums = torch.where(row_sums == 0, 1.0, row_sums)  # a row without real keys: zeros, not 0/0
+    return (scores / row_sums) @ v.double()
+
+
+def _performer_log_reference(attn, q, k, v, mask):
+    """Causal FAVOR+ in float64 log space (logsumexp over features): exact where exp itself would overflow."""
+    w = attn.projection.double()
+    d = w.shape[1]
+    logs = []
+    for t in (q, k):
+        x = t.double() * d ** -0.25
+        logs.append(x @ w.T - x.square().sum(-1, keepdim=True) / 2)
+    log_scores = torch.logsumexp(logs[0][..., :, None, :] + logs[1][..., None, :, :], dim=-1)
+    allowed = causal_allowed(q.shape[-2])[None, None]
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, :]
+    return torch.softmax(log_scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v.double()
+
+
+KERNEL_LENGTHS = [(1, None), (37, None), (150, None), (150, [150, 70, 1]), (64, [64, 0])]
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("seq,lengths", KERNEL_LENGTHS)
+def test_performer_causal_equals_explicit_causal_kernel(kernel, seq, lengths):
+    attn = build_small("performer", kernel=kernel, causal=True, max_seq_len=256)
+    q, k, v = make_qkv(batch=len(lengths) if lengths else 2, seq=seq, seed=10, requires_grad=True)
+    mask = right_padding_mask(lengths, seq) if lengths else None
+    out = attn(q, k, v, key_padding_mask=mask)
+    phi_q, phi_k = _performer_textbook_features(attn, q, k)
+    expected = _causal_estimator(phi_q, phi_k, v, mask)
+    _assert_real_rows_close(out, expected, mask)
+    _assert_same_gradients(out, expected, (q, k, v), mask)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+@pytest.mark.parametrize("seq,lengths", KERNEL_LENGTHS)
+def test_rfa_causal_equals_explicit_causal_kernel(learn_sigma, seq, lengths):
+    attn = build_small("rfa", num_features=64, learn_sigma=learn_sigma, causal=True, max_seq_len=256)
+    if learn_sigma:
+        with torch.no_grad():
+            attn.log_sigma.copy_(0.2 * torch.randn(attn.log_sigma.shape, generator=torch.Generator().manual_seed(0)))
+    q, k, v = make_qkv(batch=len(lengths) if lengths else 2, seq=seq, seed=20, requires_grad=True)
+    mask = right_padding_mask(lengths, seq) if lengths else None
+    out = attn(q, k, v, key_padding_mask=mask)
+    phi_q, phi_k = _rfa_textbook_features(attn, q, k)
+    # The floor counts the real keys up to each row.
+    counts = (torch.arange(1, seq + 1)[None] if mask is None else mask.cumsum(-1)).double().clamp_min(1)
+    floor = torch.exp(-2 / attn.bandwidth().detach().double().min() ** 2) * counts[:, None, :, None]
+    expected = _causal_estimator(phi_q, phi_k, v, mask, min_denominator=floor)
+    _assert_real_rows_close(out, expected, mask)
+    _assert_same_gradients(out, expected, (q, k, v), mask)
+
+
+def test_rfa_causal_floor_is_exercised():
+    attn = build_small("rfa", num_features=1, sigma=0.5, causal=True, max_seq_len=256)
+    q, k, v = make_qkv(batch=2, seq=90, seed=21)
+    phi_q, phi_k = _rfa_textbook_features(attn, q, k)
+    raw = ((phi_q @ phi_k.transpose(-1, -2)) * causal_allowed(90)).sum(-1)
+    assert (raw < 0).any()  # impossible denominators occur and get the floor
+    assert torch.isfinite(attn(q, k, v)).all()
+
+
+def _assert_same_gradients(out, expected, inputs, mask):
+    real = torch.ones(out.shape[0], out.shape[2], dtype=torch.bool) if mask is None else mask
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    weight = weight * real[:, None, :, None]
+    got = torch.autograd.grad((out.double() * weight).sum(), inputs, retain_graph=True)
+    want = torch.autograd.grad((expected * weight).sum(), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0, 12.0])
+def test_performer_causal_is_stable_at_large_logits(scale):
+    # x12: |x|^2/2 and w.x in the hundreds; fp32 exp of the textbook features overflows/underflows.
+    attn = build_small("performer", num_features=32, causal=True, max_seq_len=256)
+    q, k, v = make_qkv(batch=2, seq=150, seed=11)
+    mask = right_padding_mask([150, 97], 150)
+    out = attn(scale * q, scale * k, v, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    expected = _performer_log_reference(attn, scale * q, scale * k, v, mask)
+    _assert_real_rows_close(out, expected, mask, atol=1e-4, rtol=1e-3)
+
+
+def test_performer_causal_later_dominant_key_in_the_same_chunk():
+    # Early keys of large norm (log-features ~ -200) followed in the same chunk by keys of small norm
+    # (~0): a shared per-chunk exponent would underflow every term of the early rows in float32; the
+    # mechanism notices and sums in float64 (documented); it must still equal the log-space reference.
+    attn = build_small("performer", num_features=32, causal=True, max_seq_len=256)
+    q, k, v = make_qkv(batch=1, seq=40, seed=12)
+    k = torch.cat([12 * k[:, :, :10], k[:, :, 10:]], dim=2)
+    out = attn(q, k, v)
+    assert torch.isfinite(out).all()
+    _assert_real_rows_close(out, _performer_log_reference(attn, q, k, v, None), None, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+def test_chunked_prefix_sums_equal_the_explicit_form(chunk):
+    from attentions._random_features import causal_exp_linear_attention, causal_linear_attention
+
+    g = torch.Generator().manual_seed(0)
+    phi_q, phi_k = torch.rand(2, 2, 23, 6, generator=g).double(), torch.rand(2, 2, 23, 6, generator=g).double()
+    v = torch.randn(2, 2, 23, 4, generator=g).double()
+    mask = right_padding_mask([23, 9], 23)
+    expected = _causal_estimator(phi_q, phi_k, v, mask)
+    out = causal_linear_attention(phi_q, phi_k, v, mask, chunk=chunk)
+    _assert_real_rows_close(out, expected, mask, atol=1e-10, rtol=1e-10)
+    log_k = phi_k.log().masked_fill(~mask[:, None, :, None], float("-inf"))
+    out = causal_exp_linear_attention(phi_q.log(), log_k, v, mask, chunk=chunk)
+    _assert_real_rows_close(out, expected, mask, atol=1e-10, rtol=1e-10)
