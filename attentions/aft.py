@@ -49,7 +49,6 @@ from .base import Attention
 from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
 
-
 # |w| below which exp(w) and exp(-w) are normal float32 numbers (float32's exp overflows past 88.7).
 EXP_SAFE = 80.0
 

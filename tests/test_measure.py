@@ -68,7 +68,7 @@ def test_earlier_measurements_leave_no_trace():
         del out
         holder = [torch.ones(MB // 2)]
 
-        def fn():
+        def fn(holder=holder):
             holder.clear()
             return torch.empty(MB // 4)
 
