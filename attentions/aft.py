@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
 
 # |w| below which exp(w) and exp(-w) are normal float32 numbers (float32's exp overflows past 88.7).
@@ -196,7 +195,6 @@ def _simple_context(k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Te
     """sum_t' softmax_t'(K)_t' V_t' per channel: (batch, heads, 1, dim). softmax subtracts the maximum."""
     if key_padding_mask is not None:
         k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
-        v = zero_padded_values(v, key_padding_mask)
     probs = torch.softmax(k, dim=2)
     if key_padding_mask is not None:
         probs = torch.nan_to_num(probs, nan=0.0)  # all-padding sequence: no key at all
@@ -210,7 +208,6 @@ def _stable_key_weights(
     if key_padding_mask is not None:
         real = key_padding_mask[:, None, :, None]
         k = k.masked_fill(~real, float("-inf"))
-        v = zero_padded_values(v, key_padding_mask)
     k_max = k.detach().amax(dim=2, keepdim=True)  # the shift cancels in num / den: no gradient needed
     k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))  # all-padding sequence
     weights = torch.exp(k - k_max)

@@ -7,7 +7,9 @@ Contract (see DESIGN.md)::
 ``q, k, v``: float tensors ``(batch, heads, seq, head_dim)``, already projected.
 ``key_padding_mask``: bool ``(batch, seq)``, ``True`` = real token, or ``None``.
 Returns ``(batch, heads, seq, head_dim)``. Padded query rows may hold anything finite;
-real rows must not depend on what stands in padded positions.
+real rows, and the gradients of real inputs, must not depend on what stands in padded
+positions, NaN and +-inf included. :meth:`Attention.forward` guarantees the latter for every
+mechanism: it replaces padded q, k, v by zeros before :meth:`Attention.attend` sees them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .functional import zero_padded_values
 from .registry import AttentionConfig
 
 LAYOUT = "(batch, heads, seq, head_dim)"
@@ -42,6 +45,11 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         key_padding_mask = self.check_inputs(q, k, v, key_padding_mask)
+        if key_padding_mask is not None:
+            # Replace (never multiply: 0 * nan is nan) whatever stands in padded slots, so that a
+            # NaN or inf there cannot reach a real row through a masked score, a 0-weighted value,
+            # a softmax backward (0 * nan in rowsum(dO * O)) or a k-means centroid.
+            q, k, v = (zero_padded_values(t, key_padding_mask) for t in (q, k, v))
         return self.attend(q, k, v, key_padding_mask)
 
     def attend(

@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
 
 GOLDEN_RATIO = (math.sqrt(5.0) - 1.0) / 2.0
@@ -83,9 +82,6 @@ class ClusteredAttention(Attention):
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
         batch, heads, seq, dim = q.shape
-        q = zero_padded_values(q, key_padding_mask)
-        k = zero_padded_values(k, key_padding_mask)
-        v = zero_padded_values(v, key_padding_mask)
         real = key_padding_mask
         if real is None:
             real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)

@@ -146,14 +146,9 @@ class ReformerAttention(Attention):
         c, rounds, nb = cfg.bucket_size, cfg.n_hashes, self.num_buckets
         n_pad = -(-n // c) * c
         n_chunks = n_pad // c
-        if key_padding_mask is None:
-            real = q.new_ones(batch, n, dtype=torch.bool)
-        else:
-            # Zero what stands in padded slots: nothing downstream can then depend on it (not even
-            # through a -1e9 bias), and the gradient to padded inputs is exactly zero.
-            real = key_padding_mask
-            pad = ~real[:, None, :, None]
-            q, k, v = (t.masked_fill(pad, 0.0) for t in (q, k, v))
+        # Padded slots of q, k, v arrive zeroed (Attention.forward): nothing downstream can depend
+        # on them (not even through a -1e9 bias), and the gradient to padded inputs is exactly zero.
+        real = q.new_ones(batch, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
         if n_pad > n:
             q, k, v = (F.pad(t, (0, 0, 0, n_pad - n)) for t in (q, k, v))
             real = F.pad(real, (0, n_pad - n), value=False)
