@@ -21,6 +21,7 @@ from .functional import zero_padded_values
 from .registry import AttentionConfig
 
 LAYOUT = "(batch, heads, seq, head_dim)"
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class Attention(nn.Module):
@@ -50,7 +51,27 @@ class Attention(nn.Module):
             # NaN or inf there cannot reach a real row through a masked score, a 0-weighted value,
             # a softmax backward (0 * nan in rowsum(dO * O)) or a k-means centroid.
             q, k, v = (zero_padded_values(t, key_padding_mask) for t in (q, k, v))
-        return self.attend(q, k, v, key_padding_mask)
+        compute = self.compute_dtype(q)
+        if compute is None:
+            return self.attend(q, k, v, key_padding_mask)
+        # Reduced precision: scores, softmax and normalisers in float32 (SDPA's policy), the
+        # result handed back in the input dtype. Autocast is off inside, or it would send the
+        # matmuls back to bf16.
+        with torch.autocast(q.device.type, enabled=False):
+            out = self.attend(q.to(compute), k.to(compute), v.to(compute), key_padding_mask)
+        return out.to(q.dtype)
+
+    def compute_dtype(self, q: torch.Tensor) -> torch.dtype | None:
+        """The dtype :meth:`attend` computes in, or None to run it on the inputs as given.
+
+        float16/bfloat16 inputs, or any input under a reduced-precision autocast, are computed in
+        float32: rounding scores to 8 (bf16) or 11 (fp16) bits moves a softmax by far more than
+        the inputs' own rounding (issue 11). Mechanisms whose kernels already accumulate in
+        float32 (fused SDPA) override this.
+        """
+        if q.dtype in REDUCED_PRECISION or torch.is_autocast_enabled(q.device.type):
+            return torch.promote_types(q.dtype, torch.float32)
+        return None
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None

@@ -120,6 +120,8 @@ class ReformerAttention(Attention):
     def hash(self, q: torch.Tensor) -> torch.Tensor:
         """Bucket of every token in every round: ``(batch, heads, seq, d)`` -> ``(batch, heads, n_hashes, seq)``.
 
+        Computed in float32 for any input dtype (buckets must not depend on the compute dtype).
+
         ``argmax([xR; -xR])`` without building the concatenation: the winner is the max of ``xR``
         unless ``-min(xR)`` is larger (ties go to the first half, as argmax would). The ``seq x
         num_buckets / 2`` projections are made one round and one slice of the sequence at a time, each
@@ -128,7 +130,10 @@ class ReformerAttention(Attention):
         """
         half = self.num_buckets // 2
         piece = max(1, q.shape[-2] * 2 * self.config.bucket_size // half)
-        rotations = self.rotations.to(q.dtype)
+        # Buckets are discrete: computed in float32 whatever the input dtype, so that bf16, fp16,
+        # fp32 and fp64 copies of the same values hash alike (issue 11).
+        q = q.float()
+        rotations = self.rotations.float()
         out = []
         for r in range(self.config.n_hashes):
             parts = []
