@@ -12,8 +12,8 @@ Causal (``causal=True``, Vaswani et al.'s decoder self-attention): query ``i`` a
 that never store the ``n x n`` mask; the reference path uses a dense lower-triangular mask. SDPA does
 not take ``is_causal`` together with a mask, and a dense combined mask costs ``batch x n x n``, so key
 padding is handled by its shape: with right padding (the decoder case, and no padding at all) every
-key before a real query is real, so the causal mask alone is exact for real rows; the padded slots
-are zeroed first so padded rows stay finite whatever stands there. Any other padding (a gap, left
+key before a real query is real, so the causal mask alone is exact for real rows (padded rows stay
+finite: ``Attention.forward`` has zeroed the padded slots). Any other padding (a gap, left
 padding) gets the combined boolean mask, dense but correct.
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Attention
-from .functional import causal_allowed, is_right_padded, reference_attention, zero_padded_values
+from .functional import causal_allowed, is_right_padded, reference_attention
 from .registry import AttentionConfig, register_attention
 
 XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -87,6 +87,13 @@ class FullAttention(Attention):
     def backend(self) -> str:
         return self._last_backend
 
+    def compute_dtype(self, q: torch.Tensor) -> torch.dtype | None:
+        """Fused kernels (SDPA, xformers) take reduced precision as given and accumulate in float32;
+        the explicit reference path follows the base policy (float32 for half inputs)."""
+        if self.config.backend != "reference":  # the only request that select_full_backend maps to "reference"
+            return None
+        return super().compute_dtype(q)
+
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
         choice = select_full_backend(cfg.backend, q.device.type, q.dtype, xformers_available())
@@ -121,8 +128,6 @@ def causal_mask_plan(key_padding_mask: torch.Tensor | None) -> str:
 def _causal_fused(choice: str, q, k, v, key_padding_mask, dropout: float) -> torch.Tensor:
     """Causal attention on SDPA or xformers, padding handled as the module docstring says."""
     plan = causal_mask_plan(key_padding_mask)
-    if key_padding_mask is not None:
-        q, k, v = (zero_padded_values(t, key_padding_mask) for t in (q, k, v))
     if plan == "causal":
         if choice == "xformers":
             return _xformers_attention(q, k, v, None, dropout, causal=True)
