@@ -108,7 +108,7 @@ def test_causal_kernel_attention_never_stores_per_token_states(name, params):
     peaks = {}
     for causal in (False, True):
         attn = build_attention(name, num_heads=heads, head_dim=dim, causal=causal, **params)
-        _, reading = measure_peak_memory(lambda: attn(q, k, v).sum().backward(), "cpu")
+        _, reading = measure_peak_memory(lambda attn=attn: attn(q, k, v).sum().backward(), "cpu")
         peaks[causal] = reading.peak_bytes
     per_token_states = n * heads * features * dim * 4
     assert peaks[True] <= 1.5 * peaks[False], peaks
