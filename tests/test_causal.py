@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_aft import _banded, _dense_aft
 from test_kernel_attention import _assert_real_rows_close, _performer_textbook_features, _rfa_textbook_features
 from test_sparse_patterns import assert_matches_reference, bigbird_pattern, longformer_pattern, sliding_pattern
 
@@ -364,3 +365,46 @@ def test_chunked_prefix_sums_equal_the_explicit_form(chunk):
     log_k = phi_k.log().masked_fill(~mask[:, None, :, None], float("-inf"))
     out = causal_exp_linear_attention(phi_q.log(), log_k, v, mask, chunk=chunk)
     _assert_real_rows_close(out, expected, mask, atol=1e-10, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- aft: exact
+
+
+def _aft_causal_bias(attn, n):
+    cfg = attn.config
+    if cfg.mode == "simple":
+        w = torch.zeros(n, n, dtype=torch.float64)
+    elif cfg.mode == "local":
+        w = _banded(attn.rel_bias.detach().double(), n)
+    else:
+        w = attn.pos_bias.detach().double()[:n, :n]
+    return w.masked_fill(~causal_allowed(n), float("-inf"))
+
+
+AFT_CASES = [("simple", {}), ("local", {"window": 1}), ("local", {"window": 3}), ("local", {"window": 6}),
+             ("local", {"window": 40}), ("full", {})]
+
+
+@pytest.mark.parametrize("mode,params", AFT_CASES)
+@pytest.mark.parametrize("seq,lengths", CAUSAL_LENGTHS[:-1] + [(50, [50, 3])])  # the dense formula has no empty rows
+def test_aft_causal_equals_dense_formula(mode, params, seq, lengths):
+    attn = build_small("aft", mode=mode, causal=True, bias_init_std=0.5, **params)
+    q, k, v = make_qkv(batch=len(lengths) if lengths else 2, seq=seq, seed=30, requires_grad=True)
+    mask = right_padding_mask(lengths, seq) if lengths else None
+    out = attn(q, k, v, key_padding_mask=mask)
+    expected = _dense_aft(q, k, v, _aft_causal_bias(attn, seq), mask)
+    _assert_real_rows_close(out, expected, mask)
+    _assert_same_gradients(out, expected, (q, k, v), mask)
+
+
+@pytest.mark.parametrize("mode,params", [("simple", {}), ("local", {"window": 4}), ("full", {})])
+def test_aft_causal_later_dominant_key_is_exact(mode, params):
+    # A later key 150 nats above every earlier one of its channel: shifting by the overall maximum in
+    # float32 would underflow every earlier row; the documented float64 path keeps them exact.
+    attn = build_small("aft", mode=mode, causal=True, **params)
+    q, k, v = make_qkv(batch=1, seq=30, seed=31)
+    k = k.clone()
+    k[:, :, 20] += 150.0
+    out = attn(q, k, v)
+    assert torch.isfinite(out).all()
+    _assert_real_rows_close(out, _dense_aft(q, k, v, _aft_causal_bias(attn, 30)), None)
