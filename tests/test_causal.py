@@ -408,3 +408,61 @@ def test_aft_causal_later_dominant_key_is_exact(mode, params):
     out = attn(q, k, v)
     assert torch.isfinite(out).all()
     _assert_real_rows_close(out, _dense_aft(q, k, v, _aft_causal_bias(attn, 30)), None)
+
+
+# ----------------------------------------------------------------------------- reformer: its own algorithm
+
+
+def _dense_lsh_causal(q, k, v, attn, mask=None):
+    """Causal LSH attention written out with loops: per round, query i sees key j when they share a
+    bucket and ``0 <= rank(i) - rank(j) <= bucket_size`` (ranks in the (bucket, position) order of the
+    real tokens), so never a later position; itself only when alone; rounds combined as one softmax
+    over the pairs seen, each once (dedup_pairs) or once per round that saw it."""
+    cfg = attn.config
+    batch, heads, n, d = q.shape
+    q, k, v = (t.double() for t in (q, k, v))
+    real = torch.ones(batch, n, dtype=torch.bool) if mask is None else mask
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            count = torch.zeros(n, n, dtype=torch.float64)
+            for r in range(cfg.n_hashes):
+                proj = q[b, h] @ attn.rotations[h, r].double()
+                bucket = torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+                order = sorted((i for i in range(n) if real[b, i]), key=lambda i: (int(bucket[i]), i))
+                rank = torch.full((n,), -10**6, dtype=torch.long)
+                for slot, token in enumerate(order):
+                    rank[token] = slot
+                behind = rank[:, None] - rank[None, :]
+                seen = (bucket[:, None] == bucket[None, :]) & (behind >= 0) & (behind <= cfg.bucket_size)
+                count += seen.double()
+            count[:, ~real[b]] = 0
+            weight = (count > 0).double() if cfg.dedup_pairs else count
+            weight[~real[b]] = 1.0  # padded query rows: anything finite (not compared)
+            scores = q[b, h] @ (k[b, h] / k[b, h].norm(dim=-1, keepdim=True).clamp_min(1e-6)).T / d**0.5
+            scores.fill_diagonal_(-1e5)
+            out[b, h] = torch.softmax(scores + weight.log(), dim=-1) @ v[b, h]
+    return out
+
+
+@pytest.mark.parametrize("dedup_pairs", [True, False])
+@pytest.mark.parametrize("bucket_size,n_hashes,num_buckets", [(4, 1, 4), (4, 3, 4), (3, 2, 8), (8, 2, 2)])
+@pytest.mark.parametrize("seq,lengths", [(1, None), (23, None), (37, [37, 20, 1])])
+def test_reformer_causal_equals_its_dense_algorithm(dedup_pairs, bucket_size, n_hashes, num_buckets, seq, lengths):
+    attn = build_small("reformer", bucket_size=bucket_size, n_hashes=n_hashes, num_buckets=num_buckets,
+                       dedup_pairs=dedup_pairs, causal=True)
+    q, _, v = make_qkv(batch=len(lengths) if lengths else 2, seq=seq, seed=40, requires_grad=True)
+    mask = right_padding_mask(lengths, seq) if lengths else None
+    out = attn(q, q, v, key_padding_mask=mask)  # shared QK, as the backbone ties them
+    expected = _dense_lsh_causal(q, q, v, attn, mask)
+    _assert_real_rows_close(out, expected, mask)
+    _assert_same_gradients(out, expected, (q, v), mask)
+
+
+def test_reformer_causal_windows_are_not_vacuous():
+    # Many tokens per bucket: each query sees up to bucket_size earlier same-bucket keys, not just itself.
+    attn = build_small("reformer", bucket_size=4, n_hashes=1, num_buckets=2, causal=True)
+    q, _, v = make_qkv(batch=1, seq=40, seed=41)
+    out = attn(q, q, v)
+    alone = torch.isclose(out, v, atol=1e-6).all(-1)  # a token that sees only itself outputs v_i
+    assert alone.float().mean() < 0.2
