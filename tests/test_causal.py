@@ -466,3 +466,49 @@ def test_reformer_causal_windows_are_not_vacuous():
     out = attn(q, q, v)
     alone = torch.isclose(out, v, atol=1e-6).all(-1)  # a token that sees only itself outputs v_i
     assert alone.float().mean() < 0.2
+
+
+# ----------------------------------------------------------------------------- memory_compressed: exact
+
+
+def _dense_memory_compressed_causal(attn, q, k, v, mask):
+    """Slots written out block by block in float64; query i sees slots s < i // c and its block's j <= i."""
+    cfg = attn.config
+    c = cfg.compression
+    batch, heads, n, d = q.shape
+    q, k, v = (t.double() for t in (q, k, v))
+    real = torch.ones(batch, n, dtype=torch.bool) if mask is None else mask
+    k, v = (t * real[:, None, :, None] for t in (k, v))
+    n_slots = n // c  # only complete blocks can be fully past
+    k_slots, v_slots = [], []
+    for s in range(n_slots):
+        kb, vb = k[:, :, s * c:(s + 1) * c], v[:, :, s * c:(s + 1) * c]
+        if cfg.compression_type == "conv":
+            k_slots.append(torch.einsum("bhf,hfe->bhe", kb.reshape(batch, heads, c * d), attn.key_kernel.double()))
+            v_slots.append(torch.einsum("bhf,hfe->bhe", vb.reshape(batch, heads, c * d), attn.value_kernel.double()))
+        else:
+            count = real[:, s * c:(s + 1) * c].sum(-1).clamp_min(1)[:, None, None].double()
+            k_slots.append(kb.sum(2) / count)
+            v_slots.append(vb.sum(2) / count)
+    keys = torch.cat([torch.stack(k_slots, 2) if k_slots else k[:, :, :0], k], dim=2)
+    values = torch.cat([torch.stack(v_slots, 2) if v_slots else v[:, :, :0], v], dim=2)
+    i = torch.arange(n)[:, None]
+    slot_ok = torch.arange(n_slots)[None, :] < i // c
+    token_ok = (torch.arange(n)[None, :] // c == i // c) & (torch.arange(n)[None, :] <= i)
+    slot_real = real[:, : n_slots * c].reshape(batch, n_slots, c).any(-1)
+    allowed = torch.cat([slot_ok, token_ok], dim=1)[None, None] & torch.cat([slot_real, real], dim=1)[:, None, None, :]
+    return reference_attention(q, keys, values, allowed)
+
+
+@pytest.mark.parametrize("compression_type", ["conv", "mean"])
+@pytest.mark.parametrize("compression", [1, 3, 4])
+@pytest.mark.parametrize("seq,lengths", CAUSAL_LENGTHS + [(300, [300, 101])])
+def test_memory_compressed_causal_equals_dense_formula(compression_type, compression, seq, lengths):
+    attn = build_small("memory_compressed", compression=compression, compression_type=compression_type,
+                       causal=True, max_seq_len=None)
+    q, k, v = make_qkv(batch=len(lengths) if lengths else 2, seq=seq, seed=50, requires_grad=True)
+    mask = right_padding_mask(lengths, seq) if lengths else None
+    out = attn(q, k, v, key_padding_mask=mask)
+    expected = _dense_memory_compressed_causal(attn, q, k, v, mask)
+    _assert_real_rows_close(out, expected, mask)
+    _assert_same_gradients(out, expected, (q, k, v), mask)
