@@ -12,11 +12,13 @@ Modes:
 - ``local``: biases only where ``|t - t'| < window``, fixed at 0 elsewhere (the paper's
   AFT-local). Our biases are *relative*: ``w_{t,t'} = rel_bias[t' - t + window - 1]``
   (2 * window - 1 learned numbers), so the mode works at any length and needs no
-  ``max_seq_len``. Because the bias is 0 outside the window, the sums are the simple sums
-  plus a windowed correction ``(exp(w) - 1) * exp(K) V``: a banded Toeplitz product done as
-  block GEMMs over the sequence, O(n d max(window, 32)) time, O(n d) memory. The blocks
-  are max(32, 2 * window) long (capped at n), so a window of the order of n uses an
-  (n, n)-sized band block: at that size "local" costs what "full" does.
+  ``max_seq_len``. The sums split into the window, ``exp(w) * exp(K) V`` as a banded
+  Toeplitz product done as block GEMMs over the sequence, and the rest, weight 1, as a
+  prefix plus a suffix cumulative sum: O(n d max(window, 32)) time, O(n d) memory. The
+  blocks are max(32, 2 * window) long (capped at n), so a window of the order of n uses an
+  (n, n)-sized band block: at that size "local" costs what "full" does. (Not the simple
+  sums plus an ``(exp(w) - 1)`` correction: with biases far below 0 that difference of
+  nearly equal sums cancelled in float32.)
 - ``full``: learned pairwise biases ``w`` of shape ``(max_seq_len, max_seq_len)``; the sums
   are two matmuls ``exp(w) @ (exp(K) * V)`` and ``exp(w) @ exp(K)``: O(n^2 d) time,
   O(n^2) memory for ``exp(w)``, O(batch n^2) when a padding mask is given (row maxima over
@@ -24,14 +26,19 @@ Modes:
   are separate, so only extreme biases *and* keys together can underflow a row.
 
 The default is ``local`` (window 32): linear in n, position-aware, no ``max_seq_len``.
-Caveat of ``local``: a bias far below 0 makes ``exp(w) - 1`` close to -1, and the corrected
-sum is then a difference; float32 keeps it accurate unless such keys carry nearly all the
-weight of a row.
-
-Stability: ``K`` minus its per-channel maximum over real keys, and ``w`` minus its per-row
-maximum over real keys, before ``exp``; both shifts cancel between numerator and
+Stability: ``K`` minus its per-channel maximum over real keys before ``exp``; in ``full``
+mode ``w`` minus its per-row maximum over real keys, in ``local`` mode the biases shifted
+only when ``exp`` would leave float32's range; every shift cancels between numerator and
 denominator. Learned biases start small (normal, std ``bias_init_std``, drawn from
 ``seed``) rather than at exactly 0, so the position path is exercised from the start.
+
+Causal (``causal=True``): the paper's autoregressive form (section 3, used for its image and
+character language models): every sum runs over ``t' <= t``. ``simple``: cumulative sums,
+O(n d); ``local``: the window's left half (offsets ``-s < t' - t <= 0``) plus a prefix sum of the
+rest, O(n d max(s, 32)); ``full``: ``exp(w)`` masked to the lower triangle. The key shift is the
+maximum over all real keys (detached: no gradient to later keys); where a later key exceeds all
+earlier ones of a channel by more than ``FP32_EXCESS`` nats the sums are taken in float64, so a row
+never underflows for want of its own keys.
 
 ``dropout``: AFT has no attention probabilities, so ``dropout`` is accepted (one harness
 setting for every mechanism) and does nothing here.
@@ -47,8 +54,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
+
+# |w| below which exp(w) and exp(-w) are normal float32 numbers (float32's exp overflows past 88.7).
+EXP_SAFE = 80.0
+# Causal rows: largest gap (nats) between a channel's top key and the top key a row can see that
+# float32 weights tolerate; beyond it the causal sums run in float64.
+FP32_EXCESS = 60.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,8 @@ class AFTConfig(AttentionConfig):
     "aft",
     config=AFTConfig,
     family="attention-free",
+    supports_causal=True,
+    causal_note="the paper's causal AFT: sums over t' <= t in simple (cumulative), local and full modes",
     time_complexity="simple O(n d); local O(n s d); full O(n^2 d)",
     memory_complexity="simple O(n d); local O(n d); full O(n^2) for exp(w) (O(b n^2) masked), never n x n x d",
     needs_max_seq_len=False,
@@ -92,6 +106,8 @@ class AFTAttention(Attention):
             self.pos_bias = nn.Parameter(torch.randn(n, n, generator=gen) * config.bias_init_std)
 
     def attend(self, q, k, v, key_padding_mask):
+        if self.config.causal:
+            return self._causal_attend(q, k, v, key_padding_mask)
         mode = self.config.mode
         if mode == "simple":
             return torch.sigmoid(q) * _simple_context(k, v, key_padding_mask)
@@ -103,33 +119,55 @@ class AFTAttention(Attention):
         # keeps all-padding sequences finite (their rows are padding anyway).
         return torch.sigmoid(q) * (num / den.clamp_min(torch.finfo(den.dtype).tiny))
 
-    def _local_sums(self, weights: torch.Tensor, weighted_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Simple sums plus the windowed correction sum_{|t-t'|<s} (exp(w_{t,t'}) - 1) e_t' [v_t', 1]."""
+    def _causal_attend(self, q, k, v, key_padding_mask):
+        """Sums over ``t' <= t`` only (see the module docstring); the same three modes."""
+        weights, weighted_v = _causal_key_weights(k, v, key_padding_mask)
+        mode = self.config.mode
+        if mode == "simple":
+            num, den = weighted_v.cumsum(dim=2), weights.cumsum(dim=2)
+        elif mode == "local":
+            num, den = self._local_sums(weights, weighted_v, causal=True)
+        else:
+            exp_w = _causal_exp_bias(self.pos_bias[: k.shape[2], : k.shape[2]].to(weights.dtype), key_padding_mask)
+            sums = torch.matmul(exp_w, torch.cat([weighted_v, weights], dim=-1))
+            num, den = sums.split(k.shape[-1], dim=-1)
+        # den > 0 on every real row (its own key); the clamp keeps rows without a real key finite.
+        out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+        return torch.sigmoid(q) * out.to(q.dtype)
+
+    def _local_sums(
+        self, weights: torch.Tensor, weighted_v: torch.Tensor, causal: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """In-window sums with weights exp(w) plus out-of-window sums with weight 1, both of e_t' [v_t', 1].
+
+        The two parts are computed separately and added, never as the simple sums plus an
+        ``(exp(w) - 1)`` correction: with biases far below 0 that correction nearly cancels the
+        simple sum and float32 returned the difference of two almost equal numbers (issue 11).
+        Out of the window, ``t' <= t - s`` and ``t' >= t + s`` are a prefix and a suffix sum
+        (each a cumulative sum, of non-negative weights in the denominator). A common factor
+        ``exp(-center)`` (``center`` the midpoint of the biases and 0) keeps ``exp(w)`` and the
+        out-of-window weight inside float32 range when a bias exceeds +-EXP_SAFE; it cancels in num / den.
+        """
         batch, heads, seq, dim = weights.shape
         s = self.config.window
         # Numerator and denominator in one pass, channels first so that the sequence is the
         # contiguous axis: the banded Toeplitz product is then a few plain GEMMs.
         stacked = torch.cat([weighted_v.transpose(-1, -2), weights.transpose(-1, -2)], dim=-2)  # (b, h, 2d, n)
-        b = min(max(32, 2 * s), seq)  # block length; > s - 1 whenever there are several blocks
-        blocks = -(-seq // b)
-        padded = stacked if blocks * b == seq else F.pad(stacked, (0, blocks * b - seq))
-        rows = padded.view(-1, blocks, b)
-        coeff = torch.expm1(self.rel_bias).to(stacked.dtype)  # coeff[o + s - 1]: key offset t' - t = o
-
-        # Within a block: query i, key j, offset j - i.
-        corr = torch.matmul(rows, _toeplitz(coeff, b, b, row_start=0, col_start=0, window=s).T)
-        if blocks > 1 and s > 1:
-            edge = s - 1
-            # The first s - 1 queries of a block see the last s - 1 keys of the previous block,
-            # the last s - 1 queries see the first s - 1 keys of the next one.
-            prev = _toeplitz(coeff, edge, edge, row_start=b, col_start=b - edge, window=s)
-            nxt = _toeplitz(coeff, edge, edge, row_start=b - edge, col_start=b, window=s)
-            corr[:, 1:, :edge] += torch.matmul(rows[:, :-1, b - edge:], prev.T)
-            corr[:, :-1, b - edge:] += torch.matmul(rows[:, 1:, :edge], nxt.T)
-        corr = corr.view(batch, heads, 2 * dim, blocks * b)
-        if blocks * b != seq:
-            corr = corr[..., :seq]
-        totals = (corr + stacked.sum(dim=-1, keepdim=True)).transpose(-1, -2)  # (b, h, n, 2d), a view
+        bias = self.rel_bias.to(stacked.dtype)
+        with torch.no_grad():
+            # Shift only when exp would leave float32's range: w - center rounds, w itself does not.
+            low, high = torch.clamp_max(bias.min(), 0.0), torch.clamp_min(bias.max(), 0.0)
+            center = torch.where((high > EXP_SAFE) | (low < -EXP_SAFE), (low + high) / 2, torch.zeros_like(low))
+        coeff = torch.exp(bias - center)  # coeff[o + s - 1]: key offset t' - t = o, in the window
+        if causal:  # later keys (o > 0) get no weight, and no suffix sum below
+            coeff = coeff * (torch.arange(2 * s - 1, device=coeff.device) <= s - 1)
+        inside = _banded_sum(stacked, coeff, s)
+        outside = stacked.new_zeros(())
+        if seq > s:
+            outside = F.pad(stacked[..., : seq - s].cumsum(-1), (s, 0))  # t' <= t - s
+        if seq > s and not causal:
+            outside = outside + F.pad(stacked[..., s:].flip(-1).cumsum(-1).flip(-1), (0, s))  # t' >= t + s
+        totals = (inside + outside * torch.exp(-center)).transpose(-1, -2)  # (b, h, n, 2d), a view
         num, den = totals.split(dim, dim=-1)  # split (not slicing): its backward is one cat, no zero fill
         return num, den
 
@@ -155,6 +193,31 @@ class AFTAttention(Attention):
         return sums[..., :dim], sums[..., dim:]
 
 
+def _banded_sum(stacked: torch.Tensor, coeff: torch.Tensor, s: int) -> torch.Tensor:
+    """``out[..., t] = sum_{|t' - t| < s} coeff[t' - t + s - 1] stacked[..., t']`` for ``stacked`` (..., n).
+
+    A banded Toeplitz product done as block GEMMs over the sequence: blocks of max(32, 2s) (capped
+    at n) positions, each with its own block and the s - 1 edge positions of its neighbours.
+    """
+    seq = stacked.shape[-1]
+    b = min(max(32, 2 * s), seq)  # block length; > s - 1 whenever there are several blocks
+    blocks = -(-seq // b)
+    padded = stacked if blocks * b == seq else F.pad(stacked, (0, blocks * b - seq))
+    rows = padded.reshape(-1, blocks, b)
+    # Within a block: query i, key j, offset j - i.
+    out = torch.matmul(rows, _toeplitz(coeff, b, b, row_start=0, col_start=0, window=s).T)
+    if blocks > 1 and s > 1:
+        edge = s - 1
+        # The first s - 1 queries of a block see the last s - 1 keys of the previous block,
+        # the last s - 1 queries see the first s - 1 keys of the next one.
+        prev = _toeplitz(coeff, edge, edge, row_start=b, col_start=b - edge, window=s)
+        nxt = _toeplitz(coeff, edge, edge, row_start=b - edge, col_start=b, window=s)
+        out[:, 1:, :edge] += torch.matmul(rows[:, :-1, b - edge:], prev.T)
+        out[:, :-1, b - edge:] += torch.matmul(rows[:, 1:, :edge], nxt.T)
+    out = out.view(*stacked.shape[:-1], blocks * b)
+    return out if blocks * b == seq else out[..., :seq]
+
+
 def _toeplitz(coeff: torch.Tensor, n_rows: int, n_cols: int, row_start: int, col_start: int, window: int):
     """(n_rows, n_cols) slice of the banded matrix M[t, t'] = coeff[t' - t + window - 1] for |t' - t| < window."""
     t = torch.arange(row_start, row_start + n_rows, device=coeff.device)[:, None]
@@ -168,11 +231,43 @@ def _simple_context(k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Te
     """sum_t' softmax_t'(K)_t' V_t' per channel: (batch, heads, 1, dim). softmax subtracts the maximum."""
     if key_padding_mask is not None:
         k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
-        v = zero_padded_values(v, key_padding_mask)
     probs = torch.softmax(k, dim=2)
     if key_padding_mask is not None:
         probs = torch.nan_to_num(probs, nan=0.0)  # all-padding sequence: no key at all
     return (probs * v).sum(dim=2, keepdim=True)
+
+
+def _causal_key_weights(
+    k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_stable_key_weights` for causal sums, in float64 where float32 would underflow a row.
+
+    The shift is the maximum over all real keys, later ones included: it cancels (and is detached,
+    so no gradient reaches a later key), but row ``t`` only sums keys ``t' <= t``, whose largest
+    weight is ``exp(max_{t'<=t} K - max K)``. When a later key exceeds every earlier one of a channel
+    by more than ``FP32_EXCESS`` nats, float32 would lose that row; the weights are then float64.
+    """
+    with torch.no_grad():
+        kd = k.detach() if key_padding_mask is None else k.detach().masked_fill(
+            ~key_padding_mask[:, None, :, None], float("-inf"))
+        excess = kd.amax(dim=2, keepdim=True) - kd.cummax(dim=2).values
+        wide = bool(excess.nan_to_num(nan=0.0, posinf=0.0).amax() > FP32_EXCESS) if excess.numel() else False
+    if wide:
+        k, v = k.double(), v.double()
+    return _stable_key_weights(k, v, key_padding_mask)
+
+
+def _causal_exp_bias(w: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """``exp(w - row max)`` on ``t' <= t`` (real keys only), 0 elsewhere: ``(seq, seq)`` or ``(batch, 1, seq, seq)``."""
+    allowed = torch.ones_like(w, dtype=torch.bool).tril()
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, :]
+    # Mask before exp (exp(-inf) = 0): a later bias never overflows, and its gradient is exactly 0.
+    masked = w.masked_fill(~allowed, float("-inf"))
+    w_max = masked.detach().amax(dim=-1, keepdim=True)
+    w_max = torch.where(torch.isfinite(w_max), w_max, torch.zeros_like(w_max))
+    exp_w = (masked - w_max).exp()
+    return exp_w if key_padding_mask is None else exp_w[:, None]
 
 
 def _stable_key_weights(
@@ -182,7 +277,6 @@ def _stable_key_weights(
     if key_padding_mask is not None:
         real = key_padding_mask[:, None, :, None]
         k = k.masked_fill(~real, float("-inf"))
-        v = zero_padded_values(v, key_padding_mask)
     k_max = k.detach().amax(dim=2, keepdim=True)  # the shift cancels in num / den: no gradient needed
     k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))  # all-padding sequence
     weights = torch.exp(k - k_max)

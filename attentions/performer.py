@@ -10,7 +10,16 @@ features ``phi(x) = exp(W x - |x|^2/2) / sqrt(m)`` give ``A ~= phi(Q) phi(K)^T``
 
     out = phi(Q) (phi(K)^T V) / (phi(Q) (phi(K)^T 1))
 
-in ``O(n m d)`` time and ``O(n m + m d)`` memory, bidirectional (no causal prefix sums).
+in ``O(n m d)`` time and ``O(n m + m d)`` memory.
+
+Causal (``causal=True``): the paper's unidirectional FAVOR+ (section 2.6, "prefix sums": out_i =
+``phi(q_i)^T S_i / phi(q_i)^T z_i`` with ``S_i = sum_{j<=i} phi(k_j) v_j^T``, ``z_i = sum_{j<=i} phi(k_j)``).
+The paper's code takes a cumulative sum of the per-token outer products, an ``(n, m, d)`` tensor (1 GiB
+at n = 4096, m = 256, d = 32, batch 2, 4 heads). Here the sums are chunked (Katharopoulos et al. 2020's
+chunked form): a masked ``(C, C)`` product inside each chunk of ``C`` tokens and one carried ``(m, d+1)``
+state per chunk, so memory stays ``O(n m + n C)`` (see ``causal_exp_linear_attention``). Stabilised
+with prefix maxima only (a global key maximum would let a later key underflow earlier ones and make
+an output depend numerically on the future).
 """
 
 from __future__ import annotations
@@ -20,7 +29,13 @@ from typing import Literal
 
 import torch
 
-from ._random_features import draw_generator, gaussian_projection, linear_attention
+from ._random_features import (
+    causal_exp_linear_attention,
+    causal_linear_attention,
+    draw_generator,
+    gaussian_projection,
+    linear_attention,
+)
 from .base import Attention
 from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
@@ -52,6 +67,8 @@ class PerformerConfig(AttentionConfig):
     "performer",
     config=PerformerConfig,
     family="kernel",
+    supports_causal=True,
+    causal_note="FAVOR+ prefix sums (paper sec. 2.6), chunked: O(n m + n C) memory, prefix-max stabiliser",
     time_complexity="O(n m d), m = num_features",
     memory_complexity="O(n m + m d)",
     exact=False,
@@ -68,10 +85,12 @@ class PerformerAttention(Attention):
     draw counters are buffers too, so a checkpoint resumes the same schedule. ``eval()`` never
     redraws and does not count calls.
 
-    Numerical stabiliser (as in the paper's code, kept exact): before ``exp`` each query row
-    subtracts its own max over features and each (batch, head) subtracts one max over all real
-    keys and features. Both factors cancel between numerator and denominator, so the output is the
-    unstabilised estimator up to rounding; the maxima are detached (their exact gradient is zero).
+    Numerical stabiliser (kept exact): before ``exp`` every key feature ``f`` subtracts its maximum
+    ``c_f`` over the real keys, and the query features add ``c_f`` back and then subtract their own
+    row maximum. ``c_f`` cancels between the two sides and the row shift between numerator and
+    denominator, so the output is the unstabilised estimator up to rounding; the maxima are detached
+    (their exact gradient is zero). Unlike one shift per (batch, head) (the paper's code), this
+    cannot underflow a key that carries weight when other keys have far larger logits.
     The ``1/sqrt(m)`` factor also cancels and is not applied.
 
     Padding: padded keys and values are zeroed, excluded from the key max, and their feature rows
@@ -115,8 +134,9 @@ class PerformerAttention(Attention):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stabilised ``(phi(Q), phi(K))``, each ``(batch, heads, seq, m)``; padded key rows are zero.
 
-        Each is the paper's feature map up to a positive factor per query row (for ``phi(Q)``) or
-        per (batch, head) (for ``phi(K)``), which the attention's normalisation cancels.
+        Each is the paper's feature map up to positive factors that the attention's normalisation
+        cancels: ``phi(Q)`` times ``exp(c_f - M_i)`` (per feature and query row), ``phi(K)`` times
+        ``exp(-c_f)`` (per feature), ``c_f`` the feature's maximum log-feature over the real keys.
         """
         compute = torch.promote_types(q.dtype, torch.float32)  # exp in half precision overflows
         q, k = q.to(compute), k.to(compute)
@@ -134,22 +154,48 @@ class PerformerAttention(Attention):
             if pad is not None:
                 phi_k = phi_k.masked_fill(pad, 0.0)
             return phi_q, phi_k
-        # Queries: exp(w.x - |x|^2/2) / max_f exp(w_f.x - |x|^2/2) = exp(w.x - max_f w_f.x); the
-        # |x|^2/2 term is constant along a row, so it cancels with the per-row stabiliser.
-        phi_q = torch.exp(q_proj.sub_(q_proj.detach().amax(dim=-1, keepdim=True)))
-        # Keys: one shift per (batch, head) over all real keys and features, so |y|^2/2 stays.
+        # Keys: log phi(y)_f = w_f.y - |y|^2/2, shifted per feature f by its maximum c_f over the
+        # real keys; the factor exp(c_f) is moved to the query side. Every key feature is then
+        # <= 1 and each feature's top key is exactly 1, so no key underflows merely because
+        # another key (or feature) is far larger: a shift shared by all features would drop
+        # keys that matter (the issue-11 collapse at large logits).
         half_sq_norm = (k * scale).square().sum(-1, keepdim=True) / 2  # (b, h, n, 1)
-        row_max = k_proj.detach().amax(dim=-1, keepdim=True) - half_sq_norm.detach()
-        if pad is not None:
-            row_max = row_max.masked_fill(pad, float("-inf"))
-        k_stab = torch.nan_to_num(row_max.amax(dim=-2, keepdim=True), neginf=0.0)  # no real key: any shift
-        k_log = k_proj.add_(-(half_sq_norm + k_stab))  # add_ of a negated (n x 1): no n x m neg in backward
+        k_log = k_proj.sub_(half_sq_norm)
         if pad is not None:
             k_log = k_log.masked_fill_(pad, float("-inf"))  # exp(-inf) = 0: padded rows vanish exactly
-        return phi_q, torch.exp(k_log)
+        key_max = torch.nan_to_num(k_log.detach().amax(dim=-2, keepdim=True), neginf=0.0)  # (b, h, 1, m)
+        phi_k = torch.exp(k_log.sub_(key_max))
+        # Queries: log phi(x)_f + c_f, shifted by its own row maximum. The |x|^2/2 term is constant
+        # along a row and cancels with that shift, so it is never formed. The row shift cancels in
+        # the ratio and c_f cancels against the keys' shift: the output is the unstabilised estimator
+        # up to rounding. Each product phi_q phi_k is exp(its log-term - the row's largest log-term),
+        # so the denominator is >= 1 and only terms negligible next to the largest underflow.
+        q_log = q_proj.add_(key_max)
+        phi_q = torch.exp(q_log.sub_(q_log.detach().amax(dim=-1, keepdim=True)))
+        return phi_q, phi_k
 
     def attend(self, q, k, v, key_padding_mask):
         self._maybe_redraw()
+        if self.config.causal:
+            return self._causal_attend(q, k, v, key_padding_mask)
         phi_q, phi_k = self.feature_maps(q, k, key_padding_mask)
         return linear_attention(phi_q, phi_k, v, key_padding_mask)
+
+    def _causal_attend(self, q, k, v, key_padding_mask):
+        """Causal FAVOR+ by chunked prefix sums (see the module docstring)."""
+        if self.config.kernel == "relu":
+            phi_q, phi_k = self.feature_maps(q, k, key_padding_mask)  # bounded features: no stabiliser needed
+            return causal_linear_attention(phi_q, phi_k, v, key_padding_mask)
+        compute = torch.promote_types(q.dtype, torch.float32)
+        q, k = q.to(compute), k.to(compute)
+        k = zero_padded_values(k, key_padding_mask)  # padded contents never reach exp (no inf*0)
+        scale = q.shape[-1] ** -0.25
+        w = self.projection.to(compute) * scale
+        # log phi(x)_f = w_f.x - |x|^2/2 up to the 1/sqrt(m) factor; the query's |x|^2/2 is constant
+        # along its row and cancels in the ratio, so it is left out.
+        log_q = torch.matmul(q, w.T)
+        log_k = torch.matmul(k, w.T).sub_((k * scale).square().sum(-1, keepdim=True) / 2)
+        if key_padding_mask is not None:
+            log_k = log_k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+        return causal_exp_linear_attention(log_q, log_k, v, key_padding_mask)
 
