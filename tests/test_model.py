@@ -261,3 +261,81 @@ def test_overhead_baseline_is_the_same_network():
     base.load_state_dict({k: v.detach().clone() for k, v in mapped.items()}, strict=True)
     tokens, mask = tokens_and_mask([LENGTH, 9])
     torch.testing.assert_close(base(tokens, mask), ours(tokens, mask), atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- token head, causal backbone
+
+
+def _causal_mechanisms():
+    from attentions import causal_attentions
+
+    return causal_attentions()
+
+
+def test_token_head_gives_one_prediction_per_position_and_no_cls():
+    model = build_model(tiny(token_level=True, pooling="cls")).eval()
+    tokens, mask = tokens_and_mask([LENGTH, 9])
+    logits = model(tokens, mask)
+    assert logits.shape == (2, LENGTH, CLASSES)
+    assert not hasattr(model.encoder, "cls")  # no CLS token in front of a token-level model
+    assert model.encoder.blocks[0].attn.attention.config.max_seq_len == LENGTH
+    # The head is the classifier applied to each position's final state.
+    states, _ = model.encoder.encode(tokens, mask)
+    torch.testing.assert_close(logits, model.head(states))
+    torch.testing.assert_close(model.forward_batch({"tokens": tokens, "mask": mask}), logits)
+
+
+def test_last_pooling_reads_the_last_real_token_and_ignores_padding():
+    torch.manual_seed(0)
+    model = build_model(tiny(pooling="last")).eval()
+    tokens, mask = tokens_and_mask([LENGTH, 6])
+    states, _ = model.encoder.encode(tokens, mask)
+    torch.testing.assert_close(model.encoder(tokens, mask), torch.stack([states[0, LENGTH - 1], states[1, 5]]))
+    garbage = tokens.masked_fill(~mask, 7)
+    torch.testing.assert_close(model(garbage, mask), model(tokens, mask), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", _causal_mechanisms())
+def test_causal_backbone_position_i_ignores_later_tokens(name):
+    """model.causal=true: every layer is causal, so the logits at positions <= i do not move when any token
+    after i changes (token head), and the last-pooled logits of a prefix equal those of the prefix alone."""
+    torch.manual_seed(0)
+    params = dict(SMALL_PARAMS.get(name, {}))
+    params.pop("global_positions", None)  # longformer: global tokens are fine causally, keep the default
+    model = build_model(tiny(attention=name, attention_params=params, causal=True, token_level=True,
+                             num_layers=2)).eval()
+    tokens, mask = tokens_and_mask([LENGTH, LENGTH], seed=3)
+    reference = model(tokens, mask)
+    g = torch.Generator().manual_seed(1)
+    for i in (0, 5, 11, LENGTH - 2):
+        changed = tokens.clone()
+        changed[:, i + 1 :] = torch.randint(1, VOCAB, (2, LENGTH - i - 1), generator=g)
+        assert not torch.equal(changed, tokens)
+        torch.testing.assert_close(model(changed, mask)[:, : i + 1], reference[:, : i + 1], atol=1e-5, rtol=1e-4)
+    # The later positions do depend on the changed tokens (the check is not vacuous).
+    assert not torch.allclose(model(changed, mask)[:, -1], reference[:, -1], atol=1e-4)
+
+
+def test_causal_sequence_classifier_with_last_pooling_equals_its_prefix():
+    torch.manual_seed(0)
+    model = build_model(tiny(causal=True, pooling="last")).eval()
+    tokens, mask = tokens_and_mask([LENGTH, LENGTH], seed=4)
+    prefix = 10
+    short_mask = mask.clone()
+    short_mask[:, prefix:] = False
+    # Right padding after the prefix, whatever stands there, gives the prefix's own prediction.
+    torch.testing.assert_close(model(tokens, short_mask), model(tokens[:, :prefix], mask[:, :prefix]),
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(causal=True, pooling="cls"), "pooling.*'cls' cannot be used with causal"),
+        (dict(causal=True, pooling="mean", attention="linformer"), "causal.*linformer"),
+        (dict(token_level=True, two_sequence=True), "token_level.*two_sequence"),
+    ],
+)
+def test_bad_causal_and_token_configs_are_named(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(tiny(**overrides))

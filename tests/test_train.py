@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -330,3 +331,56 @@ def test_checkpoint_roundtrip_with_weights_only(tmp_path):
     assert random.random() == expected[1] and np.random.rand() == expected[2]
     assert loaded["state"] == {"step": 3, "losses": [0.5]}
     torch.optim.AdamW(model.parameters()).load_state_dict(loaded["optimizer"])
+
+
+def _mqar_cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=["experiment=smoke/mqar", "quiet=true", f"results_dir={tmp_path}/results",
+                                           f"cache_dir={tmp_path}/cache", *overrides])
+
+
+@pytest.mark.parametrize("form", ["encoder", "decoder"])
+def test_mqar_smoke_run_scores_answer_positions_only(tmp_path, form):
+    """Token-level task: loss and accuracy over the labelled (answer) positions, plus the share of sequences
+    with every answer right; both equal a re-evaluation of the best checkpoint by hand."""
+    extra = ["task.params.form=decoder", "model.causal=true"] if form == "decoder" else []
+    cfg = _mqar_cfg(tmp_path, *extra)
+    record = run(cfg)
+    assert record["status"] == "ok", record.get("error")
+    assert record["model_config"]["token_level"] and record["model_config"]["causal"] == (form == "decoder")
+    assert record["attention_config"]["max_seq_len"] == 24  # no CLS token
+    task = train_mod.make_task(cfg)
+    model = build_model(train_mod.model_config_for(cfg, task)).eval()
+    model.load_state_dict(load_checkpoint(Path(record["checkpoint_dir"]) / "best.pt")["model"])
+    right = answers = all_right = 0
+    with torch.no_grad():
+        for batch in task.batches("test", 7):
+            pred = model(batch["tokens"], batch["mask"]).argmax(-1)
+            for p, y in zip(pred, batch["labels"]):
+                asked = y != -100
+                right += int((p[asked] == y[asked]).sum())
+                answers += int(asked.sum())
+                all_right += bool((p[asked] == y[asked]).all())
+    assert answers == 64 * 4
+    assert record["test_acc"] == pytest.approx(right / answers)
+    assert record["test_sequence_acc"] == pytest.approx(all_right / 64)
+    labels = task.labels("test")
+    counts = np.bincount(labels[labels != -100])
+    assert record["majority_test_acc"] == pytest.approx(counts.max() / answers)
+
+
+def test_mqar_decoder_form_needs_a_causal_model(tmp_path):
+    record = run(_mqar_cfg(tmp_path, "task.params.form=decoder"))
+    assert record["status"] == "error" and record["stage"] == "setup"
+    assert "needs model.causal=true" in record["error"]["message"]
+
+
+def test_token_loss_ignores_unlabelled_positions():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.full((2, 5), -100)
+    labels[0, 1], labels[1, 4] = 3, 6
+    expected = torch.nn.functional.cross_entropy(torch.stack([logits[0, 1], logits[1, 4]]), torch.tensor([3, 6]))
+    torch.testing.assert_close(train_loop.classification_loss(logits, labels), expected)
+    # Sequence-level logits and labels go through unchanged.
+    torch.testing.assert_close(train_loop.classification_loss(logits[:, 0], torch.tensor([1, 2])),
+                               torch.nn.functional.cross_entropy(logits[:, 0], torch.tensor([1, 2])))
