@@ -1,7 +1,7 @@
 """Measurement utilities: allocator-level peak memory, wall-clock timing, device description.
 
 Peak memory is what the *allocator* handed out during the measured step, above what was
-already allocated when the step began, with the peak reset first (DESIGN.md, "Measuring
+already allocated when the step began, with the peak reset first (docs/DESIGN.md, "Measuring
 honestly"). Process RSS is never used: it includes the interpreter, freed-but-cached
 pages and other threads, and it does not go down when tensors are freed.
 
