@@ -109,7 +109,7 @@ def _cpu_peak_from_profile(prof: Any) -> int:
     events = []
     for event in _walk(prof.profiler.kineto_results.experimental_event_tree()):
         fields = event.extra_fields
-        if not isinstance(fields, torch._C._profiler._ExtraFields_Allocation) or fields.device.type != "cpu":
+        if not hasattr(fields, "alloc_size") or fields.device.type != "cpu":  # allocation events only
             continue
         events.append((event.start_time_ns, int(fields.alloc_size), int(fields.ptr)))
     events.sort(key=lambda e: e[0])  # the stable sort keeps same-timestamp events in emission order
