@@ -148,6 +148,8 @@ def make_task(cfg: DictConfig):
     else:
         from tasks import build_task as factory
     params = OmegaConf.to_container(cfg.task.params, resolve=True) or {}
+    if cfg.get("data_root"):  # an extracted lra_release: each task finds its files there (tasks.build_task)
+        params["data_root"] = str(_abs_path(cfg.data_root))
     return factory(cfg.task.name, cache_dir=str(_abs_path(cfg.cache_dir)), seed=int(cfg.task.data_seed), **params)
 
 
@@ -339,6 +341,11 @@ def train(cfg: DictConfig, run_id: str, checkpoint_dir: Path, out: dict[str, Any
     out["attention_config"] = asdict(model.encoder.blocks[0].attn.attention.config)
     out["model_config"] = model_cfg.to_dict()
     out["majority_test_acc"] = majority_accuracy(task.labels("test"))
+    # LRA's Text protocol validates on the test split; the report marks runs that did (docs/DATA.md).
+    out["validation_is_test"] = bool(getattr(task, "validation_is_test", False))
+    notes = getattr(task, "notes", None) or {}
+    out["data_notes"] = {"source": notes.get("source"), "validation": notes.get("validation"),
+                         "skipped_files": len(notes.get("skipped") or [])}
 
     # Preflight: one forward on real validation examples so a config that cannot work at this length
     # (a window or projection that does not fit the sequence) fails before training, with its reason.
