@@ -15,7 +15,8 @@ Guarantees:
   a crash leaves at most a stray ``.tmp-*`` directory, never a half-written entry.
 * An entry is built once even when many processes (a cluster sweep's jobs) ask for it at the same time: the
   builder holds a file lock (``<entry>.lock``, the ``filelock`` package) and the others wait for it, then load
-  the entry it wrote. ``arena-data prepare`` builds entries ahead of a sweep.
+  the entry it wrote (the empty lock file stays: deleting it would let a third process lock a new file while a
+  second still holds the old one). ``arena-data prepare`` builds entries ahead of a sweep.
 * Every load checks each file's size, shape and dtype and its CRC-32 (CRC, not a cryptographic hash: it detects
   truncation and bit rot at ~2 GB/s, e.g. 0.1 s for the 200 MB ListOps cache; nobody is attacking the cache).
   A bad entry is reported with a warning, removed and rebuilt, never silently used. A verified entry is not

@@ -125,7 +125,8 @@ def locate_splits(data_dir: str, splits: tuple[str, ...], expected: str) -> dict
 
 
 def open_split(source: SplitSource, hf_cache: str) -> Any:
-    """A ``datasets.Dataset`` for one located split (memory-mapped where the layout allows)."""
+    """A ``datasets.Dataset`` for one located split: memory-mapped (save_to_disk, Arrow cache), in memory (parquet),
+    or converted by ``datasets`` into ``hf_cache`` (csv, json)."""
     import datasets
 
     if source.kind == "save_to_disk":
@@ -133,6 +134,12 @@ def open_split(source: SplitSource, hf_cache: str) -> Any:
     if source.kind == "arrow_cache":
         parts = [datasets.Dataset.from_file(f) for f in source.files]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if source.kind == "parquet":
+        # Read in memory (the features travel in the schema metadata): no converted copy in any cache folder.
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        return datasets.Dataset(pa.concat_tables([pq.read_table(f) for f in source.files]))
     return datasets.load_dataset(source.kind, data_files={"split": source.files}, cache_dir=hf_cache)["split"]
 
 
