@@ -150,13 +150,13 @@ def check(args: argparse.Namespace) -> int:
             task.prepare()
         except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
             print(f"   NOT READY: {err}")
-            failed.append(f"{name} ({err})")
+            failed.append(name)
             continue
         for line in report(task, time.perf_counter() - start):
             print("   " + line.replace("\n", "\n   "))
         print("   READY")
     if failed:
-        print("not ready: " + "; ".join(failed), file=sys.stderr)
+        print(f"not ready: {', '.join(failed)} (the reasons are above)", file=sys.stderr)
         return 1
     print(f"all {len(names)} task(s) ready")
     return 0

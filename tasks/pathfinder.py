@@ -111,7 +111,9 @@ class _PathfinderBase(Task):
                 meta = _release_module().metadata_files(self.config.data_dir)
             except FileNotFoundError:
                 meta = []
-            return {"data_dir": os.path.abspath(self.config.data_dir), "metadata": [file_identity(m) for m in meta]}
+            # "reader" names how the files become arrays (text/binary metadata, empty PNGs skipped, seeded order).
+            return {"data_dir": os.path.abspath(self.config.data_dir), "metadata": [file_identity(m) for m in meta],
+                    "reader": "release-v2"}
         module = _generator_module()
         path = getattr(module, "__file__", None)
         digest = hashlib.sha256(open(path, "rb").read()).hexdigest()[:16] if path else module.__name__

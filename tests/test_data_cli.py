@@ -51,9 +51,10 @@ def test_check_names_what_is_missing_or_unreadable(release, tmp_path, capsys):
     rc = main(["check", str(broken), "--cache-dir", str(tmp_path / "cache")])
     captured = capsys.readouterr()
     assert rc == 1
-    assert "retrieval" in captured.err and "new_aan_pairs.eval.tsv" in captured.err
-    assert "pathx" in captured.err and "sample_12.png" in captured.err
-    assert "listops" not in captured.err and captured.out.count("   READY") == 4
+    assert captured.err.startswith("not ready: retrieval, pathx")
+    reasons = [ln for ln in captured.out.splitlines() if "NOT READY" in ln]
+    assert len(reasons) == 2 and "new_aan_pairs.eval.tsv" in reasons[0] and "sample_12.png" in reasons[1]
+    assert captured.out.count("   READY") == 4
 
 
 def test_check_without_root_skips_generation_and_fails_on_retrieval(tmp_path, capsys, monkeypatch):
