@@ -135,6 +135,17 @@ def report(task: Task, seconds: float) -> list[str]:
     return lines
 
 
+READ_ERRORS = (ValueError, FileNotFoundError, OSError, RuntimeError)
+
+
+def _prepared(name: str, args: argparse.Namespace) -> tuple[Task, float]:
+    """Build ``name`` and its cache entry now; returns the task and the seconds it took."""
+    start = time.perf_counter()
+    task = make(name, args)
+    task.prepare()
+    return task, time.perf_counter() - start
+
+
 def check(args: argparse.Namespace) -> int:
     names = args.tasks or list(LRA_TASKS)
     failed: list[str] = []
@@ -144,15 +155,13 @@ def check(args: argparse.Namespace) -> int:
             print("   generated (no data_root given): built on first use; `arena-data prepare "
                   f"{name}` builds it now")
             continue
-        start = time.perf_counter()
         try:
-            task = make(name, args)
-            task.prepare()
-        except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+            task, seconds = _prepared(name, args)
+        except READ_ERRORS as err:
             print(f"   NOT READY: {err}")
             failed.append(name)
             continue
-        for line in report(task, time.perf_counter() - start):
+        for line in report(task, seconds):
             print("   " + line.replace("\n", "\n   "))
         print("   READY")
     if failed:
@@ -163,20 +172,16 @@ def check(args: argparse.Namespace) -> int:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    names = args.tasks or list(LRA_TASKS)
     failed = []
-    for name in names:
-        start = time.perf_counter()
+    for name in args.tasks or LRA_TASKS:
         try:
-            task = make(name, args)
-            task.prepare()
-        except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+            task, seconds = _prepared(name, args)
+        except READ_ERRORS as err:
             print(f"{name}: FAILED: {err}")
             failed.append(name)
             continue
         directory = entry_dir(task.cache_dir, task.name, task.cache_settings())
-        print(f"{name}: ready in {time.perf_counter() - start:.1f} s: {directory} "
-              f"({_size_on_disk(directory) / 2**20:.1f} MiB)")
+        print(f"{name}: ready in {seconds:.1f} s: {directory} ({_size_on_disk(directory) / 2**20:.1f} MiB)")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
