@@ -19,14 +19,13 @@ image column (``img`` or ``image``) and a ``label`` column. Without it, the hub 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tasks.base import Arrays, Task, TaskConfig, register_task, require, subset_rows
-from tasks.sources import open_splits, source_identity
+from tasks.sources import folder_beside_release, open_splits, source_identity
 
 EXPECTED_FILES = ("CIFAR-10 train and test splits with an image column (img) and label: a datasets save_to_disk "
                   "folder, a datasets Arrow cache, or hub parquet (plain_text/train-*.parquet, "
@@ -96,8 +95,7 @@ class Image(Task):
 
     @classmethod
     def release_data_dir(cls, data_root: str, params: dict[str, Any]) -> str | None:
-        path = os.path.join(data_root, str(params["hub_name"]).rpartition("/")[2])
-        return path if os.path.isdir(path) else None
+        return folder_beside_release(data_root, params["hub_name"])
 
     @property
     def vocab_size(self) -> int:

@@ -228,6 +228,12 @@ def locate_in_user_cache(hub_name: str, splits: tuple[str, ...]) -> dict[str, Sp
     return None
 
 
+def folder_beside_release(data_root: str, hub_name: str) -> str | None:
+    """``<data_root>/<name>`` for hub dataset ``[owner/]name`` (``imdb/``, ``cifar10/``) if it exists, else None."""
+    path = os.path.join(data_root, str(hub_name).rpartition("/")[2])
+    return path if os.path.isdir(path) else None
+
+
 def open_splits(hub_name: str, data_dir: str | None, splits: tuple[str, ...], expected: str,
                 cache_dir: str | None) -> tuple[dict[str, Any], dict[str, str]]:
     """``({split: datasets.Dataset}, {split: where it was read from})`` from ``data_dir``, else the hub.

@@ -19,14 +19,13 @@ Without it, the hub dataset ``hub_name`` (default ``"imdb"``) from the user's ow
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tasks.base import Arrays, Task, TaskConfig, bytes_to_rows, register_task, require, subset_rows
-from tasks.sources import open_splits, source_identity
+from tasks.sources import folder_beside_release, open_splits, source_identity
 
 EXPECTED_FILES = ("IMDb train and test splits with columns text,label: a datasets save_to_disk folder, a datasets "
                   "Arrow cache, hub parquet (plain_text/train-*.parquet, plain_text/train/0000.parquet, "
@@ -73,8 +72,7 @@ class Text(Task):
 
     @classmethod
     def release_data_dir(cls, data_root: str, params: dict[str, Any]) -> str | None:
-        path = os.path.join(data_root, str(params["hub_name"]).rpartition("/")[2])
-        return path if os.path.isdir(path) else None
+        return folder_beside_release(data_root, params["hub_name"])
 
     @property
     def vocab_size(self) -> int:
