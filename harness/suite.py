@@ -2,6 +2,7 @@
 
     arena-suite                       # everything, sized for a 2-core CPU (GPU used when present)
     arena-suite size=smoke            # seconds-to-minutes end-to-end check (tests)
+    arena-suite size=lra              # official LRA recipes x 3 seeds (GPU-sized; on a CPU it only estimates)
     arena-suite stages=[report]       # only rebuild the report
 
 Stages (each reuses what the store already holds, so a re-run finishes only what is missing):
@@ -10,7 +11,9 @@ Stages (each reuses what the store already holds, so a re-run finishes only what
    CPU-sized sequence range on CPU (the benchmark's full 1K..16K range on CUDA), the
    approximation errors, and the peers when the ``peers`` extra is installed.
 2. ``train``: ``arena-train -m experiment=<recipes> attention=<...> seed=<seeds>`` (Hydra multirun;
-   runs with an ``ok`` record are skipped by ``arena-train``). On CPU, ``train.workers`` processes
+   runs with an ``ok`` record are skipped by ``arena-train``). Causal recipes (``model.causal: true``)
+   run only the mechanisms with a causal form; the recall ladder (``train.ladder``) adds MQAR runs at
+   other ``(seq_len, num_kv_pairs)`` points. On CPU, ``train.workers`` processes
    (default 2) with ``train.threads_per_worker`` torch threads each (default 1) share the sweep: the
    mechanisms are dealt round-robin into one group per worker, each group one multirun with its own
    ``hydra.sweep.dir``; their log lines are streamed prefixed by the worker id. Small models train
@@ -40,7 +43,7 @@ from typing import Any
 
 import torch
 
-from attentions import available_attentions
+from attentions import available_attentions, get_attention_info
 from harness import bench, report
 from harness.display import WORKDIR_ENV, shown_path
 from harness.settings import Settings, merge_settings
@@ -48,6 +51,7 @@ from harness.settings import Settings, merge_settings
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 STAGES = ("bench", "train", "report")
+SIZES = ("default", "smoke", "lra")
 
 DEFAULTS: dict[str, Any] = {
     "size": "default",
@@ -67,11 +71,21 @@ DEFAULTS: dict[str, Any] = {
     },
     "cuda_bench": {"seq_lens": [1024, 2048, 4096, 8192, 16384], "repeats": 5, "warmup": 2,
                    "slope_range": [2048, 16384], "max_cell_s": 60},
-    "train": {"experiments": ["quick/listops", "quick/pathfinder"], "seeds": [0], "overrides": [],
-              "workers": 2, "threads_per_worker": 1},
+    # quick/pathfinder (chance on a CPU) and quick/mqar (the bidirectional form: full does not learn it within
+    # the budget) are left out of the default CPU suite; name them in train.experiments to run them.
+    "train": {"experiments": ["quick/listops", "quick/mqar_causal"], "seeds": [0, 1],
+              "overrides": [], "workers": 2, "threads_per_worker": 1,
+              # Recall ladder (Zoology Figure 2 layout): the recipe again at each [seq_len, num_kv_pairs].
+              "ladder": {"experiment": "quick/mqar_causal", "points": [[64, 4], [64, 16]], "seeds": [0]}},
     "smoke": {
         "bench": {"smoke": True},
-        "train": {"experiments": ["smoke/listops", "smoke/pathfinder"]},
+        "train": {"experiments": ["smoke/listops", "smoke/mqar"], "seeds": [0],
+                  "ladder": {"experiment": "smoke/mqar", "points": [[16, 2]], "seeds": [0]}},
+    },
+    "lra": {
+        "train": {"experiments": [f"lra/{t}" for t in ("listops", "text", "retrieval", "image", "pathfinder",
+                                                        "pathx")],
+                  "seeds": [0, 1, 2], "ladder": {"points": []}},
     },
     "time_budget_min": 20,
 }
@@ -86,6 +100,7 @@ class TrainSweep(Settings):
     overrides: list
     workers: int
     threads_per_worker: int
+    ladder: dict
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,7 @@ class SuiteSettings(Settings):
     cuda_bench: dict
     train: TrainSweep
     smoke: dict
+    lra: dict
     time_budget_min: float
 
     @classmethod
@@ -127,8 +143,8 @@ def resolve_suite(cfg: dict | None = None) -> SuiteSettings:
     if unknown:
         raise ValueError(f"unknown suite setting(s) {unknown}; allowed: {sorted(DEFAULTS)}")
     s = merge_settings(DEFAULTS, cfg)
-    if s["size"] not in ("default", "smoke"):
-        raise ValueError(f"size must be 'default' or 'smoke', got {s['size']!r}")
+    if s["size"] not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {s['size']!r}")
     bad = [st for st in s["stages"] if st not in STAGES]
     if bad:
         raise ValueError(f"stages must be among {STAGES}, got {bad}")
@@ -140,7 +156,9 @@ def resolve_suite(cfg: dict | None = None) -> SuiteSettings:
         for key in ("seq_lens", "repeats", "warmup", "slope_range", "approx", "peers"):
             s["bench"].pop(key, None)
         s["train"] = merge_settings(s["train"], s["smoke"]["train"])
-    elif s["device"].startswith("cuda"):
+    elif s["size"] == "lra":
+        s["train"] = merge_settings(s["train"], s["lra"]["train"])
+    if s["size"] != "smoke" and s["device"].startswith("cuda"):
         s["bench"] = merge_settings(s["bench"], s["cuda_bench"])
     s["results_dir"] = str(Path(s["results_dir"]).resolve())
     s["report_dir"] = str(Path(s["report_dir"]).resolve()) if s["report_dir"] else str(Path(s["results_dir"]) /
@@ -191,24 +209,59 @@ def split_mechanisms(mechanisms: list[str], workers: int) -> list[list[str]]:
 
 
 def training_jobs(s: SuiteSettings, mechanisms: list[str], experiments: list[str],
-                  workers: int) -> list[tuple[str, list[str]]]:
+                  workers: int, tag: str = "", extra: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """(label, command) per worker process. One worker: the whole sweep as one multirun. Several: the
     mechanisms split into ``workers`` groups, one multirun each over all recipes and seeds, with
     ``num_threads=threads_per_worker`` and quiet log lines, each in its own sweep dir. One process per
     worker (not per run) because starting Python + torch + Hydra costs seconds; the second worker takes the
-    recipes in reverse order, so the two start by generating different task data, not the same twice."""
+    recipes in reverse order, so the two start by generating different task data, not the same twice.
+    ``tag`` names this part of the sweep (labels and sweep dirs); ``extra`` are overrides for it."""
     s = SuiteSettings.of(s)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    base = Path(s.results_dir) / "multirun" / stamp
+    base = Path(s.results_dir) / "multirun" / stamp / tag if tag else Path(s.results_dir) / "multirun" / stamp
+    prefix = f"{tag}:" if tag else ""
     if workers <= 1:
-        return [("all", train_command(s, mechanisms, experiments, sweep_dir=base))]
+        return [(prefix + "all", train_command(s, mechanisms, experiments, sweep_dir=base, extra=extra))]
     threads = max(1, int(s.train.threads_per_worker or 1))
     jobs = []
     for i, group in enumerate(split_mechanisms(mechanisms, workers)):
         order = experiments if i % 2 == 0 else experiments[::-1]
-        jobs.append((f"w{i + 1}", train_command(s, group, order, sweep_dir=base / f"worker{i + 1}",
-                                                extra=[f"num_threads={threads}", "quiet=true"])))
+        jobs.append((f"{prefix}w{i + 1}", train_command(s, group, order, sweep_dir=base / f"worker{i + 1}",
+                                                         extra=[f"num_threads={threads}", "quiet=true",
+                                                                *(extra or [])])))
     return jobs
+
+
+def recipe_is_causal(experiment: str) -> bool:
+    """Whether ``conf/experiment/<experiment>.yaml`` sets ``model.causal: true`` (a decoder recipe)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml")
+    return bool(OmegaConf.select(node, "model.causal", default=False))
+
+
+def sweep_parts(s: SuiteSettings, mechanisms: list[str],
+                experiments: list[str]) -> list[tuple[str, list[str], list[str], list[str], list[int]]]:
+    """(tag, mechanisms, experiments, extra overrides, seeds) per part of the sweep: the bidirectional recipes
+    with every mechanism, the causal ones with the mechanisms that have a causal form, and one part per
+    point of the recall ladder."""
+    s = SuiteSettings.of(s)
+    causal = [m for m in mechanisms if get_attention_info(m).supports_causal]
+    seeds = [int(x) for x in s.train.seeds]
+    parts = []
+    for tag, exps, mechs in (("bidir", [e for e in experiments if not recipe_is_causal(e)], mechanisms),
+                             ("causal", [e for e in experiments if recipe_is_causal(e)], causal)):
+        if exps and mechs:
+            parts.append((tag, mechs, exps, [], seeds))
+    ladder = dict(s.train.ladder or {})
+    exp = ladder.get("experiment")
+    if exp and (CONF_DIR / "experiment" / f"{exp}.yaml").exists():
+        mechs = causal if recipe_is_causal(exp) else mechanisms
+        for seq_len, pairs in ladder.get("points") or []:
+            parts.append((f"ladder-L{int(seq_len)}-k{int(pairs)}", mechs, [exp],
+                          [f"task.params.seq_len={int(seq_len)}", f"task.params.num_kv_pairs={int(pairs)}"],
+                          [int(x) for x in ladder.get("seeds") or seeds]))
+    return parts
 
 
 # A finished (or skipped) arena-train run's log line: "<attention>/<task>/seed<N>: <status> ...".
@@ -321,17 +374,18 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     if not trainable:
         return 0
     workers = min(train_workers(s), len(trainable))
-    jobs = training_jobs(s, trainable, experiments, workers)
-    total = len(trainable) * len(experiments) * len(s.train.seeds)
-    print(f"training: {total} runs ({len(trainable)} mechanisms x {experiments} x seeds {s.train.seeds}); "
-          "runs with an ok record are skipped", flush=True)
+    jobs, total = [], 0
+    for tag, mechs, exps, extra, seeds in sweep_parts(s, trainable, experiments):
+        part = SuiteSettings.of({**s, "train": TrainSweep(**{**s.train, "seeds": seeds})})
+        jobs += training_jobs(part, mechs, exps, min(workers, len(mechs)), tag=tag, extra=extra)
+        total += len(mechs) * len(exps) * len(seeds)
+        print(f"training [{tag}]: {len(mechs)} mechanisms x {exps}{' ' + ' '.join(extra) if extra else ''} "
+              f"x seeds {seeds}", flush=True)
+    print(f"training: {total} runs in all; runs with an ok record are skipped", flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env[WORKDIR_ENV] = os.getcwd()  # the runs' log lines show paths relative to where the suite was started
-    if workers <= 1:
-        print("  $ " + " ".join(jobs[0][1]), flush=True)
-        return subprocess.run(jobs[0][1], cwd=str(REPO), env=env, check=False).returncode
-    print(f"  {workers} worker processes x {int(s.train.threads_per_worker or 1)} torch thread(s):", flush=True)
+    print(f"  {workers} worker process(es) x {int(s.train.threads_per_worker or 1)} torch thread(s):", flush=True)
     for label, cmd in jobs:
         print(f"  [{label}] $ " + " ".join(cmd), flush=True)
     return run_jobs(jobs, workers, env=env, cwd=str(REPO), total_runs=total)
@@ -344,6 +398,10 @@ def run_suite(cfg: dict | None = None) -> dict[str, Any]:
     mechanisms = available_attentions() if s.mechanisms == "all" else bench.select_mechanisms(s.mechanisms)
     timings: dict[str, float] = {}
     result: dict[str, Any] = {"settings": s, "timings": timings}
+    if s.size == "lra" and not s.device.startswith("cuda"):
+        result["estimate"] = lra_estimate(s, mechanisms)
+        print(result["estimate"]["message"], flush=True)
+        return result
     _banner(f"{len(mechanisms)} mechanisms on {s.device} ({s.size} size); results in {shown_path(s.results_dir)}",
             started)
     if "bench" in s.stages:
@@ -362,6 +420,63 @@ def run_suite(cfg: dict | None = None) -> dict[str, Any]:
         result["report"], timings["report_s"] = _report_stage(s)
     _summary(s, result, started)
     return result
+
+
+# Training-split sizes of the LRA tasks (docs/LRA.md), for the recipes that count epochs.
+LRA_NUM_TRAIN = {"listops": 96_000, "text": 25_000, "retrieval": 147_086, "image": 45_000, "pathfinder": 160_000,
+                 "pathx": 160_000}
+LRA_LENGTH = {"listops": 2000, "text": 1000, "retrieval": 4000, "image": 1024, "pathfinder": 1024, "pathx": 16384}
+
+
+def matmul_flops_per_s(size: int = 1024, repeats: int = 3) -> float:
+    """This machine's sustained fp32 matmul rate (FLOP/s, torch's threads): the best of ``repeats``."""
+    a = torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def recipe_step_flops(experiment: str) -> tuple[int, float]:
+    """(training steps, FLOPs of one training step with ``full`` attention) of an LRA recipe: 3x the forward's
+    matmuls (projections, feed-forward, scores and weighted sum; embeddings and heads left out), so a
+    lower bound on the work."""
+    from omegaconf import OmegaConf
+
+    # Plain YAML merges (no Hydra compose: the suite itself runs inside a Hydra app): the model and train
+    # defaults, then the recipe; an LRA recipe is named after its task.
+    def load(path: Path) -> Any:
+        node = OmegaConf.load(path)
+        return OmegaConf.masked_copy(node, [k for k in node if k not in ("defaults", "hydra")])
+
+    cfg = OmegaConf.merge(load(CONF_DIR / "train.yaml"), {"model": OmegaConf.load(CONF_DIR / "model" / "base.yaml")},
+                          load(CONF_DIR / "experiment" / f"{experiment}.yaml"))
+    task, m, t = experiment.split("/")[-1], cfg.model, cfg.train
+    steps = int(t.max_steps) if t.get("epochs") is None else int(float(t.epochs) * (LRA_NUM_TRAIN[task] //
+                                                                                  int(t.batch_size)))
+    length = LRA_LENGTH[task]
+    sequences = int(t.batch_size) * (2 if task == "retrieval" else 1)
+    per_token = 2 * (4 * m.embed_dim * m.qkv_dim + 2 * m.embed_dim * m.mlp_dim) + 4 * length * m.qkv_dim
+    return steps, 3.0 * m.num_layers * per_token * length * sequences
+
+
+def lra_estimate(s: SuiteSettings, mechanisms: list[str]) -> dict[str, Any]:
+    """How long ``size=lra`` would train here, from the recipes' work and a measured matmul rate; the
+    ``message`` says it plainly. Nothing is trained."""
+    s = SuiteSettings.of(s)
+    rate = matmul_flops_per_s()
+    runs = len(mechanisms) * len(s.train.experiments) * len(s.train.seeds)
+    seconds = sum(recipe_step_flops(e)[0] * recipe_step_flops(e)[1] for e in s.train.experiments) / rate
+    total_s = seconds * len(mechanisms) * len(s.train.seeds)
+    message = (f"size=lra: {runs} runs ({len(mechanisms)} mechanisms x {len(s.train.experiments)} LRA recipes x "
+               f"seeds {list(s.train.seeds)}). On this {s.device} (measured {rate / 1e9:.0f} GFLOP/s fp32 matmul) "
+               f"they would take at least {total_s / 86400:.0f} days ({total_s / 3600:.0f} h; counting the "
+               "matmuls of every step with full attention at peak rate), so nothing is started. Run it on GPUs: "
+               "arena-suite size=lra device=cuda, or across a cluster with "
+               "train.overrides=[hydra/launcher=slurm] (every run resumes and skips finished ones).")
+    return {"runs": runs, "flops_per_s": rate, "seconds": total_s, "message": message}
 
 
 def _bench_settings(s: SuiteSettings, mechanisms: list[str]) -> bench.BenchSettings:

@@ -15,11 +15,16 @@ from harness.store import load_records
 def test_resolve_suite_sizes():
     default = suite.resolve_suite({"device": "cpu"})
     assert default["bench"]["seq_lens"] == [256, 512, 1024, 2048, 4096]
-    assert default["train"]["experiments"] == ["quick/listops", "quick/pathfinder"]
+    assert default["train"]["experiments"] == ["quick/listops", "quick/mqar_causal"]
+    assert default["train"]["seeds"] == [0, 1]  # at least two seeds: spreads and ties in the report
     assert Path(default["report_dir"]) == Path(default["results_dir"]) / "report"
     smoke = suite.resolve_suite({"size": "smoke", "device": "cpu"})
     assert smoke["bench"]["smoke"] is True and "seq_lens" not in smoke["bench"]
-    assert smoke["train"]["experiments"] == ["smoke/listops", "smoke/pathfinder"]
+    assert smoke["train"]["experiments"] == ["smoke/listops", "smoke/mqar"]
+    lra = suite.resolve_suite({"size": "lra", "device": "cpu"})
+    assert lra["train"]["experiments"] == [f"lra/{t}" for t in ("listops", "text", "retrieval", "image",
+                                                                 "pathfinder", "pathx")]
+    assert lra["train"]["seeds"] == [0, 1, 2] and lra["train"]["ladder"]["points"] == []
     cuda = suite.resolve_suite({"device": "cuda"})
     assert cuda["bench"]["seq_lens"][-1] == 16384
     with pytest.raises(ValueError, match="unknown suite setting"):
@@ -30,7 +35,10 @@ def test_resolve_suite_sizes():
 
 def test_suite_recipes_and_attention_configs_exist():
     # The default sweep names Hydra config files owned by the training harness: they must exist.
-    for exp in suite.DEFAULTS["train"]["experiments"] + suite.DEFAULTS["smoke"]["train"]["experiments"]:
+    for exp in (suite.DEFAULTS["train"]["experiments"] + suite.DEFAULTS["smoke"]["train"]["experiments"]
+                + suite.DEFAULTS["lra"]["train"]["experiments"]
+                + [suite.DEFAULTS[k]["ladder"]["experiment"] for k in ("train",)]
+                + [suite.DEFAULTS["smoke"]["train"]["ladder"]["experiment"]]):
         assert (suite.CONF_DIR / "experiment" / f"{exp}.yaml").exists(), exp
     for name in available_attentions():
         assert (suite.CONF_DIR / "attention" / f"{name}.yaml").exists(), name
@@ -59,7 +67,7 @@ def test_cpu_sweep_splits_the_mechanisms_between_parallel_workers(tmp_path):
     sweep_dirs = set()
     for i, ((_, cmd), group) in enumerate(zip(jobs, groups)):
         assert f"attention={','.join(group)}" in cmd and "num_threads=1" in cmd and "quiet=true" in cmd
-        assert "seed=0" in cmd and "device=cpu" in cmd
+        assert "seed=0,1" in cmd and "device=cpu" in cmd
         # Both recipes in each worker; the second starts with the other one (different data first).
         assert f"experiment={','.join(exps if i == 0 else exps[::-1])}" in cmd
         sweep_dirs |= {c for c in cmd if c.startswith("hydra.sweep.dir=")}
@@ -70,6 +78,40 @@ def test_cpu_sweep_splits_the_mechanisms_between_parallel_workers(tmp_path):
     # CUDA: one GPU, one process.
     assert suite.train_workers({**s, "device": "cuda"}) == 1
     assert suite.train_workers({**s, "train": {**s["train"], "workers": 1}}) == 1
+
+
+def test_sweep_parts_give_causal_recipes_only_causal_mechanisms_and_the_ladder(tmp_path):
+    from attentions import causal_attentions
+
+    assert suite.recipe_is_causal("quick/mqar_causal") and not suite.recipe_is_causal("quick/mqar")
+    assert not suite.recipe_is_causal("quick/listops")
+    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu"})
+    mechanisms = available_attentions()
+    parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, ["quick/listops", "quick/mqar_causal"])}
+    assert parts["bidir"] == [mechanisms, ["quick/listops"], [], [0, 1]]
+    assert parts["causal"] == [causal_attentions(), ["quick/mqar_causal"], [], [0, 1]]
+    assert "linformer" not in parts["causal"][0] and "clustered" not in parts["causal"][0]
+    assert parts["ladder-L64-k16"] == [causal_attentions(), ["quick/mqar_causal"],
+                                       ["task.params.seq_len=64", "task.params.num_kv_pairs=16"], [0]]
+    # Each part's jobs carry its overrides and a sweep dir of their own.
+    jobs = suite.training_jobs(s, ["full", "rfa"], ["quick/mqar_causal"], 2, tag="ladder-L64-k16",
+                               extra=["task.params.num_kv_pairs=16"])
+    assert [label for label, _ in jobs] == ["ladder-L64-k16:w1", "ladder-L64-k16:w2"]
+    assert all("task.params.num_kv_pairs=16" in cmd for _, cmd in jobs)
+    assert all(any(c.startswith("hydra.sweep.dir=") and "ladder-L64-k16" in c for c in cmd) for _, cmd in jobs)
+
+
+def test_lra_size_on_a_cpu_estimates_and_starts_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(suite, "matmul_flops_per_s", lambda: 1e11)
+    result = suite.run_suite({"size": "lra", "device": "cpu", "results_dir": str(tmp_path / "r")})
+    out = capsys.readouterr().out
+    assert "198 runs" in out and "nothing is started" in out and "hydra/launcher=slurm" in out
+    assert result["estimate"]["runs"] == 198 and result["estimate"]["seconds"] > 86400 * 365
+    assert not (tmp_path / "r").exists()  # no stage ran
+    # The work of one recipe, by hand: LRA ListOps, 5000 steps of batch 32 x 2000 tokens, 4 layers.
+    steps, flops = suite.recipe_step_flops("lra/listops")
+    per_token = 2 * (4 * 512 * 512 + 2 * 512 * 1024) + 4 * 2000 * 512
+    assert steps == 5000 and flops == 3.0 * 4 * per_token * 2000 * 32
 
 
 def test_run_jobs_runs_every_job_with_at_most_n_at_once_and_prefixes_lines():
@@ -129,7 +171,7 @@ def test_suite_runs_end_to_end_in_smoke_size(tmp_path):
     assert result["train_returncode"] == 0
     train = load_records(tmp_path / "r", kind="train")
     assert set(train["attention"]) == set(available_attentions())
-    assert set(train["task"]) == {"listops", "pathfinder"}
+    assert set(train["task"]) == {"listops", "mqar"}
     md = Path(result["report"]).with_suffix(".md").read_text()
     for name in available_attentions():
         assert f"| {name} |" in md

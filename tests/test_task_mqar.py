@@ -90,7 +90,7 @@ def test_gumbel_top_k_is_successive_weighted_draws_without_replacement():
     weights = np.array([0.5, 0.25, 0.15, 0.1])
     k, rows = 2, 200_000
     drawn = sample_without_replacement(np.random.default_rng(0), np.log(weights), rows, k)
-    assert ((drawn[:, 0] != drawn[:, 1])).all()
+    assert (drawn[:, 0] != drawn[:, 1]).all()
     counts = {}
     for pair, n in zip(*np.unique(drawn, axis=0, return_counts=True)):
         counts[tuple(pair)] = n / rows

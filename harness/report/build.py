@@ -21,6 +21,7 @@ from harness.analysis import full_overhead
 from harness.display import MISSING, derived_display, format_bytes, format_time_spread, shown_path
 from harness.report.page import Page
 from harness.report.plots import plot_accuracy_speed, plot_approx, plot_scaling
+from harness.report.recall import recall_section
 from harness.report.tables import (
     accuracy_speed_points,
     accuracy_table,
@@ -74,6 +75,7 @@ def build_report(results_dir: str | Path = "results", out: str | Path | None = N
         page.note(f"{len(store.unreadable)} unreadable record file(s) skipped: " + "; ".join(store.unreadable[:5]))
     files: list[Path] = []
     numeric = accuracy_section(page, store.train)
+    recall_section(page, store.train, out, files)
     cells = efficiency_section(page, store.bench, out, files, memory_budget_gb, slope_range)
     accuracy_speed_section(page, store.train, numeric, cells, out, files)
     peer_section(page, store.peer)
