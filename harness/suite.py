@@ -75,8 +75,10 @@ DEFAULTS: dict[str, Any] = {
     # the budget) are left out of the default CPU suite; name them in train.experiments to run them.
     "train": {"experiments": ["quick/listops", "quick/mqar_causal"], "seeds": [0, 1],
               "overrides": [], "workers": 2, "threads_per_worker": 1,
+              # Per-recipe overrides: quick ListOps shortened to fit two seeds of everything in the budget.
+              "recipe_overrides": {"quick/listops": ["train.max_steps=500"]},
               # Recall ladder (Zoology Figure 2 layout): the recipe again at each [seq_len, num_kv_pairs].
-              "ladder": {"experiment": "quick/mqar_causal", "points": [[64, 4], [64, 16]], "seeds": [0]}},
+              "ladder": {"experiment": "quick/mqar_causal", "points": [[64, 16]], "seeds": [0]}},
     "smoke": {
         "bench": {"smoke": True},
         "train": {"experiments": ["smoke/listops", "smoke/mqar"], "seeds": [0],
@@ -100,6 +102,7 @@ class TrainSweep(Settings):
     overrides: list
     workers: int
     threads_per_worker: int
+    recipe_overrides: dict
     ladder: dict
 
 
@@ -243,16 +246,21 @@ def recipe_is_causal(experiment: str) -> bool:
 def sweep_parts(s: SuiteSettings, mechanisms: list[str],
                 experiments: list[str]) -> list[tuple[str, list[str], list[str], list[str], list[int]]]:
     """(tag, mechanisms, experiments, extra overrides, seeds) per part of the sweep: the bidirectional recipes
-    with every mechanism, the causal ones with the mechanisms that have a causal form, and one part per
-    point of the recall ladder."""
+    with every mechanism, the causal ones with the mechanisms that have a causal form (a recipe with its own
+    ``train.recipe_overrides`` in a part of its own), and one part per point of the recall ladder."""
     s = SuiteSettings.of(s)
     causal = [m for m in mechanisms if get_attention_info(m).supports_causal]
     seeds = [int(x) for x in s.train.seeds]
+    per_recipe = {str(k): [str(o) for o in v] for k, v in dict(s.train.recipe_overrides or {}).items()}
+    groups: dict[tuple[bool, tuple[str, ...]], list[str]] = {}
+    for exp in experiments:  # one part per (causal?, the recipe's own overrides)
+        groups.setdefault((recipe_is_causal(exp), tuple(per_recipe.get(exp, []))), []).append(exp)
     parts = []
-    for tag, exps, mechs in (("bidir", [e for e in experiments if not recipe_is_causal(e)], mechanisms),
-                             ("causal", [e for e in experiments if recipe_is_causal(e)], causal)):
-        if exps and mechs:
-            parts.append((tag, mechs, exps, [], seeds))
+    for i, ((is_causal, extra), exps) in enumerate(groups.items()):
+        mechs = causal if is_causal else mechanisms
+        if mechs:
+            parts.append((("causal" if is_causal else "bidir") + (f"{i}" if extra else ""), mechs, exps,
+                          list(extra), seeds))
     ladder = dict(s.train.ladder or {})
     exp = ladder.get("experiment")
     if exp and (CONF_DIR / "experiment" / f"{exp}.yaml").exists():

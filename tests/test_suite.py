@@ -88,8 +88,9 @@ def test_sweep_parts_give_causal_recipes_only_causal_mechanisms_and_the_ladder(t
     s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu"})
     mechanisms = available_attentions()
     parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, ["quick/listops", "quick/mqar_causal"])}
-    assert parts["bidir"] == [mechanisms, ["quick/listops"], [], [0, 1]]
+    assert parts["bidir0"] == [mechanisms, ["quick/listops"], ["train.max_steps=500"], [0, 1]]
     assert parts["causal"] == [causal_attentions(), ["quick/mqar_causal"], [], [0, 1]]
+    assert list(parts) == ["bidir0", "causal", "ladder-L64-k16"]
     assert "linformer" not in parts["causal"][0] and "clustered" not in parts["causal"][0]
     assert parts["ladder-L64-k16"] == [causal_attentions(), ["quick/mqar_causal"],
                                        ["task.params.seq_len=64", "task.params.num_kv_pairs=16"], [0]]

@@ -19,7 +19,7 @@ def task(tmp_path_factory):
 
 
 def test_available_tasks():
-    assert available_tasks() == ["image", "listops", "pathfinder", "pathx", "retrieval", "text"]
+    assert available_tasks() == ["image", "listops", "mqar", "pathfinder", "pathx", "retrieval", "text"]
     assert available_tasks("path*") == ["pathfinder", "pathx"]
 
 
