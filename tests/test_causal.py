@@ -75,7 +75,9 @@ def test_output_at_i_equals_output_of_prefix(name, seq):
     q, k, v = make_qkv(batch=2, seq=seq, seed=seq)
     whole = attn(q, k, v)
     assert torch.isfinite(whole).all()
-    for i in range(seq):
+    # Around the block/bucket/chunk edges of the small settings (3, 4, 5, 6, 8), and the ends.
+    edges = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17, 23, 24, 25, 31, 32, 33, seq // 2, seq - 2, seq - 1}
+    for i in sorted(p for p in edges if 0 <= p < seq):
         prefix = attn(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1])
         torch.testing.assert_close(whole[:, :, i], prefix[:, :, i], atol=1e-5, rtol=1e-4,
                                    msg=lambda m, i=i: f"{name}, seq {seq}, position {i}: {m}")
@@ -273,7 +275,8 @@ def _performer_log_reference(attn, q, k, v, mask):
     return torch.softmax(log_scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v.double()
 
 
-KERNEL_LENGTHS = [(1, None), (37, None), (150, None), (150, [150, 70, 1]), (64, [64, 0])]
+# 150: two full chunks of the default 64 and a partial one.
+KERNEL_LENGTHS = [(1, None), (150, None), (150, [150, 70, 1]), (64, [64, 0])]
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
@@ -500,9 +503,12 @@ def _dense_memory_compressed_causal(attn, q, k, v, mask):
     return reference_attention(q, keys, values, allowed)
 
 
-@pytest.mark.parametrize("compression_type", ["conv", "mean"])
-@pytest.mark.parametrize("compression", [1, 3, 4])
-@pytest.mark.parametrize("seq,lengths", CAUSAL_LENGTHS + [(300, [300, 101])])
+MC_CASES = [(t, c, seq, lengths) for t in ("conv", "mean") for c in (1, 3, 4) for seq, lengths in CAUSAL_LENGTHS]
+# Several checkpointed query pieces (CAUSAL_PIECE = 256 tokens).
+MC_CASES += [("conv", 3, 600, [600, 301]), ("mean", 4, 600, None)]
+
+
+@pytest.mark.parametrize("compression_type,compression,seq,lengths", MC_CASES)
 def test_memory_compressed_causal_equals_dense_formula(compression_type, compression, seq, lengths):
     attn = build_small("memory_compressed", compression=compression, compression_type=compression_type,
                        causal=True, max_seq_len=None)
