@@ -518,3 +518,40 @@ def test_memory_compressed_causal_equals_dense_formula(compression_type, compres
     expected = _dense_memory_compressed_causal(attn, q, k, v, mask)
     _assert_real_rows_close(out, expected, mask)
     _assert_same_gradients(out, expected, (q, k, v), mask)
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
+
+no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@no_cuda
+@pytest.mark.parametrize("name", CAUSAL)
+def test_causal_on_cuda_equals_cpu(name):
+    attn = build_causal(name)
+    q, k, v = make_qkv(batch=2, seq=45, seed=60)
+    mask = right_padding_mask([45, 30], 45)
+    expected = attn(q, k, v, key_padding_mask=mask)
+    got = attn.to("cuda")(q.cuda(), k.cuda(), v.cuda(), key_padding_mask=mask.cuda()).cpu()
+    _assert_real_rows_close(got, expected.double(), mask, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.cuda
+@no_cuda
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("mask_kind", ["none", "right", "left"])
+def test_full_causal_cuda_backends_equal_reference(backend, mask_kind):
+    from attentions.full import xformers_available
+
+    if backend == "xformers" and not xformers_available():
+        pytest.skip("xformers not installed")
+    seq = 40
+    masks = {"none": None, "right": right_padding_mask([40, 13], seq), "left": ~right_padding_mask([3, 0], seq)}
+    mask = masks[mask_kind]
+    q, k, v = make_qkv(batch=2, seq=seq, seed=61)
+    attn = build_attention("full", num_heads=HEADS, head_dim=HEAD_DIM, backend=backend, causal=True)
+    out = attn(q.cuda(), k.cuda(), v.cuda(), key_padding_mask=None if mask is None else mask.cuda()).cpu()
+    assert attn.backend == backend
+    real = torch.ones(2, seq, dtype=torch.bool) if mask is None else mask
+    _assert_real_rows_close(out, _dense_causal_reference(q, k, v, mask), real, atol=2e-3, rtol=2e-3)
