@@ -1,5 +1,10 @@
 """Harness: the shared backbone, training (arena-train), benchmarks, results store and report.
 
+Data flows one way: run (:mod:`harness.train`, :mod:`harness.bench`, :mod:`harness.suite`) -> records in
+the store (:mod:`harness.store`) -> analysis (:mod:`harness.analysis`, :mod:`harness.display`) -> report
+(:mod:`harness.report`). docs/ARCHITECTURE.md draws it and lists what each room may import;
+tests/test_architecture.py enforces it.
+
     from harness import load_records, export_records
     df = load_records("results", kind="train")
 

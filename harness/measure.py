@@ -8,6 +8,14 @@ pages and other threads, and it does not go down when tensors are freed.
     out, reading = measure_peak_memory(lambda: attn(q, k, v), "cpu")
     print(reading.peak_bytes, reading.method)
     stats = time_fn(lambda: attn(q, k, v), "cpu", warmup=2, repeats=5)
+
+It also owns the failure vocabulary every runner records (:func:`is_out_of_memory`,
+:func:`failure_outcome`), the measured step of one callable (:func:`measure_step`) and the small
+helpers the benchmark and the peers share (:data:`DTYPES`, :func:`random_inputs`,
+:func:`jsonable_params`, :func:`progress_bar`).
+
+Owns: how a number is measured. Imports: torch and the standard library only (no other
+``harness`` module), so every runner may import it.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -27,6 +35,8 @@ T = TypeVar("T")
 
 CUDA_METHOD = "cuda.max_memory_allocated"
 CPU_METHOD = "torch.profiler(cpu alloc events)"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -214,3 +224,98 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# One measured step, and the outcome of a step that failed
+# ----------------------------------------------------------------------------------------------
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA's OutOfMemoryError and the CPU allocator's 'can't allocate' RuntimeErrors."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, (RuntimeError, MemoryError)):
+        text = str(exc).lower()
+        return isinstance(exc, MemoryError) or any(
+            s in text for s in ("out of memory", "can't allocate memory", "not enough memory")
+        )
+    return False
+
+
+def failure_outcome(exc: BaseException) -> dict[str, Any]:
+    """``{"outcome", "reason"}`` of a failed measurement: ``oom``, ``unsupported`` (a ValueError: the
+    mechanism refused these inputs) or ``error`` (anything else, message kept, first line, 300 chars)."""
+    if is_out_of_memory(exc):
+        return {"outcome": "oom", "reason": f"out of memory: {_short(exc)}"}
+    if isinstance(exc, ValueError):
+        return {"outcome": "unsupported", "reason": _short(exc)}
+    return {"outcome": "error", "reason": f"{type(exc).__name__}: {_short(exc)}"}
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:limit]
+
+
+def jsonable_params(params: dict) -> dict:
+    """Constructor keywords as JSON values (tuples become lists), for records and cell keys."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+
+
+def random_inputs(shape: tuple[int, ...], device: str, dtype: str, seed: int,
+                  requires_grad: bool) -> list[torch.Tensor]:
+    """Three N(0, 1) tensors of ``shape`` on ``device`` in ``dtype`` (a :data:`DTYPES` name), drawn on
+    CPU from ``seed`` so every device sees the same numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(shape, generator=gen).to(device=device, dtype=DTYPES[dtype]) for _ in range(3)]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+def measure_step(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], pass_: str,
+                 device: str, warmup: int, repeats: int) -> dict[str, Any]:
+    """Time and peak memory of ``forward()`` (``fwd``, under no_grad) or of it plus ``out.sum().backward()``.
+
+    ``leaves`` are the tensors whose gradients the step creates (inputs, parameters): they are
+    cleared before each timed step and before the memory step, outside the measurement, so
+    every measured step allocates its gradients afresh. Returns ``{"time": {median_s, p10_s,
+    p90_s, times_s}, "memory": {peak_bytes, method}}``. Raises what the step raises.
+    """
+
+    def clear_grads() -> None:
+        for t in leaves:
+            t.grad = None
+
+    if pass_ == "fwd+bwd":
+
+        def step():
+            clear_grads()
+            forward().sum().backward()
+
+    else:
+
+        def step():
+            with torch.no_grad():
+                forward()
+
+    try:
+        timing = time_fn(step, device, warmup=warmup, repeats=repeats)
+        # Freed here, outside the measured step: the CPU profiler cannot see frees of memory
+        # allocated before it starts.
+        clear_grads()
+        _, reading = measure_peak_memory(step, device)
+    finally:
+        clear_grads()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "time": {k: timing[k] for k in ("median_s", "p10_s", "p90_s", "times_s")},
+        "memory": {"peak_bytes": reading.peak_bytes, "method": reading.method},
+    }
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar (disabled: a silent one with the same methods)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)

@@ -17,6 +17,11 @@ Stages (each reuses what the store already holds, so a re-run finishes only what
    faster as two one-thread processes than as one two-thread process, and the store's one-file-per-run
    atomic writes make concurrent runs safe. On CUDA (one GPU) it is a single multirun process.
 3. ``report``: :func:`harness.report.build_report`; the suite ends by printing where it is.
+
+Owns: the order of the stages, :class:`SuiteSettings` (built once by :func:`resolve_suite`), the
+training sweep's command lines and worker processes. May import ``attentions``, :mod:`harness.bench`,
+:mod:`harness.report`, :mod:`harness.display`, :mod:`harness.settings`; nothing imports it (it is the
+top of the harness). Training runs in subprocesses (``python -m harness.train``), never imported.
 """
 
 from __future__ import annotations
@@ -28,14 +33,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from attentions import available_attentions
-from harness.settings import merge_settings
+from harness import bench, report
+from harness.display import WORKDIR_ENV, shown_path
+from harness.settings import Settings, merge_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -69,8 +77,51 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def resolve_suite(cfg: dict | None = None) -> dict[str, Any]:
-    """Defaults, the user's ``cfg``, then the smoke or CUDA sizes; checks the names."""
+@dataclass(frozen=True)
+class TrainSweep(Settings):
+    """The training stage: recipes (``conf/experiment/<name>.yaml``), seeds, extra overrides, CPU workers."""
+
+    experiments: list
+    seeds: list
+    overrides: list
+    workers: int
+    threads_per_worker: int
+
+
+@dataclass(frozen=True)
+class SuiteSettings(Settings):
+    """Every setting of one suite run, resolved: device chosen, sizes applied, folders absolute.
+
+    ``bench`` is the configuration handed to ``arena-bench`` (:func:`harness.bench.resolve_settings`
+    validates it when the stage runs); ``cuda_bench`` and ``smoke`` are already merged into it.
+    """
+
+    size: str
+    stages: list
+    results_dir: str
+    report_dir: str
+    mechanisms: Any
+    device: str
+    bench: dict
+    cuda_bench: dict
+    train: TrainSweep
+    smoke: dict
+    time_budget_min: float
+
+    @classmethod
+    def of(cls, value: SuiteSettings | Mapping) -> SuiteSettings:
+        """``value`` itself, or the settings with the same (already resolved) fields given as a mapping."""
+        if isinstance(value, cls):
+            return value
+        fields = dict(value)
+        return cls(**{**fields, "train": TrainSweep(**dict(fields["train"]))})
+
+
+def resolve_suite(cfg: dict | None = None) -> SuiteSettings:
+    """Defaults, the user's ``cfg``, then the smoke or CUDA sizes; checks the names.
+
+    Raises ValueError naming an unknown setting, size or stage.
+    """
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
@@ -94,37 +145,43 @@ def resolve_suite(cfg: dict | None = None) -> dict[str, Any]:
     s["results_dir"] = str(Path(s["results_dir"]).resolve())
     s["report_dir"] = str(Path(s["report_dir"]).resolve()) if s["report_dir"] else str(Path(s["results_dir"]) /
                                                                                          "report")
-    return s
+    unknown_train = sorted(set(s["train"]) - set(TrainSweep.__dataclass_fields__))
+    if unknown_train:
+        raise ValueError(f"unknown suite setting(s) {[f'train.{k}' for k in unknown_train]}; "
+                         f"allowed: {sorted(TrainSweep.__dataclass_fields__)}")
+    return SuiteSettings.of(s)
 
 
 def _banner(text: str, started: float) -> None:
     print(f"\n=== [arena-suite {time.time() - started:6.0f} s] {text}", flush=True)
 
 
-def train_command(s: dict, mechanisms: list[str], experiments: list[str], sweep_dir: str | Path | None = None,
-                  extra: list[str] | None = None) -> list[str]:
+def train_command(s: SuiteSettings, mechanisms: list[str], experiments: list[str],
+                  sweep_dir: str | Path | None = None, extra: list[str] | None = None) -> list[str]:
     """The ``arena-train`` multirun command line for (part of) the sweep."""
-    seeds = ",".join(str(int(x)) for x in s["train"]["seeds"])
+    s = SuiteSettings.of(s)
+    seeds = ",".join(str(int(x)) for x in s.train.seeds)
     if sweep_dir is None:
-        sweep_dir = Path(s["results_dir"]) / "multirun" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        sweep_dir = Path(s.results_dir) / "multirun" / time.strftime("%Y-%m-%d_%H-%M-%S")
     return [
         sys.executable, "-m", "harness.train", "-m",
         f"experiment={','.join(experiments)}",
         f"attention={','.join(mechanisms)}",
         f"seed={seeds}",
-        f"results_dir={s['results_dir']}",
-        f"device={s['device']}",
+        f"results_dir={s.results_dir}",
+        f"device={s.device}",
         f"hydra.sweep.dir={sweep_dir}",
         *(extra or []),
-        *[str(o) for o in s["train"]["overrides"]],
+        *[str(o) for o in s.train.overrides],
     ]
 
 
-def train_workers(s: dict) -> int:
+def train_workers(s: SuiteSettings | Mapping) -> int:
     """Parallel training processes: 1 on CUDA (one GPU), else ``train.workers`` (at least 1)."""
-    if str(s["device"]).startswith("cuda"):
+    s = SuiteSettings.of(s)
+    if str(s.device).startswith("cuda"):
         return 1
-    return max(1, int(s["train"].get("workers") or 1))
+    return max(1, int(s.train.workers or 1))
 
 
 def split_mechanisms(mechanisms: list[str], workers: int) -> list[list[str]]:
@@ -133,28 +190,91 @@ def split_mechanisms(mechanisms: list[str], workers: int) -> list[list[str]]:
     return [g for g in groups if g]
 
 
-def training_jobs(s: dict, mechanisms: list[str], experiments: list[str],
+def training_jobs(s: SuiteSettings, mechanisms: list[str], experiments: list[str],
                   workers: int) -> list[tuple[str, list[str]]]:
     """(label, command) per worker process. One worker: the whole sweep as one multirun. Several: the
     mechanisms split into ``workers`` groups, one multirun each over all recipes and seeds, with
     ``num_threads=threads_per_worker`` and quiet log lines, each in its own sweep dir. One process per
     worker (not per run) because starting Python + torch + Hydra costs seconds; the second worker takes the
     recipes in reverse order, so the two start by generating different task data, not the same twice."""
+    s = SuiteSettings.of(s)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    base = Path(s["results_dir"]) / "multirun" / stamp
+    base = Path(s.results_dir) / "multirun" / stamp
     if workers <= 1:
         return [("all", train_command(s, mechanisms, experiments, sweep_dir=base))]
-    threads = max(1, int(s["train"].get("threads_per_worker") or 1))
+    threads = max(1, int(s.train.threads_per_worker or 1))
     jobs = []
     for i, group in enumerate(split_mechanisms(mechanisms, workers)):
         order = experiments if i % 2 == 0 else experiments[::-1]
         jobs.append((f"w{i + 1}", train_command(s, group, order, sweep_dir=base / f"worker{i + 1}",
-                                                          extra=[f"num_threads={threads}", "quiet=true"])))
+                                                extra=[f"num_threads={threads}", "quiet=true"])))
     return jobs
 
 
 # A finished (or skipped) arena-train run's log line: "<attention>/<task>/seed<N>: <status> ...".
 RUN_DONE = re.compile(r"\] - (skipping )?[\w.-]+/[\w.-]+/seed\d+: ")
+
+
+class _JobPool:
+    """``workers`` threads, each taking the next job, streaming its lines prefixed by its label."""
+
+    def __init__(self, jobs: list[tuple[str, list[str]]], env: dict | None, cwd: str | None,
+                 echo: Callable[[str], None], total_runs: int | None) -> None:
+        self.jobs, self.env, self.cwd, self.out, self.total_runs = jobs, env, cwd, echo, total_runs
+        self.lock = threading.Lock()
+        self.todo: queue.Queue = queue.Queue()
+        for job in jobs:
+            self.todo.put(job)
+        self.codes: list[int] = []
+        self.finished_runs = 0
+        self.running: dict[int, subprocess.Popen] = {}
+        self.stop = threading.Event()
+
+    def worker(self, wid: int) -> None:
+        while not self.stop.is_set():
+            try:
+                label, cmd = self.todo.get_nowait()
+            except queue.Empty:
+                return
+            self.run_one(wid, f"[{label}]", cmd)
+
+    def run_one(self, wid: int, prefix: str, cmd: list[str]) -> None:
+        t0 = time.time()
+        try:
+            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+        except OSError as exc:
+            with self.lock:
+                self.codes.append(1)
+                self.out(f"{prefix} could not start: {exc}")
+            return
+        with self.lock:
+            self.running[wid] = proc
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.echo_line(prefix, line.rstrip())
+        code = proc.wait()
+        with self.lock:
+            self.running.pop(wid, None)
+            self.codes.append(code)
+            self.out(f"{prefix} finished (exit {code}, {time.time() - t0:.0f} s); "
+                     f"{len(self.codes)}/{len(self.jobs)} jobs done")
+
+    def echo_line(self, prefix: str, line: str) -> None:
+        if not line:
+            return
+        with self.lock:
+            if self.total_runs and RUN_DONE.search(line):
+                self.finished_runs += 1
+                line += f"  ({self.finished_runs}/{self.total_runs} runs)"
+            self.out(f"{prefix} {line}")
+
+    def terminate(self) -> None:
+        self.stop.set()
+        with self.lock:
+            procs = list(self.running.values())
+        for proc in procs:
+            proc.terminate()
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None = None, cwd: str | None = None,
@@ -163,51 +283,8 @@ def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None =
     job's output lines prefixed by ``[<label>]``; with ``total_runs``, a line that ends a run gets
     ``(k/total runs)`` appended. Returns 0 when every job exited 0, else the first non-zero exit code.
     Ctrl-C terminates the running jobs (by their pid)."""
-    lock = threading.Lock()
-    out = echo or (lambda line: print(line, flush=True))
-    todo: queue.Queue = queue.Queue()
-    for job in jobs:
-        todo.put(job)
-    codes: list[int] = []
-    finished_runs = [0]
-    running: dict[int, subprocess.Popen] = {}
-    stop = threading.Event()
-
-    def worker(wid: int) -> None:
-        while not stop.is_set():
-            try:
-                label, cmd = todo.get_nowait()
-            except queue.Empty:
-                return
-            prefix = f"[{label}]"
-            t0 = time.time()
-            try:
-                proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, bufsize=1)
-            except OSError as exc:
-                with lock:
-                    codes.append(1)
-                    out(f"{prefix} could not start: {exc}")
-                continue
-            with lock:
-                running[wid] = proc
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip()
-                if line:
-                    with lock:
-                        if total_runs and RUN_DONE.search(line):
-                            finished_runs[0] += 1
-                            line += f"  ({finished_runs[0]}/{total_runs} runs)"
-                        out(f"{prefix} {line}")
-            code = proc.wait()
-            with lock:
-                running.pop(wid, None)
-                codes.append(code)
-                out(f"{prefix} finished (exit {code}, {time.time() - t0:.0f} s); "
-                    f"{len(codes)}/{len(jobs)} jobs done")
-
-    threads = [threading.Thread(target=worker, args=(w + 1,), daemon=True) for w in range(max(1, workers))]
+    pool = _JobPool(jobs, env, cwd, echo or (lambda line: print(line, flush=True)), total_runs)
+    threads = [threading.Thread(target=pool.worker, args=(w + 1,), daemon=True) for w in range(max(1, workers))]
     for t in threads:
         t.start()
     try:
@@ -215,27 +292,29 @@ def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None =
             while t.is_alive():
                 t.join(timeout=0.5)
     except KeyboardInterrupt:
-        stop.set()
-        with lock:
-            procs = list(running.values())
-        for proc in procs:
-            proc.terminate()
+        pool.terminate()
         raise
-    return next((c for c in codes if c), 0)
+    return next((c for c in pool.codes if c), 0)
 
 
-def run_training(s: dict, mechanisms: list[str]) -> int:
-    """Run the sweep in a subprocess, its progress streamed to this terminal; returns its exit code."""
+def _available_experiments(s: SuiteSettings) -> list[str]:
     experiments = []
-    for exp in s["train"]["experiments"]:
+    for exp in s.train.experiments:
         if (CONF_DIR / "experiment" / f"{exp}.yaml").exists():
             experiments.append(exp)
         else:
-            print(f"training: experiment '{exp}' not found in {CONF_DIR / 'experiment'}; skipped", flush=True)
+            print(f"training: experiment '{exp}' not found in {shown_path(CONF_DIR / 'experiment')}; skipped",
+                  flush=True)
+    return experiments
+
+
+def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
+    """Run the sweep in a subprocess, its progress streamed to this terminal; returns its exit code."""
+    s = SuiteSettings.of(s)
+    experiments = _available_experiments(s)
     if not experiments:
         return 0
-    attention_group = CONF_DIR / "attention"
-    missing = [m for m in mechanisms if not (attention_group / f"{m}.yaml").exists()]
+    missing = [m for m in mechanisms if not (CONF_DIR / "attention" / f"{m}.yaml").exists()]
     if missing:
         print(f"training: no conf/attention/<name>.yaml for {missing}; they are not trained", flush=True)
     trainable = [m for m in mechanisms if m not in missing]
@@ -243,41 +322,34 @@ def run_training(s: dict, mechanisms: list[str]) -> int:
         return 0
     workers = min(train_workers(s), len(trainable))
     jobs = training_jobs(s, trainable, experiments, workers)
-    total = len(trainable) * len(experiments) * len(s["train"]["seeds"])
-    print(f"training: {total} runs ({len(trainable)} mechanisms x {experiments} x seeds {s['train']['seeds']}); "
+    total = len(trainable) * len(experiments) * len(s.train.seeds)
+    print(f"training: {total} runs ({len(trainable)} mechanisms x {experiments} x seeds {s.train.seeds}); "
           "runs with an ok record are skipped", flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env[WORKDIR_ENV] = os.getcwd()  # the runs' log lines show paths relative to where the suite was started
     if workers <= 1:
         print("  $ " + " ".join(jobs[0][1]), flush=True)
         return subprocess.run(jobs[0][1], cwd=str(REPO), env=env, check=False).returncode
-    threads = int(s["train"].get("threads_per_worker") or 1)
-    print(f"  {workers} worker processes x {threads} torch thread(s):", flush=True)
+    print(f"  {workers} worker processes x {int(s.train.threads_per_worker or 1)} torch thread(s):", flush=True)
     for label, cmd in jobs:
         print(f"  [{label}] $ " + " ".join(cmd), flush=True)
     return run_jobs(jobs, workers, env=env, cwd=str(REPO), total_runs=total)
 
 
 def run_suite(cfg: dict | None = None) -> dict[str, Any]:
-    """Run the stages; returns the stage times, the training exit code and the report path."""
-    from harness import bench, report
-
+    """Run the stages; returns the settings, the stage times, the training exit code and the report path."""
     s = resolve_suite(cfg)
     started = time.time()
-    mechanisms = bench.select_mechanisms(s["mechanisms"])
-    if s["mechanisms"] == "all":
-        mechanisms = available_attentions()
+    mechanisms = available_attentions() if s.mechanisms == "all" else bench.select_mechanisms(s.mechanisms)
     timings: dict[str, float] = {}
     result: dict[str, Any] = {"settings": s, "timings": timings}
-    _banner(f"{len(mechanisms)} mechanisms on {s['device']} ({s['size']} size); results in {s['results_dir']}",
+    _banner(f"{len(mechanisms)} mechanisms on {s.device} ({s.size} size); results in {shown_path(s.results_dir)}",
             started)
-    if "bench" in s["stages"]:
+    if "bench" in s.stages:
         _banner("stage 1/3: efficiency benchmark (time and memory vs n, approximation error, peers)", started)
-        t = time.time()
-        bench_cfg = {**s["bench"], "mechanisms": mechanisms, "device": s["device"], "results_dir": s["results_dir"]}
-        bench.run_benchmark(bench_cfg)
-        timings["bench_s"] = time.time() - t
-    if "train" in s["stages"]:
+        timings["bench_s"] = _bench_stage(s, mechanisms)
+    if "train" in s.stages:
         _banner("stage 2/3: training sweep", started)
         t = time.time()
         result["train_returncode"] = run_training(s, mechanisms)
@@ -285,21 +357,41 @@ def run_suite(cfg: dict | None = None) -> dict[str, Any]:
         if result["train_returncode"]:
             print(f"training sweep exited with code {result['train_returncode']}; the report shows what finished",
                   flush=True)
-    if "report" in s["stages"]:
+    if "report" in s.stages:
         _banner("stage 3/3: report", started)
-        slope_range = s["bench"].get("slope_range") or bench.resolve_settings(s["bench"])["slope_range"]
-        built = report.build_report(s["results_dir"], s["report_dir"], slope_range=tuple(slope_range))
-        timings["report_s"] = built["build_s"]
-        result["report"] = str(Path(built["out"]) / "report.html")
+        result["report"], timings["report_s"] = _report_stage(s)
+    _summary(s, result, started)
+    return result
+
+
+def _bench_settings(s: SuiteSettings, mechanisms: list[str]) -> bench.BenchSettings:
+    return bench.resolve_settings({**s.bench, "mechanisms": mechanisms, "device": s.device,
+                                   "results_dir": s.results_dir})
+
+
+def _bench_stage(s: SuiteSettings, mechanisms: list[str]) -> float:
+    t = time.time()
+    bench.run_benchmark(_bench_settings(s, mechanisms))
+    return time.time() - t
+
+
+def _report_stage(s: SuiteSettings) -> tuple[str, float]:
+    """(the report page's path relative to the working directory, seconds to build it)."""
+    slope_range = s.bench.get("slope_range") or bench.resolve_settings(s.bench).slope_range
+    built = report.build_report(s.results_dir, s.report_dir, slope_range=tuple(slope_range))
+    return shown_path(Path(built["out"]) / "report.html"), built["build_s"]
+
+
+def _summary(s: SuiteSettings, result: dict[str, Any], started: float) -> None:
+    timings = result["timings"]
     total = time.time() - started
     timings["total_s"] = total
     _banner("done", started)
     print("  " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()), flush=True)
-    if total > 60 * float(s["time_budget_min"]):
-        print(f"  note: took {total / 60:.1f} min, over the {s['time_budget_min']} min target", flush=True)
+    if total > 60 * float(s.time_budget_min):
+        print(f"  note: took {total / 60:.1f} min, over the {s.time_budget_min} min target", flush=True)
     if "report" in result:
         print(f"  report: {result['report']}\n          {Path(result['report']).with_suffix('.md')}", flush=True)
-    return result
 
 
 def main() -> None:

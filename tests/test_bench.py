@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from attentions import get_attention_info
-from harness import bench
+from attentions import build_attention, get_attention_info
+from harness import analysis, bench, display
+from harness.bench import run as bench_run
+from harness.measure import failure_outcome, is_out_of_memory
 from harness.store import REQUIRED_FIELDS, STATUSES, load_records
 
 TINY = {
@@ -90,12 +92,12 @@ def test_out_of_memory_is_recorded_as_oom_and_larger_n_not_run(tmp_path, monkeyp
 
 
 def test_cpu_allocator_failure_counts_as_oom_other_errors_as_error():
-    assert bench.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: "
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: "
                                                "can't allocate memory: you tried to allocate 1 bytes"))
-    assert bench.is_out_of_memory(torch.OutOfMemoryError("x"))
-    assert not bench.is_out_of_memory(RuntimeError("shape mismatch"))
-    assert bench._failure(ValueError("n too long"))["outcome"] == "unsupported"
-    assert bench._failure(KeyError("x"))["outcome"] == "error"
+    assert is_out_of_memory(torch.OutOfMemoryError("x"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert failure_outcome(ValueError("n too long"))["outcome"] == "unsupported"
+    assert failure_outcome(KeyError("x"))["outcome"] == "error"
 
 
 def test_memory_budget_skips_n_predicted_to_exceed_it(tmp_path):
@@ -133,7 +135,7 @@ def test_rerun_reuses_ok_records(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("measured again although the store had the cell")
 
-    monkeypatch.setattr(bench, "measure_cell", fail)
+    monkeypatch.setattr(bench_run, "measure_cell", fail)
     df = run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16])
     assert list(df["outcome"]) == ["ok", "ok"]
     # A different setting is a different cell.
@@ -148,9 +150,9 @@ def test_cells_of_another_cpu_allocator_policy_are_not_reused(tmp_path, monkeypa
     def fail(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(bench, "measure_cell", fail)
+    monkeypatch.setattr(bench_run, "measure_cell", fail)
     # mallopt is process-wide, so the test process pretends: only the recorded description matters here.
-    monkeypatch.setattr(bench, "configure_cpu_allocator", lambda mode: "reuse:fake")
+    monkeypatch.setattr(bench_run, "configure_cpu_allocator", lambda mode: "reuse:fake")
     with pytest.raises(AssertionError, match="measured again"):
         run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16], passes=["fwd"],
             cpu_allocator="reuse")
@@ -196,31 +198,31 @@ NS = [1024, 2048, 4096, 8192, 16384]
 @pytest.mark.parametrize("exponent", [1.0, 1.5, 2.0])
 def test_loglog_slope_recovers_a_known_exponent(exponent):
     values = [3e-7 * n**exponent for n in NS]
-    assert bench.loglog_slope(NS, values) == pytest.approx(exponent, abs=1e-9)
+    assert analysis.loglog_slope(NS, values) == pytest.approx(exponent, abs=1e-9)
 
 
 def test_loglog_slope_uses_only_the_range_and_skips_missing():
     # Quadratic above 2K, flat (overhead-dominated) below: the default range sees only the tail.
     values = [5.0, 5.0 * 4, 5.0 * 16, None, 5.0 * 256]
-    assert bench.loglog_slope(NS, values, (2048, 16384)) == pytest.approx(2.0)
-    assert math.isnan(bench.loglog_slope(NS, [1, None, None, None, None]))
-    assert math.isnan(bench.loglog_slope(NS, [1.0, 2.0, 0.0, np.nan, -1.0], (4096, 16384)))
+    assert analysis.loglog_slope(NS, values, (2048, 16384)) == pytest.approx(2.0)
+    assert math.isnan(analysis.loglog_slope(NS, [1, None, None, None, None]))
+    assert math.isnan(analysis.loglog_slope(NS, [1.0, 2.0, 0.0, np.nan, -1.0], (4096, 16384)))
 
 
 def test_crossover_length_of_power_laws_is_exact():
     t_full = [1e-6 * n**2 for n in NS]
     t_lin = [4e-3 * n for n in NS]  # equal at n = 4000
-    n_x, note = bench.crossover_length(NS, t_lin, t_full)
+    n_x, note = analysis.crossover_length(NS, t_lin, t_full)
     assert note == "interpolated" and n_x == pytest.approx(4000.0)
-    assert bench.crossover_length(NS, [1e-9] * 5, t_full) == (1024.0, "faster at all n")
-    n_x, note = bench.crossover_length(NS, [10 * t for t in t_full], t_full)
+    assert analysis.crossover_length(NS, [1e-9] * 5, t_full) == (1024.0, "faster at all n")
+    n_x, note = analysis.crossover_length(NS, [10 * t for t in t_full], t_full)
     assert math.isnan(n_x) and note == "never faster"
 
 
 def test_crossover_takes_the_last_crossing_when_noise_dips_early():
     t_full = [1.0, 1.0, 1.0, 1.0, 1.0]
     t_mech = [0.9, 1.1, 1.2, 0.5, 0.5]  # faster at 1K by noise, slower at 2K-4K, faster from 8K
-    n_x, note = bench.crossover_length(NS, t_mech, t_full)
+    n_x, note = analysis.crossover_length(NS, t_mech, t_full)
     assert note == "interpolated" and 4096 < n_x < 8192
 
 
@@ -233,7 +235,7 @@ def test_relative_to_full_is_the_lra_table2_ratio():
         "median_s": [1.0, 4.0, 0.5, 1.0, None],
         "peak_bytes": [100.0, 400.0, 50.0, 100.0, None],
     })
-    rel = bench.relative_to_full(df).set_index(["mechanism", "n"])
+    rel = analysis.relative_to_full(df).set_index(["mechanism", "n"])
     assert rel.loc[("fast", 1024), "speedup"] == pytest.approx(2.0)
     assert rel.loc[("fast", 2048), "speedup"] == pytest.approx(4.0)
     assert rel.loc[("fast", 2048), "memory_ratio"] == pytest.approx(0.25)
@@ -243,18 +245,18 @@ def test_relative_to_full_is_the_lra_table2_ratio():
 
 def test_longest_n_within_budget_measured_and_extrapolated():
     mem = [10.0 * n**2 for n in NS]
-    fit = bench.longest_n_within_budget(NS, mem, budget_bytes=10.0 * 5000**2)
+    fit = analysis.longest_n_within_budget(NS, mem, budget_bytes=10.0 * 5000**2)
     assert fit["measured"] == 4096
     assert fit["extrapolated"] == pytest.approx(5000.0)
-    fit = bench.longest_n_within_budget(NS, [8.0 * n for n in NS], budget_bytes=8.0 * 100_000)
+    fit = analysis.longest_n_within_budget(NS, [8.0 * n for n in NS], budget_bytes=8.0 * 100_000)
     assert fit["measured"] == 16384 and fit["extrapolated"] == pytest.approx(100_000.0)
-    assert math.isnan(bench.longest_n_within_budget(NS, mem, budget_bytes=1.0)["measured"])
+    assert math.isnan(analysis.longest_n_within_budget(NS, mem, budget_bytes=1.0)["measured"])
 
 
 def test_predict_at_extrapolates_and_clamps():
-    assert bench.predict_at([1, 2], [10.0, 40.0], 4) == pytest.approx(160.0)  # quadratic
-    assert bench.predict_at([1, 2], [10.0, 10.0], 4) == pytest.approx(20.0)  # never below linear
-    assert bench.predict_at([1], [10.0], 4) is None
+    assert analysis.predict_at([1, 2], [10.0, 40.0], 4) == pytest.approx(160.0)  # quadratic
+    assert analysis.predict_at([1, 2], [10.0, 10.0], 4) == pytest.approx(20.0)  # never below linear
+    assert analysis.predict_at([1], [10.0], 4) is None
 
 
 def test_derived_table_on_synthetic_cells():
@@ -264,7 +266,7 @@ def test_derived_table_on_synthetic_cells():
                      "median_s": 1e-6 * n**2, "peak_bytes": 4.0 * n**2})
         rows.append({"mechanism": "lin", "pass": "fwd", "n": n, "outcome": "ok",
                      "median_s": 4e-3 * n, "peak_bytes": 64.0 * n})
-    derived = bench.derived_table(pd.DataFrame(rows), budget_bytes=4.0 * 8192**2).set_index("mechanism")
+    derived = analysis.derived_table(pd.DataFrame(rows), budget_bytes=4.0 * 8192**2).set_index("mechanism")
     assert derived.loc["full", "time_slope"] == pytest.approx(2.0)
     assert derived.loc["lin", "memory_slope"] == pytest.approx(1.0)
     assert derived.loc["lin", "crossover_n"] == pytest.approx(4000.0)
@@ -313,8 +315,8 @@ def test_conf_bench_yaml_matches_the_code_defaults():
 
 
 def test_format_cell_never_shows_zero_for_a_missing_cell():
-    assert bench.format_cell(pd.Series({"outcome": "oom", "median_s": None, "peak_bytes": None})) == "oom"
-    assert "budget" in bench.format_cell(pd.Series({"outcome": "skipped_budget"}))
+    assert display.format_cell(pd.Series({"outcome": "oom", "median_s": None, "peak_bytes": None})) == "oom"
+    assert "budget" in display.format_cell(pd.Series({"outcome": "skipped_budget"}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +325,7 @@ def test_format_cell_never_shows_zero_for_a_missing_cell():
 
 
 def test_peers_without_the_extra_say_skipped_in_one_line(tmp_path, monkeypatch):
-    from harness import peers
+    from harness.bench import peers
 
     monkeypatch.setattr(peers, "installed", lambda package: False)
     lines = []
@@ -335,10 +337,10 @@ def test_peers_without_the_extra_say_skipped_in_one_line(tmp_path, monkeypatch):
 
 
 def test_projected_attention_wraps_ours_in_qkv_and_output_projections():
-    from harness.peers import ProjectedAttention
+    from harness.bench.peers import ProjectedAttention
 
     inner = get_attention_info("full").cls
-    wrapped = ProjectedAttention(bench.build_attention("full", num_heads=2, head_dim=4), heads=2, head_dim=4)
+    wrapped = ProjectedAttention(build_attention("full", num_heads=2, head_dim=4), heads=2, head_dim=4)
     assert isinstance(wrapped.attention, inner)
     x = torch.randn(3, 10, 8)
     out = wrapped(x)
@@ -355,7 +357,7 @@ def test_projected_attention_wraps_ours_in_qkv_and_output_projections():
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("performer_pytorch"), reason="peers extra not installed")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_performer_peer_runs_at_equal_settings(tmp_path):
-    from harness import peers
+    from harness.bench import peers
 
     settings = bench.resolve_settings({**TINY, "results_dir": str(tmp_path), "mechanisms": ["performer"],
                                        "peers": {"seq_lens": [32]}, "passes": ["fwd"]})

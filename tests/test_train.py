@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import harness.train as train_mod
+import harness.train.loop as train_loop
 from attentions import available_attentions
 from harness.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from harness.model import build_model
@@ -79,9 +80,9 @@ def test_measured_step_starts_without_gradients_and_is_a_whole_training_step(tmp
     """The peak-memory step starts with grads set to None (the CPU profiler cannot see frees of blocks
     allocated before it started) and still runs forward, backward and the optimizer step."""
     models, calls, seen = [], {"forward": 0, "backward": 0, "step": 0}, {}
-    build = train_mod.build_model
-    monkeypatch.setattr(train_mod, "build_model", lambda cfg: models.append(build(cfg)) or models[-1])
-    forward_batch = train_mod.ArenaModel.forward_batch
+    build = train_loop.build_model
+    monkeypatch.setattr(train_loop, "build_model", lambda cfg: models.append(build(cfg)) or models[-1])
+    forward_batch = train_loop.ArenaModel.forward_batch
     backward = torch.Tensor.backward
     adamw_step = torch.optim.AdamW.step
 
@@ -91,10 +92,10 @@ def test_measured_step_starts_without_gradients_and_is_a_whole_training_step(tmp
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(train_mod.ArenaModel, "forward_batch", count("forward", forward_batch))
+    monkeypatch.setattr(train_loop.ArenaModel, "forward_batch", count("forward", forward_batch))
     monkeypatch.setattr(torch.Tensor, "backward", count("backward", backward))
     monkeypatch.setattr(torch.optim.AdamW, "step", count("step", adamw_step))
-    measure = train_mod.measure_step_memory
+    measure = train_loop.measure_step_memory
 
     def spy(fn, device):
         params = list(models[-1].parameters())
@@ -106,7 +107,7 @@ def test_measured_step_starts_without_gradients_and_is_a_whole_training_step(tmp
         seen["param_bytes"] = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
         return result
 
-    monkeypatch.setattr(train_mod, "measure_step_memory", spy)
+    monkeypatch.setattr(train_loop, "measure_step_memory", spy)
     record = run(make_cfg(tmp_path))
     assert record["status"] == "ok", record.get("error")
     assert seen["grads_at_entry"] and not any(seen["grads_at_entry"])
@@ -214,7 +215,7 @@ def test_oom_is_recorded_as_oom(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_mod, "build_model", boom)
+    monkeypatch.setattr(train_loop, "build_model", boom)
     record = run(make_cfg(tmp_path))
     assert record["status"] == "oom" and "out of memory" in record["error"]["message"]
     assert record_file(tmp_path, record).exists()

@@ -17,6 +17,10 @@ aft-pytorch's ``AFTLocal`` is not compared: it rebuilds its ``max_seqlen x max_s
 with a Python double loop on every call (minutes at n = 1024), which would measure the loop.
 
 Without the extra installed, :func:`run_peers` prints one line saying the peers were skipped.
+
+Owns: the pairs, their equal settings and the ``peer`` records. Imports: ``attentions``,
+:mod:`harness.measure` (the same measured step as every cell), :mod:`harness.store`,
+:mod:`harness.bench.cells`, :mod:`harness.bench.settings`; never the benchmark's runner.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import torch
 from torch import nn
 
 from attentions import available_attentions, build_attention
+from harness.bench.cells import make_inputs, measure_forward, mechanism_params, select_mechanisms
+from harness.bench.settings import BenchSettings
+from harness.measure import DTYPES, failure_outcome, jsonable_params, progress_bar
 from harness.store import config_hash, find_record, now_iso, write_record
 
 
@@ -74,7 +81,7 @@ class PeerPair:
 def _performer_peer(cfg, settings, n):
     from performer_pytorch import FastAttention
 
-    return FastAttention(dim_heads=settings["head_dim"], nb_features=cfg.num_features)
+    return FastAttention(dim_heads=settings.head_dim, nb_features=cfg.num_features)
 
 
 def _reformer_peer(cfg, settings, n):
@@ -86,29 +93,29 @@ def _reformer_peer(cfg, settings, n):
 def _linformer_peer(cfg, settings, n):
     from linformer import LinformerSelfAttention
 
-    dim = settings["heads"] * settings["head_dim"]
-    return LinformerSelfAttention(dim=dim, seq_len=n, k=cfg.proj_dim, heads=settings["heads"],
-                                  dim_head=settings["head_dim"])
+    dim = settings.heads * settings.head_dim
+    return LinformerSelfAttention(dim=dim, seq_len=n, k=cfg.proj_dim, heads=settings.heads,
+                                  dim_head=settings.head_dim)
 
 
 def _memory_compressed_peer(cfg, settings, n):
     from memory_compressed_attention import MemoryCompressedAttention
 
-    dim = settings["heads"] * settings["head_dim"]
-    return MemoryCompressedAttention(dim=dim, heads=settings["heads"], compression_factor=cfg.compression)
+    dim = settings.heads * settings.head_dim
+    return MemoryCompressedAttention(dim=dim, heads=settings.heads, compression_factor=cfg.compression)
 
 
 def _aft_full_peer(cfg, settings, n):
     from aft_pytorch import AFTFull
 
-    dim = settings["heads"] * settings["head_dim"]
+    dim = settings.heads * settings.head_dim
     return AFTFull(max_seqlen=n, dim=dim, hidden_dim=dim)
 
 
 def _aft_simple_peer(cfg, settings, n):
     from aft_pytorch import AFTSimple
 
-    dim = settings["heads"] * settings["head_dim"]
+    dim = settings.heads * settings.head_dim
     return AFTSimple(max_seqlen=n, dim=dim, hidden_dim=dim)
 
 
@@ -140,24 +147,22 @@ def _call_core(peer: nn.Module, key: str, q, k, v):
     return peer(q, k, v)
 
 
-def measure_pair(pair: PeerPair, n: int, pass_: str, settings: dict) -> dict[str, Any]:
+def measure_pair(pair: PeerPair, n: int, pass_: str, settings: BenchSettings) -> dict[str, Any]:
     """Ours and the peer on the same inputs: time and memory of each, and ours/peer ratios."""
-    from harness import bench
-
-    params = {**bench.mechanism_params(pair.mechanism, n, settings), **(pair.ours_params or {})}
+    params = {**mechanism_params(pair.mechanism, n, settings), **(pair.ours_params or {})}
     if pair.ours_params and "max_seq_len" not in params and pair.ours_params.get("mode") == "full":
         params["max_seq_len"] = n
-    dtype = bench.DTYPES[settings["dtype"]]
-    device = settings["device"]
+    dtype = DTYPES[settings.dtype]
+    device = settings.device
     torch.manual_seed(0)  # peers draw their random state from the global RNG
     ours = build_attention(pair.mechanism, **params).to(device=device, dtype=dtype).eval()
     if pair.divisor is not None and n % pair.divisor(ours.config):
         raise ValueError(f"{pair.peer} needs n divisible by {pair.divisor(ours.config)}, got n={n}")
     peer = pair.build_peer(ours.config, settings, n).to(device=device, dtype=dtype).eval()
     backward = pass_ == "fwd+bwd"
-    heads, head_dim = settings["heads"], settings["head_dim"]
+    heads, head_dim = settings.heads, settings.head_dim
     if pair.level == "core":
-        q, k, v = bench.make_inputs((settings["batch"], heads, n, head_dim), settings, seed=n, requires_grad=backward)
+        q, k, v = make_inputs((settings.batch, heads, n, head_dim), settings, seed=n, requires_grad=backward)
         qk = q if pair.key == "reformer" else k  # shared-QK peers hash the queries as keys
 
         def ours_fwd():
@@ -168,7 +173,7 @@ def measure_pair(pair: PeerPair, n: int, pass_: str, settings: dict) -> dict[str
 
         inputs, ours_params = [q, k, v], list(ours.parameters())
     else:
-        x = bench.make_inputs((settings["batch"], n, heads * head_dim), settings, seed=n, requires_grad=backward)[0]
+        x = make_inputs((settings.batch, n, heads * head_dim), settings, seed=n, requires_grad=backward)[0]
         wrapped = ProjectedAttention(ours, heads, head_dim).to(device=device, dtype=dtype).eval()
 
         def ours_fwd():
@@ -181,21 +186,19 @@ def measure_pair(pair: PeerPair, n: int, pass_: str, settings: dict) -> dict[str
     inputs = [t for t in inputs if t.requires_grad]
     ours_leaves = inputs + [p for p in ours_params if p.requires_grad]
     peer_leaves = inputs + [p for p in peer.parameters() if p.requires_grad]
-    a = bench.measure_forward(ours_fwd, ours_leaves, pass_, settings)
-    b = bench.measure_forward(peer_fwd, peer_leaves, pass_, settings)
+    a = measure_forward(ours_fwd, ours_leaves, pass_, settings)
+    b = measure_forward(peer_fwd, peer_leaves, pass_, settings)
     return {
-        "ours": a, "peer_result": b, "params": bench._jsonable_params(params),
+        "ours": a, "peer_result": b, "params": jsonable_params(params),
         "time_ratio": a["time"]["median_s"] / b["time"]["median_s"],
         "memory_ratio": a["memory"]["peak_bytes"] / max(b["memory"]["peak_bytes"], 1),
     }
 
 
-def run_peers(settings: dict, log: Callable[[str], None] = print) -> pd.DataFrame:
+def run_peers(settings: BenchSettings, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Measure every pair whose peer package is installed; one line when none is (or some are missing)."""
-    from harness import bench
-
     registered = set(available_attentions())
-    wanted = bench.select_mechanisms(settings["mechanisms"])
+    wanted = select_mechanisms(settings.mechanisms)
     pairs = [p for p in PAIRS if p.mechanism in registered and p.mechanism in wanted]
     missing = sorted({p.package for p in pairs if not installed(p.package)})
     pairs = [p for p in pairs if installed(p.package)]
@@ -204,32 +207,32 @@ def run_peers(settings: dict, log: Callable[[str], None] = print) -> pd.DataFram
         return pd.DataFrame()
     if missing:
         log(f"peers: skipped {', '.join(missing)} (not installed)")
-    root = settings["results_dir"]
-    seq_lens = [int(n) for n in settings["peers"].get("seq_lens", [1024, 4096])]
-    todo = [(p, n, pass_) for p in pairs for n in seq_lens for pass_ in settings["passes"]]
-    bar = bench._progress(len(todo), "peers", settings["progress"])
+    root = settings.results_dir
+    seq_lens = [int(n) for n in settings.peers.seq_lens]
+    todo = [(p, n, pass_) for p in pairs for n in seq_lens for pass_ in settings.passes]
+    bar = progress_bar(len(todo), "peers", settings.progress)
     rows = []
     for pair, n, pass_ in todo:
         bar.set_postfix_str(f"{pair.key} n={n} {pass_}")
-        key = config_hash({"pair": pair.key, "n": n, "pass": pass_, "batch": settings["batch"],
-                           "heads": settings["heads"], "head_dim": settings["head_dim"], "dtype": settings["dtype"],
-                           "device": settings["device"], "repeats": settings["repeats"],
-                           "params": bench._jsonable_params(bench.mechanism_params(pair.mechanism, n, settings))})
+        key = config_hash({"pair": pair.key, "n": n, "pass": pass_, "batch": settings.batch,
+                           "heads": settings.heads, "head_dim": settings.head_dim, "dtype": settings.dtype,
+                           "device": settings.device, "repeats": settings.repeats,
+                           "params": jsonable_params(mechanism_params(pair.mechanism, n, settings))})
         record_id = f"{pair.key.replace('_', '-')}.{'fwd' if pass_ == 'fwd' else 'fwdbwd'}.n{n}.{key}"
-        record = find_record(root, "peer", record_id) if settings["reuse"] else None
+        record = find_record(root, "peer", record_id) if settings.reuse else None
         if record is None or record["status"] == "error":
             try:
                 result, status, reason = measure_pair(pair, n, pass_, settings), "ok", None
             except Exception as exc:  # noqa: BLE001 - a peer's failure is recorded, not raised
-                failure = bench._failure(exc)
+                failure = failure_outcome(exc)
                 result, status, reason = {}, failure["outcome"], failure["reason"]
             record = {
                 "kind": "peer", "record_id": record_id, "status": status, "created_at": now_iso(),
                 "pair": pair.key, "mechanism": pair.mechanism, "peer": pair.peer, "level": pair.level,
                 "comparison": ("same projected q, k, v" if pair.level == "core"
                                else "ours wrapped in the peer's Q/K/V/output projections"),
-                "n": n, "pass": pass_, "batch": settings["batch"], "heads": settings["heads"],
-                "head_dim": settings["head_dim"], "dtype": settings["dtype"], "device": settings["device"],
+                "n": n, "pass": pass_, "batch": settings.batch, "heads": settings.heads,
+                "head_dim": settings.head_dim, "dtype": settings.dtype, "device": settings.device,
                 "reason": reason, **result,
             }
             write_record(record, root)

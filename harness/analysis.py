@@ -1,0 +1,157 @@
+"""Derived figures: pure functions from measured cells (DataFrames, sequences) to the numbers a reader compares.
+
+Log-log growth slopes, the crossover length against ``full``, ratios to ``full`` (LRA Table 2
+layout), the longest n within a memory budget, the registry's overhead over calling SDPA directly,
+and the power-law extrapolation the benchmark uses to skip cells that would not fit.
+
+Owns: the arithmetic of every derived figure, for the benchmark's printed summary and the report alike.
+Imports: numpy, pandas and the standard library only (no ``attentions``, ``tasks`` or other ``harness``
+module): the figures are functions of the cell frame, whose columns are mechanism, pass, n, outcome,
+median_s, peak_bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+# The benchmark's pseudo-mechanism: torch's scaled_dot_product_attention called directly.
+SDPA_DIRECT = "sdpa_direct"
+
+
+def predict_at(ns: Sequence[float], values: Sequence[float], n: float) -> float | None:
+    """Extrapolate ``values`` to ``n`` with a power law through the last two points; None with fewer.
+
+    The exponent is clamped to [1, 3]: growth is never assumed slower than linear (so the
+    prediction errs towards caution) nor faster than cubic (noise in tiny timings).
+    """
+    pts = [(float(a), float(b)) for a, b in zip(ns, values) if b is not None and b > 0 and math.isfinite(b)]
+    if len(pts) < 2:
+        return None
+    (n0, v0), (n1, v1) = pts[-2], pts[-1]
+    if n1 == n0:
+        return v1
+    slope = min(max(math.log(v1 / v0) / math.log(n1 / n0), 1.0), 3.0)
+    return v1 * (n / n1) ** slope
+
+
+def loglog_slope(ns: Iterable[float], values: Iterable[float], n_range: Sequence[float] | None = None) -> float:
+    """Least-squares slope of log(value) against log(n) over ``n_range`` (inclusive); NaN with < 2 points.
+
+    A value growing as c * n^a has slope a: ~1 for linear-memory mechanisms, ~2 for quadratic.
+    Missing, zero or non-finite values are left out.
+    """
+    lo, hi = (n_range if n_range is not None else (-math.inf, math.inf))
+    pts = [
+        (math.log(float(n)), math.log(float(v)))
+        for n, v in zip(ns, values)
+        if v is not None and lo <= float(n) <= hi and np.isfinite(float(v)) and float(v) > 0
+    ]
+    if len({x for x, _ in pts}) < 2:
+        return float("nan")
+    x = np.array([p[0] for p in pts])
+    y = np.array([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def crossover_length(ns: Sequence[float], t_mech: Sequence[float], t_full: Sequence[float]) -> tuple[float, str]:
+    """Length from which ``t_mech < t_full`` holds for every larger measured n.
+
+    Returns ``(n, note)``: interpolated in log-log between the last grid point where the
+    mechanism is slower and the next one (``note = "interpolated"``); ``(ns[0], "faster at all n")``
+    when it is faster everywhere; ``(nan, "never faster")`` when it is not faster at the
+    largest n both ran. Points missing in either series are left out.
+    """
+    pts = [
+        (float(n), float(a), float(b))
+        for n, a, b in zip(ns, t_mech, t_full)
+        if a is not None and b is not None and np.isfinite(float(a)) and np.isfinite(float(b)) and a > 0 and b > 0
+    ]
+    pts.sort()
+    if not pts:
+        return float("nan"), "no common n"
+    log_ratio = [math.log(a / b) for _, a, b in pts]
+    if log_ratio[-1] >= 0:
+        return float("nan"), "never faster"
+    last_slower = max((i for i, r in enumerate(log_ratio) if r >= 0), default=None)
+    if last_slower is None:
+        return pts[0][0], "faster at all n"
+    i = last_slower
+    x0, x1 = math.log(pts[i][0]), math.log(pts[i + 1][0])
+    r0, r1 = log_ratio[i], log_ratio[i + 1]
+    frac = r0 / (r0 - r1)
+    return float(math.exp(x0 + frac * (x1 - x0))), "interpolated"
+
+
+def relative_to_full(df: pd.DataFrame, reference: str = "full") -> pd.DataFrame:
+    """LRA Table 2 layout: per mechanism, pass and n, ``speedup`` = t_full / t and ``memory_ratio`` = m / m_full.
+
+    ``df`` has columns mechanism, pass, n, median_s, peak_bytes (rows with missing values give NaN).
+    """
+    ok = df[df["outcome"] == "ok"] if "outcome" in df else df
+    ref = ok[ok["mechanism"] == reference][["pass", "n", "median_s", "peak_bytes"]]
+    ref = ref.rename(columns={"median_s": "ref_s", "peak_bytes": "ref_bytes"})
+    merged = df.merge(ref, on=["pass", "n"], how="left")
+    ok_row = merged["outcome"] == "ok" if "outcome" in merged else True
+    merged["speedup"] = np.where(ok_row, merged["ref_s"] / merged["median_s"], np.nan)
+    merged["memory_ratio"] = np.where(ok_row, merged["peak_bytes"] / merged["ref_bytes"], np.nan)
+    return merged[["mechanism", "pass", "n", "speedup", "memory_ratio"]]
+
+
+def longest_n_within_budget(ns: Sequence[float], peak_bytes: Sequence[float], budget_bytes: float,
+                            n_range: Sequence[float] | None = None) -> dict[str, float]:
+    """Longest n whose peak fits ``budget_bytes``: the largest measured one, and an extrapolation.
+
+    The extrapolation follows the power law fitted over ``n_range`` (see :func:`loglog_slope`)
+    through the largest measured point: n* = n_last * (budget / m_last)^(1/slope).
+    """
+    pts = sorted((float(n), float(m)) for n, m in zip(ns, peak_bytes) if m is not None and np.isfinite(float(m)))
+    fitting = [n for n, m in pts if m <= budget_bytes]
+    measured = max(fitting) if fitting else float("nan")
+    slope = loglog_slope([p[0] for p in pts], [p[1] for p in pts], n_range)
+    if not pts or not np.isfinite(slope) or slope <= 0:
+        return {"measured": measured, "extrapolated": float("nan"), "slope": slope}
+    n_last, m_last = pts[-1]
+    return {"measured": measured, "extrapolated": n_last * (budget_bytes / m_last) ** (1.0 / slope), "slope": slope}
+
+
+def derived_table(df: pd.DataFrame, slope_range: Sequence[float] = (2048, 16384),
+                  budget_bytes: float | None = None) -> pd.DataFrame:
+    """Per mechanism and pass: time and memory slopes, crossover vs ``full``, longest n within the budget."""
+    rows = []
+    ok = df[df["outcome"] == "ok"]
+    full = ok[ok["mechanism"] == "full"]
+    for (name, pass_), group in df.groupby(["mechanism", "pass"], sort=False):
+        g = group[group["outcome"] == "ok"].sort_values("n")
+        f = full[full["pass"] == pass_].set_index("n")["median_s"]
+        ns = list(g["n"])
+        row = {
+            "mechanism": name, "pass": pass_,
+            "time_slope": loglog_slope(ns, g["median_s"], slope_range),
+            "memory_slope": loglog_slope(ns, g["peak_bytes"], slope_range),
+        }
+        if name != "full" and len(f):
+            n_x, note = crossover_length(ns, list(g["median_s"]), [f.get(n) for n in ns])
+            row.update(crossover_n=n_x, crossover_note=note)
+        else:
+            row.update(crossover_n=float("nan"), crossover_note="reference" if name == "full" else "no full")
+        if budget_bytes:
+            fit = longest_n_within_budget(ns, list(g["peak_bytes"]), budget_bytes, slope_range)
+            row.update(max_n_measured=fit["measured"], max_n_extrapolated=fit["extrapolated"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def full_overhead(df: pd.DataFrame) -> pd.DataFrame:
+    """Per pass and n: t(full through the registry) / t(sdpa_direct) - 1."""
+    ok = df[df["outcome"] == "ok"]
+    a = ok[ok["mechanism"] == "full"].set_index(["pass", "n"])["median_s"]
+    b = ok[ok["mechanism"] == SDPA_DIRECT].set_index(["pass", "n"])["median_s"]
+    joined = pd.concat({"full": a, "direct": b}, axis=1).dropna()
+    if joined.empty:
+        return pd.DataFrame()
+    joined["overhead"] = joined["full"] / joined["direct"] - 1
+    return joined.reset_index()[["pass", "n", "overhead"]]

@@ -1,0 +1,3 @@
+from harness.bench.run import main
+
+main()

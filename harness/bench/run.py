@@ -1,0 +1,200 @@
+"""The benchmark's scan: every (mechanism, pass, n) cell measured or reused, planned against the budgets.
+
+Owns: the order of the scan, budget skips, the ``bench`` records, the console summary and ``main``.
+Imports: the other :mod:`harness.bench` modules, :mod:`harness.allocator`, :mod:`harness.measure`,
+:mod:`harness.store`, :mod:`harness.analysis`, :mod:`harness.display`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.allocator import configure_cpu_allocator
+from harness.analysis import SDPA_DIRECT, full_overhead, predict_at
+from harness.bench import peers
+from harness.bench.approx import approximation_errors
+from harness.bench.cells import (
+    REUSABLE,
+    cell_key,
+    cell_record_id,
+    family,
+    flat_cell,
+    measure_cell,
+    mechanism_params,
+    record_outcome,
+    select_mechanisms,
+)
+from harness.bench.settings import BenchSettings, resolve_settings
+from harness.display import derived_display, format_cell
+from harness.measure import device_info, jsonable_params, progress_bar
+from harness.store import find_record, now_iso, write_record
+
+
+@dataclass
+class _Row:
+    """What one (mechanism, pass) row of the scan has learnt so far: measured points and a stop reason."""
+
+    ns: list[int] = field(default_factory=list)
+    peak_bytes: list[float] = field(default_factory=list)
+    median_s: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+    def learn(self, n: int, record: dict) -> None:
+        outcome = record_outcome(record)
+        if outcome == "ok":
+            self.ns.append(n)
+            self.peak_bytes.append(float(record["memory"]["peak_bytes"]))
+            self.median_s.append(float(record["time"]["median_s"]))
+        elif outcome == "oom" and self.stop_reason is None:
+            self.stop_reason = f"not run: out of memory already at n={n}"
+
+
+def run_benchmark(cfg: dict | BenchSettings | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run the efficiency scan (and the approximation errors and peers when enabled).
+
+    Returns the efficiency cells as a DataFrame (one row per mechanism, n, pass). Existing
+    records with the same settings are reused when ``reuse`` is set (except ``error`` cells,
+    which are retried).
+    """
+    settings = resolve_settings(cfg)
+    mechanisms = _mechanisms(settings)
+    settings = replace(settings, cpu_allocator_used=configure_cpu_allocator(settings.cpu_allocator))
+    df = pd.DataFrame(_scan(settings, mechanisms))
+    if settings.approx.enabled:
+        approximation_errors(settings, mechanisms=[m for m in mechanisms if m != SDPA_DIRECT], log=log)
+    if settings.peers.enabled:
+        peers.run_peers(settings, log=log)
+    if settings.print_table:
+        log(format_table(df))
+        log(format_derived(df, settings))
+    return df
+
+
+def _mechanisms(settings: BenchSettings) -> list[str]:
+    mechanisms = select_mechanisms(settings.mechanisms)
+    if settings.include_sdpa_direct and "full" in mechanisms and SDPA_DIRECT not in mechanisms:
+        mechanisms.insert(mechanisms.index("full") + 1, SDPA_DIRECT)
+    return mechanisms
+
+
+def _scan(settings: BenchSettings, mechanisms: list[str]) -> list[dict[str, Any]]:
+    info = device_info(settings.device)
+    cells = [(m, p) for m in mechanisms for p in settings.passes]
+    bar = progress_bar(len(cells) * len(settings.seq_lens), "bench", settings.progress)
+    rows = []
+    for name, pass_ in cells:
+        row = _Row()
+        for n in settings.seq_lens:
+            bar.set_postfix_str(f"{name} {pass_} n={n}")
+            record = _cell_record(name, n, pass_, settings, row, info)
+            row.learn(n, record)
+            rows.append(flat_cell(record))
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def _cell_record(name: str, n: int, pass_: str, settings: BenchSettings, row: _Row, info: dict) -> dict:
+    """The stored record of one cell: reused when reusable, else planned or measured and written."""
+    params = mechanism_params(name, n, settings)
+    key = cell_key(name, n, pass_, settings, params)
+    record_id = cell_record_id(name, n, pass_, key)
+    old = find_record(settings.results_dir, "bench", record_id) if settings.reuse else None
+    if old is not None and record_outcome(old) in REUSABLE:
+        return old
+    cell = _plan_or_measure(name, n, pass_, settings, row)
+    record = {
+        "kind": "bench", "record_id": record_id, "status": cell.pop("outcome"),
+        "created_at": now_iso(), "mechanism": name, "family": family(name), "pass": pass_, "n": n,
+        "batch": settings.batch, "heads": settings.heads, "head_dim": settings.head_dim,
+        "dtype": settings.dtype, "device": settings.device,
+        "cpu_allocator": settings.cpu_allocator_used, "settings_key": key,
+        "smoke": bool(settings.smoke), "device_info": info, **cell,
+    }
+    write_record(record, settings.results_dir)
+    return record
+
+
+def _plan_or_measure(name: str, n: int, pass_: str, settings: BenchSettings, row: _Row) -> dict[str, Any]:
+    """A budget skip when the smaller n predict this one would not fit, else the measured cell."""
+    params = jsonable_params(mechanism_params(name, n, settings))
+    if row.stop_reason is not None:
+        return {"outcome": "oom", "reason": row.stop_reason, "params": params}
+    budget_bytes = settings.budget_bytes or math.inf
+    predicted_mem = predict_at(row.ns, row.peak_bytes, n)
+    if predicted_mem is not None and predicted_mem > budget_bytes:
+        return {
+            "outcome": "skipped_budget",
+            "budget": "memory",
+            "reason": f"memory, predicted peak {predicted_mem / 1e9:.2f} GB > budget {budget_bytes / 1e9:.2f} GB",
+            "predicted_peak_bytes": predicted_mem,
+            "params": params,
+        }
+    max_s = settings.max_cell_s
+    predicted_time = predict_at(row.ns, row.median_s, n)
+    if max_s and predicted_time is not None:
+        cell_s = predicted_time * (settings.warmup + settings.repeats + 1)
+        if cell_s > float(max_s):
+            return {
+                "outcome": "skipped_budget",
+                "budget": "time",
+                "reason": f"time, predicted cell time {cell_s:.0f} s > max_cell_s {float(max_s):.0f} s",
+                "params": params,
+            }
+    return measure_cell(name, n, pass_, settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing
+# ----------------------------------------------------------------------------------------------
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """One block per pass: mechanisms x n, each cell 'time / peak memory' or why it is missing."""
+    if df.empty:
+        return "(no benchmark cells)"
+    blocks = []
+    for pass_, group in df.groupby("pass", sort=False):
+        cells = group.assign(cell=group.apply(format_cell, axis=1))
+        table = cells.pivot_table(index="mechanism", columns="n", values="cell", aggfunc="first", sort=False)
+        method = group["memory_method"].dropna().unique()
+        blocks.append(f"pass={pass_}  (median time / peak memory, memory method: {', '.join(method) or '-'})\n"
+                      + table.to_string())
+    return "\n\n".join(blocks)
+
+
+def format_derived(df: pd.DataFrame, settings: BenchSettings) -> str:
+    """Slopes, crossovers and the sdpa_direct overhead as text."""
+    if df.empty:
+        return ""
+    derived = derived_display(df, settings.slope_range, settings.budget_bytes)
+    lines = [f"log-log slopes over n in {list(settings.slope_range)}, crossover vs full, "
+             f"longest n within {settings.memory_budget_gb} GB:", derived.to_string(index=False)]
+    overhead = full_overhead(df)
+    if not overhead.empty:
+        lines.append("full (registry) vs sdpa_direct, time ratio - 1:")
+        lines.append(overhead.to_string(index=False, float_format=lambda x: f"{x:+.1%}"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """``arena-bench``: Hydra app over conf/bench.yaml."""
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="bench",
+                version_base="1.3")
+    def _app(cfg: DictConfig) -> None:
+        run_benchmark(resolve_settings(OmegaConf.to_container(cfg, resolve=True)))
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()

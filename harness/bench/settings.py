@@ -1,0 +1,186 @@
+"""``arena-bench``'s settings: the defaults, the smoke sizes, and :class:`BenchSettings`, built once and validated.
+
+Owns: what the benchmark can be told and its documented per-mechanism settings.
+Imports: :mod:`harness.settings`, :mod:`harness.measure` (dtype names), :mod:`harness.allocator` (policy names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from harness.allocator import CPU_ALLOCATORS
+from harness.measure import DTYPES
+from harness.settings import Settings, merge_settings
+
+PASSES = ("fwd", "fwd+bwd")
+
+# The benchmark's documented settings (issue 2): every other parameter keeps its registry default.
+# Linformer's projection is sized to the sequence: max_seq_len = n for each cell.
+BENCH_SETTINGS: dict[str, dict[str, Any]] = {
+    "sliding_window": {"window": 256},
+    "longformer": {"window": 256, "global_positions": (0,)},
+    "bigbird": {"block_size": 64, "num_global_blocks": 2, "num_random_blocks": 3},
+    "performer": {"num_features": 256},
+    "linformer": {"proj_dim": 256},
+}
+
+# Smoke size (tests, seconds): budgets smaller than the tiny sequences so every real path runs.
+SMOKE_SETTINGS: dict[str, dict[str, Any]] = {
+    "sliding_window": {"window": 8},
+    "longformer": {"window": 8, "global_positions": (0,)},
+    "bigbird": {"block_size": 4, "num_global_blocks": 1, "num_random_blocks": 2},
+    "linformer": {"proj_dim": 8},
+    "performer": {"num_features": 16},
+    "rfa": {"num_features": 16},
+    "reformer": {"bucket_size": 4, "n_hashes": 2},
+    "aft": {"mode": "local", "window": 6},
+    "clustered": {"num_clusters": 4},
+    "memory_compressed": {"compression": 2},
+}
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "seq_lens": [32, 64],
+    "batch": 1,
+    "heads": 2,
+    "head_dim": 8,
+    "repeats": 1,
+    "warmup": 0,
+    "approx": {"n": 64, "seeds": 1, "batch": 1, "budgets": "smoke"},
+    "slope_range": [32, 64],
+    "peers": {"seq_lens": [32, 64]},
+}
+
+DEFAULTS: dict[str, Any] = {
+    "mechanisms": "all",
+    "include_sdpa_direct": True,
+    "seq_lens": [1024, 2048, 4096, 8192, 16384],
+    "passes": list(PASSES),
+    "batch": 2,
+    "heads": 4,
+    "head_dim": 32,
+    "dtype": "float32",
+    "device": "auto",
+    "cpu_allocator": "default",
+    "repeats": 5,
+    "warmup": 2,
+    "memory_budget_gb": 6.0,
+    "max_cell_s": None,
+    "params": {},
+    "slope_range": [2048, 16384],
+    "approx": {"enabled": True, "n": 1024, "seeds": 3, "batch": 1, "variants": ["iid", "smooth"],
+               "budgets": "default"},
+    "peers": {"enabled": True, "seq_lens": [1024, 4096]},
+    "results_dir": "results",
+    "reuse": True,
+    "smoke": False,
+    "progress": True,
+    "print_table": True,
+}
+
+
+@dataclass(frozen=True)
+class ApproxSettings(Settings):
+    """The approximation-error study: on/off, tokens ``n``, seeds, batch, input variants, budget table."""
+
+    enabled: bool
+    n: int
+    seeds: int
+    batch: int
+    variants: list
+    budgets: str
+
+
+@dataclass(frozen=True)
+class PeerSettings(Settings):
+    """The side-by-side comparison with public implementations: on/off and its sequence lengths."""
+
+    enabled: bool
+    seq_lens: list
+
+
+@dataclass(frozen=True)
+class BenchSettings(Settings):
+    """Every setting of one benchmark run (see :data:`DEFAULTS` for the meaning of each)."""
+
+    mechanisms: Any
+    include_sdpa_direct: bool
+    seq_lens: list
+    passes: list
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: str
+    device: str
+    cpu_allocator: str
+    repeats: int
+    warmup: int
+    memory_budget_gb: float | None
+    max_cell_s: float | None
+    params: dict
+    slope_range: list
+    approx: ApproxSettings
+    peers: PeerSettings
+    results_dir: str
+    reuse: bool
+    smoke: bool
+    progress: bool
+    print_table: bool
+    # The allocator policy actually in force (set by the run once configured; part of the cell key).
+    cpu_allocator_used: str = "default"
+
+    @property
+    def budget_bytes(self) -> float | None:
+        """The memory budget in bytes, None without one."""
+        return float(self.memory_budget_gb) * 1e9 if self.memory_budget_gb else None
+
+
+def resolve_settings(cfg: dict | BenchSettings | None = None) -> BenchSettings:
+    """Defaults, then the user's ``cfg``; with ``smoke`` set, tiny sizes replace every value left at its default.
+
+    Raises ValueError naming an unknown setting, dtype, allocator policy or pass.
+    """
+    if isinstance(cfg, BenchSettings):
+        return cfg
+    user = dict(cfg or {})
+    unknown = sorted(set(user) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown benchmark setting(s) {unknown}; allowed: {sorted(DEFAULTS)}")
+    s = merge_settings(DEFAULTS, user)
+    if s["smoke"]:
+        s = _apply_smoke(s, user, DEFAULTS, SMOKE_OVERRIDES)
+    if s["dtype"] not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s['dtype']!r}")
+    if s["cpu_allocator"] not in CPU_ALLOCATORS:
+        raise ValueError(f"cpu_allocator must be one of {CPU_ALLOCATORS}, got {s['cpu_allocator']!r}")
+    bad = [p for p in s["passes"] if p not in PASSES]
+    if bad:
+        raise ValueError(f"passes must be among {PASSES}, got {bad}")
+    if s["device"] == "auto":
+        s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    s["seq_lens"] = sorted(int(n) for n in s["seq_lens"])
+    s["params"] = dict(s["params"] or {})
+    s["approx"] = _section(ApproxSettings, "approx", s["approx"])
+    s["peers"] = _section(PeerSettings, "peers", s["peers"])
+    return BenchSettings(**s)
+
+
+def _section(cls, name: str, values: dict):
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"unknown benchmark setting(s) {[f'{name}.{k}' for k in unknown]}; allowed: {sorted(allowed)}")
+    return cls(**{k: values.get(k, DEFAULTS[name].get(k)) for k in allowed})
+
+
+def _apply_smoke(settings: dict, user: dict, defaults: dict, smoke: dict) -> dict:
+    # A Hydra config hands over every key, so "left at its default" means "equal to the default".
+    out = dict(settings)
+    for key, value in smoke.items():
+        given = user.get(key, defaults[key])
+        if isinstance(value, dict):
+            out[key] = _apply_smoke(out[key], given if isinstance(given, dict) else {}, defaults[key], value)
+        elif key not in user or given == defaults[key]:
+            out[key] = value
+    return out

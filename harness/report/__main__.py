@@ -1,0 +1,3 @@
+from harness.report.build import main
+
+main()

@@ -1,0 +1,74 @@
+"""arena-train: train one mechanism on one task and write one record; Hydra makes sweeps of it.
+
+    arena-train attention=performer task=listops
+    arena-train experiment=quick/listops attention=performer
+    arena-train -m experiment=quick/listops attention=full,performer seed=0,1,2
+
+One run = one record in the results store (``<results_dir>/train/<config hash>.json``):
+status (ok / oom / diverged / error), best validation accuracy, test accuracy AT THE BEST
+CHECKPOINT, majority-class accuracy, throughput, peak memory of a training step, and the
+resolved config. A run never loses work: a config hash with an ``ok`` record is skipped
+(``force=true`` reruns it), and a run killed mid-training resumes from its last
+checkpoint (model, optimizer, scheduler, RNG states, epoch and position in the epoch) to
+the same result as an uninterrupted run. A failing run of a sweep is recorded and the
+sweep goes on; a failing single run exits non-zero after recording.
+
+The package's rooms, in the order a run goes through them: :mod:`~harness.train.settings` (the loop's
+typed settings, device and precision), :mod:`~harness.train.config` (config -> task, backbone config,
+step counts, the run's hash), :mod:`~harness.train.loop` (set-up, resume, epochs, evaluation,
+checkpoints, the results), :mod:`~harness.train.app` (one run = one record). This module holds the
+Hydra entry point ``main`` (``arena-train``, ``python -m harness.train``).
+
+Owns: producing ``train`` records. May import ``tasks``, :mod:`harness.model`, :mod:`harness.schedules`,
+:mod:`harness.checkpoint`, :mod:`harness.measure`, :mod:`harness.store`, :mod:`harness.display`,
+:mod:`harness.settings`; never :mod:`harness.bench`, :mod:`harness.report` or :mod:`harness.suite`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from harness.measure import is_out_of_memory as is_oom
+from harness.train.app import run
+from harness.train.config import attention_params, hashed_config, make_task, model_config_for, schedule_lengths
+from harness.train.loop import Diverged, SimulatedCrash, evaluate, train
+from harness.train.settings import TrainSettings, autocast_context, resolve_device, resolve_precision
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+__all__ = [
+    "CONF_DIR", "Diverged", "SimulatedCrash", "TrainSettings", "attention_params", "autocast_context", "evaluate",
+    "hashed_config", "is_oom", "main", "make_task", "model_config_for", "resolve_device", "resolve_precision",
+    "run", "schedule_lengths", "train",
+]
+
+
+def _is_multirun() -> bool:
+    with contextlib.suppress(Exception):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    return False
+
+
+# Defined here, in ``harness.train``, so Hydra names the job ``train`` (its log file train.log) as before.
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    record = run(cfg)
+    if record["status"] != "ok" and not _is_multirun():
+        sys.exit(1)
+    return record
+
+
+def main() -> None:
+    """Console entry point ``arena-train``."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    _hydra_main()
