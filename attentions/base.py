@@ -1,6 +1,6 @@
 """Base class of every mechanism: the call contract and its input checks.
 
-Contract (see DESIGN.md)::
+Contract (see docs/DESIGN.md)::
 
     out = attn(q, k, v, key_padding_mask=mask)
 

@@ -142,9 +142,7 @@ class ReformerAttention(Attention):
         """
         half = self.num_buckets // 2
         piece = max(1, q.shape[-2] * 2 * self.config.bucket_size // half)
-        # Buckets are discrete: computed in float32 whatever the input dtype, so that bf16, fp16,
-        # fp32 and fp64 copies of the same values hash alike (issue 11).
-        q = q.float()
+        q = q.float()  # bf16, fp16, fp32 and fp64 copies of the same values must hash alike
         rotations = self.rotations.float()
         out = []
         for r in range(self.config.n_hashes):

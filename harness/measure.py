@@ -1,7 +1,7 @@
 """Measurement utilities: allocator-level peak memory, wall-clock timing, device description.
 
 Peak memory is what the *allocator* handed out during the measured step, above what was
-already allocated when the step began, with the peak reset first (DESIGN.md, "Measuring
+already allocated when the step began, with the peak reset first (docs/DESIGN.md, "Measuring
 honestly"). Process RSS is never used: it includes the interpreter, freed-but-cached
 pages and other threads, and it does not go down when tensors are freed.
 
@@ -119,7 +119,7 @@ def _cpu_peak_from_profile(prof: Any) -> int:
     events = []
     for event in _walk(prof.profiler.kineto_results.experimental_event_tree()):
         fields = event.extra_fields
-        if not isinstance(fields, torch._C._profiler._ExtraFields_Allocation) or fields.device.type != "cpu":
+        if not hasattr(fields, "alloc_size") or fields.device.type != "cpu":  # allocation events only
             continue
         events.append((event.start_time_ns, int(fields.alloc_size), int(fields.ptr)))
     events.sort(key=lambda e: e[0])  # the stable sort keeps same-timestamp events in emission order

@@ -12,6 +12,8 @@ yardstick (issue 11 asks for at most 2x its error).
 
     python -m harness.precision                      # markdown table, CPU, bf16 and fp16, s = 1, 10
     python -m harness.precision --dtypes bfloat16 --scales 1 10 100 --device cuda
+
+Imports only ``attentions`` from the project (tests/test_architecture.py).
 """
 
 from __future__ import annotations

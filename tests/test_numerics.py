@@ -214,3 +214,14 @@ def test_clustered_assignments_and_top_keys_identical_across_dtypes(improved, mo
         assert len(records) == len(runs[torch.float32]) == (2 if improved else 1)
         for (kind, got), (_, ref) in zip(records, runs[torch.float32]):
             assert torch.equal(got, ref), f"{kind} differs in {dtype}"
+
+
+def test_precision_table_tool(capsys):
+    # `python -m harness.precision`: full on SDPA is the yardstick itself, so its ratio is exactly 1.
+    from harness.precision import main
+
+    main(["--mechanisms", "full", "performer", "--dtypes", "bfloat16", "--scales", "1", "--seq", "16",
+          "--head-dim", "8", "--seeds", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| mechanism | dtype | s |") and len(lines) == 4
+    assert lines[2].startswith("| full | bfloat16 | 1 |") and "| 1.00 |" in lines[2]
