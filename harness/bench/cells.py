@@ -74,7 +74,7 @@ def measure_cell(name: str, n: int, pass_: str, settings: BenchSettings) -> dict
     """Time and peak memory of one (mechanism, n, pass); never raises for a mechanism's failure."""
     params = mechanism_params(name, n, settings)
     result: dict[str, Any] = {"outcome": "ok", "reason": None, "params": jsonable_params(params)}
-    if settings.causal and name != SDPA_DIRECT and not get_attention_info(name).supports_causal:
+    if settings.causal and name != SDPA_DIRECT:
         try:
             check_causal(name, True)
         except ValueError as exc:

@@ -7,16 +7,16 @@ ours/peer ratios of time and peak memory. Two levels of comparison, named in eve
 - ``core``: the peer exposes the attention alone, called on the same projected
   ``q, k, v`` as ours (performer-pytorch ``FastAttention``, reformer-pytorch ``LSHAttention``
   with ``qk = q`` since it shares queries and keys, as ours does, local-attention ``LocalAttention``).
-
-Causal runs (``arena-bench causal=true``) measure the pairs whose peer has a causal form:
-performer-pytorch ``FastAttention(causal=True)`` and local-attention ``LocalAttention(causal=True)``
-(window ``window // 2`` to the left, exact, as our causal ``sliding_window``); every record names
-its ``pattern``.
 - ``layer``: the peer owns its Q/K/V and output projections (linformer
   ``LinformerSelfAttention``, memory-compressed-attention ``MemoryCompressedAttention``,
   aft-pytorch ``AFTFull``/``AFTSimple``); ours is then wrapped in the same projections
   (:class:`ProjectedAttention`: bias-free Q/K/V, output with bias) and both take ``x``
   of shape ``(batch, n, heads * head_dim)``.
+
+Causal runs (``arena-bench causal=true``) measure the pairs whose peer has a causal form:
+performer-pytorch ``FastAttention(causal=True)`` and local-attention ``LocalAttention(causal=True)``
+(window ``window // 2`` to the left, exact, as our causal ``sliding_window``); every record names
+its ``pattern``.
 
 aft-pytorch's ``AFTLocal`` is not compared: it rebuilds its ``max_seqlen x max_seqlen`` bias
 with a Python double loop on every call (minutes at n = 1024), which would measure the loop.
