@@ -342,7 +342,7 @@ def test_performer_causal_is_stable_at_large_logits(scale):
     _assert_real_rows_close(out, expected, mask, atol=1e-4, rtol=1e-3)
 
 
-def test_performer_causal_later_dominant_key_in_the_same_chunk():
+def test_performer_causal_later_dominant_key_in_the_same_chunk(monkeypatch):
     # Early keys of large norm (log-features ~ -200) followed in the same chunk by keys of small norm
     # (~0): a shared per-chunk exponent would underflow every term of the early rows in float32; the
     # mechanism notices and sums in float64 (documented); it must still equal the log-space reference.
@@ -351,7 +351,13 @@ def test_performer_causal_later_dominant_key_in_the_same_chunk():
     k = torch.cat([12 * k[:, :, :10], k[:, :, 10:]], dim=2)
     out = attn(q, k, v)
     assert torch.isfinite(out).all()
-    _assert_real_rows_close(out, _performer_log_reference(attn, q, k, v, None), None, atol=1e-4, rtol=1e-3)
+    expected = _performer_log_reference(attn, q, k, v, None)
+    _assert_real_rows_close(out, expected, None, atol=1e-4, rtol=1e-3)
+    # Not vacuous: forced to stay in float32, the early rows are lost.
+    import attentions._random_features as rf
+
+    monkeypatch.setattr(rf, "FP32_EXCESS", float("inf"))
+    assert not torch.allclose(attn(q, k, v).double(), expected, atol=1e-2)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5, 64])
@@ -401,7 +407,7 @@ def test_aft_causal_equals_dense_formula(mode, params, seq, lengths):
 
 
 @pytest.mark.parametrize("mode,params", [("simple", {}), ("local", {"window": 4}), ("full", {})])
-def test_aft_causal_later_dominant_key_is_exact(mode, params):
+def test_aft_causal_later_dominant_key_is_exact(mode, params, monkeypatch):
     # A later key 150 nats above every earlier one of its channel: shifting by the overall maximum in
     # float32 would underflow every earlier row; the documented float64 path keeps them exact.
     attn = build_small("aft", mode=mode, causal=True, **params)
@@ -410,7 +416,13 @@ def test_aft_causal_later_dominant_key_is_exact(mode, params):
     k[:, :, 20] += 150.0
     out = attn(q, k, v)
     assert torch.isfinite(out).all()
-    _assert_real_rows_close(out, _dense_aft(q, k, v, _aft_causal_bias(attn, 30)), None)
+    expected = _dense_aft(q, k, v, _aft_causal_bias(attn, 30))
+    _assert_real_rows_close(out, expected, None)
+    # Not vacuous: forced to stay in float32, the rows before the large key are lost.
+    import attentions.aft as aft
+
+    monkeypatch.setattr(aft, "FP32_EXCESS", float("inf"))
+    assert not torch.allclose(attn(q, k, v).double(), expected, atol=1e-2)
 
 
 # ----------------------------------------------------------------------------- reformer: its own algorithm
