@@ -78,26 +78,13 @@ def linear_attention(
     """
     q_parts = phi_q if isinstance(phi_q, tuple) else (phi_q,)
     k_parts = phi_k if isinstance(phi_k, tuple) else (phi_k,)
-    compute = q_parts[0].dtype
-    values = zero_padded_values(v, key_padding_mask).to(compute)
-    # Append a ones column so one matmul gives both phi(K)^T V and phi(K)^T 1.
-    if key_padding_mask is None:
-        ones = values.new_ones(values.shape[:-1] + (1,))
-    else:
-        ones = key_padding_mask[:, None, :, None].expand(values.shape[:-1] + (1,)).to(compute)
-    values = torch.cat([values, ones], dim=-1)
+    # A ones column so one matmul gives both phi(K)^T V and phi(K)^T 1.
+    values = _with_ones(v, key_padding_mask, q_parts[0].dtype)
     out = None
     for fq, fk in zip(q_parts, k_parts, strict=True):
         part = torch.matmul(fq, torch.matmul(fk.transpose(-2, -1), values))  # via (b, h, m, d + 1)
         out = part if out is None else out + part
-    numerator, denominator = out[..., :-1], out[..., -1:]
-    if min_denominator is None:
-        min_denominator = torch.finfo(compute).tiny
-    if isinstance(min_denominator, torch.Tensor):
-        denominator = torch.maximum(denominator, min_denominator.to(compute))
-    else:
-        denominator = denominator.clamp_min(min_denominator)
-    return (numerator / denominator).to(v.dtype)
+    return _ratio(out, min_denominator, v.dtype)
 
 
 # ----------------------------------------------------------------------------- causal (prefix sums)
@@ -164,9 +151,11 @@ def _with_ones(v: torch.Tensor, key_padding_mask: torch.Tensor | None, dtype: to
     return torch.cat([values, ones], dim=-1)
 
 
-def _ratio(sums: torch.Tensor, n: int, min_denominator, dtype: torch.dtype) -> torch.Tensor:
-    """Chunked ``[numerator, denominator]`` sums -> ``numerator / max(denominator, floor)`` of ``(b, h, n, d)``."""
-    sums = sums.flatten(2, 3)[:, :, :n]
+def _ratio(sums: torch.Tensor, min_denominator, dtype: torch.dtype) -> torch.Tensor:
+    """``[numerator, denominator]`` sums ``(..., d + 1)`` -> ``numerator / max(denominator, floor)`` as ``dtype``.
+
+    ``min_denominator``: a float, a broadcastable tensor, or None for the smallest positive normal.
+    """
     numerator, denominator = sums[..., :-1], sums[..., -1:]
     if min_denominator is None:
         min_denominator = torch.finfo(sums.dtype).tiny
@@ -204,7 +193,7 @@ def causal_linear_attention(
         k_parts = tuple(f.masked_fill(~key_padding_mask[:, None, :, None], 0.0) for f in k_parts)
     sums = _causal_chunk_sums(tuple(_chunked(f, chunk) for f in q_parts), tuple(_chunked(f, chunk) for f in k_parts),
                               values, None)
-    return _ratio(sums, n, min_denominator, v.dtype)
+    return _ratio(sums.flatten(2, 3)[:, :, :n], min_denominator, v.dtype)
 
 
 def causal_exp_linear_attention(
@@ -252,4 +241,4 @@ def causal_exp_linear_attention(
     phi_k = torch.exp((_chunked(log_k, chunk, float("-inf")) - reference[:, :, :, None]).to(compute))
     values = _chunked(_with_ones(v, key_padding_mask, compute), chunk)
     sums = _causal_chunk_sums((phi_q,), (phi_k,), values, decay.to(compute))
-    return _ratio(sums, n, None, v.dtype)
+    return _ratio(sums.flatten(2, 3)[:, :, :n], None, v.dtype)

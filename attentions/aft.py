@@ -32,8 +32,8 @@ only when ``exp`` would leave float32's range; every shift cancels between numer
 denominator. Learned biases start small (normal, std ``bias_init_std``, drawn from
 ``seed``) rather than at exactly 0, so the position path is exercised from the start.
 
-Causal (``causal=True``): the paper's autoregressive form (section 3, used for its image and
-character language models): every sum runs over ``t' <= t``. ``simple``: cumulative sums,
+Causal (``causal=True``): the paper's autoregressive form (used for its image and character
+language models): every sum runs over ``t' <= t``. ``simple``: cumulative sums,
 O(n d); ``local``: the window's left half (offsets ``-s < t' - t <= 0``) plus a prefix sum of the
 rest, O(n d max(s, 32)); ``full``: ``exp(w)`` masked to the lower triangle. The key shift is the
 maximum over all real keys (detached: no gradient to later keys); where a later key exceeds all

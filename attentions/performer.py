@@ -12,7 +12,7 @@ features ``phi(x) = exp(W x - |x|^2/2) / sqrt(m)`` give ``A ~= phi(Q) phi(K)^T``
 
 in ``O(n m d)`` time and ``O(n m + m d)`` memory.
 
-Causal (``causal=True``): the paper's unidirectional FAVOR+ (section 2.6, "prefix sums": out_i =
+Causal (``causal=True``): the paper's unidirectional FAVOR+ (computed with prefix sums: out_i =
 ``phi(q_i)^T S_i / phi(q_i)^T z_i`` with ``S_i = sum_{j<=i} phi(k_j) v_j^T``, ``z_i = sum_{j<=i} phi(k_j)``).
 The paper's code takes a cumulative sum of the per-token outer products, an ``(n, m, d)`` tensor (1 GiB
 at n = 4096, m = 256, d = 32, batch 2, 4 heads). Here the sums are chunked (Katharopoulos et al. 2020's
@@ -68,7 +68,7 @@ class PerformerConfig(AttentionConfig):
     config=PerformerConfig,
     family="kernel",
     supports_causal=True,
-    causal_note="FAVOR+ prefix sums (paper sec. 2.6), chunked: O(n m + n C) memory, prefix-max stabiliser",
+    causal_note="unidirectional FAVOR+ by prefix sums, chunked: O(n m + n C) memory, running-max stabiliser",
     time_complexity="O(n m d), m = num_features",
     memory_complexity="O(n m + m d)",
     exact=False,

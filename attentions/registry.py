@@ -188,8 +188,10 @@ def make_config(name: str, **params: Any) -> AttentionConfig:
 
 def check_causal(name: str, causal: bool) -> None:
     """ValueError when ``causal`` is asked of a mechanism without a causal form: says why, lists those with one."""
+    if not causal:
+        return
     info = get_attention_info(name)
-    if causal and not info.supports_causal:
+    if not info.supports_causal:
         reason = f": {info.causal_note}" if info.causal_note else ""
         raise ValueError(
             f"invalid parameter 'causal': attention '{name}' has no causal form{reason}; "

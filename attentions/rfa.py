@@ -14,7 +14,7 @@ normalisation and the estimator targets
 not ``softmax(q k^T / sqrt(d))``: ``sigma^2`` plays the role of the temperature. Computed as
 ``phi(Q) (phi(K)^T V) / (phi(Q) (phi(K)^T 1))`` in ``O(n D d)`` time and ``O(n D)`` memory.
 
-Causal (``causal=True``): the paper's causal RFA (section 3.1, its language-model form) without the
+Causal (``causal=True``): the paper's causal RFA (the form of its language models) without the
 optional gate: ``out_t = phi(q_t)^T S_t / phi(q_t)^T z_t`` with ``S_t = S_{t-1} + phi(k_t) v_t^T`` and
 ``z_t = z_{t-1} + phi(k_t)``. The recurrence is evaluated as chunked prefix sums (a masked ``(C, C)``
 product inside each chunk, one carried state per chunk; ``causal_linear_attention``), so memory is
@@ -57,7 +57,7 @@ class RFAConfig(AttentionConfig):
     config=RFAConfig,
     family="kernel",
     supports_causal=True,
-    causal_note="RFA's causal recurrence (paper sec. 3.1, no gate) as chunked prefix sums, O(n D + n C) memory",
+    causal_note="RFA's causal recurrence (no gate) as chunked prefix sums, O(n D + n C) memory",
     time_complexity="O(n D d), D = num_features",
     memory_complexity="O(n D + D d)",
     exact=False,

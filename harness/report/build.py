@@ -35,6 +35,12 @@ from harness.report.tables import (
 )
 from harness.store import load_records
 
+# The attention patterns of bench records (issue 13), in page order, with their headings.
+PATTERNS = {
+    "bidirectional": "Bidirectional (non-causal) self-attention",
+    "causal": "Causal self-attention (each query sees keys j <= i; ratios and crossover vs causal full)",
+}
+
 
 @dataclass(frozen=True)
 class StoreFrames:
@@ -111,11 +117,26 @@ def accuracy_section(page: Page, train: pd.DataFrame) -> pd.DataFrame:
 
 def efficiency_section(page: Page, bench: pd.DataFrame, out: Path, files: list[Path],
                        memory_budget_gb: float | None, slope_range: Sequence[float]) -> pd.DataFrame:
-    """Time, memory, ratios to full, derived figures and the scaling plots; returns the cell frame."""
+    """One block per attention pattern (bidirectional, causal); returns the bidirectional cell frame."""
     page.heading("Efficiency")
     if bench.empty or not {"mechanism", "pass", "n"} <= set(bench.columns):
         page.note(f"{MISSING} no benchmark records (kind=bench): run arena-bench.")
         return pd.DataFrame()
+    # Records from before the causal pattern existed are bidirectional.
+    patterns = bench["pattern"].fillna("bidirectional") if "pattern" in bench else pd.Series("bidirectional",
+                                                                                              index=bench.index)
+    cells = {}
+    for pattern in PATTERNS:
+        if (patterns == pattern).any():
+            cells[pattern] = efficiency_block(page, bench[patterns == pattern], pattern, out, files,
+                                              memory_budget_gb, slope_range)
+    return cells.get("bidirectional", pd.DataFrame())
+
+
+def efficiency_block(page: Page, bench: pd.DataFrame, pattern: str, out: Path, files: list[Path],
+                     memory_budget_gb: float | None, slope_range: Sequence[float]) -> pd.DataFrame:
+    """Time, memory, ratios to full, derived figures and the scaling plots of one pattern's cells."""
+    page.heading(PATTERNS[pattern])
     group, label = select_bench_group(bench)
     cells = bench_cells(group)
     methods = ", ".join(sorted(cells["memory_method"].dropna().unique())) or MISSING
@@ -129,18 +150,19 @@ def efficiency_section(page: Page, bench: pd.DataFrame, out: Path, files: list[P
             page.table(pivot_cells(cells, pass_, format_time_spread))
             page.note(f"Peak memory, {pass_}")
             page.table(pivot_cells(cells, pass_, lambda row: format_bytes(row["peak_bytes"])))
-            page.note(f"Relative to full, {pass_}: speed-up x / memory ratio (LRA Table 2 layout)")
+            page.note(f"Relative to {pattern} full, {pass_}: speed-up x / memory ratio (LRA Table 2 layout)")
             page.table(relative_table(cells, pass_))
     budget = float(memory_budget_gb) * 1e9 if memory_budget_gb else None
     page.note(f"Log-log slopes over n in [{slope_range[0]}, {slope_range[1]}] (1 = linear, 2 = quadratic), "
-              f"crossover length vs full, longest n within {memory_budget_gb} GB.")
+              f"crossover length vs {pattern} full, longest n within {memory_budget_gb} GB.")
     page.table(derived_display(cells, slope_range, budget), index=False)
     overhead = full_overhead(cells)
     if not overhead.empty:
         overhead["overhead"] = overhead["overhead"].map(lambda x: f"{x:+.1%}")
         page.note("full through the registry vs torch SDPA called directly (target <= +5%):")
         page.table(overhead, index=False)
-    for metric, name in (("median_s", "time_vs_n.png"), ("peak_bytes", "memory_vs_n.png")):
+    prefix = "" if pattern == "bidirectional" else f"{pattern}_"
+    for metric, name in (("median_s", f"{prefix}time_vs_n.png"), ("peak_bytes", f"{prefix}memory_vs_n.png")):
         files.append(plot_scaling(cells, metric, out / name))
         page.image(files[-1], name)
     return cells
