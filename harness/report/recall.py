@@ -103,7 +103,7 @@ def plot_recall(points: pd.DataFrame, path: Path) -> Path:
         ax.set_ylabel("test accuracy on answers (%)")
         ax.set_title(f"MQAR {form}, {length} tokens")
         ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
