@@ -128,8 +128,11 @@ def register_attention(
         raise TypeError(f"config of '{name}' must be an AttentionConfig dataclass")
 
     def decorator(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"attention '{name}' is registered twice")
+        old = _REGISTRY.get(name)
+        # The same class registering again is a reloaded module (importlib.reload, a notebook cell): it
+        # replaces itself. Another class taking a registered name is an error naming both.
+        if old is not None and _qualified(old.cls) != _qualified(cls):
+            raise ValueError(f"attention '{name}' is registered twice: by {_qualified(old.cls)} and {_qualified(cls)}")
         _REGISTRY[name] = AttentionInfo(
             name=name,
             cls=cls,
@@ -146,6 +149,10 @@ def register_attention(
     return decorator
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def available_attentions(pattern: str | None = None) -> list[str]:
     """Registered names, sorted; ``pattern`` is a shell wildcard such as ``'*former'``."""
     names = sorted(_REGISTRY)
@@ -156,7 +163,9 @@ def available_attentions(pattern: str | None = None) -> list[str]:
 
 def get_attention_info(name: str) -> AttentionInfo:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown attention '{name}'; registered: {', '.join(available_attentions())}")
+        raise ValueError(f"unknown attention '{name}'; registered: {', '.join(available_attentions())} (a mechanism "
+                         "defined outside the package registers when its module is imported: plugins=[module] in "
+                         "the apps, or an 'attention_arena.attentions' entry point)")
     return _REGISTRY[name]
 
 

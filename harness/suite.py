@@ -20,8 +20,8 @@ Stages (each reuses what the store already holds, so a re-run finishes only what
 
 Owns: the order of the stages, :class:`SuiteSettings` (built once by :func:`resolve_suite`), the
 training sweep's command lines and worker processes. May import ``attentions``, :mod:`harness.bench`,
-:mod:`harness.report`, :mod:`harness.display`, :mod:`harness.settings`; nothing imports it (it is the
-top of the harness). Training runs in subprocesses (``python -m harness.train``), never imported.
+:mod:`harness.report`, :mod:`harness.display`, :mod:`harness.settings`, :mod:`harness.plugins`; nothing
+imports it (it is the top of the harness). Training runs in subprocesses (``python -m harness.train``), never imported.
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ import torch
 from attentions import available_attentions
 from harness import bench, report
 from harness.display import WORKDIR_ENV, shown_path
+from harness.plugins import conf_dir, load_plugins, prepare
 from harness.settings import Settings, merge_settings
 
+# The folder holding the harness package (the clone, or site-packages): on the training processes' path.
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = conf_dir()
 STAGES = ("bench", "train", "report")
 
 DEFAULTS: dict[str, Any] = {
@@ -54,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "stages": list(STAGES),
     "results_dir": "results",
     "report_dir": None,
+    "plugins": [],
     "mechanisms": "all",
     "device": "auto",
     "bench": {
@@ -100,6 +103,7 @@ class SuiteSettings(Settings):
     stages: list
     results_dir: str
     report_dir: str
+    plugins: list
     mechanisms: Any
     device: str
     bench: dict
@@ -171,6 +175,7 @@ def train_command(s: SuiteSettings, mechanisms: list[str], experiments: list[str
         f"results_dir={s.results_dir}",
         f"device={s.device}",
         f"hydra.sweep.dir={sweep_dir}",
+        *([f"plugins=[{','.join(s.plugins)}]"] if s.plugins else []),
         *(extra or []),
         *[str(o) for o in s.train.overrides],
     ]
@@ -314,12 +319,7 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     experiments = _available_experiments(s)
     if not experiments:
         return 0
-    missing = [m for m in mechanisms if not (CONF_DIR / "attention" / f"{m}.yaml").exists()]
-    if missing:
-        print(f"training: no conf/attention/<name>.yaml for {missing}; they are not trained", flush=True)
-    trainable = [m for m in mechanisms if m not in missing]
-    if not trainable:
-        return 0
+    trainable = list(mechanisms)  # a mechanism without a YAML file gets a generated config node
     workers = min(train_workers(s), len(trainable))
     jobs = training_jobs(s, trainable, experiments, workers)
     total = len(trainable) * len(experiments) * len(s.train.seeds)
@@ -328,19 +328,21 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env[WORKDIR_ENV] = os.getcwd()  # the runs' log lines show paths relative to where the suite was started
+    # The runs start where the suite was started: caches, Hydra's outputs and plug-in files are found there.
     if workers <= 1:
         print("  $ " + " ".join(jobs[0][1]), flush=True)
-        return subprocess.run(jobs[0][1], cwd=str(REPO), env=env, check=False).returncode
+        return subprocess.run(jobs[0][1], cwd=os.getcwd(), env=env, check=False).returncode
     print(f"  {workers} worker processes x {int(s.train.threads_per_worker or 1)} torch thread(s):", flush=True)
     for label, cmd in jobs:
         print(f"  [{label}] $ " + " ".join(cmd), flush=True)
-    return run_jobs(jobs, workers, env=env, cwd=str(REPO), total_runs=total)
+    return run_jobs(jobs, workers, env=env, cwd=os.getcwd(), total_runs=total)
 
 
 def run_suite(cfg: dict | None = None) -> dict[str, Any]:
     """Run the stages; returns the settings, the stage times, the training exit code and the report path."""
     s = resolve_suite(cfg)
     started = time.time()
+    load_plugins(s.plugins)
     mechanisms = available_attentions() if s.mechanisms == "all" else bench.select_mechanisms(s.mechanisms)
     timings: dict[str, float] = {}
     result: dict[str, Any] = {"settings": s, "timings": timings}
@@ -366,7 +368,7 @@ def run_suite(cfg: dict | None = None) -> dict[str, Any]:
 
 def _bench_settings(s: SuiteSettings, mechanisms: list[str]) -> bench.BenchSettings:
     return bench.resolve_settings({**s.bench, "mechanisms": mechanisms, "device": s.device,
-                                   "results_dir": s.results_dir})
+                                   "results_dir": s.results_dir, "plugins": list(s.plugins)})
 
 
 def _bench_stage(s: SuiteSettings, mechanisms: list[str]) -> float:
@@ -403,6 +405,7 @@ def main() -> None:
     def _app(cfg: DictConfig) -> None:
         run_suite(OmegaConf.to_container(cfg, resolve=True))
 
+    prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
     _app()
 
 

@@ -2,7 +2,7 @@
 
 Owns: the order of the scan, budget skips, the ``bench`` records, the console summary and ``main``.
 Imports: the other :mod:`harness.bench` modules, :mod:`harness.allocator`, :mod:`harness.measure`,
-:mod:`harness.store`, :mod:`harness.analysis`, :mod:`harness.display`.
+:mod:`harness.store`, :mod:`harness.analysis`, :mod:`harness.display`, :mod:`harness.plugins`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -33,6 +32,7 @@ from harness.bench.cells import (
 from harness.bench.settings import BenchSettings, resolve_settings
 from harness.display import derived_display, format_cell
 from harness.measure import device_info, jsonable_params, progress_bar
+from harness.plugins import conf_dir, load_plugins, prepare
 from harness.store import find_record, now_iso, write_record
 
 
@@ -63,6 +63,7 @@ def run_benchmark(cfg: dict | BenchSettings | None = None, log: Callable[[str], 
     which are retried).
     """
     settings = resolve_settings(cfg)
+    load_plugins(settings.plugins)
     mechanisms = _mechanisms(settings)
     settings = replace(settings, cpu_allocator_used=configure_cpu_allocator(settings.cpu_allocator))
     df = pd.DataFrame(_scan(settings, mechanisms))
@@ -115,7 +116,7 @@ def _cell_record(name: str, n: int, pass_: str, settings: BenchSettings, row: _R
         "batch": settings.batch, "heads": settings.heads, "head_dim": settings.head_dim,
         "dtype": settings.dtype, "device": settings.device,
         "cpu_allocator": settings.cpu_allocator_used, "settings_key": key,
-        "smoke": bool(settings.smoke), "device_info": info, **cell,
+        "smoke": bool(settings.smoke), "plugins": list(settings.plugins), "device_info": info, **cell,
     }
     write_record(record, settings.results_dir)
     return record
@@ -188,11 +189,11 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="bench",
-                version_base="1.3")
+    @hydra.main(config_path=str(conf_dir()), config_name="bench", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         run_benchmark(resolve_settings(OmegaConf.to_container(cfg, resolve=True)))
 
+    prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
     _app()
 
 

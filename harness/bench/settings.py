@@ -6,7 +6,7 @@ Imports: :mod:`harness.settings`, :mod:`harness.measure` (dtype names), :mod:`ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -53,6 +53,7 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 }
 
 DEFAULTS: dict[str, Any] = {
+    "plugins": [],
     "mechanisms": "all",
     "include_sdpa_direct": True,
     "seq_lens": [1024, 2048, 4096, 8192, 16384],
@@ -127,6 +128,7 @@ class BenchSettings(Settings):
     smoke: bool
     progress: bool
     print_table: bool
+    plugins: list = field(default_factory=list)  # plug-in modules imported before the mechanisms are resolved
     # The allocator policy actually in force (set by the run once configured; part of the cell key).
     cpu_allocator_used: str = "default"
 

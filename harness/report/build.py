@@ -19,6 +19,7 @@ import pandas as pd
 from attentions import available_attentions, get_attention_info
 from harness.analysis import full_overhead
 from harness.display import MISSING, derived_display, format_bytes, format_time_spread, shown_path
+from harness.plugins import conf_dir, prepare
 from harness.report.page import Page
 from harness.report.plots import plot_accuracy_speed, plot_approx, plot_scaling
 from harness.report.tables import (
@@ -183,13 +184,13 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    @hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="report",
-                version_base="1.3")
+    @hydra.main(config_path=str(conf_dir()), config_name="report", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         result = build_report(cfg.results_dir, cfg.out, memory_budget_gb=cfg.memory_budget_gb,
                               slope_range=tuple(cfg.slope_range), title=cfg.title)
         print(f"report written in {result['build_s']:.1f} s: {shown_path(Path(result['out']) / 'report.html')}")
 
+    prepare()  # plug-ins' mechanisms (family, complexity) for the tables
     _app()
 
 

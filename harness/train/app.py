@@ -1,7 +1,8 @@
 """One run = one record: skip a config that already has an ok record, else train and write exactly one record.
 
 Owns: the record of a training run (status, config, versions, where its checkpoints are) and how a
-failure becomes a status. Imports: :mod:`harness.store`, :mod:`harness.measure` (what counts as out of
+failure becomes a status. Imports: :mod:`harness.store`, :mod:`harness.plugins` (the run's plug-ins),
+ :mod:`harness.measure` (what counts as out of
 memory), :mod:`harness.train.config`, :mod:`harness.train.loop`, hydra, omegaconf.
 """
 
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.display import shown_path
 from harness.measure import is_out_of_memory
+from harness.plugins import load_plugins
 from harness.store import config_hash, find_record, now_iso, write_record
 from harness.train.config import abs_path, hashed_config
 from harness.train.loop import Diverged, train
@@ -63,6 +65,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     other BaseExceptions pass through, leaving the last checkpoint to resume from.
     """
     started = time.time()
+    # Again here: a launcher (submitit, joblib) may run this in a fresh process that never saw main().
+    load_plugins(list(cfg.get("plugins") or []))
     run_id = config_hash(hashed_config(cfg))
     results_dir = abs_path(cfg.results_dir)
     checkpoint_root = abs_path(cfg.checkpoint_dir) if cfg.get("checkpoint_dir") else results_dir / "checkpoints"
@@ -100,6 +104,7 @@ def new_record(cfg: DictConfig, run_id: str, checkpoint_dir: Path) -> dict[str, 
         "attention": str(cfg.attention.name),
         "task": str(cfg.task.name),
         "seed": int(cfg.seed),
+        "plugins": [str(m) for m in cfg.get("plugins") or []],
         "config": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"},
         "versions": library_versions(),
         "git_sha": git_sha(Path(__file__).resolve().parent),

@@ -18,9 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from harness.model import ModelConfig
 
 # Keys that say where things go or how to report them, not what is computed: left out of the hash,
-# so moving the results or rerunning without the fault injection still finds the same run.
+# so moving the results or rerunning without the fault injection still finds the same run. ``plugins``
+# only says where a mechanism came from; its name is hashed (a suite run with a plug-in keeps the others' hashes).
 NON_SEMANTIC_KEYS = ("results_dir", "cache_dir", "checkpoint_dir", "keep_checkpoints", "force", "quiet",
-                     "log_every", "fault", "num_threads")
+                     "log_every", "fault", "num_threads", "plugins")
 
 
 def abs_path(path: str) -> Path:
