@@ -31,6 +31,7 @@ from harness.report.tables import (
     pivot_cells,
     relative_table,
     select_bench_group,
+    task_labels,
 )
 from harness.store import load_records
 
@@ -99,6 +100,11 @@ def accuracy_section(page: Page, train: pd.DataFrame) -> pd.DataFrame:
     if no_dropout:
         page.note("attention dropout has no effect in " + ", ".join(no_dropout) + " (no probability matrix to "
                   "drop), so with attention_dropout > 0 they train with less regularisation than the others.")
+    if "validation_is_test" in train:
+        alias = train["validation_is_test"].fillna(False).astype(bool)
+        for task, runs in train[alias].groupby(task_labels(train)[alias]):
+            page.note(f"{task}: {len(runs)} run(s) validated on the test split (LRA's protocol, validation=test), "
+                      "so their test accuracy is the best of many test evaluations (optimistic); see docs/DATA.md.")
     return numeric
 
 
