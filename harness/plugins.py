@@ -98,7 +98,12 @@ def plugins_from_overrides(overrides: Sequence[str]) -> list[str]:
         value = parser.parse_override(text).value()
         if value is None:
             return []
-        return [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        if isinstance(value, str | int | float):
+            return [str(value)]
+        raise ValueError(f"plugins takes a list of module names, e.g. plugins=[my_attention,my_pkg.mod]; got {text!r}"
+                         " (a sweep over plug-ins is not supported: list them all)")
     return []
 
 

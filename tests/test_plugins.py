@@ -120,6 +120,8 @@ def test_plugins_override_parsing():
     assert parse(["attention=x", "plugins=[my_pkg.mod,other]"]) == ["my_pkg.mod", "other"]
     assert parse(["+plugins=single"]) == ["single"]
     assert parse(["plugins=[]"]) == [] and parse(["plugins=null"]) == [] and parse(["seed=1"]) == []
+    with pytest.raises(ValueError, match="plugins takes a list of module names"):
+        parse(["plugins=a,b"])
 
 
 def test_missing_plugin_module_is_a_clear_error(tmp_path, monkeypatch):
