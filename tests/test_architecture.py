@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "harness.model": {"attentions"},
     "harness.plugins": {"attentions", "tasks"},
     "harness.overhead": {"tasks", "harness.model"},
+    "harness.precision": {"attentions"},
     "harness.train": {"tasks", "harness.model", "harness.schedules", "harness.checkpoint", "harness.measure",
                       "harness.store", "harness.display", "harness.settings", "harness.plugins"},
     "harness.bench": {"attentions", "harness.measure", "harness.allocator", "harness.store", "harness.analysis",
