@@ -1,9 +1,9 @@
 """attentions.testing.check_mechanism fails, naming the check, on mechanisms that break the contract.
 
 Each broken mechanism below is correct except for one fault, so the check that must catch it is the
-first to fail: one that ignores the padding mask, one that claims ``supports_causal`` but looks at later
-positions, one that claims linear memory but materialises seq x seq scores. (Every built-in passing is
-``tests/test_registry_contract.py``.)
+first to fail: one ignores the padding mask, one claims ``supports_causal`` but looks at later positions,
+one claims linear memory but materialises seq x seq scores, one says it applies dropout but does not.
+(Every built-in passing is ``tests/test_registry_contract.py``.)
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def broken():
     names = []
 
     def register(name, config=AttentionConfig, **info):
-        info = {"family": "exact", "time_complexity": "O(n^2)", "memory_complexity": "O(n^2)", **info}
+        info = {"family": "exact", "time_complexity": "O(n^2)", "memory_complexity": "O(n^2)",
+                "applies_dropout": False, **info}
 
         def decorate(cls):
             names.append(name)
@@ -71,6 +72,13 @@ def broken():
         def attend(self, q, k, v, key_padding_mask):
             return softmax_attention(q, k, v, key_padding_mask)
 
+    @register("test_claims_dropout", applies_dropout=True)
+    class ClaimsDropout(Attention):
+        """Says it applies dropout to its probabilities but never does."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return softmax_attention(q, k, v, key_padding_mask)
+
     @register("test_honest_causal", config=CausalConfig, supports_causal=True)
     class HonestCausal(Attention):
         """Exact softmax attention with a real causal mask: passes every check."""
@@ -87,6 +95,7 @@ def broken():
     ("test_leaks_padding", "padding", "appended"),
     ("test_peeks_at_future", "causality", "prefix ending at"),
     ("test_quadratic_claims_linear", "memory_growth", "per doubling of n"),
+    ("test_claims_dropout", "dropout", "says it applies dropout"),
 ])
 def test_broken_mechanism_fails_naming_the_violation(broken, name, check, detail):
     with pytest.raises(ContractViolation, match=f"'{name}' violates the contract check '{check}'.*{detail}") as err:
