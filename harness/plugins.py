@@ -20,6 +20,7 @@ May import ``attentions`` and ``tasks`` (their registries); nothing in the harne
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -39,10 +40,14 @@ def conf_dir() -> Path:
 
 
 def _working_dirs() -> list[str]:
-    """Where a plug-in file named by module may sit: the working directory and the one ``arena-suite`` was
-    started from (``ARENA_WORKDIR``, set for its training processes)."""
-    dirs = [os.getcwd(), os.environ.get("ARENA_WORKDIR", "")]
-    return [d for d in dict.fromkeys(dirs) if d]
+    """Where a plug-in file named by module may sit: the working directory, and the one the run was started
+    from when Hydra has changed into its output folder (``hydra.job.chdir=true``) in a fresh job process."""
+    dirs = [os.getcwd()]
+    with contextlib.suppress(Exception):  # Hydra not initialised: the working directory is the start
+        from hydra.utils import get_original_cwd
+
+        dirs.append(get_original_cwd())
+    return list(dict.fromkeys(dirs))
 
 
 def import_plugin(module: str) -> None:
