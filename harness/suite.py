@@ -319,7 +319,8 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     experiments = _available_experiments(s)
     if not experiments:
         return 0
-    trainable = list(mechanisms)  # a mechanism without a YAML file gets a generated config node
+    # Every registered mechanism trains: one without a conf/attention YAML gets a generated config node.
+    trainable = list(mechanisms)
     workers = min(train_workers(s), len(trainable))
     jobs = training_jobs(s, trainable, experiments, workers)
     total = len(trainable) * len(experiments) * len(s.train.seeds)
