@@ -20,7 +20,8 @@ author runs in one line from their own pytest. The checks, in order (:data:`CHEC
 ``dropout``         the info's ``applies_dropout`` says what ``dropout`` really does in training mode.
 ``max_seq_len``     ``n > max_seq_len`` is a ValueError naming ``max_seq_len``; where the info says
                     ``needs_max_seq_len``, building without one is too.
-``causality``       where the info says ``supports_causal``: with ``causal=True`` the output at ``i`` on the
+``causality``       where the info says ``supports_causal``: with ``causal=True`` (lengths 1, 7, 37, 50; positions
+                    around block edges) the output at ``i`` on the
                     whole input equals the output on the prefix ending at ``i``, and its gradient with respect
                     to every later input is exactly zero (CAB's check: Zhang et al. 2023, "CAB:
                     Comprehensive Attention Benchmarking on Long Sequence Modeling", section 3).
@@ -51,6 +52,9 @@ HEADS, HEAD_DIM, MAX_LEN = 2, 8, 64
 LENGTHS = (1, 7, 33, 50)
 ATOL, RTOL = 1e-5, 1e-4
 MEMORY_LENGTHS = (1024, 2048)
+# Positions checked for causality: around the edges of blocks, buckets and chunks of 3 to 8 (test-size
+# budgets), where a causal mask is easiest to get wrong; the middle and the ends are added per length.
+CAUSAL_POSITIONS = frozenset({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17, 23, 24, 25, 31, 32, 33})
 LINEAR_LIMIT = 2.3  # peak growth per doubling of n: 2x plus slack for fixed-size buffers
 
 
@@ -293,10 +297,10 @@ def check_causality(s: _Subject) -> None:
     if not s.info.supports_causal:
         return
     attn = s.build(causal=True).eval()
-    for seq in (1, 7, 37):
+    for seq in (1, 7, 37, 50):
         q, k, v = s.qkv(2, seq, seed=seq, requires_grad=True)
         out = attn(q, k, v)
-        for i in sorted({0, 1, 3, 4, 5, 8, 16, seq // 2, seq - 2, seq - 1} & set(range(seq))):
+        for i in sorted((CAUSAL_POSITIONS | {seq // 2, seq - 2, seq - 1}) & set(range(seq))):
             with torch.no_grad():
                 prefix = attn(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1])
             s.close("causality", out[:, :, i], prefix[:, :, i], f"seq {seq}: the output at position {i} differs "
