@@ -24,7 +24,7 @@ author runs in one line from their own pytest. The checks, in order (:data:`CHEC
                     around block edges) the output at ``i`` on the
                     whole input equals the output on the prefix ending at ``i``, and its gradient with respect
                     to every later input is exactly zero (CAB's check: Zhang et al. 2023, "CAB:
-                    Comprehensive Attention Benchmarking on Long Sequence Modeling", section 3).
+                    Comprehensive Attention Benchmarking on Long Sequence Modeling", ICML).
 ``memory_growth``   where the mechanism claims sub-quadratic memory (``linear_memory``; by default every
                     family but ``exact``): the CPU allocator peak of a forward + backward grows at most
                     :data:`LINEAR_LIMIT` x per doubling of ``n`` (a quadratic buffer grows 4x).
