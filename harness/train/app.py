@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import logging
 import platform
 import shutil
@@ -42,11 +43,20 @@ def git_sha(cwd: str | Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def source_sha() -> str | None:
+    """The commit of the clone this code runs from; None for an installed wheel (whose site-packages may sit
+    inside some other git checkout, e.g. a virtual environment in the user's project)."""
+    root = Path(__file__).resolve().parents[2]
+    return git_sha(root) if (root / "pyproject.toml").is_file() and (root / "harness").is_dir() else None
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     for name in ("hydra", "omegaconf", "pandas"):
         with contextlib.suppress(Exception):
             versions[name] = importlib.import_module(name).__version__
+    with contextlib.suppress(Exception):  # the installed distribution (a wheel has no git commit to record)
+        versions["attention_arena"] = importlib.metadata.version("attention-arena")
     return versions
 
 
@@ -107,7 +117,7 @@ def new_record(cfg: DictConfig, run_id: str, checkpoint_dir: Path) -> dict[str, 
         "plugins": [str(m) for m in cfg.get("plugins") or []],
         "config": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"},
         "versions": library_versions(),
-        "git_sha": git_sha(Path(__file__).resolve().parent),
+        "git_sha": source_sha(),
         "hostname": platform.node(),
         "output_dir": _hydra_output_dir(),
         "checkpoint_dir": str(checkpoint_dir),
