@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.display import shown_path
 from harness.measure import is_out_of_memory
 from harness.store import config_hash, find_record, now_iso, write_record
-from harness.train.config import abs_path, hashed_config
+from harness.train.config import abs_path, experiment_name, hashed_config, recipe_config, resolved_choices
 from harness.train.loop import Diverged, train
 
 log = logging.getLogger("arena-train")
@@ -92,15 +92,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def new_record(cfg: DictConfig, run_id: str, checkpoint_dir: Path) -> dict[str, Any]:
     """The record before training: identity, resolved config, versions, where it ran; status ``error``
     until the run says otherwise."""
+    config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    config.update(resolved_choices(cfg))  # device=auto recorded as the device it chose
     return {
         "kind": "train",
         "record_id": run_id,
         "config_hash": run_id,
+        # Runs with one recipe_hash differ only in mechanism and seed: one comparison (see recipe_config).
+        "recipe_hash": config_hash(recipe_config(cfg)),
+        "experiment": experiment_name(),
         "status": "error",
         "attention": str(cfg.attention.name),
         "task": str(cfg.task.name),
         "seed": int(cfg.seed),
-        "config": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"},
+        "config": config,
         "versions": library_versions(),
         "git_sha": git_sha(Path(__file__).resolve().parent),
         "hostname": platform.node(),
