@@ -146,7 +146,10 @@ def load_records(root: str | Path = "results", kind: str | None = None) -> pd.Da
     the readable ones.
     """
     root = Path(root)
-    kinds = [kind] if kind is not None else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if kind is not None:
+        kinds = [kind]
+    else:
+        kinds = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     # Only <root>/<kind>/*.json: a store nested inside this one (results/smoke in results) is another store.
     files = sorted(p for k in kinds for p in (root / k).glob("*.json") if not p.name.startswith("."))
     rows, unreadable = [], []

@@ -144,9 +144,9 @@ def measure_quietly(name: str, n: int, pass_: str, settings: BenchSettings) -> d
             break
     median, spread, load_before, load_after, cell = min(attempts, key=lambda a: a[0])
     noisy = all(a[1] > settings.max_spread for a in attempts)
+    why = f"p90/p10 spread {spread:.2f} > {settings.max_spread:g} in every attempt" if noisy else None
     cell["noise"] = {"spread": spread, "attempts": len(attempts), "load_before": load_before,
-                     "load_after": load_after, "cpus": os.cpu_count(), "noisy": noisy,
-                     "why": f"p90/p10 spread {spread:.2f} > {settings.max_spread:g} in every attempt" if noisy else None}
+                     "load_after": load_after, "cpus": os.cpu_count(), "noisy": noisy, "why": why}
     return cell
 
 

@@ -20,7 +20,6 @@ from harness.store import NON_SEMANTIC_KEYS
 from harness.train.settings import resolve_device, resolve_precision
 
 
-
 def abs_path(path: str) -> Path:
     """Paths in the config are relative to where arena-train was started (Hydra may chdir)."""
     try:
