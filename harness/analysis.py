@@ -47,8 +47,13 @@ def clean_cells(df: pd.DataFrame) -> pd.DataFrame:
     return ok
 
 
+# Steps shorter than this are dominated by fixed overheads and timer jitter: their spread and their trend
+# against n say nothing about a disturbance (their median, robust to one slow repeat, is still reported).
+NOISE_FLOOR_S = 1e-3
+
+
 def trend_suspects(ns: Sequence[float], times: Sequence[float], tolerance: float = 1.25,
-                   min_time_s: float = 1e-3) -> list[int]:
+                   min_time_s: float = NOISE_FLOOR_S) -> list[int]:
     """Indices of cells whose time contradicts their neighbours: slower than a longer input of the same
     row by more than ``tolerance`` (time never falls with n), or more than ``tolerance`` x cubic growth
     above the previous length. A disturbed repeat makes one cell jump; the neighbours show it. Pairs whose

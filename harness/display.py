@@ -11,10 +11,10 @@ Imports: :mod:`harness.analysis` (to format the derived figures), numpy, pandas.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -122,19 +122,38 @@ def analysis_note(cells: pd.DataFrame, slope_range: Sequence[float] | None, budg
             "measured n")
 
 
-def markdown_table(df: pd.DataFrame, index: bool = True) -> str:
-    """A GitHub-flavoured Markdown table (no extra dependency)."""
+# A cell reads as a number when it starts like one: 12.3, -0.4, +1.2, 3.4x, <= 256, > 65536, 12 MiB.
+_NUMERIC = re.compile(r"^\s*([<>]=?\s*)?[-+±]?\d")
+
+
+def table_rows(df: pd.DataFrame, index: bool = True) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows of cell text, alignment per column ``l``/``r``) of ``df``; the index (named or not)
+    becomes the first column, so there is exactly one header row."""
+    frame = df.reset_index() if index else df.copy()
+    header = [str(c) for c in frame.columns]
+    rows = [[MISSING if v is None or (isinstance(v, float) and v != v) else str(v) for v in row]
+            for row in frame.itertuples(index=False)]
+    align = []
+    for j in range(len(header)):
+        values = [r[j] for r in rows if r[j] and not r[j].startswith(MISSING)]
+        align.append("r" if j > 0 and values and all(_NUMERIC.match(v) for v in values) else "l")
+    return header, rows, align
+
+
+def markdown_table(df: pd.DataFrame | None, index: bool = True) -> str:
+    """A GitHub-flavoured Markdown table with one header row and per-column alignment."""
     if df is None or df.empty:
         return "_no data_"
-    frame = df.reset_index() if index else df
-    header = [str(c) for c in frame.columns]
+    header, rows, align = table_rows(df, index)
 
-    def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
+    def cell(value: str) -> str:
+        return value.replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---:" if a == "r" else ":---" for a in align) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
 
 
 # Set by arena-suite for the training processes it starts in the repository: their log lines then show

@@ -200,12 +200,17 @@ def recipe_columns(columns) -> list[str]:
 def recipe_of(row: pd.Series, columns: list[str]) -> dict[str, Any]:
     """One training record's recipe as a flat dict; ``auto`` device/precision read as what the run used
     (records written before they were resolved at hashing)."""
-    recipe = {c[len("config."):]: row[c] for c in columns if not _missing(row[c])}
+    recipe = {c[len("config."):]: _plain(row[c]) for c in columns if not _missing(row[c]) and row[c] != {}}
     if recipe.get("device") == "auto" and not _missing(row.get("device.device")):
         recipe["device"] = str(row["device.device"])
     if recipe.get("precision") == "auto" and not _missing(row.get("precision")):
         recipe["precision"] = str(row["precision"])
     return recipe
+
+
+def _plain(value: Any) -> Any:
+    """A whole float back to int (a column with gaps turns 128 into 128.0)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _missing(value: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from harness.allocator import configure_cpu_allocator
-from harness.analysis import SDPA_DIRECT, full_overhead, predict_at, trend_suspects
+from harness.analysis import NOISE_FLOOR_S, SDPA_DIRECT, full_overhead, predict_at, trend_suspects
 from harness.bench import peers
 from harness.bench.approx import approximation_errors
 from harness.bench.cells import (
@@ -129,9 +129,10 @@ def recheck_trend(records: list[dict], settings: BenchSettings) -> list[dict]:
 
 def measure_quietly(name: str, n: int, pass_: str, settings: BenchSettings) -> dict[str, Any]:
     """:func:`measure_cell`, repeated (at most ``remeasure`` extra times) while the p90/p10 spread of its
-    repeats exceeds ``max_spread``; keeps the attempt with the smallest median (a disturbance only adds
-    time). The cell's ``noise`` says the machine's load before and after, the spread, the attempts, and
-    ``noisy`` when no attempt was quiet enough."""
+    repeats exceeds ``max_spread`` (steps under :data:`~harness.analysis.NOISE_FLOOR_S` excepted); keeps
+    the quiet attempt, or the fastest when none was quiet (a disturbance only adds time). The cell's
+    ``noise`` says the machine's load before and after, the spread, the attempts, and ``noisy`` when no
+    attempt was quiet enough."""
     attempts = []
     for _ in range(settings.remeasure + 1):
         load_before = _load()
@@ -139,11 +140,13 @@ def measure_quietly(name: str, n: int, pass_: str, settings: BenchSettings) -> d
         if cell["outcome"] != "ok":
             return cell
         spread = cell["time"]["p90_s"] / max(cell["time"]["p10_s"], 1e-12)
-        attempts.append((cell["time"]["median_s"], spread, load_before, _load(), cell))
-        if spread <= settings.max_spread:
+        disturbed = spread > settings.max_spread and cell["time"]["median_s"] >= NOISE_FLOOR_S
+        attempts.append((cell["time"]["median_s"], spread, load_before, _load(), cell, disturbed))
+        if not disturbed:
             break
-    median, spread, load_before, load_after, cell = min(attempts, key=lambda a: a[0])
-    noisy = all(a[1] > settings.max_spread for a in attempts)
+    noisy = all(a[5] for a in attempts)
+    # A quiet attempt if there is one, else the fastest (a disturbance only adds time).
+    median, spread, load_before, load_after, cell, _ = min(attempts, key=lambda a: (a[5], a[0]))
     why = f"p90/p10 spread {spread:.2f} > {settings.max_spread:g} in every attempt" if noisy else None
     cell["noise"] = {"spread": spread, "attempts": len(attempts), "load_before": load_before,
                      "load_after": load_after, "cpus": os.cpu_count(), "noisy": noisy, "why": why}
