@@ -106,7 +106,15 @@ class AttentionInfo:
     description: str = ""
 
     def defaults(self) -> dict[str, Any]:
+        """Every parameter of the mechanism's config with its default value."""
         return {f.name: f.default for f in dataclasses.fields(self.config_cls)}
+
+    def __repr__(self) -> str:
+        # What print(get_attention_info(name)) shows: the facts and the parameters' defaults (the classes
+        # themselves are attributes, not worth a line).
+        fields = [f for f in dataclasses.fields(self) if f.name not in ("cls", "config_cls")]
+        facts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
+        return f"AttentionInfo({facts}, defaults={self.defaults()!r})"
 
 
 _REGISTRY: dict[str, AttentionInfo] = {}

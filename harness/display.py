@@ -10,10 +10,12 @@ Imports: :mod:`harness.analysis` (to format the derived figures), numpy, pandas.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +169,14 @@ def shown_path(path: str | Path) -> str:
         return os.path.relpath(Path(path).resolve(), os.environ.get(WORKDIR_ENV) or Path.cwd())
     except ValueError:  # another drive (Windows): nothing relative exists
         return str(path)
+
+
+@contextlib.contextmanager
+def one_line_interrupt(app: str, kept: str) -> Iterator[None]:
+    """Ctrl-C inside the block: one line on stderr (``<app>: interrupted (Ctrl-C); <kept>``), exit 130, no
+    traceback. Records are written one file at a time, atomically, so what was recorded is kept as is."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\n{app}: interrupted (Ctrl-C); {kept}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

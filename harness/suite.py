@@ -42,7 +42,7 @@ import torch
 
 from attentions import available_attentions
 from harness import bench, report
-from harness.display import WORKDIR_ENV, shown_path
+from harness.display import WORKDIR_ENV, one_line_interrupt, shown_path
 from harness.settings import Settings, merge_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -406,7 +406,8 @@ def main() -> None:
     def _app(cfg: DictConfig) -> None:
         run_suite(OmegaConf.to_container(cfg, resolve=True))
 
-    _app()
+    with one_line_interrupt("arena-suite", "what was recorded is kept; the same command continues from there"):
+        _app()
 
 
 if __name__ == "__main__":

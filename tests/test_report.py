@@ -233,3 +233,48 @@ def test_report_says_which_trained_mechanisms_ignore_attention_dropout(store, tm
     # performer ran and has no probability matrix to drop; full ran and applies dropout; rfa never ran.
     line = next(ln for ln in text.splitlines() if "attention dropout has no effect" in ln)
     assert "performer" in line and "full" not in line and "rfa" not in line
+
+
+def test_every_mechanism_has_one_distinct_style_in_every_plot(monkeypatch, tmp_path):
+    """Twelve lines (eleven mechanisms and the SDPA reference), one artist each, no two alike; the reference
+    is drawn under the mechanisms; the figure names its setting; ticks are plain numbers."""
+    from attentions import available_attentions
+    from harness.report import plots
+
+    names = [*available_attentions(), "sdpa_direct"]
+    styles = {n: plots.mechanism_style(n) for n in names}
+    assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(names)
+    assert len({s["color"] for s in styles.values()}) == len(names)  # distinct colours, not only markers
+    assert styles["sdpa_direct"]["zorder"] < min(s["zorder"] for n, s in styles.items() if n != "sdpa_direct")
+    assert plots.mechanism_style("my_plugin") == plots.mechanism_style("my_plugin")  # stable for new names
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    cells = pd.DataFrame([{"mechanism": m, "pass": p, "n": n, "outcome": "ok", "median_s": 1e-3 * n * (i + 1),
+                           "p10_s": 0.9e-3 * n * (i + 1), "p90_s": 1.1e-3 * n * (i + 1), "peak_bytes": 1e3 * n,
+                           "noisy": False}
+                          for i, m in enumerate(names) for p in ("fwd", "fwd+bwd") for n in NS])
+    plots.plot_scaling(cells, "median_s", tmp_path / "t.png", setting="batch 2, 4 heads, head dim 32, float32, cpu")
+    fig = figures[-1]
+    for ax in fig.axes:
+        lines = {c.get_label(): c.lines[0] for c in ax.containers if not c.get_label().startswith("_")}
+        assert len(lines) == len(names)  # one artist per mechanism
+        assert len({(line.get_color(), line.get_marker()) for line in lines.values()}) == len(names)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1K", "2K", "4K"]
+        assert not any("^" in t.get_text() or "$" in t.get_text() for t in ax.get_yticklabels())
+    assert "head dim 32" in fig._suptitle.get_text()
+
+
+def test_arena_report_on_a_missing_store_exits_non_zero_naming_it(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from harness.report import build
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["arena-report", "results_dir=no_such_results", "hydra.run.dir=.",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    with pytest.raises(SystemExit) as exit_info:
+        build.main()
+    assert exit_info.value.code == 2
+    assert "no_such_results" in capsys.readouterr().err
+    assert not (tmp_path / "no_such_results").exists()

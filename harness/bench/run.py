@@ -32,7 +32,7 @@ from harness.bench.cells import (
     select_mechanisms,
 )
 from harness.bench.settings import BenchSettings, resolve_settings
-from harness.display import analysis_note, derived_display, format_cell
+from harness.display import analysis_note, derived_display, format_cell, one_line_interrupt
 from harness.measure import device_info, jsonable_params, progress_bar
 from harness.store import find_record, now_iso, write_record
 
@@ -255,7 +255,9 @@ def main() -> None:
     def _app(cfg: DictConfig) -> None:
         run_benchmark(resolve_settings(OmegaConf.to_container(cfg, resolve=True)))
 
-    _app()
+    with one_line_interrupt("arena-bench", "the cells measured so far are kept; the same command measures "
+                                           "only the missing ones"):
+        _app()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,15 @@ import pandas as pd
 
 from attentions import available_attentions, get_attention_info
 from harness.analysis import DEFAULT_MEMORY_BUDGET_GB, full_overhead
-from harness.display import MISSING, analysis_note, derived_display, format_bytes, format_time_spread, shown_path
+from harness.display import (
+    MISSING,
+    analysis_note,
+    derived_display,
+    format_bytes,
+    format_time_spread,
+    one_line_interrupt,
+    shown_path,
+)
 from harness.report.groups import Comparison, Setting, comparisons, settings
 from harness.report.page import Page
 from harness.report.plots import plot_accuracy_speed, plot_approx, plot_scaling
@@ -268,11 +276,8 @@ def main() -> None:
             sys.exit(2)
         print(f"report written in {result['build_s']:.1f} s: {shown_path(Path(result['out']) / 'report.html')}")
 
-    try:
+    with one_line_interrupt("arena-report", "nothing in the store was changed"):
         _app()
-    except KeyboardInterrupt:
-        print("arena-report: interrupted; nothing in the store was changed", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

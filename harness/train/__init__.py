@@ -35,6 +35,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from harness.display import one_line_interrupt
 from harness.measure import is_out_of_memory as is_oom
 from harness.train.app import run
 from harness.train.config import attention_params, hashed_config, make_task, model_config_for, schedule_lengths
@@ -71,4 +72,6 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
 def main() -> None:
     """Console entry point ``arena-train``."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    _hydra_main()
+    with one_line_interrupt("arena-train", "finished runs keep their records; the same command resumes the "
+                                           "interrupted run from its last checkpoint"):
+        _hydra_main()
