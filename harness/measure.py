@@ -192,6 +192,19 @@ def device_info(device: torch.device | str) -> dict[str, Any]:
     return info
 
 
+def command_line() -> str:
+    """How this process was started, as a user would type it (``arena-bench seq_lens=[1024]``); the report's
+    summary lists these. Paths of the interpreter and of the script are shortened to their names."""
+    import sys
+
+    argv = list(sys.argv) or ["?"]
+    head = os.path.basename(argv[0])
+    if head == "__main__.py" or head.endswith(".py"):
+        module = os.path.basename(os.path.dirname(argv[0])) if head == "__main__.py" else head[:-3]
+        head = f"python -m {module}" if head == "__main__.py" else f"python {head}"
+    return " ".join([head, *argv[1:]])
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -498,3 +498,24 @@ def test_force_measures_every_cell_again(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_run, "measure_cell", lambda *a, **k: calls.append(a) or real(*a, **k))
     run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16], force=True)
     assert len(calls) >= 2  # both passes measured again
+
+
+def test_rfa_is_measured_against_its_own_kernel_and_converges_to_it():
+    """RFA estimates softmax(q^.k^/sigma^2) on normalised q, k, not softmax(q.k/sqrt(d)): against its own
+    kernel the error falls with more features; against softmax it would stay flat, whatever the budget."""
+    from harness.bench.approx import approx_inputs, exact_reference, reference_name, relative_error
+
+    q, k, v = approx_inputs("iid", 1, 2, 128, 16, seed=0)
+    errors = {}
+    for features in (16, 1024):
+        attn = build_attention("rfa", num_heads=2, head_dim=16, num_features=features, seed=0).eval()
+        with torch.no_grad():
+            out = attn(q, k, v)
+        errors[features] = (relative_error(out, exact_reference("rfa", q, k, v, {"sigma": 1.0})),
+                            relative_error(out, exact_reference("performer", q, k, v)))
+    assert errors[1024][0] < errors[16][0] / 2
+    assert errors[1024][1] > 3 * errors[1024][0]  # softmax is not what it approximates
+    assert "kernel" in reference_name("rfa", {}) and reference_name("performer") == "softmax"
+    from harness.bench.approx import APPROX_BUDGETS, APPROX_SMOKE_BUDGETS
+
+    assert "aft" not in APPROX_BUDGETS and "aft" not in APPROX_SMOKE_BUDGETS  # it approximates nothing

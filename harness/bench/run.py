@@ -33,7 +33,7 @@ from harness.bench.cells import (
 )
 from harness.bench.settings import BenchSettings, resolve_settings
 from harness.display import analysis_note, derived_display, format_cell, one_line_interrupt
-from harness.measure import device_info, jsonable_params, progress_bar
+from harness.measure import command_line, device_info, jsonable_params, progress_bar
 from harness.store import find_record, now_iso, write_record
 
 
@@ -176,7 +176,7 @@ def _cell_record(name: str, n: int, pass_: str, settings: BenchSettings, row: _R
         "batch": settings.batch, "heads": settings.heads, "head_dim": settings.head_dim,
         "dtype": settings.dtype, "device": settings.device,
         "cpu_allocator": settings.cpu_allocator_used, "settings_key": key,
-        "smoke": bool(settings.smoke), "device_info": info,
+        "smoke": bool(settings.smoke), "device_info": info, "command": command_line(),
         # How the derived figures read these cells: the same budget and slope range in console and report.
         "memory_budget_gb": settings.memory_budget_gb, "slope_range": settings.slope_range, **cell,
     }

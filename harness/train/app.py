@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness.display import shown_path
-from harness.measure import is_out_of_memory
+from harness.measure import command_line, is_out_of_memory
 from harness.store import config_hash, find_record, now_iso, write_record
 from harness.train.config import abs_path, experiment_name, hashed_config, recipe_config, resolved_choices
 from harness.train.loop import Diverged, train
@@ -101,6 +101,7 @@ def new_record(cfg: DictConfig, run_id: str, checkpoint_dir: Path) -> dict[str, 
         # Runs with one recipe_hash differ only in mechanism and seed: one comparison (see recipe_config).
         "recipe_hash": config_hash(recipe_config(cfg)),
         "experiment": experiment_name(),
+        "command": command_line(),
         "status": "error",
         "attention": str(cfg.attention.name),
         "task": str(cfg.task.name),
