@@ -180,7 +180,8 @@ def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path
     cells = bench_cells(setting.records)
     methods = ", ".join(sorted(cells["memory_method"].dropna().unique())) or MISSING
     page.heading(f"Efficiency: {setting.label}", place="figures")
-    page.note(f"The mechanism alone on projected q, k, v. Memory method: {methods}.", place="figures")
+    page.note(f"The mechanism alone on projected q, k, v. Memory method: {methods}.{busy_note(setting.records)}",
+              place="figures")
     for metric, name in (("median_s", f"time_vs_n{suffix}.png"), ("peak_bytes", f"memory_vs_n{suffix}.png")):
         files.append(plot_scaling(cells, metric, out / name, setting=setting.label))
         page.image(files[-1], name)
@@ -205,6 +206,20 @@ def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path
         page.note("full through the registry vs torch SDPA called directly (target <= +5%; clean cells only):")
         page.table(overhead, index=False)
     return cells
+
+
+def busy_note(records: pd.DataFrame) -> str:
+    """A warning when the machine's load exceeded its CPUs while these cells were measured: a uniform
+    slowdown moves no spread and no trend, so only the load shows it."""
+    if "noise.load_before" not in records or "noise.cpus" not in records:
+        return ""
+    loads = pd.concat([records["noise.load_before"], records["noise.load_after"]]).dropna()
+    cpus = records["noise.cpus"].dropna()
+    if not len(loads) or not len(cpus) or loads.max() <= float(cpus.max()):
+        return ""
+    return (f" Measured on a busy machine (1-minute load up to {loads.max():.1f} on {int(cpus.max())} CPUs): other "
+            "work slowed every cell, so absolute times and slopes are not trustworthy; re-run with force=true on a "
+            "quiet machine.")
 
 
 def approx_section(page: Page, approx: pd.DataFrame, out: Path, files: list[Path]) -> None:
