@@ -12,11 +12,13 @@ Modes:
 - ``local``: biases only where ``|t - t'| < window``, fixed at 0 elsewhere (the paper's
   AFT-local). Our biases are *relative*: ``w_{t,t'} = rel_bias[t' - t + window - 1]``
   (2 * window - 1 learned numbers), so the mode works at any length and needs no
-  ``max_seq_len``. Because the bias is 0 outside the window, the sums are the simple sums
-  plus a windowed correction ``(exp(w) - 1) * exp(K) V``: a banded Toeplitz product done as
-  block GEMMs over the sequence, O(n d max(window, 32)) time, O(n d) memory. The blocks
-  are max(32, 2 * window) long (capped at n), so a window of the order of n uses an
-  (n, n)-sized band block: at that size "local" costs what "full" does.
+  ``max_seq_len``. The sums split into the window, ``exp(w) * exp(K) V`` as a banded
+  Toeplitz product done as block GEMMs over the sequence, and the rest, weight 1, as a
+  prefix plus a suffix cumulative sum: O(n d max(window, 32)) time, O(n d) memory. The
+  blocks are max(32, 2 * window) long (capped at n), so a window of the order of n uses an
+  (n, n)-sized band block: at that size "local" costs what "full" does. (Not the simple
+  sums plus an ``(exp(w) - 1)`` correction: with biases far below 0 that difference of
+  nearly equal sums cancelled in float32.)
 - ``full``: learned pairwise biases ``w`` of shape ``(max_seq_len, max_seq_len)``; the sums
   are two matmuls ``exp(w) @ (exp(K) * V)`` and ``exp(w) @ exp(K)``: O(n^2 d) time,
   O(n^2) memory for ``exp(w)``, O(batch n^2) when a padding mask is given (row maxima over
@@ -24,12 +26,9 @@ Modes:
   are separate, so only extreme biases *and* keys together can underflow a row.
 
 The default is ``local`` (window 32): linear in n, position-aware, no ``max_seq_len``.
-Caveat of ``local``: a bias far below 0 makes ``exp(w) - 1`` close to -1, and the corrected
-sum is then a difference; float32 keeps it accurate unless such keys carry nearly all the
-weight of a row.
-
-Stability: ``K`` minus its per-channel maximum over real keys, and ``w`` minus its per-row
-maximum over real keys, before ``exp``; both shifts cancel between numerator and
+Stability: ``K`` minus its per-channel maximum over real keys before ``exp``; in ``full``
+mode ``w`` minus its per-row maximum over real keys, in ``local`` mode the biases shifted
+only when ``exp`` would leave float32's range; every shift cancels between numerator and
 denominator. Learned biases start small (normal, std ``bias_init_std``, drawn from
 ``seed``) rather than at exactly 0, so the position path is exercised from the start.
 
@@ -47,8 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
+
+# |w| below which exp(w) and exp(-w) are normal float32 numbers (float32's exp overflows past 88.7).
+EXP_SAFE = 80.0
 
 
 @dataclass(frozen=True)
@@ -104,32 +105,33 @@ class AFTAttention(Attention):
         return torch.sigmoid(q) * (num / den.clamp_min(torch.finfo(den.dtype).tiny))
 
     def _local_sums(self, weights: torch.Tensor, weighted_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Simple sums plus the windowed correction sum_{|t-t'|<s} (exp(w_{t,t'}) - 1) e_t' [v_t', 1]."""
+        """In-window sums with weights exp(w) plus out-of-window sums with weight 1, both of e_t' [v_t', 1].
+
+        The two parts are computed separately and added, never as the simple sums plus an
+        ``(exp(w) - 1)`` correction: with biases far below 0 that correction nearly cancels the
+        simple sum and float32 returned the difference of two almost equal numbers (issue 11).
+        Out of the window, ``t' <= t - s`` and ``t' >= t + s`` are a prefix and a suffix sum
+        (each a cumulative sum, of non-negative weights in the denominator). A common factor
+        ``exp(-center)`` (``center`` the midpoint of the biases and 0) keeps ``exp(w)`` and the
+        out-of-window weight inside float32 range when a bias exceeds +-EXP_SAFE; it cancels in num / den.
+        """
         batch, heads, seq, dim = weights.shape
         s = self.config.window
         # Numerator and denominator in one pass, channels first so that the sequence is the
         # contiguous axis: the banded Toeplitz product is then a few plain GEMMs.
         stacked = torch.cat([weighted_v.transpose(-1, -2), weights.transpose(-1, -2)], dim=-2)  # (b, h, 2d, n)
-        b = min(max(32, 2 * s), seq)  # block length; > s - 1 whenever there are several blocks
-        blocks = -(-seq // b)
-        padded = stacked if blocks * b == seq else F.pad(stacked, (0, blocks * b - seq))
-        rows = padded.view(-1, blocks, b)
-        coeff = torch.expm1(self.rel_bias).to(stacked.dtype)  # coeff[o + s - 1]: key offset t' - t = o
-
-        # Within a block: query i, key j, offset j - i.
-        corr = torch.matmul(rows, _toeplitz(coeff, b, b, row_start=0, col_start=0, window=s).T)
-        if blocks > 1 and s > 1:
-            edge = s - 1
-            # The first s - 1 queries of a block see the last s - 1 keys of the previous block,
-            # the last s - 1 queries see the first s - 1 keys of the next one.
-            prev = _toeplitz(coeff, edge, edge, row_start=b, col_start=b - edge, window=s)
-            nxt = _toeplitz(coeff, edge, edge, row_start=b - edge, col_start=b, window=s)
-            corr[:, 1:, :edge] += torch.matmul(rows[:, :-1, b - edge:], prev.T)
-            corr[:, :-1, b - edge:] += torch.matmul(rows[:, 1:, :edge], nxt.T)
-        corr = corr.view(batch, heads, 2 * dim, blocks * b)
-        if blocks * b != seq:
-            corr = corr[..., :seq]
-        totals = (corr + stacked.sum(dim=-1, keepdim=True)).transpose(-1, -2)  # (b, h, n, 2d), a view
+        bias = self.rel_bias.to(stacked.dtype)
+        with torch.no_grad():
+            # Shift only when exp would leave float32's range: w - center rounds, w itself does not.
+            low, high = torch.clamp_max(bias.min(), 0.0), torch.clamp_min(bias.max(), 0.0)
+            center = torch.where((high > EXP_SAFE) | (low < -EXP_SAFE), (low + high) / 2, torch.zeros_like(low))
+        coeff = torch.exp(bias - center)  # coeff[o + s - 1]: key offset t' - t = o, in the window
+        inside = _banded_sum(stacked, coeff, s)
+        outside = stacked.new_zeros(()) if seq <= s else (
+            F.pad(stacked[..., : seq - s].cumsum(-1), (s, 0))  # t' <= t - s
+            + F.pad(stacked[..., s:].flip(-1).cumsum(-1).flip(-1), (0, s))  # t' >= t + s
+        )
+        totals = (inside + outside * torch.exp(-center)).transpose(-1, -2)  # (b, h, n, 2d), a view
         num, den = totals.split(dim, dim=-1)  # split (not slicing): its backward is one cat, no zero fill
         return num, den
 
@@ -155,6 +157,31 @@ class AFTAttention(Attention):
         return sums[..., :dim], sums[..., dim:]
 
 
+def _banded_sum(stacked: torch.Tensor, coeff: torch.Tensor, s: int) -> torch.Tensor:
+    """``out[..., t] = sum_{|t' - t| < s} coeff[t' - t + s - 1] stacked[..., t']`` for ``stacked`` (..., n).
+
+    A banded Toeplitz product done as block GEMMs over the sequence: blocks of max(32, 2s) (capped
+    at n) positions, each with its own block and the s - 1 edge positions of its neighbours.
+    """
+    seq = stacked.shape[-1]
+    b = min(max(32, 2 * s), seq)  # block length; > s - 1 whenever there are several blocks
+    blocks = -(-seq // b)
+    padded = stacked if blocks * b == seq else F.pad(stacked, (0, blocks * b - seq))
+    rows = padded.reshape(-1, blocks, b)
+    # Within a block: query i, key j, offset j - i.
+    out = torch.matmul(rows, _toeplitz(coeff, b, b, row_start=0, col_start=0, window=s).T)
+    if blocks > 1 and s > 1:
+        edge = s - 1
+        # The first s - 1 queries of a block see the last s - 1 keys of the previous block,
+        # the last s - 1 queries see the first s - 1 keys of the next one.
+        prev = _toeplitz(coeff, edge, edge, row_start=b, col_start=b - edge, window=s)
+        nxt = _toeplitz(coeff, edge, edge, row_start=b - edge, col_start=b, window=s)
+        out[:, 1:, :edge] += torch.matmul(rows[:, :-1, b - edge:], prev.T)
+        out[:, :-1, b - edge:] += torch.matmul(rows[:, 1:, :edge], nxt.T)
+    out = out.view(*stacked.shape[:-1], blocks * b)
+    return out if blocks * b == seq else out[..., :seq]
+
+
 def _toeplitz(coeff: torch.Tensor, n_rows: int, n_cols: int, row_start: int, col_start: int, window: int):
     """(n_rows, n_cols) slice of the banded matrix M[t, t'] = coeff[t' - t + window - 1] for |t' - t| < window."""
     t = torch.arange(row_start, row_start + n_rows, device=coeff.device)[:, None]
@@ -168,7 +195,6 @@ def _simple_context(k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Te
     """sum_t' softmax_t'(K)_t' V_t' per channel: (batch, heads, 1, dim). softmax subtracts the maximum."""
     if key_padding_mask is not None:
         k = k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
-        v = zero_padded_values(v, key_padding_mask)
     probs = torch.softmax(k, dim=2)
     if key_padding_mask is not None:
         probs = torch.nan_to_num(probs, nan=0.0)  # all-padding sequence: no key at all
@@ -182,7 +208,6 @@ def _stable_key_weights(
     if key_padding_mask is not None:
         real = key_padding_mask[:, None, :, None]
         k = k.masked_fill(~real, float("-inf"))
-        v = zero_padded_values(v, key_padding_mask)
     k_max = k.detach().amax(dim=2, keepdim=True)  # the shift cancels in num / den: no gradient needed
     k_max = torch.where(torch.isfinite(k_max), k_max, torch.zeros_like(k_max))  # all-padding sequence
     weights = torch.exp(k - k_max)

@@ -1,13 +1,15 @@
 """Base class of every mechanism: the call contract and its input checks.
 
-Contract (see DESIGN.md)::
+Contract (see docs/DESIGN.md)::
 
     out = attn(q, k, v, key_padding_mask=mask)
 
 ``q, k, v``: float tensors ``(batch, heads, seq, head_dim)``, already projected.
 ``key_padding_mask``: bool ``(batch, seq)``, ``True`` = real token, or ``None``.
 Returns ``(batch, heads, seq, head_dim)``. Padded query rows may hold anything finite;
-real rows must not depend on what stands in padded positions.
+real rows, and the gradients of real inputs, must not depend on what stands in padded
+positions, NaN and +-inf included. :meth:`Attention.forward` guarantees the latter for every
+mechanism: it replaces padded q, k, v by zeros before :meth:`Attention.attend` sees them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .functional import zero_padded_values
 from .registry import AttentionConfig
 
 LAYOUT = "(batch, heads, seq, head_dim)"
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class Attention(nn.Module):
@@ -42,7 +46,32 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         key_padding_mask = self.check_inputs(q, k, v, key_padding_mask)
-        return self.attend(q, k, v, key_padding_mask)
+        if key_padding_mask is not None:
+            # Replace (never multiply: 0 * nan is nan) whatever stands in padded slots, so that a
+            # NaN or inf there cannot reach a real row through a masked score, a 0-weighted value,
+            # a softmax backward (0 * nan in rowsum(dO * O)) or a k-means centroid.
+            q, k, v = (zero_padded_values(t, key_padding_mask) for t in (q, k, v))
+        compute = self.compute_dtype(q)
+        if compute is None:
+            return self.attend(q, k, v, key_padding_mask)
+        # Reduced precision: scores, softmax and normalisers in float32 (SDPA's policy), the
+        # result handed back in the input dtype. Autocast is off inside, or it would send the
+        # matmuls back to bf16.
+        with torch.autocast(q.device.type, enabled=False):
+            out = self.attend(q.to(compute), k.to(compute), v.to(compute), key_padding_mask)
+        return out.to(q.dtype)
+
+    def compute_dtype(self, q: torch.Tensor) -> torch.dtype | None:
+        """The dtype :meth:`attend` computes in, or None to run it on the inputs as given.
+
+        float16/bfloat16 inputs, or any input under a reduced-precision autocast, are computed in
+        float32: rounding scores to 8 (bf16) or 11 (fp16) bits moves a softmax by far more than
+        the inputs' own rounding (issue 11). Mechanisms whose kernels already accumulate in
+        float32 (fused SDPA) override this.
+        """
+        if q.dtype in REDUCED_PRECISION or torch.is_autocast_enabled(q.device.type):
+            return torch.promote_types(q.dtype, torch.float32)
+        return None
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None

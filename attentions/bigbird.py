@@ -26,7 +26,6 @@ import torch
 
 from . import _blocked as blk
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
 
 # Rows drawn at once when sampling random blocks (bounds the (rows, blocks) score table).
@@ -111,7 +110,6 @@ class BigBirdAttention(Attention):
         block = cfg.block_size
         nb = blk.num_blocks(n, block)
         g = min(cfg.num_global_blocks, nb)
-        v = zero_padded_values(v, key_padding_mask)
         dropout = cfg.dropout if self.training else 0.0
 
         # Global query rows (the first g blocks) attend to every real key: a dense (g b, n) block.

@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
 
 GOLDEN_RATIO = (math.sqrt(5.0) - 1.0) / 2.0
@@ -83,15 +82,15 @@ class ClusteredAttention(Attention):
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
         batch, heads, seq, dim = q.shape
-        q = zero_padded_values(q, key_padding_mask)
-        k = zero_padded_values(k, key_padding_mask)
-        v = zero_padded_values(v, key_padding_mask)
         real = key_padding_mask
         if real is None:
             real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
 
         with torch.no_grad():
-            assign, num_slots = self._cluster(q.detach(), real)
+            # Discrete choices (clusters, top keys) in float32 whatever the compute dtype, so that
+            # copies of the same values in any dtype cluster alike (issue 11).
+            q32 = q.detach().float()
+            assign, num_slots = self._cluster(q32, real)
         centroids = _cluster_means(q, assign, real, num_slots)  # differentiable in q
 
         dropout = cfg.dropout if self.training else 0.0
@@ -112,7 +111,15 @@ class ClusteredAttention(Attention):
         if dropout > 0.0:
             probs = F.dropout(probs, p=dropout)
         centroid_out = torch.matmul(probs, v)  # (b, h, C, d)
-        return self._improved(q, k, v, real, scores.detach(), probs, centroid_out, index, dropout)
+        if scores.dtype == torch.float32:
+            select = scores.detach()
+        else:
+            with torch.no_grad():  # the float32 scores, computed exactly as the float32 path does
+                centroids32 = _cluster_means(q32, assign, real, num_slots)
+                select = torch.matmul(centroids32 * (1.0 / math.sqrt(dim)), k.detach().float().transpose(-1, -2))
+                if key_padding_mask is not None:
+                    select = select.masked_fill(~real[:, None, None, :], float("-inf"))
+        return self._improved(q, k, v, real, select, probs, centroid_out, index, dropout)
 
     def _cluster(self, q: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Lloyd k-means per (batch, head). Returns cluster ids (padded queries: id = slots) and slots."""

@@ -77,6 +77,13 @@ class FullAttention(Attention):
     def backend(self) -> str:
         return self._last_backend
 
+    def compute_dtype(self, q: torch.Tensor) -> torch.dtype | None:
+        """Fused kernels (SDPA, xformers) take reduced precision as given and accumulate in float32;
+        the explicit reference path follows the base policy (float32 for half inputs)."""
+        if self.config.backend != "reference":  # the only request that select_full_backend maps to "reference"
+            return None
+        return super().compute_dtype(q)
+
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
         choice = select_full_backend(cfg.backend, q.device.type, q.dtype, xformers_available())

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
 
 
@@ -80,8 +79,8 @@ class LinformerAttention(Attention):
         e = self.proj_k[:seq].to(q.dtype)
         f = e if self.proj_v is None else self.proj_v[:seq].to(q.dtype)
         # (k, n) @ (b, h, n, d) -> (b, h, k, d): a projection along the sequence, shared by all heads.
-        k_proj = torch.matmul(e.T, zero_padded_values(k, key_padding_mask))
-        v_proj = torch.matmul(f.T, zero_padded_values(v, key_padding_mask))
+        k_proj = torch.matmul(e.T, k)
+        v_proj = torch.matmul(f.T, v)
         dropout = self.config.dropout if self.training else 0.0
         # Exact softmax over the k projected slots; SDPA picks a fused kernel.
         return F.scaled_dot_product_attention(q, k_proj, v_proj, dropout_p=dropout)

@@ -19,7 +19,6 @@ import torch
 
 from . import _blocked as blk
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
 from .sliding_window import band_setup, validate_window
 
@@ -63,7 +62,6 @@ class LongformerAttention(Attention):
         cfg = self.config
         batch, heads, n, d = q.shape
         half = cfg.window // 2
-        v = zero_padded_values(v, key_padding_mask)
         dropout = cfg.dropout if self.training else 0.0
         glob = torch.tensor([p for p in self._global if p < n], dtype=torch.long, device=q.device)
 

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
 
 
@@ -70,8 +69,6 @@ class MemoryCompressedAttention(Attention):
         batch, heads, seq, dim = k.shape
         slots = -(-seq // c)
         extra = slots * c - seq
-        k = zero_padded_values(k, key_padding_mask)
-        v = zero_padded_values(v, key_padding_mask)
         if extra:
             k = F.pad(k, (0, 0, 0, extra))
             v = F.pad(v, (0, 0, 0, extra))

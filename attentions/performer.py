@@ -68,10 +68,12 @@ class PerformerAttention(Attention):
     draw counters are buffers too, so a checkpoint resumes the same schedule. ``eval()`` never
     redraws and does not count calls.
 
-    Numerical stabiliser (as in the paper's code, kept exact): before ``exp`` each query row
-    subtracts its own max over features and each (batch, head) subtracts one max over all real
-    keys and features. Both factors cancel between numerator and denominator, so the output is the
-    unstabilised estimator up to rounding; the maxima are detached (their exact gradient is zero).
+    Numerical stabiliser (kept exact): before ``exp`` every key feature ``f`` subtracts its maximum
+    ``c_f`` over the real keys, and the query features add ``c_f`` back and then subtract their own
+    row maximum. ``c_f`` cancels between the two sides and the row shift between numerator and
+    denominator, so the output is the unstabilised estimator up to rounding; the maxima are detached
+    (their exact gradient is zero). Unlike one shift per (batch, head) (the paper's code), this
+    cannot underflow a key that carries weight when other keys have far larger logits.
     The ``1/sqrt(m)`` factor also cancels and is not applied.
 
     Padding: padded keys and values are zeroed, excluded from the key max, and their feature rows
@@ -115,8 +117,9 @@ class PerformerAttention(Attention):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stabilised ``(phi(Q), phi(K))``, each ``(batch, heads, seq, m)``; padded key rows are zero.
 
-        Each is the paper's feature map up to a positive factor per query row (for ``phi(Q)``) or
-        per (batch, head) (for ``phi(K)``), which the attention's normalisation cancels.
+        Each is the paper's feature map up to positive factors that the attention's normalisation
+        cancels: ``phi(Q)`` times ``exp(c_f - M_i)`` (per feature and query row), ``phi(K)`` times
+        ``exp(-c_f)`` (per feature), ``c_f`` the feature's maximum log-feature over the real keys.
         """
         compute = torch.promote_types(q.dtype, torch.float32)  # exp in half precision overflows
         q, k = q.to(compute), k.to(compute)
@@ -134,19 +137,25 @@ class PerformerAttention(Attention):
             if pad is not None:
                 phi_k = phi_k.masked_fill(pad, 0.0)
             return phi_q, phi_k
-        # Queries: exp(w.x - |x|^2/2) / max_f exp(w_f.x - |x|^2/2) = exp(w.x - max_f w_f.x); the
-        # |x|^2/2 term is constant along a row, so it cancels with the per-row stabiliser.
-        phi_q = torch.exp(q_proj.sub_(q_proj.detach().amax(dim=-1, keepdim=True)))
-        # Keys: one shift per (batch, head) over all real keys and features, so |y|^2/2 stays.
+        # Keys: log phi(y)_f = w_f.y - |y|^2/2, shifted per feature f by its maximum c_f over the
+        # real keys; the factor exp(c_f) is moved to the query side. Every key feature is then
+        # <= 1 and each feature's top key is exactly 1, so no key underflows merely because
+        # another key (or feature) is far larger: a shift shared by all features would drop
+        # keys that matter (the issue-11 collapse at large logits).
         half_sq_norm = (k * scale).square().sum(-1, keepdim=True) / 2  # (b, h, n, 1)
-        row_max = k_proj.detach().amax(dim=-1, keepdim=True) - half_sq_norm.detach()
-        if pad is not None:
-            row_max = row_max.masked_fill(pad, float("-inf"))
-        k_stab = torch.nan_to_num(row_max.amax(dim=-2, keepdim=True), neginf=0.0)  # no real key: any shift
-        k_log = k_proj.add_(-(half_sq_norm + k_stab))  # add_ of a negated (n x 1): no n x m neg in backward
+        k_log = k_proj.sub_(half_sq_norm)
         if pad is not None:
             k_log = k_log.masked_fill_(pad, float("-inf"))  # exp(-inf) = 0: padded rows vanish exactly
-        return phi_q, torch.exp(k_log)
+        key_max = torch.nan_to_num(k_log.detach().amax(dim=-2, keepdim=True), neginf=0.0)  # (b, h, 1, m)
+        phi_k = torch.exp(k_log.sub_(key_max))
+        # Queries: log phi(x)_f + c_f, shifted by its own row maximum. The |x|^2/2 term is constant
+        # along a row and cancels with that shift, so it is never formed. The row shift cancels in
+        # the ratio and c_f cancels against the keys' shift: the output is the unstabilised estimator
+        # up to rounding. Each product phi_q phi_k is exp(its log-term - the row's largest log-term),
+        # so the denominator is >= 1 and only terms negligible next to the largest underflow.
+        q_log = q_proj.add_(key_max)
+        phi_q = torch.exp(q_log.sub_(q_log.detach().amax(dim=-1, keepdim=True)))
+        return phi_q, phi_k
 
     def attend(self, q, k, v, key_padding_mask):
         self._maybe_redraw()

@@ -120,6 +120,8 @@ class ReformerAttention(Attention):
     def hash(self, q: torch.Tensor) -> torch.Tensor:
         """Bucket of every token in every round: ``(batch, heads, seq, d)`` -> ``(batch, heads, n_hashes, seq)``.
 
+        Computed in float32 for any input dtype (buckets must not depend on the compute dtype).
+
         ``argmax([xR; -xR])`` without building the concatenation: the winner is the max of ``xR``
         unless ``-min(xR)`` is larger (ties go to the first half, as argmax would). The ``seq x
         num_buckets / 2`` projections are made one round and one slice of the sequence at a time, each
@@ -128,7 +130,8 @@ class ReformerAttention(Attention):
         """
         half = self.num_buckets // 2
         piece = max(1, q.shape[-2] * 2 * self.config.bucket_size // half)
-        rotations = self.rotations.to(q.dtype)
+        q = q.float()  # bf16, fp16, fp32 and fp64 copies of the same values must hash alike
+        rotations = self.rotations.float()
         out = []
         for r in range(self.config.n_hashes):
             parts = []
@@ -146,14 +149,9 @@ class ReformerAttention(Attention):
         c, rounds, nb = cfg.bucket_size, cfg.n_hashes, self.num_buckets
         n_pad = -(-n // c) * c
         n_chunks = n_pad // c
-        if key_padding_mask is None:
-            real = q.new_ones(batch, n, dtype=torch.bool)
-        else:
-            # Zero what stands in padded slots: nothing downstream can then depend on it (not even
-            # through a -1e9 bias), and the gradient to padded inputs is exactly zero.
-            real = key_padding_mask
-            pad = ~real[:, None, :, None]
-            q, k, v = (t.masked_fill(pad, 0.0) for t in (q, k, v))
+        # Padded slots of q, k, v arrive zeroed (Attention.forward): nothing downstream can depend
+        # on them (not even through a -1e9 bias), and the gradient to padded inputs is exactly zero.
+        real = q.new_ones(batch, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
         if n_pad > n:
             q, k, v = (F.pad(t, (0, 0, 0, n_pad - n)) for t in (q, k, v))
             real = F.pad(real, (0, n_pad - n), value=False)

@@ -13,7 +13,6 @@ import torch
 
 from . import _blocked as blk
 from .base import Attention
-from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
 
 # Query block length for the band. Blocks of half the window waste a third of the scores
@@ -83,7 +82,6 @@ class SlidingWindowAttention(Attention):
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
         batch, heads, n, d = q.shape
-        v = zero_padded_values(v, key_padding_mask)
         block, m, key_pos, in_band = band_setup(n, cfg.window // 2, q.device)
         allowed = in_band & blk.key_exists(key_pos, n, key_padding_mask)[:, :, None, :]
         qb = blk.to_blocks(q, block)

@@ -1,7 +1,7 @@
 """Measurement utilities: allocator-level peak memory, wall-clock timing, device description.
 
 Peak memory is what the *allocator* handed out during the measured step, above what was
-already allocated when the step began, with the peak reset first (DESIGN.md, "Measuring
+already allocated when the step began, with the peak reset first (docs/DESIGN.md, "Measuring
 honestly"). Process RSS is never used: it includes the interpreter, freed-but-cached
 pages and other threads, and it does not go down when tensors are freed.
 
@@ -107,18 +107,41 @@ def _quiet_native_stderr():
 
 
 def _cpu_peak_from_profile(prof: Any) -> int:
-    """Largest running sum of CPU alloc/free events, in the order they happened."""
+    """Largest running sum of CPU alloc/free events, in the order they happened.
+
+    A free counts only when its block was allocated during this profile (matched by address).
+    The profiler's CPU reporter remembers the size of every block it saw allocated until that
+    block is freed *while* profiling; a block allocated under an earlier profile and freed after
+    it stopped leaves a stale size behind, and a later unrelated block at the same address would
+    then report that size when freed (the allocator reuses addresses). Matching frees to this
+    profile's own allocations makes the figure independent of earlier measurements.
+    """
     events = []
-    for event in prof.profiler.kineto_results.events():
-        if event.name() != "[memory]" or event.device_type() != torch.autograd.DeviceType.CPU:
+    for event in _walk(prof.profiler.kineto_results.experimental_event_tree()):
+        fields = event.extra_fields
+        if not hasattr(fields, "alloc_size") or fields.device.type != "cpu":  # allocation events only
             continue
-        events.append((event.start_ns(), int(event.nbytes())))
+        events.append((event.start_time_ns, int(fields.alloc_size), int(fields.ptr)))
     events.sort(key=lambda e: e[0])  # the stable sort keeps same-timestamp events in emission order
+    live: set[int] = set()
     running = peak = 0
-    for _, nbytes in events:
+    for _, nbytes, ptr in events:
+        if nbytes > 0:
+            live.add(ptr)
+        elif ptr in live:
+            live.discard(ptr)
+        else:
+            continue  # a block allocated before this profile started: its free is not ours to count
         running += nbytes
         peak = max(peak, running)
     return peak
+
+
+def _walk(events: Any):
+    """Every event of the profiler's event tree, depth first."""
+    for event in events:
+        yield event
+        yield from _walk(event.children)
 
 
 def synchronize(device: torch.device | str) -> None:

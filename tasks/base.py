@@ -13,9 +13,9 @@ by one fancy-indexing gather per array: no per-example Python work, so loading n
 
 Contract (used by the harness)::
 
-    task = build_task("listops", cache_dir=".arena_cache", seed=0, **task_params)
+    task = build_task("listops", cache_dir=".arena_cache", data_root=None, seed=0, **task_params)
     task.num_classes, task.vocab_size, task.max_length, task.two_sequence, task.pad_id   # pad_id == 0
-    task.num_examples(split); task.labels(split)
+    task.num_examples(split); task.labels(split); task.notes; task.validation_is_test
     for batch in task.batches(split, batch_size, shuffle=True, seed=0, epoch=e): ...
 """
 
@@ -99,13 +99,31 @@ class Task:
     pad_id: ClassVar[int] = 0
     # Added to every stored value of a real position (bytes/pixels are stored raw and shifted by 1 here).
     token_offset: ClassVar[int] = 0
-    # Splits served by another stored split (Text: LRA evaluates on test as validation).
+    # Splits served by another stored split (Text with validation="test": LRA evaluated on test as validation).
+    # A subclass may set it per instance from its config.
     split_aliases: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: TaskConfig, cache_dir: str | None = None) -> None:
         self.config = config
         self.cache_dir = cache_dir
         self._data: Arrays | None = None
+        # What build() reports beside the arrays (stored in the cache manifest): "source" (where each split was
+        # read from), "skipped" ([{"path", "reason"}]). After prepare(), ``notes`` holds them from the cache.
+        self.build_notes: dict[str, Any] = {}
+        self.notes: dict[str, Any] = {}
+
+    @classmethod
+    def release_data_dir(cls, data_root: str, params: dict[str, Any]) -> str | None:
+        """The ``data_dir`` of this task inside an extracted ``lra_release`` folder ``data_root`` (None: not there).
+
+        ``params`` are the task parameters with their defaults filled in. Tasks without release files return None.
+        """
+        return None
+
+    @property
+    def validation_is_test(self) -> bool:
+        """True when the validation split *is* the test split (LRA's Text protocol); reports mark such runs."""
+        return self.split_aliases.get("validation") == "test"
 
     # ---- what subclasses provide -------------------------------------------------------------------------
     @property
@@ -134,10 +152,12 @@ class Task:
     def prepare(self) -> None:
         """Generate/load and cache the data now. Idempotent; fast (memory-mapped) when cached."""
         if self._data is None:
-            from tasks.cache import load_or_build
+            from tasks.cache import entry_dir, load_or_build, read_notes
 
-            data = load_or_build(self.cache_dir, self.name, self.cache_settings(), self.build)
+            settings = self.cache_settings()
+            data = load_or_build(self.cache_dir, self.name, settings, self.build, notes=lambda: self.build_notes)
             self._check_arrays(data)
+            self.notes = read_notes(entry_dir(self.cache_dir, self.name, settings))
             self._data = data
 
     def _check_arrays(self, data: Arrays) -> None:
@@ -258,125 +278,31 @@ def get_task_info(name: str) -> TaskInfo:
     return _REGISTRY[name]
 
 
-def build_task(name: str, cache_dir: str | None = None, **params: Any) -> Task:
+def build_task(name: str, cache_dir: str | None = None, data_root: str | None = None, **params: Any) -> Task:
     """Build the task ``name`` with its parameters (``seed`` included). Lazy: no data is touched yet.
 
-    Unknown names or parameters raise a ValueError naming them and listing the allowed ones.
+    ``data_root`` is an extracted ``lra_release`` folder: a task with release files reads them from there
+    (``listops-1000/``, ``tsv_data/``, ``pathfinder32/...``; Text/Image from ``imdb/``/``cifar10/`` when present,
+    see ``docs/DATA.md``) unless ``data_dir`` is given. Unknown names or parameters raise a ValueError naming them
+    and listing the allowed ones; a ``data_root`` that is not a directory raises a ValueError.
     """
     info = get_task_info(name)
     allowed = [f.name for f in dataclasses.fields(info.config_cls)]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for task {name!r}; "
-                         f"allowed: cache_dir, {', '.join(allowed)}")
+                         f"allowed: cache_dir, data_root, {', '.join(allowed)}")
+    if data_root is not None and params.get("data_dir") is None:
+        data_root = os.fspath(data_root)
+        if not os.path.isdir(data_root):
+            raise ValueError(f"data_root {data_root!r} is not a directory; expected an extracted lra_release folder")
+        data_dir = info.cls.release_data_dir(data_root, {**info.defaults(), **params})
+        if data_dir is not None:
+            params = {**params, "data_dir": data_dir}
     return info.cls(info.config_cls(**params), cache_dir=cache_dir)
 
 
-# ---- external sources (hub or local files through `datasets`) ------------------------------------------------
-
-DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connect within ``timeout`` s (False when offline mode is set).
-
-    The check runs in a daemon thread so that a hanging DNS lookup cannot stall the caller either.
-    """
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    result = [False]
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            result[0] = True
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return result[0]
-
-
-def find_split_files(data_dir: str, splits: tuple[str, ...]) -> dict[str, list[str]]:
-    """Files under ``data_dir`` (recursively) named ``<split>*.{parquet,csv,jsonl,json}``, per split.
-
-    Matches both the hub's parquet layout (``plain_text/train-00000-of-00001.parquet``) and flat files
-    (``train.csv``). A split's files must share one format. Missing splits are left out of the result.
-    """
-    found: dict[str, list[str]] = {}
-    for root, _, names in os.walk(data_dir):
-        for name in names:
-            ext = os.path.splitext(name)[1].lower()
-            for split in splits:
-                if ext in DATA_FILE_BUILDERS and (name.startswith(split + "-") or name.startswith(split + ".")
-                                                  or name.startswith(split + "_")):
-                    found.setdefault(split, []).append(os.path.join(root, name))
-    for split, files in found.items():
-        files.sort()
-        exts = {DATA_FILE_BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
-        if len(exts) > 1:
-            raise ValueError(f"data_dir {data_dir!r}: split {split!r} has files of several formats: {files}")
-    return found
-
-
-def load_source(hub_name: str, data_dir: str | None, splits: tuple[str, ...], expected: str,
-                cache_dir: str | None) -> Any:
-    """Load ``splits`` of a dataset with ``datasets``: from local files in ``data_dir``, else from the hub.
-
-    Never waits on an unreachable hub: without network (or in HF offline mode, without a local hub cache) it
-    fails at once with a ValueError that names ``data_dir`` and the files ``expected`` there.
-    """
-    import datasets
-
-    hf_cache = os.path.join(cache_dir or _default_cache_dir(), "hf")
-    if data_dir is not None:
-        if not os.path.isdir(data_dir):
-            raise ValueError(f"invalid task parameter 'data_dir': {data_dir!r} is not a directory; expected {expected}")
-        files = find_split_files(data_dir, splits)
-        missing = [s for s in splits if s not in files]
-        if missing:
-            raise ValueError(f"invalid task parameter 'data_dir': no files for split(s) {', '.join(missing)} "
-                             f"under {data_dir!r}; expected {expected}")
-        builder = DATA_FILE_BUILDERS[os.path.splitext(files[splits[0]][0])[1].lower()]
-        return datasets.load_dataset(builder, data_files={s: files[s] for s in splits}, cache_dir=hf_cache)
-    offline_hint = (f"the hub dataset {hub_name!r} cannot be reached (no network or HF offline mode); set the task "
-                    f"parameter data_dir to a local directory with {expected}")
-    if not hub_reachable():
-        # Only when `datasets` itself runs in offline mode (env set before it was imported) does it look at its
-        # local cache without retrying the network; otherwise it would retry for ~25 s, so fail now.
-        if getattr(datasets.config, "HF_HUB_OFFLINE", False) or getattr(datasets.config, "HF_DATASETS_OFFLINE", False):
-            try:
-                return datasets.load_dataset(hub_name, cache_dir=hf_cache)
-            except Exception as err:
-                raise ValueError(offline_hint) from err
-        raise ValueError(offline_hint)
-    try:
-        return datasets.load_dataset(hub_name, cache_dir=hf_cache)
-    except Exception as err:
-        raise ValueError(f"loading {hub_name!r} from the hub failed ({type(err).__name__}: {err}); "
-                         f"or set the task parameter data_dir to a local directory with {expected}") from err
-
-
-def _default_cache_dir() -> str:
-    from tasks.cache import default_cache_dir
-
-    return default_cache_dir()
-
-
-def source_files_identity(data_dir: str, splits: tuple[str, ...]) -> dict[str, Any]:
-    """Cache-key identity (path, size, mtime) of the local source files of ``splits`` under ``data_dir``."""
-    from tasks.cache import file_identity
-
-    if not os.path.isdir(data_dir):
-        return {"data_dir": os.path.abspath(data_dir), "missing": True}
-    return {s: [file_identity(f) for f in fs] for s, fs in sorted(find_split_files(data_dir, splits).items())}
+# ---- helpers shared by the byte-level tasks ------------------------------------------------------------------
 
 
 def bytes_to_rows(texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,10 +13,16 @@ Guarantees:
 
 * Writes are atomic: everything is written into a temporary sibling directory that is renamed into place last;
   a crash leaves at most a stray ``.tmp-*`` directory, never a half-written entry.
+* An entry is built once even when many processes (a cluster sweep's jobs) ask for it at the same time: the
+  builder holds a file lock (``<entry>.lock``, the ``filelock`` package) and the others wait for it, then load
+  the entry it wrote (the empty lock file stays: deleting it would let a third process lock a new file while a
+  second still holds the old one). ``arena-data prepare`` builds entries ahead of a sweep.
 * Every load checks each file's size, shape and dtype and its CRC-32 (CRC, not a cryptographic hash: it detects
   truncation and bit rot at ~2 GB/s, e.g. 0.1 s for the 200 MB ListOps cache; nobody is attacking the cache).
   A bad entry is reported with a warning, removed and rebuilt, never silently used. A verified entry is not
   re-hashed again in the same process unless its files changed.
+* The manifest may carry the builder's ``notes`` (where the data came from, files skipped and why), read back
+  with :func:`read_notes`.
 * ``cache_dir`` defaults to ``$ARENA_CACHE_DIR`` or ``.arena_cache``.
 """
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +41,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -80,7 +90,8 @@ def _stats(directory: str, names: list[str]) -> tuple:
     return tuple(out)
 
 
-def save_entry(directory: str, arrays: dict[str, dict[str, np.ndarray]], settings: dict[str, Any]) -> None:
+def save_entry(directory: str, arrays: dict[str, dict[str, np.ndarray]], settings: dict[str, Any],
+               notes: dict[str, Any] | None = None) -> None:
     """Write ``arrays`` atomically as a cache entry at ``directory`` (no-op if another writer got there first)."""
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
@@ -96,7 +107,7 @@ def save_entry(directory: str, arrays: dict[str, dict[str, np.ndarray]], setting
                 np.save(path, np.ascontiguousarray(array), allow_pickle=False)
                 files[fname] = {"size": os.path.getsize(path), "shape": list(array.shape),
                                 "dtype": np.dtype(array.dtype).str, "crc32": _crc32(path)}
-        manifest = {"format_version": FORMAT_VERSION, "settings": settings, "files": files}
+        manifest = {"format_version": FORMAT_VERSION, "settings": settings, "files": files, "notes": notes or {}}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True, default=str)
             f.flush()
@@ -154,26 +165,54 @@ class CacheError(RuntimeError):
     """A cache entry is incomplete or corrupted."""
 
 
+def read_notes(directory: str) -> dict[str, Any]:
+    """The builder's notes stored in an entry's manifest (empty when none)."""
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            return json.load(f).get("notes", {}) or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def load_or_build(cache_dir: str | None, name: str, settings: dict[str, Any],
-                  build: Callable[[], dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+                  build: Callable[[], dict[str, dict[str, np.ndarray]]],
+                  notes: Callable[[], dict[str, Any]] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Return the cached arrays for ``(name, settings)``, building and caching them with ``build()`` on a miss.
 
-    A corrupted or truncated entry is reported with a warning, removed and rebuilt.
+    ``notes()`` (called after ``build()``) gives the notes stored with the entry. Concurrent callers build an entry
+    once: the first takes ``<entry>.lock`` and builds, the others wait and load its result. A corrupted or
+    truncated entry is reported with a warning, removed and rebuilt (under the same lock).
     """
     directory = entry_dir(cache_dir, name, settings)
     if os.path.isdir(directory):
         try:
             return load_entry(directory)
-        except CacheError as err:
-            warnings.warn(f"cache entry {directory} is invalid ({err}); rebuilding it", RuntimeWarning, stacklevel=3)
-            # Move aside first so a concurrent reader never sees a half-deleted entry.
-            trash = f"{directory}.bad-{uuid.uuid4().hex[:8]}"
+        except CacheError:
+            pass  # re-checked and rebuilt under the lock below
+    os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+    lock = FileLock(directory + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process that is building %s", directory)
+        lock.acquire()
+    try:
+        if os.path.isdir(directory):
             try:
-                os.rename(directory, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            except OSError:
-                shutil.rmtree(directory, ignore_errors=True)
-            _VERIFIED.pop(os.path.abspath(directory), None)
-    arrays = build()
-    save_entry(directory, arrays, settings)
+                return load_entry(directory)
+            except CacheError as err:
+                warnings.warn(f"cache entry {directory} is invalid ({err}); rebuilding it", RuntimeWarning,
+                              stacklevel=2)
+                # Move aside first so a reader that has not taken the lock never sees a half-deleted entry.
+                trash = f"{directory}.bad-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(directory, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                except OSError:
+                    shutil.rmtree(directory, ignore_errors=True)
+                _VERIFIED.pop(os.path.abspath(directory), None)
+        arrays = build()
+        save_entry(directory, arrays, settings, notes() if notes is not None else None)
+    finally:
+        lock.release()
     return load_entry(directory)

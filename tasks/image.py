@@ -7,42 +7,37 @@ in float32, weighted ``0.2989 R + 0.5870 G + 0.1140 B``, then converted back to 
 Tokens: pixel value ``p`` is token ``p + 1`` (0 stays padding, although no position is padded: every mask is
 all True), so ``vocab_size = 257``; LRA's 256 pixel ids map one-to-one onto 1..256.
 
-Splits (LRA): the 50k CIFAR-10 train images split deterministically into the first 45k (train) and the last 5k
-(validation, ``validation_size``); the 10k test images are the test split.
+Splits (LRA, ``tfds.load("cifar10", split="train[:90%]")`` / ``"train[90%:]"``): the 50k CIFAR-10 train images in
+their stored order, the first 90% (45k) train and the last 10% (5k) validate (``validation_size``, None = 10%);
+the 10k test images are the test split. See ``docs/DATA.md``.
 
-Sources (through ``datasets``): the hub dataset ``hub_name`` (default ``"cifar10"``), or with ``data_dir``
-local files in a format ``datasets`` reads with an image column (``img`` or ``image``) and a ``label`` column:
-the hub's parquet layout (``plain_text/train-*.parquet``, ``plain_text/test-*.parquet``) or flat
-``train.parquet`` / ``test.parquet``.
+Sources (through ``datasets``): with ``data_dir`` (or ``data_root``: ``<data_root>/cifar10`` when present) any
+layout :mod:`tasks.sources` reads (``save_to_disk`` folders, Arrow caches, hub parquet in its three namings) with an
+image column (``img`` or ``image``) and a ``label`` column. Without it, the hub dataset ``hub_name`` (default
+``"cifar10"``) from the user's own cache, offline if need be.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from tasks.base import (
-    Arrays,
-    Task,
-    TaskConfig,
-    load_source,
-    register_task,
-    require,
-    source_files_identity,
-    subset_rows,
-)
+from tasks.base import Arrays, Task, TaskConfig, register_task, require, subset_rows
+from tasks.sources import folder_beside_release, open_splits, source_identity
 
-EXPECTED_FILES = ("train and test parquet files with an image column (img) and label: the hub layout "
-                  "plain_text/train-*.parquet and plain_text/test-*.parquet, or train.parquet/test.parquet")
+EXPECTED_FILES = ("CIFAR-10 train and test splits with an image column (img) and label: a datasets save_to_disk "
+                  "folder, a datasets Arrow cache, or hub parquet (plain_text/train-*.parquet, "
+                  "plain_text/train/0000.parquet, plain_text/cifar10-train.parquet)")
 GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], dtype=np.float32)
 
 
 @dataclass(frozen=True)
 class ImageConfig(TaskConfig):
-    """Grayscale CIFAR-10, 1024 tokens. LRA: 45k/5k/10k (``validation_size`` 5000 taken off the train end)."""
+    """Grayscale CIFAR-10, 1024 tokens. LRA: 45k/5k/10k (``validation_size`` None = the last 10% of train)."""
 
-    validation_size: int = 5000
+    validation_size: int | None = None
     data_dir: str | None = None
     hub_name: str = "cifar10"
     # Size knobs for small runs: seeded random subsets of train (after the split) and test (None: all).
@@ -50,7 +45,8 @@ class ImageConfig(TaskConfig):
     num_test: int | None = None
 
     def validate(self) -> None:
-        require(self.validation_size >= 1, "validation_size", f"must be >= 1, got {self.validation_size}")
+        require(self.validation_size is None or self.validation_size >= 1, "validation_size",
+                f"must be >= 1 or None, got {self.validation_size}")
         for name in ("num_train", "num_test"):
             value = getattr(self, name)
             require(value is None or value >= 1, name, f"must be >= 1 or None, got {value}")
@@ -97,6 +93,10 @@ class Image(Task):
     token_offset = 1
     config: ImageConfig
 
+    @classmethod
+    def release_data_dir(cls, data_root: str, params: dict[str, Any]) -> str | None:
+        return folder_beside_release(data_root, params["hub_name"])
+
     @property
     def vocab_size(self) -> int:
         return 257
@@ -106,13 +106,12 @@ class Image(Task):
         return 1024
 
     def source_identity(self) -> dict:
-        if self.config.data_dir is None:
-            return {"hub": self.config.hub_name}
-        return source_files_identity(self.config.data_dir, ("train", "test"))
+        return source_identity(self.config.hub_name, self.config.data_dir, ("train", "test"))
 
     def build(self) -> Arrays:
         c = self.config
-        ds = load_source(c.hub_name, c.data_dir, ("train", "test"), EXPECTED_FILES, self.cache_dir)
+        ds, where = open_splits(c.hub_name, c.data_dir, ("train", "test"), EXPECTED_FILES, self.cache_dir)
+        self.build_notes = {"source": where}
         out = {}
         for split in ("train", "test"):
             part = ds[split]
@@ -124,10 +123,13 @@ class Image(Task):
                 raise ValueError(f"CIFAR-10 split {split!r}: labels must be in 0..9")
             out[split] = {"tokens": gray, "labels": labels}
         n = out["train"]["labels"].size
-        if c.validation_size >= n:
-            raise ValueError(f"invalid task parameter 'validation_size': {c.validation_size} >= {n} train images")
+        size = c.validation_size if c.validation_size is not None else n - round(0.9 * n)  # TFDS rounds percents
+        if not 1 <= size < n:
+            raise ValueError(f"invalid task parameter 'validation_size': {size} is not in 1..{n - 1} "
+                             f"({n} train images)")
         full = out.pop("train")
-        cut = n - c.validation_size
+        cut = n - size
+        self.build_notes["validation"] = f"the last {size} of {n} train images (LRA: train[90%:])"
         train_rows = subset_rows(cut, c.num_train, c.seed)
         test_rows = subset_rows(out["test"]["labels"].size, c.num_test, c.seed)
         return {

@@ -45,6 +45,7 @@ OP_BASE = 1  # id of the first operator
 DIGIT_BASE = 5  # id of digit 0
 END = 15  # id of "]"
 VALUE_P = 0.25  # LRA: a node is a leaf when random() > VALUE_P
+RELEASE_DIR = "listops-1000"  # inside an extracted lra_release
 TSV_FILES = {"train": "basic_train.tsv", "validation": "basic_val.tsv", "test": "basic_test.tsv"}
 CHUNK = 500  # accepted trees per generation job (fixed: the data must not depend on the number of workers)
 
@@ -66,18 +67,20 @@ class ListOpsConfig(TaskConfig):
     num_workers: int = 2
 
     def validate(self) -> None:
+        require(self.max_length >= 3, "max_length", f"must be >= 3, got {self.max_length}")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.data_dir is not None:
+            # Reading the files: only max_length (truncation) applies; the generation knobs are unused, not checked.
+            missing = [f for f in TSV_FILES.values() if not os.path.isfile(os.path.join(self.data_dir, f))]
+            require(not missing, "data_dir", f"{self.data_dir!r} lacks {', '.join(missing)} "
+                    f"(expected the LRA ListOps files {', '.join(TSV_FILES.values())})")
+            return
         for name in ("num_train", "num_val", "num_test"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        require(self.max_length >= 3, "max_length", f"must be >= 3, got {self.max_length}")
         require(0 <= self.min_length < self.max_length - 1, "min_length",
                 f"must be >= 0 and < max_length - 1 (lengths are strictly between), got {self.min_length}")
         require(self.max_depth >= 2, "max_depth", f"must be >= 2, got {self.max_depth}")
         require(self.max_args >= 2, "max_args", f"must be >= 2, got {self.max_args}")
-        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        if self.data_dir is not None:
-            missing = [f for f in TSV_FILES.values() if not os.path.isfile(os.path.join(self.data_dir, f))]
-            require(not missing, "data_dir", f"{self.data_dir!r} lacks {', '.join(missing)} "
-                    f"(expected the LRA ListOps files {', '.join(TSV_FILES.values())})")
 
 
 # ---- generation --------------------------------------------------------------------------------------------
@@ -301,10 +304,13 @@ def read_lra_tsv(path: str, max_length: int) -> tuple[np.ndarray, np.ndarray, np
     lengths = np.zeros(len(rows), dtype=np.int32)
     labels = np.zeros(len(rows), dtype=np.int64)
     for i, row in enumerate(rows):
-        ids = tokenize_lra_string(row[0])[:max_length]
+        try:
+            ids = tokenize_lra_string(row[0])[:max_length]
+            labels[i] = int(row[1])
+        except (ValueError, IndexError) as err:
+            raise ValueError(f"{path}: row {i + 2} is not 'Source<TAB>Target' ({err})") from err
         tokens[i, : ids.size] = ids
         lengths[i] = ids.size
-        labels[i] = int(row[1])
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise ValueError(f"{path}: Target must be in 0..9, got {labels.min()}..{labels.max()}")
     return tokens, lengths, labels
@@ -319,6 +325,10 @@ class ListOps(Task):
 
     num_classes = 10
     config: ListOpsConfig
+
+    @classmethod
+    def release_data_dir(cls, data_root: str, params: dict) -> str:
+        return os.path.join(data_root, RELEASE_DIR)
 
     @property
     def vocab_size(self) -> int:
@@ -340,6 +350,9 @@ class ListOps(Task):
             for split, fname in TSV_FILES.items():
                 tokens, lengths, labels = read_lra_tsv(os.path.join(c.data_dir, fname), c.max_length)
                 out[split] = {"tokens": tokens, "lengths": lengths, "labels": labels}
+            truncated = {s: int((a["lengths"] == c.max_length).sum()) for s, a in out.items()}
+            self.build_notes = {"source": {s: os.path.join(c.data_dir, f) for s, f in TSV_FILES.items()},
+                                "at_max_length": truncated}
             return out
         total = c.num_train + c.num_val + c.num_test
         tokens, lengths, labels = generate_listops(total, c.seed, c.min_length, c.max_length, c.max_depth,

@@ -20,7 +20,8 @@ byte-for-byte port of ``snakes2``; it keeps the task: the same difficulty knob (
 Public API::
 
     images, labels = generate_pathfinder(num_images, image_size, contour_length, seed, num_workers=2)
-    images, labels = read_lra_pathfinder_dir(path, image_size=None)
+
+(Released LRA folders are read by :mod:`tasks.pathfinder_release`.)
 
 ``images`` is uint8 ``(N, H, W)`` (background 0, strokes bright), ``labels`` int64 ``(N,)``. Labels are
 balanced (exactly ``N // 2`` positives) and image ``i`` is a pure function of ``(seed, i, image_size,
@@ -29,9 +30,7 @@ contour_length)`` and its label, independent of ``num_workers``.
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -489,68 +488,3 @@ def generate_pathfinder(num_images: int, image_size: int, contour_length: int, s
             for start, part in pool.imap_unordered(_render_range, jobs):  # filled in place: no 2x peak memory
                 images[start:start + len(part)] = part
     return images, labels
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading the released LRA files
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _read_png_gray(path: str) -> np.ndarray:
-    try:
-        from PIL import Image
-    except ImportError:  # pillow is a matplotlib dependency, but fall back anyway
-        import matplotlib.image as mpimg
-
-        arr = mpimg.imread(path)
-        if arr.ndim == 3:
-            arr = arr[..., :3].mean(-1)
-        return np.rint(arr * 255.0).astype(np.uint8) if arr.dtype.kind == "f" else arr.astype(np.uint8)
-    with Image.open(path) as img:
-        return np.asarray(img.convert("L"), dtype=np.uint8)
-
-
-def read_lra_pathfinder_dir(path: str, image_size: int | None = None,
-                            skip_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Read a released LRA Pathfinder directory, e.g. ``lra_release/pathfinder32/curv_contour_length_14``.
-
-    Layout: ``<path>/metadata/*.npy`` (rows ``[subdir, filename, index, label, ...]`` as strings; files read in
-    numeric order) and the PNGs at ``<path>/<subdir>/<filename>``. Returns uint8 ``(N, H, W)`` and int64 labels.
-    ``image_size`` checks every image is that size. A listed image that is missing raises FileNotFoundError,
-    or is skipped with ``skip_missing=True``.
-    """
-    meta_dir = os.path.join(path, "metadata")
-    files = glob.glob(os.path.join(meta_dir, "*.npy"))
-    if not files:
-        raise FileNotFoundError(f"no metadata/*.npy under {path!r}; expected the LRA pathfinder layout")
-
-    def order(f: str) -> tuple[int, int | str]:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        return (0, int(stem)) if stem.isdigit() else (1, stem)
-
-    images, labels = [], []
-    for f in sorted(files, key=order):
-        rows = np.load(f, allow_pickle=False)
-        if rows.ndim != 2 or rows.shape[1] < 4:
-            raise ValueError(f"{f}: expected rows [subdir, filename, index, label, ...], got shape {rows.shape}")
-        for row in rows:
-            img_path = os.path.join(path, str(row[0]), str(row[1]))
-            if not os.path.exists(img_path):
-                if skip_missing:
-                    continue
-                raise FileNotFoundError(f"{img_path} is listed in {f} but missing (pass skip_missing=True to skip)")
-            img = _read_png_gray(img_path)
-            if image_size is not None and img.shape != (image_size, image_size):
-                raise ValueError(f"{img_path} is {img.shape[0]}x{img.shape[1]}, expected image_size={image_size}")
-            label = int(float(row[3]))
-            if label not in (0, 1):
-                raise ValueError(f"{f}: label must be 0 or 1, got {row[3]!r}")
-            images.append(img)
-            labels.append(label)
-    if not images:
-        size = image_size or 0
-        return np.zeros((0, size, size), dtype=np.uint8), np.zeros(0, dtype=np.int64)
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images under {path!r} have different sizes {sorted(shapes)}; pass image_size to check")
-    return np.stack(images), np.asarray(labels, dtype=np.int64)

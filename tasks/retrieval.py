@@ -1,10 +1,11 @@
 """Retrieval (LRA): byte-level ACL Anthology Network document pairs; does document 1 cite document 2? 2 classes.
 
-Input: the LRA release TSV files in ``data_dir`` (e.g. ``lra_release/tsv_data``): ``new_aan_pairs.train.tsv``,
+Input: the LRA release TSV files in ``data_dir`` (``data_root``: ``<data_root>/tsv_data``): ``new_aan_pairs.train.tsv``,
 ``new_aan_pairs.eval.tsv`` (our ``validation``) and ``new_aan_pairs.test.tsv``; tab-separated, no header,
 columns ``label, id1, id2, text1, text2`` (label written as a number, e.g. ``1`` or ``1.0``). Read with the
-``datasets`` "csv" builder (delimiter tab, no quoting: the texts are raw). There is no hub copy, so
-``data_dir`` is required.
+``datasets`` "csv" builder (delimiter tab, no quoting: the texts are raw, as LRA's ``use_quote_delim=False``
+reads them: quotes and the ``b'...'`` wrappers some rows carry are part of the bytes). There is no hub copy, so
+``data_dir`` (or ``data_root``) is required.
 
 Each document is encoded as UTF-8 bytes, truncated/padded to ``max_length`` (LRA: 4000 per document, 8K in
 all), and shifted by +1 so that 0 stays padding (``vocab_size = 257``). Two sequences per example
@@ -23,6 +24,7 @@ import numpy as np
 from tasks.base import Arrays, Task, TaskConfig, bytes_to_rows, register_task, require, subset_rows
 from tasks.cache import file_identity
 
+RELEASE_DIR = "tsv_data"  # inside an extracted lra_release
 TSV_FILES = {"train": "new_aan_pairs.train.tsv", "validation": "new_aan_pairs.eval.tsv",
              "test": "new_aan_pairs.test.tsv"}
 COLUMNS = ("label", "id1", "id2", "text1", "text2")
@@ -58,6 +60,10 @@ class Retrieval(Task):
     two_sequence = True
     token_offset = 1
     config: RetrievalConfig
+
+    @classmethod
+    def release_data_dir(cls, data_root: str, params: dict) -> str:
+        return os.path.join(data_root, RELEASE_DIR)
 
     @property
     def vocab_size(self) -> int:
@@ -109,6 +115,7 @@ class Retrieval(Task):
             tokens2, lengths2 = bytes_to_rows(list(part["text2"]), self.config.max_length)
             out[split] = {"tokens": tokens, "lengths": lengths, "tokens2": tokens2, "lengths2": lengths2,
                           "labels": labels}
+        self.build_notes = {"source": paths}
         return out
 
 

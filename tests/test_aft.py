@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -160,3 +162,36 @@ def test_dropout_is_accepted_and_does_nothing():
     q, k, v = make_qkv(seq=20, seed=8)
     attn = build_small("aft", dropout=0.5).train()
     torch.testing.assert_close(attn(q, k, v), build_small("aft").eval()(q, k, v), atol=0, rtol=0)
+
+
+def test_local_far_negative_biases_do_not_cancel():
+    # Issue 11's minimal input: with biases -20 the old "simple sums + (exp(w) - 1) correction"
+    # subtracted two nearly equal sums in float32 and returned [0, 0, 1].
+    attn = build_attention("aft", mode="local", num_heads=1, head_dim=1, window=2)
+    _set(attn.rel_bias, torch.full((3,), -20.0))
+    k = torch.tensor([30.0, 0.0, 0.0]).view(1, 1, 3, 1)
+    v = torch.tensor([1.0, 0.0, 0.0]).view(1, 1, 3, 1)
+    q = torch.full((1, 1, 3, 1), 50.0)
+    expected = torch.tensor([1 / (1 + (1 + math.exp(-20)) * math.exp(-10)), 1.0, 1.0])
+    torch.testing.assert_close(attn(q, k, v).flatten(), expected, atol=0, rtol=1e-6)
+    assert abs(float(expected[0]) - 0.99995) < 1e-5
+
+
+@pytest.mark.parametrize("bias_scale", [1.0, 4.0, 8.0, 20.0, 50.0])
+def test_local_matches_dense_formula_at_large_bias_scales(bias_scale):
+    # Keys x4 and biases N(0, scale^2): rows whose weight sits on strongly negative offsets are
+    # common (the old correction erred by up to 1.5e-4 here); 50 exercises the range shift.
+    n, window = 16, 6
+    worst = 0.0
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(2, 2, n, 8, generator=g) for _ in range(3))
+        k = 4 * k
+        attn = build_attention("aft", mode="local", num_heads=2, head_dim=8, window=window)
+        rel = torch.randn(2 * window - 1, generator=g) * bias_scale
+        _set(attn.rel_bias, rel)
+        ref = _dense_aft(q, k, v, _banded(rel, n))
+        with torch.no_grad():
+            err = (attn(q, k, v).double() - ref).abs() / ref.abs().amax(-1, keepdim=True)
+        worst = max(worst, float(err.max()))
+    assert worst <= 1e-5

@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "harness.display": {"harness.analysis"},
     "harness.model": {"attentions"},
     "harness.overhead": {"tasks", "harness.model"},
+    "harness.precision": {"attentions"},
     "harness.train": {"tasks", "harness.model", "harness.schedules", "harness.checkpoint", "harness.measure",
                       "harness.store", "harness.display", "harness.settings"},
     "harness.bench": {"attentions", "harness.measure", "harness.allocator", "harness.store", "harness.analysis",

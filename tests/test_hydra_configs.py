@@ -22,7 +22,7 @@ ATTENTION_YAMLS = sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in
                      (CONF / "experiment").rglob("*.yaml"))
 TASK_NAMES = ("image", "listops", "pathfinder", "pathx", "retrieval", "text")
-# Sequence lengths of the official recipes (LRA.md), so attention params are validated at the real length.
+# Sequence lengths of the official recipes (docs/LRA.md), so attention params are validated at the real length.
 LRA_LENGTHS = {"listops": 2000, "text": 1000, "retrieval": 4000, "image": 1024, "pathfinder": 1024, "pathx": 16384}
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} - {
     "vocab_size", "max_length", "num_classes", "two_sequence", "attention", "attention_params", "seed"}

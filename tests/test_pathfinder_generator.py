@@ -1,10 +1,9 @@
-"""Pathfinder / Path-X generator: labels, determinism, marker semantics, geometry, rendering, LRA reader, errors."""
+"""Pathfinder / Path-X generator: labels, determinism, marker semantics, geometry, rendering, errors."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from tasks.pathfinder_generator import (
     _segment_distance,
     generate_pathfinder,
     pathfinder_params,
-    read_lra_pathfinder_dir,
     render_sample,
 )
 
@@ -232,47 +230,6 @@ def test_bad_label_and_impossible_geometry():
 
 
 # ------------------------------------------------------------------------------------------------ LRA reader
-
-
-def _write_fake_lra(root, images, labels, per_file):
-    from PIL import Image
-
-    os.makedirs(root / "metadata")
-    for batch, start in enumerate(range(0, len(images), per_file)):
-        sub = os.path.join("imgs", str(batch))
-        os.makedirs(root / sub)
-        rows = []
-        for i in range(start, min(start + per_file, len(images))):
-            name = f"sample_{i}.png"
-            Image.fromarray(images[i]).save(root / sub / name)
-            rows.append([sub, name, str(i), str(labels[i]), "1.8", "14", "4", "2", "0.5", "1", "1"])
-        np.save(root / "metadata" / f"{batch}.npy", np.array(rows))
-
-
-def test_read_lra_dir_round_trip(tmp_path):
-    images, labels = generate_pathfinder(12, 16, 4, seed=5, num_workers=1)
-    # 12 files of 1 row each: metadata/10.npy must come after metadata/2.npy (numeric, not lexical, order).
-    _write_fake_lra(tmp_path, images, labels, per_file=1)
-    got_x, got_y = read_lra_pathfinder_dir(str(tmp_path), image_size=16)
-    assert got_x.dtype == np.uint8 and got_y.dtype == np.int64
-    np.testing.assert_array_equal(got_x, images)
-    np.testing.assert_array_equal(got_y, labels)
-    with pytest.raises(ValueError, match="image_size=32"):
-        read_lra_pathfinder_dir(str(tmp_path), image_size=32)
-
-
-def test_read_lra_dir_missing_files(tmp_path):
-    images, labels = generate_pathfinder(4, 16, 4, seed=6, num_workers=1)
-    _write_fake_lra(tmp_path, images, labels, per_file=4)
-    os.remove(tmp_path / "imgs" / "0" / "sample_2.png")
-    with pytest.raises(FileNotFoundError, match="sample_2.png"):
-        read_lra_pathfinder_dir(str(tmp_path))
-    got_x, got_y = read_lra_pathfinder_dir(str(tmp_path), skip_missing=True)
-    keep = [0, 1, 3]
-    np.testing.assert_array_equal(got_x, images[keep])
-    np.testing.assert_array_equal(got_y, labels[keep])
-    with pytest.raises(FileNotFoundError, match="metadata"):
-        read_lra_pathfinder_dir(str(tmp_path / "imgs"))
 
 
 def test_preview_writes_a_png(tmp_path):

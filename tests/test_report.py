@@ -278,3 +278,17 @@ def test_arena_report_on_a_missing_store_exits_non_zero_naming_it(monkeypatch, t
     assert exit_info.value.code == 2
     assert "no_such_results" in capsys.readouterr().err
     assert not (tmp_path / "no_such_results").exists()
+
+
+def test_report_marks_runs_that_validated_on_the_test_split(tmp_path):
+    root = tmp_path / "results"
+    honest = {**train_record("full", "text", 0, acc=0.6), "validation_is_test": False}
+    alias = {**train_record("full", "text", 1, acc=0.7), "validation_is_test": True, "record_id": "alias"}
+    for record in (honest, alias, train_record("full", "listops", 0, acc=0.3)):  # old records lack the field
+        write_record(record, root)
+    text = (build_report(root, tmp_path / "report", slope_range=(1024, 4096))["out"] / "report.md").read_text()
+    marked = [ln for ln in text.splitlines() if "validated on the test split" in ln]
+    assert len(marked) == 1 and marked[0].startswith("text: 1 run(s)")
+    write_record({**alias, "validation_is_test": False}, root)
+    text = (build_report(root, tmp_path / "report2", slope_range=(1024, 4096))["out"] / "report.md").read_text()
+    assert "validated on the test split" not in text

@@ -4,13 +4,15 @@ writes atomically."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import time
 
 import numpy as np
 import pytest
 
 from tasks import build_task
-from tasks.cache import cache_key, entry_dir, file_identity
+from tasks.cache import cache_key, entry_dir, file_identity, load_entry
 from tasks.listops import ListOps
 
 SMALL = dict(num_train=50, num_val=10, num_test=10, min_length=10, max_length=60, num_workers=1)
@@ -114,13 +116,14 @@ def test_failed_build_leaves_no_entry(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="crashed"):
         task.prepare()
     assert not os.path.exists(directory)
-    assert os.listdir(tmp_path) == []  # no half-written temporary directory left behind either
+    # No half-written temporary directory left behind either (only the empty lock file stays).
+    assert [n for n in os.listdir(tmp_path) if not n.endswith(".lock")] == []
 
 
 def test_default_cache_dir_from_environment(tmp_path, monkeypatch, builds):
     monkeypatch.setenv("ARENA_CACHE_DIR", str(tmp_path / "env"))
     build_task("listops", **SMALL).prepare()
-    assert len(os.listdir(tmp_path / "env")) == 1
+    assert len([n for n in os.listdir(tmp_path / "env") if not n.endswith(".lock")]) == 1
 
 
 def test_crash_while_writing_leaves_no_entry(tmp_path, monkeypatch):
@@ -133,4 +136,38 @@ def test_crash_while_writing_leaves_no_entry(tmp_path, monkeypatch):
     task, directory = _entry(tmp_path)
     with pytest.raises(ValueError, match="may not contain"):
         task.prepare()
-    assert os.listdir(tmp_path) == []  # neither the entry nor its temporary directory
+    assert [n for n in os.listdir(tmp_path) if not n.endswith(".lock")] == []  # no entry, no temporary directory
+
+
+def _prepare_in_child(args) -> str:
+    cache_dir, start_at = args
+    while time.time() < start_at:  # all children ask for the entry at the same moment
+        time.sleep(0.005)
+    task = build_task("listops", cache_dir=cache_dir, **SMALL)
+    task.prepare()
+    b = next(task.batches("train", 50))
+    return f"{b['tokens'].sum().item()}-{b['labels'].tolist()}"
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs the fork start method")
+def test_concurrent_first_use_builds_once_and_never_corrupts(tmp_path, monkeypatch):
+    # Processes started together (a sweep's jobs on one shared cache) build the entry once, under the file lock;
+    # the others wait and load it. The build is slowed so that they really overlap.
+    marker = tmp_path / "builds.log"
+    original = ListOps.build
+
+    def slow_counting_build(self):
+        with open(marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)
+        return original(self)
+
+    monkeypatch.setattr(ListOps, "build", slow_counting_build)  # inherited by the forked children
+    cache_dir = str(tmp_path / "cache")
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        results = pool.map(_prepare_in_child, [(cache_dir, time.time() + 0.5)] * 4)
+    assert len(marker.read_text().split()) == 1  # built once
+    assert len(set(results)) == 1  # everyone got the same data
+    entries = [n for n in os.listdir(cache_dir) if not n.endswith(".lock")]
+    assert len(entries) == 1 and not entries[0].startswith(".tmp")  # no half-written or stray entry
+    load_entry(os.path.join(cache_dir, entries[0]))  # checksums verify

@@ -77,3 +77,34 @@ def test_no_data_dir_offline_fails_fast(tmp_path):
     with pytest.raises(ValueError, match="data_dir"):
         build_task("image", cache_dir=str(tmp_path), hub_name="no-such/cifar-copy").prepare()
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("layout", ["dataset_dict", "converted_parquet", "old_converted_parquet"])
+def test_other_local_layouts_and_default_validation(tmp_path, layout):
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    raw = {}
+    parts = {}
+    for split, n, seed in (("train", 20, 0), ("test", 4, 1)):
+        pil, arrays, labels = _images(n, seed)
+        raw[split] = (arrays, labels)
+        parts[split] = datasets.Dataset.from_dict({"img": pil, "label": labels}, features=features)
+    root = tmp_path / "cifar10"
+    if layout == "dataset_dict":  # DatasetDict.save_to_disk
+        datasets.DatasetDict(parts).save_to_disk(str(root))
+    elif layout == "converted_parquet":  # refs/convert/parquet: plain_text/train/0000.parquet
+        for split, part in parts.items():
+            os.makedirs(root / "plain_text" / split)
+            part.to_parquet(str(root / "plain_text" / split / "0000.parquet"))
+    else:  # older converted names: plain_text/cifar10-train.parquet
+        os.makedirs(root / "plain_text")
+        for split, part in parts.items():
+            part.to_parquet(str(root / "plain_text" / f"cifar10-{split}.parquet"))
+    # Through data_root, as a user with an lra_release folder holding cifar10/ next to it.
+    task = build_task("image", cache_dir=str(tmp_path / "c"), data_root=str(tmp_path))
+    assert task.config.data_dir == str(root)
+    # LRA: train[:90%] / train[90%:] in stored order.
+    assert [task.num_examples(s) for s in ("train", "validation", "test")] == [18, 2, 4]
+    np.testing.assert_array_equal(task.labels("validation"), raw["train"][1][18:])
+    b = next(task.batches("validation", 2))
+    np.testing.assert_array_equal(b["tokens"].numpy(), rgb_to_gray_lra(raw["train"][0][18:]).reshape(2, 1024) + 1)
+    assert "train[90%:]" in task.notes["validation"]

@@ -9,6 +9,7 @@ import statistics
 
 import numpy as np
 import pytest
+from lra_replica import write_listops
 
 from tasks import build_task
 from tasks.listops import VOCAB, generate_listops, read_lra_tsv, to_lra_string, tokenize_lra_string, write_lra_tsv
@@ -169,3 +170,21 @@ def test_bad_parameters_name_the_parameter(tmp_path):
         build_task("listops", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="num_train"):
         build_task("listops", num_train="many")
+
+
+def test_release_tsv_with_crlf_through_data_root(tmp_path):
+    written = write_listops(str(tmp_path / "lra_release" / "listops-1000"), sizes=(6, 3, 3), max_length=40)
+    assert b"\r\n" in (tmp_path / "lra_release" / "listops-1000" / "basic_train.tsv").read_bytes()  # csv.writer's
+    # Only max_length applies when reading files: the generation knobs are not validated (max_length=100 alone used
+    # to fail on min_length=500).
+    task = build_task("listops", cache_dir=str(tmp_path / "c"), data_root=str(tmp_path / "lra_release"),
+                      max_length=100)
+    assert task.config.data_dir == str(tmp_path / "lra_release" / "listops-1000")
+    for split, key in (("train", "train"), ("validation", "val"), ("test", "test")):
+        b = next(task.batches(split, 10))
+        assert b["labels"].tolist() == [y for _, y in written[key]]
+        for row, mask, (source, _) in zip(b["tokens"], b["mask"], written[key]):
+            assert row[mask].tolist() == tokenize_lra_string(source).tolist()
+            assert to_lra_string(row[mask].numpy()) == source  # nothing of the CRLF line end is left in a token
+    with pytest.raises(ValueError, match="listops-1000.*basic_train.tsv"):
+        build_task("listops", data_root=str(tmp_path))

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from tasks import build_task, pathfinder_generator
+from tasks import build_task, pathfinder_generator, pathfinder_release
 
 
 @pytest.fixture
@@ -23,13 +23,13 @@ def calls(monkeypatch):
         images[:, 1, 1] = seed
         return images, (np.arange(num_images) % 2).astype(np.int64)
 
-    def fake_read(path, image_size=None):
+    def fake_read(path, image_size=None, num_workers=1, shuffle_seed=None):
         images, labels = fake_generate(20, image_size, 14, 99)
-        log[-1] = ("read", path, image_size)
-        return images, labels
+        log[-1] = ("read", path, image_size, shuffle_seed)
+        return images, labels, [{"path": "imgs/0/x.png", "reason": "empty file (0 bytes)"}]
 
     monkeypatch.setattr(pathfinder_generator, "generate_pathfinder", fake_generate)
-    monkeypatch.setattr(pathfinder_generator, "read_lra_pathfinder_dir", fake_read)
+    monkeypatch.setattr(pathfinder_release, "read_release_dir", fake_read)
     return log
 
 
@@ -63,9 +63,12 @@ def test_cached_and_keyed_by_settings(tmp_path, calls):
 def test_data_dir_uses_the_reader(tmp_path, calls):
     os.makedirs(tmp_path / "pf" / "metadata")
     np.save(tmp_path / "pf" / "metadata" / "0.npy", np.array([["imgs/0", "sample_0.png", "0", "1"]]))
-    task = build_task("pathfinder", cache_dir=str(tmp_path / "c"), data_dir=str(tmp_path / "pf"))
+    task = build_task("pathfinder", cache_dir=str(tmp_path / "c"), data_dir=str(tmp_path / "pf"), seed=3)
     assert [task.num_examples(s) for s in ("train", "validation", "test")] == [16, 2, 2]
-    assert calls == [("read", str(tmp_path / "pf"), 32)]
+    assert calls == [("read", str(tmp_path / "pf"), 32, 3)]  # shuffled by the data seed before the 80/10/10 cut
+    assert task.notes["skipped"] == [{"path": "imgs/0/x.png", "reason": "empty file (0 bytes)"}]
+    # With data_dir the generation knobs are not used, so they are not validated either.
+    build_task("pathfinder", data_dir=str(tmp_path / "pf"), num_examples=1, contour_length=1)
 
 
 def test_bad_parameters(tmp_path):

@@ -85,3 +85,14 @@ def test_bad_batch_arguments(task):
         next(task.batches("train", 0))
     with pytest.raises(ValueError, match="epoch"):
         next(task.batches("train", 4, shuffle=True, epoch=-1))
+
+
+def test_data_root_must_be_a_directory_and_data_dir_wins(tmp_path):
+    with pytest.raises(ValueError, match="data_root.*not a directory"):
+        build_task("listops", data_root=str(tmp_path / "nope"))
+    # A task's own data_dir is kept; data_root only fills it in when it is not given.
+    (tmp_path / "mine").mkdir()
+    for f in ("basic_train.tsv", "basic_val.tsv", "basic_test.tsv"):
+        (tmp_path / "mine" / f).write_text("Source\tTarget\r\n")
+    task = build_task("listops", data_root=str(tmp_path), data_dir=str(tmp_path / "mine"))
+    assert task.config.data_dir == str(tmp_path / "mine")

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+from lra_replica import write_aan
 
 from tasks import build_task
 
@@ -75,3 +76,19 @@ def test_missing_file_and_bad_label(tmp_path):
         f.write("2\ta\tb\tx\ty\n")
     with pytest.raises(ValueError, match="label must be 0 or 1"):
         build_task("retrieval", cache_dir=str(tmp_path / "c"), data_dir=data_dir).prepare()
+
+
+def test_release_rows_with_quotes_and_bytes_reprs_read_verbatim(tmp_path):
+    # LRA reads the TSV with use_quote_delim=False: quotes and b'...' wrappers are part of the text's bytes.
+    written = write_aan(str(tmp_path / "lra_release" / "tsv_data"), sizes=(6, 2, 2))
+    task = build_task("retrieval", cache_dir=str(tmp_path / "c"), data_root=str(tmp_path / "lra_release"),
+                      max_length=64)
+    assert task.config.data_dir == str(tmp_path / "lra_release" / "tsv_data")
+    for split, key in (("train", "train"), ("validation", "eval"), ("test", "test")):
+        b = next(task.batches(split, 10))
+        assert b["labels"].tolist() == [int(float(r[0])) for r in written[key]]
+        for i, row in enumerate(written[key]):
+            for tok, mask, text in (("tokens", "mask", row[3]), ("tokens2", "mask2", row[4])):
+                got = bytes((b[tok][i][b[mask][i]] - 1).tolist()).decode("utf-8")
+                assert got == text[:64]
+    assert any(r[3].startswith("b'") for r in written["train"]) and any('"' in r[3] for r in written["train"])

@@ -95,6 +95,8 @@ def make_task(cfg: DictConfig):
     else:
         from tasks import build_task as factory
     params = OmegaConf.to_container(cfg.task.params, resolve=True) or {}
+    if cfg.get("data_root"):  # an extracted lra_release: each task finds its files there (tasks.build_task)
+        params["data_root"] = str(abs_path(cfg.data_root))
     return factory(cfg.task.name, cache_dir=str(abs_path(cfg.cache_dir)), seed=int(cfg.task.data_seed), **params)
 
 

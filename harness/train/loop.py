@@ -95,6 +95,15 @@ def _store_result(holder: dict[str, Any], fn, *args: Any) -> None:
     holder["result"] = fn(*args)
 
 
+def data_facts(task) -> dict[str, Any]:
+    """What a record says about the task's data: whether validation is the test split (LRA's Text protocol,
+    marked in the report) and where the data came from (docs/DATA.md)."""
+    notes = getattr(task, "notes", None) or {}
+    return {"validation_is_test": bool(getattr(task, "validation_is_test", False)),
+            "data_notes": {"source": notes.get("source"), "validation": notes.get("validation"),
+                           "skipped_files": len(notes.get("skipped") or [])}}
+
+
 def skip_batches(iterator: Iterator, n: int) -> Iterator:
     """Advance ``iterator`` by ``n`` batches (resuming mid-epoch with the same order)."""
     for _ in range(n):
@@ -214,6 +223,7 @@ def set_up(cfg: DictConfig, settings: TrainSettings, checkpoint_dir: Path, out: 
     out["attention_config"] = asdict(model.encoder.blocks[0].attn.attention.config)
     out["model_config"] = model_cfg.to_dict()
     out["majority_test_acc"] = majority_accuracy(task.labels("test"))
+    out.update(data_facts(task))
     preflight(model, task, settings)
     out["attention_backend"] = model.attention_backend()
     opt = settings.optimizer
