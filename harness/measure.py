@@ -216,15 +216,18 @@ def device_info(device: torch.device | str) -> dict[str, Any]:
 
 
 def command_line() -> str:
-    """How this process was started, as a user would type it (``arena-bench seq_lens=[1024]``); the report's
-    summary lists these. Paths of the interpreter and of the script are shortened to their names."""
+    """How this process was started, as a user would type it (``arena-bench seq_lens=[1024]``,
+    ``python -m harness.train -m ...``); the report's summary lists these."""
     import sys
 
     argv = list(sys.argv) or ["?"]
-    head = os.path.basename(argv[0])
-    if head == "__main__.py" or head.endswith(".py"):
-        module = os.path.basename(os.path.dirname(argv[0])) if head == "__main__.py" else head[:-3]
-        head = f"python -m {module}" if head == "__main__.py" else f"python {head}"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:  # started with python -m <module>
+        module = spec.name.removesuffix(".__main__")
+        head = f"python -m {module}"
+    else:
+        head = os.path.basename(argv[0])
+        head = f"python {head}" if head.endswith(".py") else head
     return " ".join([head, *argv[1:]])
 
 

@@ -20,6 +20,15 @@ def test_resolve_suite_sizes():
     smoke = suite.resolve_suite({"size": "smoke", "device": "cpu"})
     assert smoke["bench"]["smoke"] is True and "seq_lens" not in smoke["bench"]
     assert smoke["train"]["experiments"] == ["smoke/listops", "smoke/pathfinder"]
+    # A check never pollutes a benchmark: the smoke size has its own store unless one is named.
+    assert Path(smoke["results_dir"]) == Path("results/smoke").resolve() != Path(default["results_dir"])
+    assert Path(smoke["report_dir"]) == Path("results/smoke/report").resolve()
+    named = suite.resolve_suite({"size": "smoke", "device": "cpu", "results_dir": "/tmp/x"})
+    assert named["results_dir"] == str(Path("/tmp/x").resolve())
+    from harness import bench
+
+    assert bench.resolve_settings({"smoke": True}).results_dir == "results/smoke"
+    assert bench.resolve_settings({"smoke": True, "results_dir": "r"}).results_dir == "r"
     cuda = suite.resolve_suite({"device": "cuda"})
     assert cuda["bench"]["seq_lens"][-1] == 16384
     with pytest.raises(ValueError, match="unknown suite setting"):

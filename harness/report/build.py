@@ -192,11 +192,16 @@ def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path
     """One setting: the scaling plots, then time, memory, ratios to full, derived figures; returns the cells."""
     cells = bench_cells(setting.records)
     methods = ", ".join(sorted(cells["memory_method"].dropna().unique())) or MISSING
+    busy = busy_load(setting.records)
+    busy_text = (f" Measured on a busy machine (1-minute load up to {busy[0]:.1f} on {busy[1]} CPUs): other work "
+                 "slowed every cell, so absolute times and slopes are not trustworthy; re-run with force=true on a "
+                 "quiet machine." if busy else "")
     page.heading(f"Efficiency: {setting.label}", place="figures")
-    page.note(f"The mechanism alone on projected q, k, v. Memory method: {methods}.{busy_note(setting.records)}",
-              place="figures")
+    page.note(f"The mechanism alone on projected q, k, v. Memory method: {methods}.{busy_text}", place="figures")
+    title = setting.label + (f"\nbusy machine (load up to {busy[0]:.1f} on {busy[1]} CPUs): times not trustworthy"
+                             if busy else "")
     for metric, name in (("median_s", f"time_vs_n{suffix}.png"), ("peak_bytes", f"memory_vs_n{suffix}.png")):
-        files.append(plot_scaling(cells, metric, out / name, setting=setting.label))
+        files.append(plot_scaling(cells, metric, out / name, setting=title))
         page.image(files[-1], name)
     page.heading(f"Efficiency: {setting.label}")
     noisy = int(cells["noisy"].sum()) if "noisy" in cells else 0
@@ -221,18 +226,16 @@ def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path
     return cells
 
 
-def busy_note(records: pd.DataFrame) -> str:
-    """A warning when the machine's load exceeded its CPUs while these cells were measured: a uniform
-    slowdown moves no spread and no trend, so only the load shows it."""
+def busy_load(records: pd.DataFrame) -> tuple[float, int] | None:
+    """(highest 1-minute load, CPUs) when the load exceeded the CPUs while these cells were measured, else
+    None. A uniform slowdown moves no spread and no trend: only the load shows it."""
     if "noise.load_before" not in records or "noise.cpus" not in records:
-        return ""
+        return None
     loads = pd.concat([records["noise.load_before"], records["noise.load_after"]]).dropna()
     cpus = records["noise.cpus"].dropna()
     if not len(loads) or not len(cpus) or loads.max() <= float(cpus.max()):
-        return ""
-    return (f" Measured on a busy machine (1-minute load up to {loads.max():.1f} on {int(cpus.max())} CPUs): other "
-            "work slowed every cell, so absolute times and slopes are not trustworthy; re-run with force=true on a "
-            "quiet machine.")
+        return None
+    return float(loads.max()), int(cpus.max())
 
 
 def approx_section(page: Page, approx: pd.DataFrame, out: Path, files: list[Path]) -> None:

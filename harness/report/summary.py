@@ -51,8 +51,8 @@ def what_was_run(store, comps: list[Comparison], groups: list[Setting]) -> list[
                      + (f" (+{len(unique) - MAX_COMMANDS} more)" if len(unique) > MAX_COMMANDS else ""))
     if comps:
         runs = sum(len(c.runs) for c in comps)
-        lines.append(f"training: {runs} runs in {len(comps)} recipe(s): " + "; ".join(
-            f"{c.title} ({c.runs['attention'].nunique()} mechanisms, seeds "
+        lines.append(f"training: {runs} run(s) in {len(comps)} recipe(s): " + "; ".join(
+            f"{c.title} ({c.runs['attention'].nunique()} mechanism(s), seeds "
             f"{sorted(int(s) for s in c.runs['seed'].dropna().unique())})" for c in comps))
     for s in groups:
         lines.append(f"benchmark: {len(s.records)} cells, {s.label}")
@@ -70,7 +70,7 @@ def machine_lines(store) -> list[str]:
         threads = frame.get("device_info.num_threads", frame.get("device.num_threads"))
         cpus = frame.get("device_info.cpu_count", frame.get("device.cpu_count"))
         torch_v = frame.get("device_info.torch_version", frame.get("device.torch_version"))
-        facts = [f"{_first(name)}", f"{_first(threads)} torch threads", f"{_first(cpus)} CPUs",
+        facts = [f"{_first(name)}", f"{_first(threads)} torch thread(s)", f"{_first(cpus)} CPUs",
                  f"torch {_first(torch_v)}"]
         facts = [f for f in facts if "None" not in f]
         if facts:
