@@ -125,10 +125,14 @@ def test_bench_and_report_stages_in_smoke_size_and_rerun_reuses(tmp_path, capsys
     assert f"report: {report}" in out and "stage 1/3" in out and "stage 3/3" in out
     records = load_records(tmp_path / "r", kind="bench")
     assert set(records["mechanism"]) == {"full", "sdpa_direct", "sliding_window"}
-    first = {p.name: json.loads(p.read_text())["created_at"] for p in (tmp_path / "r" / "bench").glob("*.json")}
+    stored = {p.name: json.loads(p.read_text()) for p in (tmp_path / "r" / "bench").glob("*.json")}
+    first = {name: r["created_at"] for name, r in stored.items()}
+    # Cells flagged noisy (a busy machine) are measured again by design; every clean one is reused.
+    clean = {name for name, r in stored.items() if not (r.get("noise") or {}).get("noisy")}
     suite.run_suite({**cfg, "stages": ["bench"]})
     again = {p.name: json.loads(p.read_text())["created_at"] for p in (tmp_path / "r" / "bench").glob("*.json")}
-    assert again == first  # nothing re-measured
+    assert again.keys() == first.keys() and clean
+    assert {k: again[k] for k in clean} == {k: first[k] for k in clean}  # nothing clean re-measured
 
 
 @pytest.mark.slow
