@@ -237,9 +237,11 @@ def _accuracy_panel(ax, title: str, points: pd.DataFrame) -> None:
     top = max([float(points["accuracy"].max()), majority if np.isfinite(majority) else 0.0]) * 1.15 + 2
     ax.set_ylim(0, min(100.0, top))
     if np.isfinite(majority):
-        ax.axhline(majority, color="#555555", linestyle="--", lw=1, zorder=1)
-        ax.text(0.01, majority, f" majority class {majority:.1f}%", transform=ax.get_yaxis_transform(),
-                va="bottom", fontsize=7, color="#555555")
+        # In the legend, not beside the line: a label on the line would sit under the bubbles near it.
+        ax.axhline(majority, color="#555555", linestyle="--", lw=1, zorder=1, label=f"majority class {majority:.1f}%")
+        ax.legend(loc="lower right", fontsize=7, frameon=True)
+        if (points["accuracy"] <= majority + 1.0).all():
+            title += "\nno mechanism beat the majority class: not learned, no ranking"
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x" if points.attrs.get("relative") else f"{x:g}"))
     ax.xaxis.set_minor_locator(NullLocator())
