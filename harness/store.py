@@ -7,7 +7,7 @@ with :func:`os.replace`, which is atomic on POSIX, so a reader never sees half a
 
     write_record({"kind": "train", "record_id": h, "status": "ok", "created_at": now_iso(), ...})
     df = load_records("results", kind="train")
-    export_records("results", "train.csv")
+    export_records("results", "train.csv", kind="train")
 """
 
 from __future__ import annotations
