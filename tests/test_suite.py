@@ -147,3 +147,10 @@ def test_suite_runs_end_to_end_in_smoke_size(tmp_path):
     for name in available_attentions():
         assert f"| {name} |" in md
     assert result["timings"]["report_s"] < 30
+
+
+def test_bench_force_reaches_the_benchmark():
+    """`arena-suite bench.force=true` measures every cell again (a disturbed run is not reused)."""
+    forced = suite.resolve_suite({"device": "cpu", "bench": {"force": True}})
+    assert suite._bench_settings(forced, ["full"]).reuse is False
+    assert suite._bench_settings(suite.resolve_suite({"device": "cpu"}), ["full"]).reuse is True
