@@ -519,3 +519,87 @@ def test_rfa_is_measured_against_its_own_kernel_and_converges_to_it():
     from harness.bench.approx import APPROX_BUDGETS, APPROX_SMOKE_BUDGETS
 
     assert "aft" not in APPROX_BUDGETS and "aft" not in APPROX_SMOKE_BUDGETS  # it approximates nothing
+
+
+# ----------------------------------------------------------------------------- causal pattern (issue 13)
+
+
+def test_causal_run_measures_the_causal_mechanisms_and_records_the_pattern(tmp_path):
+    df = run(tmp_path, causal=True, mechanisms=["full", "performer", "linformer"], passes=["fwd"], seq_lens=[16])
+    records = {r["mechanism"]: r for r in read_bench_records(tmp_path)}
+    assert set(records) == {"full", "sdpa_direct", "performer", "linformer"}
+    assert all(r["pattern"] == "causal" for r in records.values())
+    assert set(df["pattern"]) == {"causal"}
+    assert records["full"]["params"]["causal"] is True and records["performer"]["params"]["causal"] is True
+    # A mechanism without a causal form: an unsupported cell that says why and which ones have one.
+    assert records["linformer"]["status"] == "unsupported"
+    assert "no causal form" in records["linformer"]["reason"] and "performer" in records["linformer"]["reason"]
+    assert records["performer"]["status"] == "ok" and records["sdpa_direct"]["status"] == "ok"
+
+
+def test_causal_all_means_the_mechanisms_that_support_it():
+    from attentions import causal_attentions
+
+    assert bench.select_mechanisms("all", causal=True) == causal_attentions()
+    assert "linformer" not in bench.select_mechanisms("all", causal=True)
+
+
+def test_causal_and_bidirectional_cells_are_different_cells(tmp_path, monkeypatch):
+    run(tmp_path, mechanisms=["full"], seq_lens=[16], passes=["fwd"])
+    run(tmp_path, mechanisms=["full"], seq_lens=[16], passes=["fwd"], causal=True)
+    patterns = sorted((r["mechanism"], r["pattern"]) for r in read_bench_records(tmp_path))
+    assert patterns == [("full", "bidirectional"), ("full", "causal"),
+                        ("sdpa_direct", "bidirectional"), ("sdpa_direct", "causal")]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(bench_run, "measure_cell", fail)
+    for causal in (False, True):  # each pattern reuses its own cells
+        assert list(run(tmp_path, mechanisms=["full"], seq_lens=[16], passes=["fwd"], causal=causal)["outcome"]) \
+            == ["ok", "ok"]
+
+
+def test_causal_sdpa_direct_is_causal(monkeypatch):
+    # sdpa_direct has no params: the pattern must reach the kernel (is_causal) and the key.
+    from harness.bench.cells import cell_key
+
+    settings = bench.resolve_settings({**TINY, "causal": True})
+    plain = bench.resolve_settings(dict(TINY))
+    assert cell_key("sdpa_direct", 16, "fwd", settings, {}) != cell_key("sdpa_direct", 16, "fwd", plain, {})
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("is_causal"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    assert bench.measure_cell("sdpa_direct", 16, "fwd", settings)["outcome"] == "ok"
+    assert calls and all(calls)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("local_attention"), reason="peers not installed")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_causal_peers_run_at_equal_settings(tmp_path):
+    from harness.bench import peers
+
+    settings = bench.resolve_settings({**TINY, "results_dir": str(tmp_path), "causal": True, "passes": ["fwd"],
+                                       "mechanisms": ["performer", "sliding_window"], "peers": {"seq_lens": [32]}})
+    df = peers.run_peers(settings, log=lambda _: None)
+    assert set(df["pair"]) == {"performer", "sliding_window"}
+    assert set(df["status"]) == {"ok"} and set(df["pattern"]) == {"causal"}
+    records = load_records(tmp_path, kind="peer")
+    assert set(records["pattern"]) == {"causal"} and all(records["params.causal"])
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("local_attention"), reason="peers not installed")
+def test_local_attention_peer_computes_our_causal_band():
+    # "Equal settings" checked, not assumed: the peer's output is ours.
+    from harness.bench import peers
+
+    settings = bench.resolve_settings({**TINY, "causal": True})
+    ours = build_attention("sliding_window", num_heads=2, head_dim=8, window=8, causal=True)
+    peer = peers._local_attention_peer(ours.config, settings, 37)
+    q, k, v = torch.randn(3, 2, 2, 37, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    torch.testing.assert_close(peer(q, k, v), ours(q, k, v), atol=1e-5, rtol=1e-5)

@@ -280,6 +280,37 @@ def test_arena_report_on_a_missing_store_exits_non_zero_naming_it(monkeypatch, t
     assert not (tmp_path / "no_such_results").exists()
 
 
+def test_causal_cells_are_shown_apart_from_bidirectional_ones(store, tmp_path):
+    # Issue 13: a causal run lands beside the bidirectional one; each pattern gets its own tables, derived
+    # figures (crossover vs the same pattern's full) and plots, and the peers say their pattern.
+    for pass_ in ("fwd", "fwd+bwd"):
+        for n in NS:
+            for mechanism, t, mem in (("full", 0.5e-9 * n**2, 4.0 * n**2), ("performer", 9e-6 * n, 1500.0 * n)):
+                record = bench_record(mechanism, pass_, n, t=t, mem=mem)
+                record.update(pattern="causal", record_id=record["record_id"] + ".causal")
+                write_record(record, store)
+    write_record({
+        "kind": "peer", "record_id": "performer.fwd.n1024.causal", "status": "ok", "created_at": now_iso(),
+        "pair": "performer", "peer": "performer-pytorch FastAttention", "level": "core", "n": 1024, "pass": "fwd",
+        "time_ratio": 0.3, "memory_ratio": 0.2, "pattern": "causal",
+    }, store)
+    result = build_report(store, tmp_path / "r", slope_range=(1024, 4096))
+    names = {p.name for p in result["files"]}
+    assert {"time_vs_n.png", "memory_vs_n.png", "causal_time_vs_n.png", "causal_memory_vs_n.png"} <= names
+    text = (result["out"] / "report.md").read_text()
+    # The pattern is a setting like any other (harness.report.groups): its own section, bidirectional first.
+    tables = text[text.index("## Detailed tables"):]
+    bidirectional = tables.index("### Efficiency: bidirectional, batch 2")
+    causal = tables.index("### Efficiency: causal, batch 2")
+    assert bidirectional < causal
+    # The causal block holds only causal cells: linformer (bidirectional only) is not in it.
+    causal_block = tables[causal:tables.index("### Approximation error")]
+    assert "linformer" not in causal_block and "performer" in causal_block
+    assert "Relative to causal full" in causal_block
+    peers = text[text.index("Peers"):]
+    assert "| causal |" in peers and "| bidirectional |" in peers
+
+
 def test_report_marks_runs_that_validated_on_the_test_split(tmp_path):
     root = tmp_path / "results"
     honest = {**train_record("full", "text", 0, acc=0.6), "validation_is_test": False}

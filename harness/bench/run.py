@@ -67,7 +67,9 @@ def run_benchmark(cfg: dict | BenchSettings | None = None, log: Callable[[str], 
     mechanisms = _mechanisms(settings)
     settings = replace(settings, cpu_allocator_used=configure_cpu_allocator(settings.cpu_allocator))
     df = pd.DataFrame(_scan(settings, mechanisms))
-    if settings.approx.enabled:
+    if settings.approx.enabled and settings.causal:
+        log("approximation errors: measured for the bidirectional pattern only (run without causal=true)")
+    elif settings.approx.enabled:
         approximation_errors(settings, mechanisms=[m for m in mechanisms if m != SDPA_DIRECT], log=log)
     if settings.peers.enabled:
         peers.run_peers(settings, log=log)
@@ -78,7 +80,7 @@ def run_benchmark(cfg: dict | BenchSettings | None = None, log: Callable[[str], 
 
 
 def _mechanisms(settings: BenchSettings) -> list[str]:
-    mechanisms = select_mechanisms(settings.mechanisms)
+    mechanisms = select_mechanisms(settings.mechanisms, settings.causal)
     if settings.include_sdpa_direct and "full" in mechanisms and SDPA_DIRECT not in mechanisms:
         mechanisms.insert(mechanisms.index("full") + 1, SDPA_DIRECT)
     return mechanisms
@@ -172,7 +174,8 @@ def _cell_record(name: str, n: int, pass_: str, settings: BenchSettings, row: _R
     cell = _plan_or_measure(name, n, pass_, settings, row)
     record = {
         "kind": "bench", "record_id": record_id, "status": cell.pop("outcome"),
-        "created_at": now_iso(), "mechanism": name, "family": family(name), "pass": pass_, "n": n,
+        "created_at": now_iso(), "mechanism": name, "family": family(name), "pattern": settings.pattern,
+        "pass": pass_, "n": n,
         "batch": settings.batch, "heads": settings.heads, "head_dim": settings.head_dim,
         "dtype": settings.dtype, "device": settings.device,
         "cpu_allocator": settings.cpu_allocator_used, "settings_key": key,
@@ -223,11 +226,13 @@ def format_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no benchmark cells)"
     blocks = []
+    pattern = df["pattern"].iloc[0] if "pattern" in df else "bidirectional"
     for pass_, group in df.groupby("pass", sort=False):
         cells = group.assign(cell=group.apply(format_cell, axis=1))
         table = cells.pivot_table(index="mechanism", columns="n", values="cell", aggfunc="first", sort=False)
         method = group["memory_method"].dropna().unique()
-        blocks.append(f"pass={pass_}  (median time / peak memory, memory method: {', '.join(method) or '-'})\n"
+        blocks.append(f"pattern={pattern} pass={pass_}  (median time / peak memory, memory method: "
+                      f"{', '.join(method) or '-'})\n"
                       + table.to_string())
     return "\n\n".join(blocks)
 

@@ -56,6 +56,7 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 
 DEFAULTS: dict[str, Any] = {
     "mechanisms": "all",
+    "causal": False,
     "include_sdpa_direct": True,
     "seq_lens": [1024, 2048, 4096, 8192, 16384],
     "passes": list(PASSES),
@@ -110,6 +111,7 @@ class BenchSettings(Settings):
     """Every setting of one benchmark run (see :data:`DEFAULTS` for the meaning of each)."""
 
     mechanisms: Any
+    causal: bool
     include_sdpa_direct: bool
     seq_lens: list
     passes: list
@@ -137,6 +139,11 @@ class BenchSettings(Settings):
     print_table: bool
     # The allocator policy actually in force (set by the run once configured; part of the cell key).
     cpu_allocator_used: str = "default"
+
+    @property
+    def pattern(self) -> str:
+        """The attention pattern measured: ``"causal"`` (causal self-attention) or ``"bidirectional"``."""
+        return "causal" if self.causal else "bidirectional"
 
     @property
     def budget_bytes(self) -> float | None:

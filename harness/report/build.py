@@ -8,6 +8,7 @@ Owns: the sections of the page and ``arena-report``'s ``main``. Imports: ``atten
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import warnings
@@ -92,10 +93,9 @@ def build_report(results_dir: str | Path = "results", out: str | Path | None = N
     groups = settings(store.bench)
     summary_section(page, store, comps, groups, _analysis_of)
     accuracy_section(page, store.train, comps, out, files)
-    for i, setting in enumerate(groups):
-        suffix = "" if len(groups) == 1 else f"_{i + 1}"
+    for setting in groups:
         budget, fit = _analysis_of(setting, memory_budget_gb, slope_range)
-        efficiency_section(page, setting, out, files, budget, fit, suffix)
+        efficiency_section(page, setting, out, files, budget, fit, file_prefix(setting, groups[0]))
     if not groups:
         page.note(f"{MISSING} no benchmark records (kind=bench): run arena-bench.", place="tables")
     approx_section(page, store.approx, out, files)
@@ -187,8 +187,14 @@ def _accuracy_points(numeric: pd.DataFrame) -> pd.DataFrame:
     return points
 
 
+def file_prefix(setting: Setting, first: Setting) -> str:
+    """The plots' file name prefix: empty for the first setting, else what differs from it (``causal_``)."""
+    differs = [str(v) for k, v in setting.values.items() if first.values.get(k) != v]
+    return "".join(re.sub(r"[^A-Za-z0-9.]+", "-", d) + "_" for d in differs) if setting is not first else ""
+
+
 def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path], budget_gb: float | None,
-                       slope_range: tuple | None, suffix: str = "") -> pd.DataFrame:
+                       slope_range: tuple | None, prefix: str = "") -> pd.DataFrame:
     """One setting: the scaling plots, then time, memory, ratios to full, derived figures; returns the cells."""
     cells = bench_cells(setting.records)
     methods = ", ".join(sorted(cells["memory_method"].dropna().unique())) or MISSING
@@ -200,7 +206,7 @@ def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path
     page.note(f"The mechanism alone on projected q, k, v. Memory method: {methods}.{busy_text}", place="figures")
     title = setting.label + (f"\nbusy machine (load up to {busy[0]:.1f} on {busy[1]} CPUs): times not trustworthy"
                              if busy else "")
-    for metric, name in (("median_s", f"time_vs_n{suffix}.png"), ("peak_bytes", f"memory_vs_n{suffix}.png")):
+    for metric, name in (("median_s", f"{prefix}time_vs_n.png"), ("peak_bytes", f"{prefix}memory_vs_n.png")):
         files.append(plot_scaling(cells, metric, out / name, setting=title))
         page.image(files[-1], name)
     page.heading(f"Efficiency: {setting.label}")
@@ -208,13 +214,14 @@ def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path
     page.note("Times: median [p10–p90] in ms" + (f"; {noisy} cell(s) marked (noisy) stayed disturbed after "
                                                  "re-measuring: shown, left out of slopes and crossovers" if noisy
                                                  else "") + ".")
+    reference = " ".join(filter(None, [str(setting.values.get("pattern") or ""), "full"]))
     for pass_ in ("fwd", "fwd+bwd"):
         if pass_ in set(cells["pass"]):
             page.note(f"Time, {pass_} (ms)")
             page.table(pivot_cells(cells, pass_, format_time_spread))
             page.note(f"Peak memory, {pass_}")
             page.table(pivot_cells(cells, pass_, lambda row: format_bytes(row["peak_bytes"])))
-            page.note(f"Relative to full, {pass_}: speed-up x / memory ratio (LRA Table 2 layout)")
+            page.note(f"Relative to {reference}, {pass_}: speed-up x / memory ratio (LRA Table 2 layout)")
             page.table(relative_table(cells, pass_))
     page.note(analysis_note(cells, slope_range, budget_gb) + ".")
     page.table(derived_display(cells, slope_range, budget_gb * 1e9 if budget_gb else None), index=False)

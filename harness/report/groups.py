@@ -30,7 +30,9 @@ CELL_FIELDS = {"kind", "record_id", "status", "created_at", "mechanism", "family
                "_path", "params", "command"}
 CELL_PREFIXES = ("time.", "memory.", "params.", "device_info.", "noise.")
 # A setting field missing from older records reads as the value those records were measured with.
-SETTING_DEFAULTS = {"cpu_allocator": "default"}
+SETTING_DEFAULTS = {"cpu_allocator": "default", "pattern": "bidirectional"}
+# Sections of these values come first (the bidirectional benchmark before the causal one).
+FIRST_VALUES = {"pattern": "bidirectional"}
 # How many differing keys name a comparison before "+k more".
 MAX_NAMED_DIFFERENCES = 4
 
@@ -127,19 +129,21 @@ def settings(bench: pd.DataFrame) -> list[Setting]:
         rows = filled[keys == key]
         values = {c: rows[c].iloc[0] for c in cols}
         out.append(Setting(key=key, values=values, label=setting_label(values, rows), records=rows))
-    return out
+    # Stable sort: the first pattern first, then newest first.
+    return sorted(out, key=lambda s: any(s.values.get(k, v) != v for k, v in FIRST_VALUES.items()))
 
 
 def setting_label(values: dict, rows: pd.DataFrame) -> str:
     """``batch 2, 4 heads, head dim 32, float32, cpu (AMD EPYC ...), n = 256..4096`` and any other field."""
-    known = [("batch", "batch {}"), ("heads", "{} heads"), ("head_dim", "head dim {}"), ("dtype", "{}")]
+    known = [("pattern", "{}"), ("batch", "batch {}"), ("heads", "{} heads"), ("head_dim", "head dim {}"),
+             ("dtype", "{}")]
     parts = [fmt.format(_plain(values[k])) for k, fmt in known if k in values]
     device = str(values.get("device", "?"))
     name = rows["device_info.device_name"].dropna() if "device_info.device_name" in rows else pd.Series([], dtype=str)
     parts.append(f"{device} ({name.iloc[0]})" if len(name) else device)
     if values.get("cpu_allocator") not in (None, "default"):
         parts.append(f"cpu_allocator={values['cpu_allocator']}")
-    shown = {"batch", "heads", "head_dim", "dtype", "device", "cpu_allocator"}
+    shown = {"pattern", "batch", "heads", "head_dim", "dtype", "device", "cpu_allocator"}
     parts += [f"{k}={_plain(v)}" for k, v in values.items() if k not in shown]
     ns = sorted(int(n) for n in rows["n"].dropna().unique())
     if ns:

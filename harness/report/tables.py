@@ -148,11 +148,13 @@ def peer_table(peer: pd.DataFrame) -> pd.DataFrame:
             return not_run(r["status"])
         return f"{r['time_ratio']:.2f} / {r['memory_ratio']:.2f}"
 
-    peer = peer.assign(value=peer.apply(fmt, axis=1), col=peer["pass"] + " n=" + peer["n"].astype(int).astype(str))
-    table = peer.pivot_table(index=["peer", "level"], columns="col", values="value", aggfunc="last")
+    pattern = peer["pattern"].fillna("bidirectional") if "pattern" in peer else "bidirectional"
+    peer = peer.assign(value=peer.apply(fmt, axis=1), col=peer["pass"] + " n=" + peer["n"].astype(int).astype(str),
+                       pattern=pattern)
+    table = peer.pivot_table(index=["peer", "level", "pattern"], columns="col", values="value", aggfunc="last")
     table = table.fillna(not_run()).reset_index()
     table.columns.name = None
-    return table.rename(columns=lambda c: c if c in ("peer", "level") else f"{c}: time / memory")
+    return table.rename(columns=lambda c: c if c in ("peer", "level", "pattern") else f"{c}: time / memory")
 
 
 def approx_table(approx: pd.DataFrame) -> pd.DataFrame:
