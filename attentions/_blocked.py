@@ -36,26 +36,37 @@ def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.view(batch, heads, -1, block, d)
 
 
-def band_blocks(xb: torch.Tensor, m: int) -> torch.Tensor:
-    """Each block followed by its neighbours: block ``i`` gets blocks ``i-m .. i+m`` side by side.
+def band_blocks(xb: torch.Tensor, m: int, right: int | None = None) -> torch.Tensor:
+    """Each block followed by its neighbours: block ``i`` gets blocks ``i-m .. i+right`` side by side.
 
-    ``(batch, heads, blocks, block, d)`` -> ``(batch, heads, blocks, (2m+1) block, d)``; blocks
+    ``right`` defaults to ``m`` (a symmetric band); ``right=0`` is the causal band (past blocks only).
+    ``(batch, heads, blocks, block, d)`` -> ``(batch, heads, blocks, (m+right+1) block, d)``; blocks
     beyond either end are zeros (their positions are masked by :func:`band_positions`). An
     overlapping ``unfold`` view made contiguous once: its backward is one fold kernel, where
-    2m+1 concatenated slices would each zero-fill a full-size gradient.
+    m+right+1 concatenated slices would each zero-fill a full-size gradient.
     """
-    if m == 0:
+    right = m if right is None else right
+    if m == 0 and right == 0:
         return xb
     batch, heads, nb, block, d = xb.shape
-    flat = F.pad(xb.reshape(batch, heads, nb * block, d), (0, 0, m * block, m * block))
-    windows = flat.unfold(2, (2 * m + 1) * block, block)  # (batch, heads, nb, d, (2m+1) block)
+    flat = F.pad(xb.reshape(batch, heads, nb * block, d), (0, 0, m * block, right * block))
+    windows = flat.unfold(2, (m + right + 1) * block, block)  # (batch, heads, nb, d, (m+right+1) block)
     return windows.transpose(-1, -2).contiguous()
 
 
-def band_positions(nb: int, block: int, m: int, device: torch.device) -> torch.Tensor:
-    """Absolute key positions of :func:`band_blocks` slots: ``(blocks, (2m+1) block)``, may be < 0 or >= n."""
-    starts = (torch.arange(nb, device=device)[:, None] + torch.arange(-m, m + 1, device=device)[None, :]) * block
+def band_positions(nb: int, block: int, m: int, device: torch.device, right: int | None = None) -> torch.Tensor:
+    """Absolute key positions of :func:`band_blocks` slots: ``(blocks, (m+right+1) block)``, may be < 0 or >= n."""
+    right = m if right is None else right
+    starts = (torch.arange(nb, device=device)[:, None] + torch.arange(-m, right + 1, device=device)[None, :]) * block
     return (starts[:, :, None] + torch.arange(block, device=device)).reshape(nb, -1)
+
+
+def causal_keys(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """Causal part of a blocked pattern: ``(blocks, block, K)``, True where key position <= query position.
+
+    ``query_pos``: ``(blocks, block)`` absolute query positions; ``key_pos``: ``(blocks, K)`` key slot positions.
+    """
+    return key_pos[:, None, :] <= query_pos[:, :, None]
 
 
 def select_blocks(xb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,14 @@ only when ``exp`` would leave float32's range; every shift cancels between numer
 denominator. Learned biases start small (normal, std ``bias_init_std``, drawn from
 ``seed``) rather than at exactly 0, so the position path is exercised from the start.
 
+Causal (``causal=True``): the paper's autoregressive form (used for its image and character
+language models): every sum runs over ``t' <= t``. ``simple``: cumulative sums,
+O(n d); ``local``: the window's left half (offsets ``-s < t' - t <= 0``) plus a prefix sum of the
+rest, O(n d max(s, 32)); ``full``: ``exp(w)`` masked to the lower triangle. The key shift is the
+maximum over all real keys (detached: no gradient to later keys); where a later key exceeds all
+earlier ones of a channel by more than ``FP32_EXCESS`` nats the sums are taken in float64, so a row
+never underflows for want of its own keys.
+
 ``dropout``: AFT has no attention probabilities, so ``dropout`` is accepted (one harness
 setting for every mechanism) and does nothing here.
 """
@@ -50,6 +58,9 @@ from .registry import AttentionConfig, register_attention, require
 
 # |w| below which exp(w) and exp(-w) are normal float32 numbers (float32's exp overflows past 88.7).
 EXP_SAFE = 80.0
+# Causal rows: largest gap (nats) between a channel's top key and the top key a row can see that
+# float32 weights tolerate; beyond it the causal sums run in float64.
+FP32_EXCESS = 60.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,8 @@ class AFTConfig(AttentionConfig):
     "aft",
     config=AFTConfig,
     family="attention-free",
+    supports_causal=True,
+    causal_note="the paper's causal AFT: sums over t' <= t in simple (cumulative), local and full modes",
     time_complexity="simple O(n d); local O(n s d); full O(n^2 d)",
     memory_complexity="simple O(n d); local O(n d); full O(n^2) for exp(w) (O(b n^2) masked), never n x n x d",
     needs_max_seq_len=False,
@@ -93,6 +106,8 @@ class AFTAttention(Attention):
             self.pos_bias = nn.Parameter(torch.randn(n, n, generator=gen) * config.bias_init_std)
 
     def attend(self, q, k, v, key_padding_mask):
+        if self.config.causal:
+            return self._causal_attend(q, k, v, key_padding_mask)
         mode = self.config.mode
         if mode == "simple":
             return torch.sigmoid(q) * _simple_context(k, v, key_padding_mask)
@@ -104,7 +119,25 @@ class AFTAttention(Attention):
         # keeps all-padding sequences finite (their rows are padding anyway).
         return torch.sigmoid(q) * (num / den.clamp_min(torch.finfo(den.dtype).tiny))
 
-    def _local_sums(self, weights: torch.Tensor, weighted_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _causal_attend(self, q, k, v, key_padding_mask):
+        """Sums over ``t' <= t`` only (see the module docstring); the same three modes."""
+        weights, weighted_v = _causal_key_weights(k, v, key_padding_mask)
+        mode = self.config.mode
+        if mode == "simple":
+            num, den = weighted_v.cumsum(dim=2), weights.cumsum(dim=2)
+        elif mode == "local":
+            num, den = self._local_sums(weights, weighted_v, causal=True)
+        else:
+            exp_w = _causal_exp_bias(self.pos_bias[: k.shape[2], : k.shape[2]].to(weights.dtype), key_padding_mask)
+            sums = torch.matmul(exp_w, torch.cat([weighted_v, weights], dim=-1))
+            num, den = sums.split(k.shape[-1], dim=-1)
+        # den > 0 on every real row (its own key); the clamp keeps rows without a real key finite.
+        out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+        return torch.sigmoid(q) * out.to(q.dtype)
+
+    def _local_sums(
+        self, weights: torch.Tensor, weighted_v: torch.Tensor, causal: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """In-window sums with weights exp(w) plus out-of-window sums with weight 1, both of e_t' [v_t', 1].
 
         The two parts are computed separately and added, never as the simple sums plus an
@@ -126,11 +159,14 @@ class AFTAttention(Attention):
             low, high = torch.clamp_max(bias.min(), 0.0), torch.clamp_min(bias.max(), 0.0)
             center = torch.where((high > EXP_SAFE) | (low < -EXP_SAFE), (low + high) / 2, torch.zeros_like(low))
         coeff = torch.exp(bias - center)  # coeff[o + s - 1]: key offset t' - t = o, in the window
+        if causal:  # later keys (o > 0) get no weight, and no suffix sum below
+            coeff = coeff * (torch.arange(2 * s - 1, device=coeff.device) <= s - 1)
         inside = _banded_sum(stacked, coeff, s)
-        outside = stacked.new_zeros(()) if seq <= s else (
-            F.pad(stacked[..., : seq - s].cumsum(-1), (s, 0))  # t' <= t - s
-            + F.pad(stacked[..., s:].flip(-1).cumsum(-1).flip(-1), (0, s))  # t' >= t + s
-        )
+        outside = stacked.new_zeros(())
+        if seq > s:
+            outside = F.pad(stacked[..., : seq - s].cumsum(-1), (s, 0))  # t' <= t - s
+        if seq > s and not causal:
+            outside = outside + F.pad(stacked[..., s:].flip(-1).cumsum(-1).flip(-1), (0, s))  # t' >= t + s
         totals = (inside + outside * torch.exp(-center)).transpose(-1, -2)  # (b, h, n, 2d), a view
         num, den = totals.split(dim, dim=-1)  # split (not slicing): its backward is one cat, no zero fill
         return num, den
@@ -199,6 +235,39 @@ def _simple_context(k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Te
     if key_padding_mask is not None:
         probs = torch.nan_to_num(probs, nan=0.0)  # all-padding sequence: no key at all
     return (probs * v).sum(dim=2, keepdim=True)
+
+
+def _causal_key_weights(
+    k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_stable_key_weights` for causal sums, in float64 where float32 would underflow a row.
+
+    The shift is the maximum over all real keys, later ones included: it cancels (and is detached,
+    so no gradient reaches a later key), but row ``t`` only sums keys ``t' <= t``, whose largest
+    weight is ``exp(max_{t'<=t} K - max K)``. When a later key exceeds every earlier one of a channel
+    by more than ``FP32_EXCESS`` nats, float32 would lose that row; the weights are then float64.
+    """
+    with torch.no_grad():
+        kd = k.detach() if key_padding_mask is None else k.detach().masked_fill(
+            ~key_padding_mask[:, None, :, None], float("-inf"))
+        excess = kd.amax(dim=2, keepdim=True) - kd.cummax(dim=2).values
+        wide = bool(excess.nan_to_num(nan=0.0, posinf=0.0).amax() > FP32_EXCESS) if excess.numel() else False
+    if wide:
+        k, v = k.double(), v.double()
+    return _stable_key_weights(k, v, key_padding_mask)
+
+
+def _causal_exp_bias(w: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """``exp(w - row max)`` on ``t' <= t`` (real keys only), 0 elsewhere: ``(seq, seq)`` or ``(batch, 1, seq, seq)``."""
+    allowed = torch.ones_like(w, dtype=torch.bool).tril()
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, :]
+    # Mask before exp (exp(-inf) = 0): a later bias never overflows, and its gradient is exactly 0.
+    masked = w.masked_fill(~allowed, float("-inf"))
+    w_max = masked.detach().amax(dim=-1, keepdim=True)
+    w_max = torch.where(torch.isfinite(w_max), w_max, torch.zeros_like(w_max))
+    exp_w = (masked - w_max).exp()
+    return exp_w if key_padding_mask is None else exp_w[:, None]
 
 
 def _stable_key_weights(

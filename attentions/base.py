@@ -10,6 +10,11 @@ Returns ``(batch, heads, seq, head_dim)``. Padded query rows may hold anything f
 real rows, and the gradients of real inputs, must not depend on what stands in padded
 positions, NaN and +-inf included. :meth:`Attention.forward` guarantees the latter for every
 mechanism: it replaces padded q, k, v by zeros before :meth:`Attention.attend` sees them.
+
+With ``causal=True`` (mechanisms whose info says ``supports_causal``) the output at position ``i``
+depends on the inputs at positions ``<= i`` only: its value equals the output of the prefix ending at
+``i`` and its gradient with respect to every later input is exactly zero. Key padding still applies
+(a decoder pads on the right, so a real query never meets a padded key before it).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from .functional import zero_padded_values
-from .registry import AttentionConfig
+from .registry import AttentionConfig, check_causal
 
 LAYOUT = "(batch, heads, seq, head_dim)"
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
@@ -31,7 +36,13 @@ class Attention(nn.Module):
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__()
+        check_causal(self.name, config.causal)  # also when a config is built by hand, not via make_config
         self.config = config
+
+    @property
+    def causal(self) -> bool:
+        """Whether query ``i`` attends only to keys ``j <= i`` (the config's ``causal``)."""
+        return self.config.causal
 
     @property
     def backend(self) -> str:

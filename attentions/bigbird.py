@@ -16,6 +16,13 @@ Each row's random blocks are distinct and exclude its band and the global blocks
 fewer than ``r`` such candidates gets them all and unused slots. On a shorter input, random
 blocks beyond its last block hold no keys and are masked like padding, so short inputs can see
 fewer than ``r`` random blocks per row.
+
+Causal (``causal=True``): the paper's BigBird is an encoder (its decoder uses full causal attention),
+so the causal form is ours: the left part of each piece. Block ``i`` attends to block ``i-1`` and to
+its own block with ``j <= i`` inside, to the global blocks (all before it), and to ``r`` random blocks
+drawn among the fully past blocks ``g .. i-2`` (a different draw from the bidirectional one, from the
+same ``seed``); global rows attend to the keys up to themselves. Same blocked computation with one
+band block fewer, still no ``n x n`` tensor.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 
 from . import _blocked as blk
 from .base import Attention
+from .functional import causal_allowed
 from .registry import AttentionConfig, register_attention, require
 
 # Rows drawn at once when sampling random blocks (bounds the (rows, blocks) score table).
@@ -55,12 +63,15 @@ class BigBirdConfig(AttentionConfig):
         require(self.num_random_blocks >= 0, "num_random_blocks", f"must be >= 0, got {self.num_random_blocks}")
 
 
-def draw_random_blocks(num_blocks: int, num_global: int, num_random: int, generator: torch.Generator) -> torch.Tensor:
+def draw_random_blocks(
+    num_blocks: int, num_global: int, num_random: int, generator: torch.Generator, causal: bool = False
+) -> torch.Tensor:
     """``(num_blocks, num_random)`` random key blocks per query block, ``-1`` for an unused slot.
 
     Global rows get none (they see everything). Row ``i`` draws without replacement among the
-    blocks outside its band ``i-1..i+1`` and outside the global blocks; each row is sorted with
-    unused slots last.
+    blocks outside its band ``i-1..i+1`` and outside the global blocks (``causal``: among the past
+    blocks ``g .. i-2`` only, so early rows have fewer candidates); each row is sorted with unused
+    slots last.
     """
     out = torch.full((num_blocks, num_random), blk.NO_KEY, dtype=torch.long)
     if num_random == 0 or num_blocks == 0:
@@ -71,6 +82,8 @@ def draw_random_blocks(num_blocks: int, num_global: int, num_random: int, genera
         # Uniform keys in [0, 1) for candidates, -1 for excluded blocks; top-r = r distinct candidates.
         keys = torch.rand(rows.numel(), num_blocks, generator=generator)
         excluded = ((rows[:, None] - cols[None, :]).abs() <= 1) | (cols[None, :] < num_global)
+        if causal:
+            excluded |= cols[None, :] > rows[:, None]
         keys = keys.masked_fill(excluded, -1.0)
         top, idx = keys.topk(min(num_random, num_blocks), dim=1)
         picked = torch.where(top >= 0, idx, torch.full_like(idx, num_blocks))  # unused sorts last
@@ -85,6 +98,8 @@ def draw_random_blocks(num_blocks: int, num_global: int, num_random: int, genera
     "bigbird",
     config=BigBirdConfig,
     family="sparse",
+    supports_causal=True,
+    causal_note="left part: blocks i-1, i (j <= i inside), global keys, random blocks among past blocks",
     time_complexity="O(n b (3 + g + r) d)",
     memory_complexity="O(n b (3 + g + r))",
     exact=True,
@@ -101,7 +116,8 @@ class BigBirdAttention(Attention):
         max_blocks = blk.num_blocks(config.max_seq_len, config.block_size)
         self.register_buffer(
             "random_blocks",
-            draw_random_blocks(max_blocks, config.num_global_blocks, config.num_random_blocks, generator),
+            draw_random_blocks(max_blocks, config.num_global_blocks, config.num_random_blocks, generator,
+                               causal=config.causal),
         )
 
     def attend(self, q, k, v, key_padding_mask):
@@ -113,36 +129,49 @@ class BigBirdAttention(Attention):
         dropout = cfg.dropout if self.training else 0.0
 
         # Global query rows (the first g blocks) attend to every real key: a dense (g b, n) block.
+        # Causal: to the keys up to themselves, all inside the first g b positions.
         n_glob = min(g * block, n)
         row_allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        out_glob = blk.masked_attention(q[:, :, :n_glob], k, v, row_allowed, dropout, self.training)
+        glob_keys = n
+        if cfg.causal:
+            glob_keys = n_glob
+            past = causal_allowed(n_glob, q.device)
+            row_allowed = past if row_allowed is None else row_allowed[..., :n_glob] & past
+        out_glob = blk.masked_attention(
+            q[:, :, :n_glob], k[:, :, :glob_keys], v[:, :, :glob_keys], row_allowed, dropout, self.training
+        )
         if g == nb:
             return out_glob
 
         # Local query blocks g .. nb-1: band blocks, random blocks, then the global keys.
         # (g < nb here, so the global keys 0 .. g b - 1 all lie inside the sequence.)
+        right = 0 if cfg.causal else 1
         rand = self.random_blocks[g:nb].to(q.device)
         rand = torch.where(rand < nb, rand, torch.full_like(rand, blk.NO_KEY))  # beyond this input: no key
-        band_pos = blk.band_positions(nb, block, 1, q.device)[g:]
+        band_pos = blk.band_positions(nb, block, 1, q.device, right)[g:]
         # The band's left block of row g is global block g-1: keep it once, in the global part.
         if g > 0:
             band_pos[0, :block] = blk.NO_KEY
         glob_pos = torch.arange(g * block, device=q.device)
         key_pos = torch.cat([band_pos, blk.block_positions(rand, block), glob_pos.expand(nb - g, -1)], dim=1)
-        allowed = blk.key_exists(key_pos, n, key_padding_mask)  # (batch|1, rows, K): same for the whole block
+        allowed = blk.key_exists(key_pos, n, key_padding_mask)[:, None, :, None, :]  # same for the whole block
+        if cfg.causal:
+            # Random and global blocks are all in the past; only the own block needs j <= i.
+            query_pos = torch.arange(g * block, nb * block, device=q.device).view(nb - g, block)
+            allowed = allowed & blk.causal_keys(query_pos, key_pos)
 
         qb, kb, vb = (blk.to_blocks(x, block) for x in (q, k, v))
-        keys = self._keys(kb, rand, g)
-        values = self._keys(vb, rand, g)
-        out = blk.masked_attention(qb[:, :, g:], keys, values, allowed[:, None, :, None, :], dropout, self.training)
+        keys = self._keys(kb, rand, g, right)
+        values = self._keys(vb, rand, g, right)
+        out = blk.masked_attention(qb[:, :, g:], keys, values, allowed, dropout, self.training)
         out = out.reshape(batch, heads, -1, d)
         return torch.cat([out_glob, out], dim=2)[:, :, :n]
 
     @staticmethod
-    def _keys(xb: torch.Tensor, rand: torch.Tensor, g: int) -> torch.Tensor:
-        """Per local query block: its 3 band blocks, its random blocks, the g global blocks."""
+    def _keys(xb: torch.Tensor, rand: torch.Tensor, g: int, right: int) -> torch.Tensor:
+        """Per local query block: its band blocks (3, or 2 when causal), its random blocks, the g global blocks."""
         batch, heads, nb, block, d = xb.shape
-        parts = [blk.band_blocks(xb, 1)[:, :, g:]]
+        parts = [blk.band_blocks(xb, 1, right)[:, :, g:]]
         if rand.shape[1]:
             parts.append(blk.select_blocks(xb, rand))
         if g:

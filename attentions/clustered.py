@@ -70,6 +70,8 @@ class ClusteredConfig(AttentionConfig):
     time_complexity="O(n C d) (k-means and centroid attention); improved + O(n k d)",
     memory_complexity="O(n d) (fused centroid attention, chunked k-means); improved O(n C + n k d)",
     needs_max_seq_len=False,
+    causal_note=("clusters and their centroid queries are computed from every position, so each output depends on "
+                 "later queries; a causal form would recluster every prefix and lose the linear cost"),
 )
 class ClusteredAttention(Attention):
     """Clustered attention: k-means over queries, one softmax attention per centroid."""

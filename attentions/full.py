@@ -6,6 +6,15 @@ Backends (chosen in one place, :func:`select_full_backend`, and recorded in ``ba
   extra is installed and the dtype is fp16/bf16/fp32.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (CPU and CUDA).
 - ``reference``: explicit ``softmax(QK^T / sqrt(d)) V``; the tests' ground truth.
+
+Causal (``causal=True``, Vaswani et al.'s decoder self-attention): query ``i`` attends to keys
+``j <= i``. SDPA gets ``is_causal=True`` and xformers its ``LowerTriangularMask``, both fused kernels
+that never store the ``n x n`` mask; the reference path uses a dense lower-triangular mask. SDPA does
+not take ``is_causal`` together with a mask, and a dense combined mask costs ``batch x n x n``, so key
+padding is handled by its shape: with right padding (the decoder case, and no padding at all) every
+key before a real query is real, so the causal mask alone is exact for real rows (padded rows stay
+finite: ``Attention.forward`` has zeroed the padded slots). Any other padding (a gap, left
+padding) gets the combined boolean mask, dense but correct.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Attention
-from .functional import reference_attention
+from .functional import causal_allowed, is_right_padded, reference_attention
 from .registry import AttentionConfig, register_attention
 
 XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -64,7 +73,8 @@ class FullConfig(AttentionConfig):
     time_complexity="O(n^2 d)",
     memory_complexity="O(n^2) reference; O(n) with fused SDPA/xformers kernels",
     exact=True,
-    supports_causal=False,
+    supports_causal=True,
+    causal_note="decoder self-attention: SDPA is_causal / xformers LowerTriangularMask; dense mask on the reference",
 )
 class FullAttention(Attention):
     """Exact softmax attention (Vaswani et al. 2017)."""
@@ -91,7 +101,12 @@ class FullAttention(Attention):
         dropout = cfg.dropout if self.training else 0.0
         if choice == "reference":
             allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+            if cfg.causal:
+                tril = causal_allowed(q.shape[-2], q.device)
+                allowed = tril if allowed is None else allowed & tril
             return reference_attention(q, k, v, allowed, dropout=dropout, training=self.training)
+        if cfg.causal:
+            return _causal_fused(choice, q, k, v, key_padding_mask, dropout)
         if key_padding_mask is not None:
             # A sequence with no real token would give an all-masked row (NaN); let it
             # attend everywhere instead: its outputs are padding and may be anything finite.
@@ -102,19 +117,48 @@ class FullAttention(Attention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
 
 
-def _xformers_attention(q, k, v, key_padding_mask, dropout: float) -> torch.Tensor:  # pragma: no cover - CUDA only
+def causal_mask_plan(key_padding_mask: torch.Tensor | None) -> str:
+    """How a fused kernel gets causal + padding: ``"causal"`` (the causal mask alone is exact for real rows:
+    no padding, or right padding) or ``"dense"`` (a combined ``(batch, 1, n, n)`` boolean mask)."""
+    if key_padding_mask is None or is_right_padded(key_padding_mask):
+        return "causal"
+    return "dense"
+
+
+def _causal_fused(choice: str, q, k, v, key_padding_mask, dropout: float) -> torch.Tensor:
+    """Causal attention on SDPA or xformers, padding handled as the module docstring says."""
+    plan = causal_mask_plan(key_padding_mask)
+    if plan == "causal":
+        if choice == "xformers":
+            return _xformers_attention(q, k, v, None, dropout, causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    allowed = key_padding_mask[:, None, None, :] & causal_allowed(q.shape[-2], q.device)
+    # A padded query with no real key before it would be an all-masked row (NaN): let it see every key.
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    if choice == "xformers":
+        return _xformers_attention(q, k, v, allowed, dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+
+
+def _xformers_attention(  # pragma: no cover - CUDA only
+    q, k, v, key_padding_mask, dropout: float, causal: bool = False
+) -> torch.Tensor:
+    """``key_padding_mask``: ``(batch, seq)`` real tokens, or a full ``(batch, 1, seq, seq)`` allowed mask."""
     import xformers.ops as xops
 
     # xformers wants (batch, seq, heads, head_dim).
     qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))
     bias = None
-    if key_padding_mask is not None:
+    if causal:
+        bias = xops.LowerTriangularMask()
+    elif key_padding_mask is not None:
+        allowed = key_padding_mask if key_padding_mask.dim() == 4 else key_padding_mask[:, None, None, :]
         batch, heads, seq, _ = q.shape
         # Additive bias (batch, heads, seq, seq); xformers requires the last dim aligned to 8,
         # so allocate padded storage and slice it.
         aligned = (seq + 7) // 8 * 8
         storage = q.new_zeros(batch, heads, seq, aligned)
         bias = storage[..., :seq]
-        bias.masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+        bias.masked_fill_(~allowed, float("-inf"))
     out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, p=dropout)
     return out.transpose(1, 2)

@@ -33,6 +33,17 @@ def reference_attention(
     return torch.matmul(probs, v)
 
 
+def causal_allowed(seq: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(seq, seq)`` lower-triangular allowed mask: query ``i`` may attend to key ``j`` iff ``j <= i``."""
+    pos = torch.arange(seq, device=device)
+    return pos[None, :] <= pos[:, None]
+
+
+def is_right_padded(key_padding_mask: torch.Tensor) -> bool:
+    """Whether every row of a ``(batch, seq)`` real-token mask is real tokens then padding (no gap)."""
+    return bool((key_padding_mask[:, 1:] <= key_padding_mask[:, :-1]).all())
+
+
 def key_padding_to_allowed(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
     """``(batch, seq)`` real-token mask -> ``(batch, 1, 1, seq)`` allowed mask."""
     if key_padding_mask is None:

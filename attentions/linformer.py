@@ -43,6 +43,8 @@ class LinformerConfig(AttentionConfig):
     memory_complexity="O(n k + k d)",
     exact=False,
     needs_max_seq_len=True,
+    causal_note=("the learned (k, n) projection mixes every position into each compressed key, so a query would "
+                 "see the future; masking it needs one projection per prefix, which loses the linear cost"),
 )
 class LinformerAttention(Attention):
     """Linformer: softmax attention over keys/values projected along the sequence to ``proj_dim``.

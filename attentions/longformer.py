@@ -9,6 +9,12 @@ block's keys (masked where the band already holds them), and the few global quer
 dense rows over all keys: time ``O(n (w + g) d)``, memory ``O(n (w + g))`` for ``g`` globals.
 The same projections serve local and global attention (the paper's separate global
 projections belong to the backbone, which owns the projections).
+
+Causal (``causal=True``): the left part of each piece of the pattern. The paper's autoregressive
+character-LM uses dilated causal windows and no global tokens; we keep the pattern and cut what lies
+ahead, so the causal cell measures the same mechanism: query ``i`` sees ``i - window // 2 .. i`` and the
+global positions before that, a global position ``p`` sees every key ``j <= p``. Still blocked, left
+neighbour blocks only; the global rows are a dense ``(g, n)`` block with a ``j <= p`` mask.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class LongformerConfig(AttentionConfig):
     "longformer",
     config=LongformerConfig,
     family="sparse",
+    supports_causal=True,
+    causal_note="left half of the band; a global token sees keys up to itself, every token the globals before it",
     time_complexity="O(n (w + g) d), g = global tokens",
     memory_complexity="O(n (w + g))",
     exact=True,
@@ -65,32 +73,37 @@ class LongformerAttention(Attention):
         dropout = cfg.dropout if self.training else 0.0
         glob = torch.tensor([p for p in self._global if p < n], dtype=torch.long, device=q.device)
 
-        block, m, band_pos, in_band = band_setup(n, half, q.device)
+        block, m, right, band_pos, in_band = band_setup(n, half, q.device, cfg.causal)
         nb = band_pos.shape[0]
         query_pos = torch.arange(nb * block, device=q.device).view(nb, block)
-        # Global key columns, skipped where the band already holds that key (counted once).
-        glob_new = (query_pos[:, :, None] - glob[None, None, :]).abs() > half
+        # Global key columns, skipped where the band already holds that key (counted once); causal: only
+        # the globals before the band's left edge (those at or after i are in the band or in the future).
+        ahead = query_pos[:, :, None] - glob[None, None, :]
+        glob_new = ahead > half if cfg.causal else ahead.abs() > half
         key_pos = torch.cat([band_pos, glob[None, :].expand(nb, -1)], dim=1)
         pattern = torch.cat([in_band.expand(nb, -1, -1), glob_new], dim=2)
         allowed = pattern & blk.key_exists(key_pos, n, key_padding_mask)[:, :, None]
 
         qb = blk.to_blocks(q, block)
-        kb = self._keys(blk.to_blocks(k, block), k, glob, m)
-        vb = self._keys(blk.to_blocks(v, block), v, glob, m)
+        kb = self._keys(blk.to_blocks(k, block), k, glob, m, right)
+        vb = self._keys(blk.to_blocks(v, block), v, glob, m, right)
         out = blk.masked_attention(qb, kb, vb, allowed[:, None], dropout, self.training)
         out = out.reshape(batch, heads, -1, d)[:, :, :n]
         if glob.numel() == 0:
             return out
 
-        # Global query rows attend to every (real) key: a dense (g, n) block.
+        # Global query rows attend to every (real) key: a dense (g, n) block; causal: every key up to itself.
         row_allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        if cfg.causal:
+            past = torch.arange(n, device=q.device)[None, :] <= glob[:, None]  # (g, n)
+            row_allowed = past if row_allowed is None else row_allowed & past
         out_glob = blk.masked_attention(q[:, :, glob], k, v, row_allowed, dropout, self.training)
         return out.index_copy(2, glob, out_glob)
 
     @staticmethod
-    def _keys(xb: torch.Tensor, x: torch.Tensor, glob: torch.Tensor, m: int) -> torch.Tensor:
+    def _keys(xb: torch.Tensor, x: torch.Tensor, glob: torch.Tensor, m: int, right: int) -> torch.Tensor:
         """Band blocks of ``xb`` followed by the global rows of ``x``, per query block."""
-        band = blk.band_blocks(xb, m)
+        band = blk.band_blocks(xb, m, right)
         if glob.numel() == 0:
             return band
         batch, heads, nb, _, d = band.shape

@@ -17,10 +17,19 @@ convolution, and ``mean`` divides by the real count), so appending padding chang
 Cost: the score matrix is ``n x m = n^2 / c``: time O(n^2 d / c); memory O(n^2 / c) with an
 explicit softmax (less when PyTorch's SDPA picks a fused kernel, which it may on any
 device). ``dropout`` is dropout on the slot probabilities in training mode.
+
+Causal (``causal=True``): the paper used memory-compressed attention in a decoder (T-DMCA) but says
+little about how compressed slots are masked; a slot that mixes a query's future would leak it.
+Ours: query ``i`` in block ``b = i // c`` attends to the slots of the fully past blocks ``0 .. b-1``
+and, exactly, to the tokens of its own block up to itself, in one joint softmax. Computed in query
+pieces of ``CAUSAL_PIECE`` tokens under activation checkpointing (each piece's scores are
+``piece x (n / c + piece)``, recomputed in the backward), so memory stays O(n d) plus one piece and
+time is about half the bidirectional form's O(n^2 d / c), plus one recomputed forward.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -28,9 +37,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from . import _blocked as blk
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
+
+# Queries per checkpointed piece of the causal form (rounded down to a multiple of the compression).
+CAUSAL_PIECE = 256
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,8 @@ class MemoryCompressedConfig(AttentionConfig):
     "memory_compressed",
     config=MemoryCompressedConfig,
     family="memory-compression",
+    supports_causal=True,
+    causal_note="slots of fully past blocks plus exact attention to the own block's tokens up to the query",
     time_complexity="O(n^2 d / c)",
     memory_complexity="O(n^2 / c) scores (n queries x n/c slots); O(n d) with a fused SDPA kernel",
     needs_max_seq_len=False,
@@ -64,6 +80,20 @@ class MemoryCompressedAttention(Attention):
             self.value_kernel = nn.Parameter(torch.randn(shape, generator=gen) / math.sqrt(fan_in))
 
     def attend(self, q, k, v, key_padding_mask):
+        if self.config.causal:
+            return self._causal_attend(q, k, v, key_padding_mask)
+        k_slots, v_slots, slot_mask = self._compress(k, v, key_padding_mask)
+        attn_mask = None
+        if key_padding_mask is not None:
+            # A sequence with no real token would give all-masked rows (NaN); let it attend
+            # everywhere: its outputs are padding and may be anything finite.
+            slot_mask = slot_mask | ~slot_mask.any(dim=-1, keepdim=True)
+            attn_mask = slot_mask[:, None, None, :]
+        dropout = self.config.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=attn_mask, dropout_p=dropout)
+
+    def _compress(self, k, v, key_padding_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Key and value slots ``(batch, heads, ceil(n / c), dim)``; slots holding a real token ``(batch, slots)``."""
         cfg = self.config
         c = cfg.compression
         batch, heads, seq, dim = k.shape
@@ -74,9 +104,8 @@ class MemoryCompressedAttention(Attention):
             v = F.pad(v, (0, 0, 0, extra))
         real = key_padding_mask
         if real is None:
-            real = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+            real = torch.ones(batch, seq, dtype=torch.bool, device=k.device)
         counts = F.pad(real, (0, extra)).view(batch, slots, c).sum(dim=-1)  # real tokens per slot
-        slot_mask = counts > 0
 
         if cfg.compression_type == "conv":
             # kernel = stride = c: each slot is a linear map of its c tokens' concatenated channels.
@@ -86,12 +115,46 @@ class MemoryCompressedAttention(Attention):
             denom = counts.clamp_min(1).to(k.dtype)[:, None, :, None]
             k_slots = k.view(batch, heads, slots, c, dim).sum(dim=3) / denom
             v_slots = v.view(batch, heads, slots, c, dim).sum(dim=3) / denom
+        return k_slots, v_slots, counts > 0
 
-        attn_mask = None
-        if key_padding_mask is not None:
-            # A sequence with no real token would give all-masked rows (NaN); let it attend
-            # everywhere: its outputs are padding and may be anything finite.
-            slot_mask = slot_mask | ~slot_mask.any(dim=-1, keepdim=True)
-            attn_mask = slot_mask[:, None, None, :]
-        dropout = cfg.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=attn_mask, dropout_p=dropout)
+    def _causal_attend(self, q, k, v, key_padding_mask):
+        """Slots of fully past blocks plus the own block's tokens up to the query, one joint softmax.
+
+        Queries go in pieces of ``CAUSAL_PIECE`` tokens (a multiple of c, so no block straddles two
+        pieces), each under activation checkpointing: only the inputs are kept, and a piece's
+        ``(piece, slots + piece)`` probabilities exist only while it is computed or recomputed.
+        """
+        c = self.config.compression
+        n = q.shape[2]
+        k_slots, v_slots, slot_mask = self._compress(k, v, key_padding_mask)
+        span = c * max(1, CAUSAL_PIECE // c)
+        dropout = self.config.dropout if self.training else 0.0
+        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_slots, v_slots))
+        pieces = []
+        for start in range(0, n, span):
+            stop = min(start + span, n)
+            used = (stop - 1) // c  # the piece's last query sees slots 0 .. used - 1
+            args = (q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], k_slots[:, :, :used],
+                    v_slots[:, :, :used], None if key_padding_mask is None else
+                    torch.cat([slot_mask[:, :used], key_padding_mask[:, start:stop]], dim=1))
+            piece = functools.partial(_causal_piece, start=start, c=c, dropout=dropout)
+            pieces.append(checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args))
+        return torch.cat(pieces, dim=2)
+
+
+def _causal_piece(q, k, v, k_slots, v_slots, real, start: int, c: int, dropout: float) -> torch.Tensor:
+    """Causal memory-compressed attention of the queries ``start .. start + len(q) - 1`` (start a multiple of c).
+
+    Query ``i`` (block ``i // c``) sees slot ``s`` iff ``s < i // c`` and token ``j`` of the piece iff it
+    is in the same block and ``j <= i``. ``real``: ``(batch, slots + piece)`` key mask, or None.
+    """
+    device = q.device
+    pos = start + torch.arange(q.shape[2], device=device)
+    block = torch.div(pos, c, rounding_mode="floor")
+    slot_allowed = torch.arange(k_slots.shape[2], device=device)[None, :] < block[:, None]
+    token_allowed = (block[:, None] == block[None, :]) & (pos[None, :] <= pos[:, None])
+    allowed = torch.cat([slot_allowed, token_allowed], dim=1)[None, None]
+    if real is not None:
+        allowed = allowed & real[:, None, None, :]
+    keys, values = torch.cat([k_slots, k], dim=2), torch.cat([v_slots, v], dim=2)
+    return blk.masked_attention(q, keys, values, allowed, dropout, training=dropout > 0.0)

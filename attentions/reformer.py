@@ -33,6 +33,16 @@ it holds. ``num_buckets`` must therefore not depend on the actual length: it is 
 from ``max_seq_len`` as the paper's ``n / bucket_size``, rounded up to an even number (at least 2).
 Lengths that are not a multiple of ``bucket_size`` are padded internally the same way.
 
+Causal (``causal=True``): the paper's language models mask, inside the chunk windows, every key at
+a later position than the query. That alone is not causal in the strict sense: which earlier keys
+share a query's chunk depends on how many later tokens sort before it (they move chunk boundaries),
+so the output at ``i`` would change with the tokens after ``i``. Ours keeps the paper's mask and
+makes the key set a function of the past: a query attends to the keys of its own bucket (causal
+implies ``attend_across_buckets=False``) that are at most ``bucket_size`` sorted slots before it,
+i.e. its last ``<= bucket_size`` same-bucket predecessors, and itself only when nothing else is
+there. Still one chunk plus one look-back chunk per query, same cost; ``dedup_pairs`` counts the
+rounds in which a pair shares such a window.
+
 Dropout (``dropout``) is applied to each round's attention probabilities in training mode.
 Memory is ``O(n_hashes * n * bucket_size)``: no ``seq x seq`` tensor is formed.
 """
@@ -92,6 +102,8 @@ class ReformerConfig(AttentionConfig):
     "reformer",
     config=ReformerConfig,
     family="hashing",
+    supports_causal=True,
+    causal_note="LSH attention to the last <= bucket_size same-bucket predecessors; never a later position",
     time_complexity="O(n_hashes * n * (bucket_size * d + log n) + n_hashes * n * num_buckets * d)",
     memory_complexity="O(n_hashes * n * bucket_size)",
     needs_max_seq_len=True,
@@ -214,13 +226,35 @@ class ReformerAttention(Attention):
         key_blocked = key_bucket == nb
         key_blocked[:, :, :, 0, c:] = True  # the first chunk has no previous chunk (no wrap-around)
         self_bias = torch.eye(c, 2 * c, dtype=dtype, device=buckets.device) * self_value  # slot i is window key i
-        if cfg.attend_across_buckets:
+        if cfg.attend_across_buckets and not cfg.causal:
             blocked = key_blocked[..., None, :]
         else:
             query_bucket = buckets.gather(-1, chunked_idx.flatten(-2)).view(chunked_idx.shape)
             blocked = key_blocked[..., None, :] | (query_bucket[..., :, None] != key_bucket[..., None, :])
+        if cfg.causal:
+            blocked |= _causal_blocked(chunked_idx, window_idx)
         return [torch.zeros(blocked.shape, dtype=dtype, device=buckets.device).masked_fill_(blocked, mask_value),
                 self_bias]
+
+    @torch.no_grad()
+    def _causal_window_counts(self, buckets: torch.Tensor, sort_idx: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        """:meth:`_window_counts` for the causal window (see :func:`_causal_blocked`).
+
+        Query i sees key j in round r when they share a bucket and ``0 <= rank_r(i) - rank_r(j) <= c``;
+        with ``loc = rank + bucket * 2 n_pad`` that is ``0 <= loc_r(i) - loc_r(j) <= c``.
+        """
+        c = self.config.bucket_size
+        batch, heads, rounds, n_pad = rank.shape
+        n_chunks = n_pad // c
+        wide = (self.num_buckets + 1) * 2 * n_pad >= 2**31
+        loc = (rank + buckets * (2 * n_pad)).to(torch.int64 if wide else torch.int32)
+        counts = torch.ones((batch, heads, rounds, n_chunks, c, 2 * c), dtype=torch.uint8, device=rank.device)
+        for shift in range(1, rounds):
+            other = loc.roll(-shift, dims=2)  # round (r + shift) % rounds, seen in round r's sort order
+            sorted_other = other.gather(3, sort_idx).view(batch, heads, rounds, n_chunks, c)
+            diff = sorted_other[..., :, None] - _look_one_back(sorted_other)[..., None, :]
+            counts.add_(((diff >= 0) & (diff <= c)).view(torch.uint8))
+        return counts
 
     @torch.no_grad()
     def _window_counts(self, buckets: torch.Tensor, sort_idx: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
@@ -233,6 +267,8 @@ class ReformerAttention(Attention):
         c = self.config.bucket_size
         batch, heads, rounds, n_pad = rank.shape
         n_chunks = n_pad // c
+        if self.config.causal:
+            return self._causal_window_counts(buckets, sort_idx, rank)
         loc = torch.div(rank, c, rounding_mode="floor")
         largest = n_chunks
         if not self.config.attend_across_buckets:
@@ -251,6 +287,21 @@ class ReformerAttention(Attention):
             torch.eq(diff.bitwise_right_shift_(1), 0, out=hit)
             counts.add_(hit.view(torch.uint8))
         return counts
+
+
+def _causal_blocked(chunked_idx: torch.Tensor, window_idx: torch.Tensor) -> torch.Tensor:
+    """Pairs a causal query may not see: ``(b, h, r, chunks, c, 2c)``, True = blocked.
+
+    A later position (whatever its bucket), and any key more than ``c`` sorted slots before the query.
+    With same-bucket attention (which causal implies) the keys left are the query's last ``<= c``
+    same-bucket predecessors: a set fixed by the inputs up to the query, so later tokens (which shift
+    chunk boundaries) cannot change it.
+    """
+    n_chunks, c = chunked_idx.shape[-2:]
+    slots = torch.arange(n_chunks * c, device=chunked_idx.device).view(1, 1, 1, n_chunks, c)
+    behind = slots[..., :, None] - _look_one_back(slots)[..., None, :]  # query slot - key slot
+    later = window_idx[..., None, :] > chunked_idx[..., :, None]
+    return later | (behind < 0) | (behind > c)
 
 
 def _look_one_back(x: torch.Tensor) -> torch.Tensor:

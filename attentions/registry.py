@@ -38,6 +38,8 @@ class AttentionConfig:
     (their info says ``needs_max_seq_len``); ``seed`` draws every random buffer
     (features, rotations, random blocks) so the same seed gives the same output.
     ``dropout`` is dropout on attention probabilities, active only in training mode.
+    ``causal``: the causal-self pattern, query ``i`` attends only to keys ``j <= i`` (decoders);
+    allowed only where the mechanism's info says ``supports_causal`` (checked by :func:`make_config`).
     """
 
     num_heads: int = 4
@@ -45,6 +47,7 @@ class AttentionConfig:
     max_seq_len: int | None = None
     dropout: float = 0.0
     seed: int = 0
+    causal: bool = False
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -103,10 +106,21 @@ class AttentionInfo:
     # False where there is no probability matrix to drop (kernel and AFT mechanisms): ``dropout`` is then
     # accepted but has no effect, and the report says so next to their accuracies.
     applies_dropout: bool = True
+    # One line on the causal form: which one the mechanism uses when ``supports_causal``, or why it has
+    # none (the ValueError for ``causal=True`` quotes it).
+    causal_note: str = ""
     description: str = ""
 
     def defaults(self) -> dict[str, Any]:
+        """Every parameter of the mechanism's config with its default value."""
         return {f.name: f.default for f in dataclasses.fields(self.config_cls)}
+
+    def __repr__(self) -> str:
+        # What print(get_attention_info(name)) shows: the facts and the parameters' defaults (the classes
+        # themselves are attributes, not worth a line).
+        fields = [f for f in dataclasses.fields(self) if f.name not in ("cls", "config_cls")]
+        facts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
+        return f"AttentionInfo({facts}, defaults={self.defaults()!r})"
 
 
 _REGISTRY: dict[str, AttentionInfo] = {}
@@ -153,6 +167,11 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def causal_attentions() -> list[str]:
+    """Registered names whose info says ``supports_causal``, sorted."""
+    return [n for n in available_attentions() if _REGISTRY[n].supports_causal]
+
+
 def available_attentions(pattern: str | None = None) -> list[str]:
     """Registered names, sorted; ``pattern`` is a shell wildcard such as ``'*former'``."""
     names = sorted(_REGISTRY)
@@ -179,7 +198,22 @@ def make_config(name: str, **params: Any) -> AttentionConfig:
             f"unknown parameter(s) {', '.join(repr(u) for u in unknown)} for attention '{name}'; "
             f"allowed: {', '.join(allowed)}"
         )
-    return info.config_cls(**params)
+    config = info.config_cls(**params)
+    check_causal(name, config.causal)
+    return config
+
+
+def check_causal(name: str, causal: bool) -> None:
+    """ValueError when ``causal`` is asked of a mechanism without a causal form: says why, lists those with one."""
+    if not causal:
+        return
+    info = get_attention_info(name)
+    if not info.supports_causal:
+        reason = f": {info.causal_note}" if info.causal_note else ""
+        raise ValueError(
+            f"invalid parameter 'causal': attention '{name}' has no causal form{reason}; "
+            f"causal=True is supported by: {', '.join(causal_attentions()) or 'none'}"
+        )
 
 
 def build_attention(name: str, **params: Any):

@@ -13,6 +13,13 @@ normalisation and the estimator targets
 
 not ``softmax(q k^T / sqrt(d))``: ``sigma^2`` plays the role of the temperature. Computed as
 ``phi(Q) (phi(K)^T V) / (phi(Q) (phi(K)^T 1))`` in ``O(n D d)`` time and ``O(n D)`` memory.
+
+Causal (``causal=True``): the paper's causal RFA (the form of its language models) without the
+optional gate: ``out_t = phi(q_t)^T S_t / phi(q_t)^T z_t`` with ``S_t = S_{t-1} + phi(k_t) v_t^T`` and
+``z_t = z_{t-1} + phi(k_t)``. The recurrence is evaluated as chunked prefix sums (a masked ``(C, C)``
+product inside each chunk, one carried state per chunk; ``causal_linear_attention``), so memory is
+``O(n D + n C)``, never the ``(n, D, d)`` of per-token states. sin/cos features are bounded, so no
+stabiliser is needed; the denominator floor counts the real keys up to each row.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._random_features import draw_generator, gaussian_projection, linear_attention
+from ._random_features import causal_linear_attention, draw_generator, gaussian_projection, linear_attention
 from .base import Attention
 from .functional import zero_padded_values
 from .registry import AttentionConfig, register_attention, require
@@ -49,6 +56,8 @@ class RFAConfig(AttentionConfig):
     "rfa",
     config=RFAConfig,
     family="kernel",
+    supports_causal=True,
+    causal_note="RFA's causal recurrence (no gate) as chunked prefix sums, O(n D + n C) memory",
     time_complexity="O(n D d), D = num_features",
     memory_complexity="O(n D + D d)",
     exact=False,
@@ -105,21 +114,48 @@ class RFAAttention(Attention):
         k_proj = torch.matmul(F.normalize(k.to(compute), dim=-1) / sigma, omega_t)
         return _SinCos.apply(q_proj), _SinCos.apply(k_proj)
 
-    def denominator_floor(self, key_padding_mask: torch.Tensor | None, seq: int, dtype: torch.dtype) -> torch.Tensor:
-        """Smallest possible ``sum_j k(q, k_j)``: ``n_real * exp(-2 / sigma_min^2)``, shape (batch|1, 1, 1, 1)."""
+    def denominator_floor(
+        self, key_padding_mask: torch.Tensor | None, seq: int, dtype: torch.dtype, causal: bool = False
+    ) -> torch.Tensor:
+        """Smallest possible ``sum_j k(q, k_j)``: ``n_real * exp(-2 / sigma_min^2)``, shape (batch|1, 1, 1, 1);
+        ``causal``: per row, ``n_real`` counting the real keys up to it, shape (batch|1, 1, seq, 1)."""
         sigma_min = self.bandwidth().to(dtype).min()  # not detached: clamped rows depend on it
         floor = torch.exp(-2.0 / sigma_min.square()).clamp_min(torch.finfo(dtype).tiny)
-        if key_padding_mask is None:
+        if key_padding_mask is None and causal:
+            n_real = torch.arange(1, seq + 1, dtype=dtype, device=floor.device)[None, None, :, None]
+        elif key_padding_mask is None:
             n_real = torch.tensor(float(seq), dtype=dtype, device=floor.device)
+        elif causal:
+            n_real = key_padding_mask.cumsum(-1).to(dtype)[:, None, :, None]
         else:
             n_real = key_padding_mask.sum(-1).to(dtype)[:, None, None, None]
         return floor * n_real.clamp_min(1.0)
 
     def attend(self, q, k, v, key_padding_mask):
+        if self.config.causal:
+            return self._causal_attend(q, k, v, key_padding_mask)
         # Padded contents never reach sin/cos (no NaN * 0); linear_attention drops their rows.
         phi_q, phi_k = self.feature_maps(q, zero_padded_values(k, key_padding_mask))
         floor = self.denominator_floor(key_padding_mask, q.shape[-2], phi_q[0].dtype).to(phi_q[0].device)
         return linear_attention(phi_q, phi_k, v, key_padding_mask, min_denominator=floor * self.config.num_features)
+
+    def _causal_attend(self, q, k, v, key_padding_mask):
+        """Causal RFA: chunked prefix sums; the denominator floor counts the real keys up to each row."""
+        phi_q, phi_k = self.feature_maps(q, zero_padded_values(k, key_padding_mask))
+        floor = self.denominator_floor(key_padding_mask, q.shape[-2], phi_q[0].dtype, causal=True).to(q.device)
+        floor = floor * self.config.num_features
+        return causal_linear_attention(phi_q, phi_k, v, key_padding_mask, min_denominator=floor)
+
+
+def kernel_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """What RFA estimates, computed exactly: ``softmax(Q^ K^^T / sigma^2) V`` with l2-normalised rows
+    ``Q^``, ``K^`` (the Gaussian kernel on unit vectors, module docstring), in float64.
+
+    Shapes ``(batch, heads, seq, head_dim)``; returns float64. RFA's approximation error is measured
+    against this, not against ``softmax(q k^T / sqrt(d))``, which it does not approximate.
+    """
+    qn, kn = F.normalize(q.double(), dim=-1), F.normalize(k.double(), dim=-1)
+    return torch.softmax(qn @ kn.transpose(-1, -2) / float(sigma) ** 2, dim=-1) @ v.double()
 
 
 class _SinCos(torch.autograd.Function):

@@ -3,6 +3,11 @@
 Exact for its band pattern. Computed in blocks: queries are cut into blocks of ``c`` tokens and
 each block sees its ``2m+1`` neighbouring key blocks (``m = ceil((window // 2) / c)``), with the
 band enforced by a mask inside the blocks; time ``O(n w d)``, memory ``O(n w)``.
+
+Causal (``causal=True``): the left half of the band, ``i - window // 2 <= j <= i`` (the local attention
+of causal language models, as in local-attention's ``causal=True``: the window keeps its half-width
+and loses the future side, so ``window // 2 + 1`` keys per row). Only the left neighbour blocks and
+the own block are gathered (no right blocks), so the causal band costs about half the bidirectional one.
 """
 
 from __future__ import annotations
@@ -53,24 +58,31 @@ def band_block_size(half_window: int, n: int) -> int:
     return min(block, n)
 
 
-def band_setup(n: int, half_window: int, device: torch.device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """Block length, neighbour blocks per side, key positions ``(blocks, K)`` and the band mask ``(c, K)``."""
+def band_setup(
+    n: int, half_window: int, device: torch.device, causal: bool = False
+) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
+    """Block length, neighbour blocks on the left and on the right, key positions ``(blocks, K)`` and the
+    band mask ``(c, K)``. ``causal``: the left half of the band (``i - half_window <= j <= i``), no right blocks.
+    """
     block = band_block_size(half_window, n)
     nb = blk.num_blocks(n, block)
     # Neighbours beyond the last block hold nothing: cap m so short inputs do not pay for a wide window.
     m = min(-(-half_window // block), nb - 1)
-    key_pos = blk.band_positions(nb, block, m, device)
+    right = 0 if causal else m
+    key_pos = blk.band_positions(nb, block, m, device, right)
     # Query i*c + s and key slot (o, t) of block i are o*c + t - s apart whatever i is: the band
     # inside a block is one (c, K) mask; keys beyond the ends are masked by position later.
-    offset = blk.band_positions(1, block, m, device)[0][None, :] - torch.arange(block, device=device)[:, None]
-    in_band = offset.abs() <= half_window
-    return block, m, key_pos, in_band
+    offset = blk.band_positions(1, block, m, device, right)[0][None, :] - torch.arange(block, device=device)[:, None]
+    in_band = (offset <= 0) & (offset >= -half_window) if causal else offset.abs() <= half_window
+    return block, m, right, key_pos, in_band
 
 
 @register_attention(
     "sliding_window",
     config=SlidingWindowConfig,
     family="sparse",
+    supports_causal=True,
+    causal_note="left half of the band: i - window // 2 <= j <= i, left neighbour blocks only",
     time_complexity="O(n w d)",
     memory_complexity="O(n w)",
     exact=True,
@@ -82,11 +94,11 @@ class SlidingWindowAttention(Attention):
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
         batch, heads, n, d = q.shape
-        block, m, key_pos, in_band = band_setup(n, cfg.window // 2, q.device)
+        block, m, right, key_pos, in_band = band_setup(n, cfg.window // 2, q.device, cfg.causal)
         allowed = in_band & blk.key_exists(key_pos, n, key_padding_mask)[:, :, None, :]
         qb = blk.to_blocks(q, block)
-        kb = blk.band_blocks(blk.to_blocks(k, block), m)
-        vb = blk.band_blocks(blk.to_blocks(v, block), m)
+        kb = blk.band_blocks(blk.to_blocks(k, block), m, right)
+        vb = blk.band_blocks(blk.to_blocks(v, block), m, right)
         dropout = cfg.dropout if self.training else 0.0
         out = blk.masked_attention(qb, kb, vb, allowed[:, None], dropout, self.training)
         return out.reshape(batch, heads, -1, d)[:, :, :n]

@@ -42,7 +42,7 @@ import torch
 
 from attentions import available_attentions
 from harness import bench, report
-from harness.display import WORKDIR_ENV, shown_path
+from harness.display import WORKDIR_ENV, one_line_interrupt, shown_path
 from harness.plugins import conf_dir, load_plugins, prepare
 from harness.settings import Settings, merge_settings
 
@@ -64,17 +64,17 @@ DEFAULTS: dict[str, Any] = {
         "repeats": 3,
         "warmup": 1,
         "max_cell_s": 20,
-        "slope_range": [1024, 4096],
+        "force": False,
         "approx": {"seeds": 2},
         "peers": {"seq_lens": [1024, 4096]},
     },
-    "cuda_bench": {"seq_lens": [1024, 2048, 4096, 8192, 16384], "repeats": 5, "warmup": 2,
-                   "slope_range": [2048, 16384], "max_cell_s": 60},
+    "cuda_bench": {"seq_lens": [1024, 2048, 4096, 8192, 16384], "repeats": 5, "warmup": 2, "max_cell_s": 60},
     "train": {"experiments": ["quick/listops", "quick/pathfinder"], "seeds": [0], "overrides": [],
               "workers": 2, "threads_per_worker": 1},
     "smoke": {
         "bench": {"smoke": True},
         "train": {"experiments": ["smoke/listops", "smoke/pathfinder"]},
+        "results_dir": "results/smoke",
     },
     "time_budget_min": 20,
 }
@@ -140,8 +140,10 @@ def resolve_suite(cfg: dict | None = None) -> SuiteSettings:
         s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if s["size"] == "smoke":
         s["bench"] = merge_settings(s["bench"], s["smoke"]["bench"])
+        if "results_dir" not in cfg or cfg["results_dir"] == DEFAULTS["results_dir"]:
+            s["results_dir"] = s["smoke"].get("results_dir") or s["results_dir"]  # a check never pollutes a benchmark
         # The smoke benchmark's own tiny sizes replace the CPU range.
-        for key in ("seq_lens", "repeats", "warmup", "slope_range", "approx", "peers"):
+        for key in ("seq_lens", "repeats", "warmup", "approx", "peers"):
             s["bench"].pop(key, None)
         s["train"] = merge_settings(s["train"], s["smoke"]["train"])
     elif s["device"].startswith("cuda"):
@@ -379,9 +381,10 @@ def _bench_stage(s: SuiteSettings, mechanisms: list[str]) -> float:
 
 
 def _report_stage(s: SuiteSettings) -> tuple[str, float]:
-    """(the report page's path relative to the working directory, seconds to build it)."""
-    slope_range = s.bench.get("slope_range") or bench.resolve_settings(s.bench).slope_range
-    built = report.build_report(s.results_dir, s.report_dir, slope_range=tuple(slope_range))
+    """(the report page's path relative to the working directory, seconds to build it).
+
+    The slope range and memory budget come from the benchmark's records, as for ``arena-report``."""
+    built = report.build_report(s.results_dir, s.report_dir)
     return shown_path(Path(built["out"]) / "report.html"), built["build_s"]
 
 
@@ -407,7 +410,8 @@ def main() -> None:
         run_suite(OmegaConf.to_container(cfg, resolve=True))
 
     prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
-    _app()
+    with one_line_interrupt("arena-suite", "what was recorded is kept; the same command continues from there"):
+        _app()
 
 
 if __name__ == "__main__":

@@ -80,3 +80,38 @@ def test_full_sdpa_kernel_is_not_quadratic_on_cpu():
     small = fwd_bwd_peak("full", N, backend="sdpa")
     large = fwd_bwd_peak("full", 2 * N, backend="sdpa")
     assert large / small <= LINEAR_LIMIT
+
+
+CAUSAL_SUBQUADRATIC = [n for n in SUBQUADRATIC if get_attention_info(n).supports_causal]
+
+
+@pytest.mark.parametrize("name", CAUSAL_SUBQUADRATIC)
+def test_causal_peak_memory_grows_at_most_linearly(name):
+    params = {**GROWTH_PARAMS.get(name, {}), "causal": True}
+    small = fwd_bwd_peak(name, N, **params)
+    large = fwd_bwd_peak(name, 2 * N, **params)
+    assert small > 0
+    assert large / small <= LINEAR_LIMIT, f"causal {name}: peak {small} -> {large} bytes per doubling of n"
+
+
+def test_full_causal_sdpa_kernel_is_not_quadratic_on_cpu():
+    small = fwd_bwd_peak("full", N, backend="sdpa", causal=True)
+    large = fwd_bwd_peak("full", 2 * N, backend="sdpa", causal=True)
+    assert large / small <= LINEAR_LIMIT
+
+
+@pytest.mark.parametrize("name,params", [("performer", {"num_features": 128}), ("rfa", {"num_features": 64})])
+def test_causal_kernel_attention_never_stores_per_token_states(name, params):
+    # Causal prefix sums by a cumulative sum of outer products would hold n x m x d numbers (64 MiB
+    # here); the chunked form stays within 1.5x the bidirectional peak (issue 13's target).
+    n, heads, dim, features = 2048, 2, 32, 128
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, dim, generator=gen).requires_grad_(True) for _ in range(3))
+    peaks = {}
+    for causal in (False, True):
+        attn = build_attention(name, num_heads=heads, head_dim=dim, causal=causal, **params)
+        _, reading = measure_peak_memory(lambda attn=attn: attn(q, k, v).sum().backward(), "cpu")
+        peaks[causal] = reading.peak_bytes
+    per_token_states = n * heads * features * dim * 4
+    assert peaks[True] <= 1.5 * peaks[False], peaks
+    assert peaks[True] < per_token_states / 4, (peaks, per_token_states)

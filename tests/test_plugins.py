@@ -27,6 +27,7 @@ from harness.bench import run_benchmark
 from harness.report import build_report
 from harness.suite import resolve_suite, train_command
 from harness.train import CONF_DIR, hashed_config, run
+from harness.train.config import recipe_config
 from tasks import available_tasks
 from tasks import base as task_base
 
@@ -106,7 +107,9 @@ def test_readme_plugin_trains_benchmarks_and_reports(workdir):
 def test_plugins_do_not_change_the_run_hash(workdir):
     plugins.prepare(["plugins=[my_attention]"])
     base = [*FAKE, "attention=full"]
-    assert hashed_config(compose_train(*base)) == hashed_config(compose_train(*base, "plugins=[my_attention]"))
+    without, with_plugin = compose_train(*base), compose_train(*base, "plugins=[my_attention]")
+    assert hashed_config(without) == hashed_config(with_plugin)
+    assert recipe_config(without) == recipe_config(with_plugin)  # one comparison in the report
 
 
 def test_unknown_attention_lists_plugins_too(workdir):

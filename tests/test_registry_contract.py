@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from attentions import available_attentions, build_attention
+from attentions import available_attentions, build_attention, get_attention_info
 from attentions.testing import CHECKS, check_mechanism
 
 from conftest import MAX_LEN, SMALL_PARAMS
@@ -51,3 +51,13 @@ def test_contract(name, check):
 
 def test_max_len_constant_matches_budgets():
     assert MAX_LEN >= 41 + 11
+
+
+@pytest.mark.parametrize("name", available_attentions())
+def test_printed_info_shows_every_default(name):
+    """The README's print(get_attention_info(name)) shows the family, complexity, capabilities and defaults."""
+    info = get_attention_info(name)
+    text = repr(info)
+    assert f"family={info.family!r}" in text and "supports_padding_mask=" in text and "defaults={" in text
+    for param, default in info.defaults().items():
+        assert f"{param!r}: {default!r}" in text

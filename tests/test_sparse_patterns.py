@@ -248,6 +248,8 @@ ALL = [
     ("longformer", {"window": 8, "global_positions": (0, 5)}),
     ("bigbird", {"block_size": 4, "num_global_blocks": 1, "num_random_blocks": 2, "max_seq_len": 4096}),
 ]
+# The causal forms go through the same checks (dtype, dropout, no n x n tensor, linear memory).
+ALL += [(name, {**params, "causal": True}) for name, params in ALL]
 
 
 @pytest.mark.parametrize("name,params", ALL)

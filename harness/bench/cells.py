@@ -11,12 +11,14 @@ Imports: ``attentions`` (the registry), :mod:`harness.measure`, :mod:`harness.st
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch.nn.functional as F
 
-from attentions import available_attentions, build_attention, get_attention_info
+from attentions import available_attentions, build_attention, causal_attentions, get_attention_info
+from attentions.registry import check_causal
 from harness.analysis import SDPA_DIRECT
 from harness.bench.settings import BENCH_SETTINGS, SMOKE_SETTINGS, BenchSettings
 from harness.measure import DTYPES, failure_outcome, jsonable_params, measure_step, random_inputs
@@ -27,12 +29,14 @@ OUTCOMES = ("ok", "oom", "unsupported", "error", "skipped_budget")
 REUSABLE = ("ok", "oom", "unsupported")
 
 
-def select_mechanisms(requested: str | Sequence[str]) -> list[str]:
-    """``"all"`` -> every registered mechanism; otherwise the listed names, checked against the registry."""
+def select_mechanisms(requested: str | Sequence[str], causal: bool = False) -> list[str]:
+    """``"all"`` -> every registered mechanism (``causal``: every one that supports causal); otherwise the
+    listed names, checked against the registry (a listed mechanism without a causal form gets an
+    ``unsupported`` cell that says why)."""
     registered = available_attentions()
     if isinstance(requested, str):
         if requested == "all":
-            return registered
+            return causal_attentions() if causal else registered
         requested = [requested]
     unknown = [m for m in requested if m not in registered and m != SDPA_DIRECT]
     if unknown:
@@ -51,6 +55,8 @@ def mechanism_params(name: str, n: int, settings: BenchSettings) -> dict[str, An
         params["max_seq_len"] = n
     params["num_heads"] = settings.heads
     params["head_dim"] = settings.head_dim
+    if settings.causal:
+        params["causal"] = True
     return params
 
 
@@ -68,11 +74,16 @@ def measure_cell(name: str, n: int, pass_: str, settings: BenchSettings) -> dict
     """Time and peak memory of one (mechanism, n, pass); never raises for a mechanism's failure."""
     params = mechanism_params(name, n, settings)
     result: dict[str, Any] = {"outcome": "ok", "reason": None, "params": jsonable_params(params)}
+    if settings.causal and name != SDPA_DIRECT:
+        try:
+            check_causal(name, True)
+        except ValueError as exc:
+            return {**result, "outcome": "unsupported", "reason": str(exc)}
     shape = (settings.batch, settings.heads, n, settings.head_dim)
     try:
         q, k, v = make_inputs(shape, settings, seed=1234 + n, requires_grad=pass_ == "fwd+bwd")
         if name == SDPA_DIRECT:
-            module, attend = None, F.scaled_dot_product_attention
+            module, attend = None, functools.partial(F.scaled_dot_product_attention, is_causal=settings.causal)
         else:
             module = build_attention(name, **params).to(device=settings.device, dtype=DTYPES[settings.dtype])
             attend = module.eval()
@@ -109,6 +120,10 @@ def cell_key(name: str, n: int, pass_: str, settings: BenchSettings, params: dic
         "dtype": settings.dtype, "device": settings.device, "repeats": settings.repeats,
         "warmup": settings.warmup,
     }
+    # Only the causal pattern enters the key (as for the allocator), so bidirectional cells recorded before
+    # the option existed stay valid; sdpa_direct has no params to carry it.
+    if settings.causal:
+        key["pattern"] = settings.pattern
     # Only a non-default allocator policy enters the key, so cells recorded before the option existed stay valid.
     if settings.cpu_allocator_used != "default":
         key["cpu_allocator"] = settings.cpu_allocator_used
@@ -125,8 +140,10 @@ def flat_cell(record: dict) -> dict[str, Any]:
     time_ = record.get("time") or {}
     mem = record.get("memory") or {}
     return {
-        "mechanism": record["mechanism"], "family": record.get("family"), "pass": record["pass"],
+        "mechanism": record["mechanism"], "family": record.get("family"),
+        "pattern": record.get("pattern") or "bidirectional", "pass": record["pass"],
         "n": record["n"], "outcome": record_outcome(record), "reason": record.get("reason"),
         "median_s": time_.get("median_s"), "p10_s": time_.get("p10_s"), "p90_s": time_.get("p90_s"),
         "peak_bytes": mem.get("peak_bytes"), "memory_method": mem.get("method"),
+        "noisy": bool((record.get("noise") or {}).get("noisy")),
     }

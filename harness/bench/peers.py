@@ -6,12 +6,17 @@ ours/peer ratios of time and peak memory. Two levels of comparison, named in eve
 
 - ``core``: the peer exposes the attention alone, called on the same projected
   ``q, k, v`` as ours (performer-pytorch ``FastAttention``, reformer-pytorch ``LSHAttention``
-  with ``qk = q`` since it shares queries and keys, as ours does).
+  with ``qk = q`` since it shares queries and keys, as ours does, local-attention ``LocalAttention``).
 - ``layer``: the peer owns its Q/K/V and output projections (linformer
   ``LinformerSelfAttention``, memory-compressed-attention ``MemoryCompressedAttention``,
   aft-pytorch ``AFTFull``/``AFTSimple``); ours is then wrapped in the same projections
   (:class:`ProjectedAttention`: bias-free Q/K/V, output with bias) and both take ``x``
   of shape ``(batch, n, heads * head_dim)``.
+
+Causal runs (``arena-bench causal=true``) measure the pairs whose peer has a causal form:
+performer-pytorch ``FastAttention(causal=True)`` and local-attention ``LocalAttention(causal=True)``
+(window ``window // 2`` to the left, exact, as our causal ``sliding_window``); every record names
+its ``pattern``.
 
 aft-pytorch's ``AFTLocal`` is not compared: it rebuilds its ``max_seqlen x max_seqlen`` bias
 with a Python double loop on every call (minutes at n = 1024), which would measure the loop.
@@ -76,12 +81,22 @@ class PeerPair:
     build_peer: Callable[[Any, dict, int], nn.Module]  # (our config, settings, n) -> peer module
     ours_params: dict | None = None
     divisor: Callable[[Any], int] | None = None  # n must be a multiple of this (peer's constraint)
+    patterns: tuple[str, ...] = ("bidirectional",)  # the attention patterns (arena-bench causal=...) it runs in
 
 
 def _performer_peer(cfg, settings, n):
     from performer_pytorch import FastAttention
 
-    return FastAttention(dim_heads=settings.head_dim, nb_features=cfg.num_features)
+    return FastAttention(dim_heads=settings.head_dim, nb_features=cfg.num_features, causal=settings.causal)
+
+
+def _local_attention_peer(cfg, settings, n):
+    from local_attention import LocalAttention
+
+    # Query i sees keys i - window // 2 .. i: blocks of window // 2, one look-back block, exact window,
+    # no rotary embedding (ours has none).
+    return LocalAttention(window_size=cfg.window // 2, causal=True, look_backward=1, exact_windowsize=True,
+                          autopad=True, use_rotary_pos_emb=False)
 
 
 def _reformer_peer(cfg, settings, n):
@@ -121,7 +136,9 @@ def _aft_simple_peer(cfg, settings, n):
 
 PAIRS: tuple[PeerPair, ...] = (
     PeerPair("performer", "performer", "performer_pytorch", "performer-pytorch FastAttention", "core",
-             _performer_peer),
+             _performer_peer, patterns=("bidirectional", "causal")),
+    PeerPair("sliding_window", "sliding_window", "local_attention", "local-attention LocalAttention", "core",
+             _local_attention_peer, patterns=("causal",)),
     PeerPair("reformer", "reformer", "reformer_pytorch", "reformer-pytorch LSHAttention", "core", _reformer_peer,
              divisor=lambda cfg: 2 * cfg.bucket_size),
     PeerPair("linformer", "linformer", "linformer", "linformer LinformerSelfAttention", "layer", _linformer_peer),
@@ -195,11 +212,21 @@ def measure_pair(pair: PeerPair, n: int, pass_: str, settings: BenchSettings) ->
     }
 
 
+def peer_key(pair: PeerPair, n: int, pass_: str, settings: BenchSettings) -> str:
+    """Hash of every setting that changes a pair's numbers (the causal pattern only when set, as for cells)."""
+    key = {"pair": pair.key, "n": n, "pass": pass_, "batch": settings.batch, "heads": settings.heads,
+           "head_dim": settings.head_dim, "dtype": settings.dtype, "device": settings.device,
+           "repeats": settings.repeats, "params": jsonable_params(mechanism_params(pair.mechanism, n, settings))}
+    if settings.causal:
+        key["pattern"] = settings.pattern
+    return config_hash(key)
+
+
 def run_peers(settings: BenchSettings, log: Callable[[str], None] = print) -> pd.DataFrame:
     """Measure every pair whose peer package is installed; one line when none is (or some are missing)."""
     registered = set(available_attentions())
-    wanted = select_mechanisms(settings.mechanisms)
-    pairs = [p for p in PAIRS if p.mechanism in registered and p.mechanism in wanted]
+    wanted = select_mechanisms(settings.mechanisms, settings.causal)
+    pairs = [p for p in PAIRS if p.mechanism in registered and p.mechanism in wanted and settings.pattern in p.patterns]
     missing = sorted({p.package for p in pairs if not installed(p.package)})
     pairs = [p for p in pairs if installed(p.package)]
     if not pairs:
@@ -214,10 +241,7 @@ def run_peers(settings: BenchSettings, log: Callable[[str], None] = print) -> pd
     rows = []
     for pair, n, pass_ in todo:
         bar.set_postfix_str(f"{pair.key} n={n} {pass_}")
-        key = config_hash({"pair": pair.key, "n": n, "pass": pass_, "batch": settings.batch,
-                           "heads": settings.heads, "head_dim": settings.head_dim, "dtype": settings.dtype,
-                           "device": settings.device, "repeats": settings.repeats,
-                           "params": jsonable_params(mechanism_params(pair.mechanism, n, settings))})
+        key = peer_key(pair, n, pass_, settings)
         record_id = f"{pair.key.replace('_', '-')}.{'fwd' if pass_ == 'fwd' else 'fwdbwd'}.n{n}.{key}"
         record = find_record(root, "peer", record_id) if settings.reuse else None
         if record is None or record["status"] == "error":
@@ -229,6 +253,7 @@ def run_peers(settings: BenchSettings, log: Callable[[str], None] = print) -> pd
             record = {
                 "kind": "peer", "record_id": record_id, "status": status, "created_at": now_iso(),
                 "pair": pair.key, "mechanism": pair.mechanism, "peer": pair.peer, "level": pair.level,
+                "pattern": settings.pattern,
                 "comparison": ("same projected q, k, v" if pair.level == "core"
                                else "ours wrapped in the peer's Q/K/V/output projections"),
                 "n": n, "pass": pass_, "batch": settings.batch, "heads": settings.heads,
@@ -236,8 +261,8 @@ def run_peers(settings: BenchSettings, log: Callable[[str], None] = print) -> pd
                 "reason": reason, **result,
             }
             write_record(record, root)
-        rows.append({k: record.get(k) for k in ("pair", "peer", "level", "n", "pass", "status", "time_ratio",
-                                                 "memory_ratio", "reason")})
+        rows.append({k: record.get(k) for k in ("pair", "peer", "level", "pattern", "n", "pass", "status",
+                                                 "time_ratio", "memory_ratio", "reason")})
         bar.update(1)
     bar.close()
     df = pd.DataFrame(rows)

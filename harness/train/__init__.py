@@ -35,6 +35,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from harness.display import one_line_interrupt
 from harness.measure import is_out_of_memory as is_oom
 from harness.plugins import conf_dir, prepare
 from harness.train.app import run
@@ -73,4 +74,6 @@ def main() -> None:
     """Console entry point ``arena-train``."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     prepare()  # plug-ins named by plugins=[...] and installed ones, before Hydra resolves attention=<name>
-    _hydra_main()
+    with one_line_interrupt("arena-train", "finished runs keep their records; the same command resumes the "
+                                           "interrupted run from its last checkpoint"):
+        _hydra_main()

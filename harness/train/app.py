@@ -25,10 +25,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness.display import shown_path
-from harness.measure import is_out_of_memory
+from harness.measure import command_line, is_out_of_memory
 from harness.plugins import load_plugins
 from harness.store import config_hash, find_record, now_iso, write_record
-from harness.train.config import abs_path, hashed_config
+from harness.train.config import abs_path, experiment_name, hashed_config, recipe_config, resolved_choices
 from harness.train.loop import Diverged, train
 
 log = logging.getLogger("arena-train")
@@ -106,16 +106,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def new_record(cfg: DictConfig, run_id: str, checkpoint_dir: Path) -> dict[str, Any]:
     """The record before training: identity, resolved config, versions, where it ran; status ``error``
     until the run says otherwise."""
+    config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    config.update(resolved_choices(cfg))  # device=auto recorded as the device it chose
     return {
         "kind": "train",
         "record_id": run_id,
         "config_hash": run_id,
+        # Runs with one recipe_hash differ only in mechanism and seed: one comparison (see recipe_config).
+        "recipe_hash": config_hash(recipe_config(cfg)),
+        "experiment": experiment_name(),
+        "command": command_line(),
         "status": "error",
         "attention": str(cfg.attention.name),
         "task": str(cfg.task.name),
         "seed": int(cfg.seed),
         "plugins": [str(m) for m in cfg.get("plugins") or []],
-        "config": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"},
+        "config": config,
         "versions": library_versions(),
         "git_sha": source_sha(),
         "hostname": platform.node(),
