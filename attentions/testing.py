@@ -300,17 +300,23 @@ def check_causality(s: _Subject) -> None:
     for seq in (1, 7, 37, 50):
         q, k, v = s.qkv(2, seq, seed=seq, requires_grad=True)
         out = attn(q, k, v)
-        for i in sorted((CAUSAL_POSITIONS | {seq // 2, seq - 2, seq - 1}) & set(range(seq))):
+        if not torch.isfinite(out).all():
+            raise s.fail("causality", f"seq {seq}: non-finite output with causal=True")
+        # Random weights per output entry: a plain sum could hide a leak whose gradients cancel.
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seq))
+        for i in sorted((CAUSAL_POSITIONS | {seq // 3, seq // 2, seq - 2, seq - 1}) & set(range(seq))):
             with torch.no_grad():
                 prefix = attn(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1])
             s.close("causality", out[:, :, i], prefix[:, :, i], f"seq {seq}: the output at position {i} differs "
                     f"from the output of the prefix ending at {i} (it sees later positions)")
-            grads = torch.autograd.grad(out[:, :, i].sum(), (q, k, v), retain_graph=True)
+            grads = torch.autograd.grad((out[:, :, i] * weight[:, :, i]).sum(), (q, k, v), retain_graph=True)
             for label, g in zip("qkv", grads):
                 later = g[:, :, i + 1:]
-                if later.numel() and later.abs().max() != 0:
-                    raise s.fail("causality", f"seq {seq}: the output at position {i} has a non-zero gradient "
-                                 f"with respect to a later {label}")
+                if not torch.isfinite(g).all() or (later.numel() and later.abs().max() != 0):
+                    raise s.fail("causality", f"seq {seq}: the output at position {i} has a non-finite gradient "
+                                 f"or a non-zero one with respect to a later {label}")
+            if sum(g[:, :, : i + 1].abs().sum() for g in grads) == 0:
+                raise s.fail("causality", f"seq {seq}: the output at position {i} depends on no input")
 
 
 @contextlib.contextmanager
