@@ -27,7 +27,6 @@ from conftest import HEAD_DIM, HEADS, build_small, make_qkv, right_padding_mask
 
 CAUSAL = causal_attentions()
 NOT_CAUSAL = [n for n in available_attentions() if n not in CAUSAL]
-LENGTHS = [1, 7, 37, 50]
 
 
 def build_causal(name: str, **overrides):
