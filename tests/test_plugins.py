@@ -239,6 +239,6 @@ def test_arena_suite_with_a_plugin_from_an_empty_folder(workdir):
                           "mechanisms=[full,performer,my_attention]", "plugins=[my_attention]"],
                          cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    page = (workdir / "results" / "report" / "report.md").read_text()
+    page = (workdir / "results" / "smoke" / "report" / "report.md").read_text()
     assert page.count("| my_attention |") >= 5
     assert (workdir / ".arena_cache").is_dir()  # caches in the working folder, not in the clone
