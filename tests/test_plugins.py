@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -25,6 +26,7 @@ from attentions.testing import check_mechanism
 from harness import plugins
 from harness.bench import run_benchmark
 from harness.report import build_report
+from harness.report.groups import settings as report_settings
 from harness.suite import resolve_suite, train_command
 from harness.train import CONF_DIR, hashed_config, run
 from harness.train.config import recipe_config
@@ -110,6 +112,13 @@ def test_plugins_do_not_change_the_run_hash(workdir):
     without, with_plugin = compose_train(*base), compose_train(*base, "plugins=[my_attention]")
     assert hashed_config(without) == hashed_config(with_plugin)
     assert recipe_config(without) == recipe_config(with_plugin)  # one comparison in the report
+
+
+def test_bench_cells_with_and_without_plugins_are_one_setting():
+    cell = {"kind": "bench", "mechanism": "full", "pass": "fwd", "n": 64, "batch": 1, "heads": 2, "head_dim": 8,
+            "dtype": "float32", "device": "cpu", "created_at": "2026-01-01T00:00:00+00:00", "status": "ok"}
+    cells = pd.DataFrame([{**cell, "plugins": []}, {**cell, "mechanism": "my_attention", "plugins": ["my_attention"]}])
+    assert len(report_settings(cells)) == 1
 
 
 def test_unknown_attention_lists_plugins_too(workdir):

@@ -24,10 +24,11 @@ import pandas as pd
 
 from harness.store import config_hash, recipe_columns, recipe_of
 
-# Fields of a bench record that belong to the cell (or to how it was stored), not to its setting.
+# Fields of a bench record that belong to the cell (or to how it was stored), not to its setting. ``plugins``
+# says where a mechanism came from: cells measured with and without plug-ins loaded are one setting.
 CELL_FIELDS = {"kind", "record_id", "status", "created_at", "mechanism", "family", "pass", "n", "outcome", "reason",
                "settings_key", "smoke", "backend", "budget", "predicted_peak_bytes", "memory_budget_gb", "slope_range",
-               "_path", "params", "command"}
+               "_path", "params", "command", "plugins"}
 CELL_PREFIXES = ("time.", "memory.", "params.", "device_info.", "noise.")
 # A setting field missing from older records reads as the value those records were measured with.
 SETTING_DEFAULTS = {"cpu_allocator": "default", "pattern": "bidirectional"}
