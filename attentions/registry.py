@@ -112,7 +112,15 @@ class AttentionInfo:
     description: str = ""
 
     def defaults(self) -> dict[str, Any]:
+        """Every parameter of the mechanism's config with its default value."""
         return {f.name: f.default for f in dataclasses.fields(self.config_cls)}
+
+    def __repr__(self) -> str:
+        # What print(get_attention_info(name)) shows: the facts and the parameters' defaults (the classes
+        # themselves are attributes, not worth a line).
+        fields = [f for f in dataclasses.fields(self) if f.name not in ("cls", "config_cls")]
+        facts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
+        return f"AttentionInfo({facts}, defaults={self.defaults()!r})"
 
 
 _REGISTRY: dict[str, AttentionInfo] = {}
@@ -134,8 +142,11 @@ def register_attention(
         raise TypeError(f"config of '{name}' must be an AttentionConfig dataclass")
 
     def decorator(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"attention '{name}' is registered twice")
+        old = _REGISTRY.get(name)
+        # The same class registering again is a reloaded module (importlib.reload, a notebook cell): it
+        # replaces itself. Another class taking a registered name is an error naming both.
+        if old is not None and _qualified(old.cls) != _qualified(cls):
+            raise ValueError(f"attention '{name}' is registered twice: by {_qualified(old.cls)} and {_qualified(cls)}")
         _REGISTRY[name] = AttentionInfo(
             name=name,
             cls=cls,
@@ -150,6 +161,10 @@ def register_attention(
         return cls
 
     return decorator
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def causal_attentions() -> list[str]:
@@ -167,7 +182,9 @@ def available_attentions(pattern: str | None = None) -> list[str]:
 
 def get_attention_info(name: str) -> AttentionInfo:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown attention '{name}'; registered: {', '.join(available_attentions())}")
+        raise ValueError(f"unknown attention '{name}'; registered: {', '.join(available_attentions())} (a mechanism "
+                         "defined outside the package registers when its module is imported: plugins=[module] in "
+                         "the apps, or an 'attention_arena.attentions' entry point)")
     return _REGISTRY[name]
 
 

@@ -147,6 +147,17 @@ class RFAAttention(Attention):
         return causal_linear_attention(phi_q, phi_k, v, key_padding_mask, min_denominator=floor)
 
 
+def kernel_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """What RFA estimates, computed exactly: ``softmax(Q^ K^^T / sigma^2) V`` with l2-normalised rows
+    ``Q^``, ``K^`` (the Gaussian kernel on unit vectors, module docstring), in float64.
+
+    Shapes ``(batch, heads, seq, head_dim)``; returns float64. RFA's approximation error is measured
+    against this, not against ``softmax(q k^T / sqrt(d))``, which it does not approximate.
+    """
+    qn, kn = F.normalize(q.double(), dim=-1), F.normalize(k.double(), dim=-1)
+    return torch.softmax(qn @ kn.transpose(-1, -2) / float(sigma) ** 2, dim=-1) @ v.double()
+
+
 class _SinCos(torch.autograd.Function):
     """``(sin u, cos u)`` saving only its outputs: the backward ``g_s cos u - g_c sin u`` reuses
     them (the matmuls that consume them keep them alive anyway) instead of recomputing sin/cos."""

@@ -20,6 +20,55 @@ import pandas as pd
 
 # The benchmark's pseudo-mechanism: torch's scaled_dot_product_attention called directly.
 SDPA_DIRECT = "sdpa_direct"
+# The memory budget of "longest n within budget" and of the benchmark's budget skips, when none is given:
+# one figure for the benchmark's console, the report and the suite.
+DEFAULT_MEMORY_BUDGET_GB = 6.0
+# A power-law fit is trusted up to this multiple of the largest measured n; beyond it: "> X, not measured".
+EXTRAPOLATION_LIMIT = 4
+
+
+def slope_range_for(ns: Iterable[float], given: Sequence[float] | None = None) -> tuple[float, float] | None:
+    """The n range of the log-log slope fit: ``given``, else the three largest measured lengths (all of
+    them with fewer than three); None without two distinct lengths. Every command uses this one rule, so
+    the console, the report and the suite print the same slopes for the same cells."""
+    if given is not None and len(given) == 2:
+        return float(given[0]), float(given[1])
+    distinct = sorted({float(n) for n in ns})
+    if len(distinct) < 2:
+        return None
+    return distinct[-3] if len(distinct) >= 3 else distinct[0], distinct[-1]
+
+
+def clean_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """The ok cells not flagged noisy (a ``noisy`` column set True): the only ones slopes and crossovers use."""
+    ok = df[df["outcome"] == "ok"] if "outcome" in df else df
+    if "noisy" in ok:
+        ok = ok[~ok["noisy"].fillna(False).astype(bool)]
+    return ok
+
+
+# Steps shorter than this are dominated by fixed overheads and timer jitter: their spread and their trend
+# against n say nothing about a disturbance (their median, robust to one slow repeat, is still reported).
+NOISE_FLOOR_S = 1e-3
+
+
+def trend_suspects(ns: Sequence[float], times: Sequence[float], tolerance: float = 1.25,
+                   min_time_s: float = NOISE_FLOOR_S) -> list[int]:
+    """Indices of cells whose time contradicts their neighbours: slower than a longer input of the same
+    row by more than ``tolerance`` (time never falls with n), or more than ``tolerance`` x cubic growth
+    above the previous length. A disturbed repeat makes one cell jump; the neighbours show it. Pairs whose
+    times are both under ``min_time_s`` are not compared: sub-millisecond steps are dominated by fixed
+    overheads and may be flat or fall with n without any disturbance."""
+    pts = sorted((float(n), float(t), i) for i, (n, t) in enumerate(zip(ns, times)) if t is not None and t > 0)
+    suspects: set[int] = set()
+    for (n0, t0, i0), (n1, t1, i1) in zip(pts, pts[1:]):
+        if max(t0, t1) < min_time_s:
+            continue
+        if t0 > tolerance * t1:
+            suspects.add(i0)
+        elif t1 > tolerance * t0 * (n1 / n0) ** 3:
+            suspects.add(i1)
+    return sorted(suspects)
 
 
 def predict_at(ns: Sequence[float], values: Sequence[float], n: float) -> float | None:
@@ -106,26 +155,38 @@ def longest_n_within_budget(ns: Sequence[float], peak_bytes: Sequence[float], bu
     """Longest n whose peak fits ``budget_bytes``: the largest measured one, and an extrapolation.
 
     The extrapolation follows the power law fitted over ``n_range`` (see :func:`loglog_slope`)
-    through the largest measured point: n* = n_last * (budget / m_last)^(1/slope).
+    through the largest measured point: n* = n_last * (budget / m_last)^(1/slope), and is only given up to
+    ``cap`` = :data:`EXTRAPOLATION_LIMIT` x the largest measured n. Beyond the cap ``extrapolated`` is NaN
+    and ``beyond`` = cap (shown as "> cap, not measured"); ``beyond`` is NaN otherwise.
     """
     pts = sorted((float(n), float(m)) for n, m in zip(ns, peak_bytes) if m is not None and np.isfinite(float(m)))
     fitting = [n for n, m in pts if m <= budget_bytes]
     measured = max(fitting) if fitting else float("nan")
     slope = loglog_slope([p[0] for p in pts], [p[1] for p in pts], n_range)
+    nan = float("nan")
     if not pts or not np.isfinite(slope) or slope <= 0:
-        return {"measured": measured, "extrapolated": float("nan"), "slope": slope}
+        return {"measured": measured, "extrapolated": nan, "beyond": nan, "slope": slope}
     n_last, m_last = pts[-1]
-    return {"measured": measured, "extrapolated": n_last * (budget_bytes / m_last) ** (1.0 / slope), "slope": slope}
+    cap = EXTRAPOLATION_LIMIT * n_last
+    estimate = n_last * (budget_bytes / m_last) ** (1.0 / slope)
+    if estimate > cap:
+        return {"measured": measured, "extrapolated": nan, "beyond": cap, "slope": slope}
+    return {"measured": measured, "extrapolated": estimate, "beyond": nan, "slope": slope}
 
 
-def derived_table(df: pd.DataFrame, slope_range: Sequence[float] = (2048, 16384),
+def derived_table(df: pd.DataFrame, slope_range: Sequence[float] | None = None,
                   budget_bytes: float | None = None) -> pd.DataFrame:
-    """Per mechanism and pass: time and memory slopes, crossover vs ``full``, longest n within the budget."""
+    """Per mechanism and pass: time and memory slopes, crossover vs ``full``, longest n within the budget.
+
+    Only clean cells count (:func:`clean_cells`: ok and not flagged noisy). ``slope_range`` None: the
+    range :func:`slope_range_for` derives from the measured lengths.
+    """
     rows = []
-    ok = df[df["outcome"] == "ok"]
+    ok = clean_cells(df)
+    slope_range = slope_range_for(df["n"], slope_range) if len(df) else None
     full = ok[ok["mechanism"] == "full"]
     for (name, pass_), group in df.groupby(["mechanism", "pass"], sort=False):
-        g = group[group["outcome"] == "ok"].sort_values("n")
+        g = clean_cells(group).sort_values("n")
         f = full[full["pass"] == pass_].set_index("n")["median_s"]
         ns = list(g["n"])
         row = {
@@ -140,14 +201,15 @@ def derived_table(df: pd.DataFrame, slope_range: Sequence[float] = (2048, 16384)
             row.update(crossover_n=float("nan"), crossover_note="reference" if name == "full" else "no full")
         if budget_bytes:
             fit = longest_n_within_budget(ns, list(g["peak_bytes"]), budget_bytes, slope_range)
-            row.update(max_n_measured=fit["measured"], max_n_extrapolated=fit["extrapolated"])
+            row.update(max_n_measured=fit["measured"], max_n_extrapolated=fit["extrapolated"],
+                       max_n_beyond=fit["beyond"])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def full_overhead(df: pd.DataFrame) -> pd.DataFrame:
-    """Per pass and n: t(full through the registry) / t(sdpa_direct) - 1."""
-    ok = df[df["outcome"] == "ok"]
+    """Per pass and n: t(full through the registry) / t(sdpa_direct) - 1 (clean cells only)."""
+    ok = clean_cells(df)
     a = ok[ok["mechanism"] == "full"].set_index(["pass", "n"])["median_s"]
     b = ok[ok["mechanism"] == SDPA_DIRECT].set_index(["pass", "n"])["median_s"]
     joined = pd.concat({"full": a, "direct": b}, axis=1).dropna()

@@ -10,16 +10,18 @@ Imports: :mod:`harness.analysis` (to format the derived figures), numpy, pandas.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from harness.analysis import derived_table
+from harness.analysis import EXTRAPOLATION_LIMIT, derived_table, slope_range_for
 
 MISSING = "—"
 # How an outcome without a number is named: console (short) and report (with the record's reason).
@@ -30,7 +32,8 @@ def format_cell(row: pd.Series) -> str:
     """``"12.3ms/45.6MiB"`` for an ok cell, else the outcome (never a zero): the console table."""
     if row["outcome"] != "ok":
         return OUTCOME_LABELS.get(row["outcome"], (row["outcome"],))[0]
-    return f"{row['median_s'] * 1e3:.1f}ms/{row['peak_bytes'] / 2**20:.1f}MiB"
+    flag = " noisy" if is_noisy(row) else ""
+    return f"{row['median_s'] * 1e3:.1f}ms/{row['peak_bytes'] / 2**20:.1f}MiB{flag}"
 
 
 def missing_cell(row: pd.Series) -> str:
@@ -59,11 +62,20 @@ def format_bytes(value: float) -> str:
 
 
 def format_time_spread(row: pd.Series) -> str:
-    """Median time in ms with the p10–p90 spread: ``12.3 [11.9–13.0]``."""
-    return f"{row['median_s'] * 1e3:.1f} [{row['p10_s'] * 1e3:.1f}–{row['p90_s'] * 1e3:.1f}]"
+    """Median time in ms with the p10–p90 spread: ``12.3 [11.9–13.0]``; a cell still disturbed after
+    re-measuring is marked ``(noisy)``: shown, never silently, and left out of slopes and crossovers."""
+    text = f"{row['median_s'] * 1e3:.1f} [{row['p10_s'] * 1e3:.1f}–{row['p90_s'] * 1e3:.1f}]"
+    return text + (" (noisy)" if is_noisy(row) else "")
 
 
-def derived_display(cells: pd.DataFrame, slope_range: Sequence[float], budget_bytes: float | None) -> pd.DataFrame:
+def is_noisy(row: pd.Series) -> bool:
+    """The cell was flagged noisy by the benchmark (a missing flag, from older records, reads as clean)."""
+    value = row.get("noisy")
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
+def derived_display(cells: pd.DataFrame, slope_range: Sequence[float] | None,
+                    budget_bytes: float | None) -> pd.DataFrame:
     """Slopes, crossover and longest n within the budget, formatted; NaN shown as ``—`` with the reason."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -90,23 +102,60 @@ def derived_display(cells: pd.DataFrame, slope_range: Sequence[float], budget_by
     if budget_bytes and "max_n_measured" in derived:
         out["longest n measured within budget"] = derived["max_n_measured"].map(
             lambda x: num(x, "{:.0f}", "none fits"))
-        out["longest n extrapolated"] = derived["max_n_extrapolated"].map(lambda x: num(x, "{:.0f}", "no fit"))
+        out["longest n extrapolated"] = derived.apply(_extrapolated, axis=1)
     return out
 
 
-def markdown_table(df: pd.DataFrame, index: bool = True) -> str:
-    """A GitHub-flavoured Markdown table (no extra dependency)."""
+def _extrapolated(r: pd.Series) -> str:
+    """The power-law estimate, or "> X, not measured" past the evidence (4x the largest measured n)."""
+    if np.isfinite(r.get("max_n_beyond", np.nan)):
+        return f"> {r['max_n_beyond']:.0f}, not measured"
+    x = r["max_n_extrapolated"]
+    return f"{x:.0f}" if x is not None and np.isfinite(x) else not_run("no fit")
+
+
+def analysis_note(cells: pd.DataFrame, slope_range: Sequence[float] | None, budget_gb: float | None) -> str:
+    """The one sentence saying which slope range and memory budget the derived figures used."""
+    used = slope_range_for(cells["n"], slope_range) if len(cells) else None
+    fit = f"n in [{used[0]:.0f}, {used[1]:.0f}]" if used else "— (fewer than two lengths)"
+    budget = f"{budget_gb:g} GB" if budget_gb else "— (no budget)"
+    return (f"log-log slopes over {fit} (1 = linear, 2 = quadratic), crossover length vs full and longest n "
+            f"within {budget}, from clean cells only; extrapolation stops at {EXTRAPOLATION_LIMIT}x the largest "
+            "measured n")
+
+
+# A cell reads as a number when it starts like one: 12.3, -0.4, +1.2, 3.4x, <= 256, > 65536, 12 MiB.
+_NUMERIC = re.compile(r"^\s*([<>]=?\s*)?[-+±]?\d")
+
+
+def table_rows(df: pd.DataFrame, index: bool = True) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows of cell text, alignment per column ``l``/``r``) of ``df``; the index (named or not)
+    becomes the first column, so there is exactly one header row."""
+    frame = df.reset_index() if index else df.copy()
+    header = [str(c) for c in frame.columns]
+    rows = [[MISSING if v is None or (isinstance(v, float) and v != v) else str(v) for v in row]
+            for row in frame.itertuples(index=False)]
+    align = []
+    for j in range(len(header)):
+        values = [r[j] for r in rows if r[j] and not r[j].startswith(MISSING)]
+        align.append("r" if j > 0 and values and all(_NUMERIC.match(v) for v in values) else "l")
+    return header, rows, align
+
+
+def markdown_table(df: pd.DataFrame | None, index: bool = True) -> str:
+    """A GitHub-flavoured Markdown table with one header row and per-column alignment."""
     if df is None or df.empty:
         return "_no data_"
-    frame = df.reset_index() if index else df
-    header = [str(c) for c in frame.columns]
+    header, rows, align = table_rows(df, index)
 
-    def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
+    def cell(value: str) -> str:
+        return value.replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---:" if a == "r" else ":---" for a in align) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
 
 
 # Set by arena-suite for the training processes it starts in the repository: their log lines then show
@@ -120,3 +169,14 @@ def shown_path(path: str | Path) -> str:
         return os.path.relpath(Path(path).resolve(), os.environ.get(WORKDIR_ENV) or Path.cwd())
     except ValueError:  # another drive (Windows): nothing relative exists
         return str(path)
+
+
+@contextlib.contextmanager
+def one_line_interrupt(app: str, kept: str) -> Iterator[None]:
+    """Ctrl-C inside the block: one line on stderr (``<app>: interrupted (Ctrl-C); <kept>``), exit 130, no
+    traceback. Records are written one file at a time, atomically, so what was recorded is kept as is."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\n{app}: interrupted (Ctrl-C); {kept}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

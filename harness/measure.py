@@ -215,6 +215,22 @@ def device_info(device: torch.device | str) -> dict[str, Any]:
     return info
 
 
+def command_line() -> str:
+    """How this process was started, as a user would type it (``arena-bench seq_lens=[1024]``,
+    ``python -m harness.train -m ...``); the report's summary lists these."""
+    import sys
+
+    argv = list(sys.argv) or ["?"]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:  # started with python -m <module>
+        module = spec.name.removesuffix(".__main__")
+        head = f"python -m {module}"
+    else:
+        head = os.path.basename(argv[0])
+        head = f"python {head}" if head.endswith(".py") else head
+    return " ".join([head, *argv[1:]])
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -7,7 +7,7 @@ with :func:`os.replace`, which is atomic on POSIX, so a reader never sees half a
 
     write_record({"kind": "train", "record_id": h, "status": "ok", "created_at": now_iso(), ...})
     df = load_records("results", kind="train")
-    export_records("results", "train.csv")
+    export_records("results", "train.csv", kind="train")
 """
 
 from __future__ import annotations
@@ -28,6 +28,16 @@ import pandas as pd
 REQUIRED_FIELDS = ("kind", "record_id", "status", "created_at")
 STATUSES = ("ok", "oom", "diverged", "error", "unsupported", "skipped_budget")
 # skipped_budget: a benchmark cell not run because its predicted memory or time exceeds the budget.
+KINDS = ("train", "bench", "approx", "peer")
+# Config keys that say where things go or how to report them, not what is computed: left out of a
+# training run's hash and of its recipe, so moving the results or going quiet still finds the same run.
+# ``plugins`` only says where a mechanism came from (its name is hashed): a suite run with a plug-in keeps
+# the hashes and the recipe of the built-in mechanisms' runs.
+NON_SEMANTIC_KEYS = ("results_dir", "cache_dir", "checkpoint_dir", "keep_checkpoints", "force", "quiet",
+                     "log_every", "fault", "num_threads", "plugins")
+# What varies inside one comparison (recipe): the mechanism and the seed. Everything else, the mechanism's
+# command-line parameters included, makes another recipe.
+WITHIN_RECIPE_KEYS = ("seed", "attention.name")
 # Record ids and kinds become file and directory names: keep them to a safe alphabet.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
@@ -138,8 +148,12 @@ def load_records(root: str | Path = "results", kind: str | None = None) -> pd.Da
     the readable ones.
     """
     root = Path(root)
-    base = root / kind if kind is not None else root
-    files = sorted(p for p in base.rglob("*.json") if not p.name.startswith(".")) if base.is_dir() else []
+    if kind is not None:
+        kinds = [kind]
+    else:
+        kinds = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    # Only <root>/<kind>/*.json: a store nested inside this one (results/smoke in results) is another store.
+    files = sorted(p for k in kinds for p in (root / k).glob("*.json") if not p.name.startswith("."))
     rows, unreadable = [], []
     for path in files:
         try:
@@ -148,6 +162,8 @@ def load_records(root: str | Path = "results", kind: str | None = None) -> pd.Da
             warnings.warn(f"unreadable record file {path}: {exc}", stacklevel=2)
             unreadable.append(str(path))
             continue
+        if record.get("kind") != path.parent.name:
+            continue  # not a record of this kind (a stray JSON file in the folder)
         row = _flatten(record)
         row["_path"] = str(path)
         rows.append(row)
@@ -156,8 +172,14 @@ def load_records(root: str | Path = "results", kind: str | None = None) -> pd.Da
     return df
 
 
-def export_records(root: str | Path, path: str | Path, kind: str | None = None) -> Path:
-    """Export the records under ``root`` to ``path`` (``.csv`` or ``.parquet`` by suffix)."""
+def export_records(root: str | Path, path: str | Path, kind: str) -> Path:
+    """Export the records of one ``kind`` under ``root`` to ``path`` (``.csv`` or ``.parquet`` by suffix).
+
+    One kind per file: a training run and a benchmark cell share no columns worth a table.
+    Raises ValueError for an unknown kind or suffix.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"export_records needs the kind of record to export, one of {KINDS}; got {kind!r}")
     path = Path(path)
     df = load_records(root, kind=kind)
     suffix = path.suffix.lower()
@@ -168,6 +190,33 @@ def export_records(root: str | Path, path: str | Path, kind: str | None = None) 
     else:
         raise ValueError(f"export path {str(path)!r} must end in .csv or .parquet")
     return path
+
+
+def recipe_columns(columns) -> list[str]:
+    """The flattened ``config.*`` columns of training records that define a recipe (see :data:`WITHIN_RECIPE_KEYS`)."""
+    skip = tuple(f"config.{k}" for k in (*NON_SEMANTIC_KEYS, *WITHIN_RECIPE_KEYS, "hydra"))
+    return sorted(c for c in columns if c.startswith("config.") and not any(
+        c == s or c.startswith(s + ".") for s in skip))
+
+
+def recipe_of(row: pd.Series, columns: list[str]) -> dict[str, Any]:
+    """One training record's recipe as a flat dict; ``auto`` device/precision read as what the run used
+    (records written before they were resolved at hashing)."""
+    recipe = {c[len("config."):]: _plain(row[c]) for c in columns if not _missing(row[c]) and row[c] != {}}
+    if recipe.get("device") == "auto" and not _missing(row.get("device.device")):
+        recipe["device"] = str(row["device.device"])
+    if recipe.get("precision") == "auto" and not _missing(row.get("precision")):
+        recipe["precision"] = str(row["precision"])
+    return recipe
+
+
+def _plain(value: Any) -> Any:
+    """A whole float back to int (a column with gaps turns 128 into 128.0)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def config_hash(config: dict) -> str:

@@ -23,8 +23,8 @@ Stages (each reuses what the store already holds, so a re-run finishes only what
 
 Owns: the order of the stages, :class:`SuiteSettings` (built once by :func:`resolve_suite`), the
 training sweep's command lines and worker processes. May import ``attentions``, :mod:`harness.bench`,
-:mod:`harness.report`, :mod:`harness.display`, :mod:`harness.settings`; nothing imports it (it is the
-top of the harness). Training runs in subprocesses (``python -m harness.train``), never imported.
+:mod:`harness.report`, :mod:`harness.display`, :mod:`harness.settings`, :mod:`harness.plugins`; nothing
+imports it (it is the top of the harness). Training runs in subprocesses (``python -m harness.train``), never imported.
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ import torch
 
 from attentions import available_attentions, get_attention_info
 from harness import bench, report
-from harness.display import WORKDIR_ENV, shown_path
+from harness.display import WORKDIR_ENV, one_line_interrupt, shown_path
+from harness.plugins import conf_dir, load_plugins, prepare
 from harness.settings import Settings, merge_settings
 
+# The folder holding the harness package (the clone, or site-packages): on the training processes' path.
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+CONF_DIR = conf_dir()
 STAGES = ("bench", "train", "report")
 SIZES = ("default", "smoke", "lra")
 
@@ -58,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "stages": list(STAGES),
     "results_dir": "results",
     "report_dir": None,
+    "plugins": [],
     "mechanisms": "all",
     "device": "auto",
     "bench": {
@@ -65,12 +68,11 @@ DEFAULTS: dict[str, Any] = {
         "repeats": 3,
         "warmup": 1,
         "max_cell_s": 20,
-        "slope_range": [1024, 4096],
+        "force": False,
         "approx": {"seeds": 2},
         "peers": {"seq_lens": [1024, 4096]},
     },
-    "cuda_bench": {"seq_lens": [1024, 2048, 4096, 8192, 16384], "repeats": 5, "warmup": 2,
-                   "slope_range": [2048, 16384], "max_cell_s": 60},
+    "cuda_bench": {"seq_lens": [1024, 2048, 4096, 8192, 16384], "repeats": 5, "warmup": 2, "max_cell_s": 60},
     # quick/pathfinder (chance on a CPU) and quick/mqar (the bidirectional form: full does not learn it within
     # the budget) are left out of the default CPU suite; name them in train.experiments to run them.
     "train": {"experiments": ["quick/listops", "quick/mqar_causal"], "seeds": [0, 1],
@@ -83,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
         "bench": {"smoke": True},
         "train": {"experiments": ["smoke/listops", "smoke/mqar"], "seeds": [0],
                   "ladder": {"experiment": "smoke/mqar", "points": [[16, 2]], "seeds": [0]}},
+        "results_dir": "results/smoke",
     },
     "lra": {
         "train": {"experiments": [f"lra/{t}" for t in ("listops", "text", "retrieval", "image", "pathfinder",
@@ -118,6 +121,7 @@ class SuiteSettings(Settings):
     stages: list
     results_dir: str
     report_dir: str
+    plugins: list
     mechanisms: Any
     device: str
     bench: dict
@@ -155,8 +159,10 @@ def resolve_suite(cfg: dict | None = None) -> SuiteSettings:
         s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if s["size"] == "smoke":
         s["bench"] = merge_settings(s["bench"], s["smoke"]["bench"])
+        if "results_dir" not in cfg or cfg["results_dir"] == DEFAULTS["results_dir"]:
+            s["results_dir"] = s["smoke"].get("results_dir") or s["results_dir"]  # a check never pollutes a benchmark
         # The smoke benchmark's own tiny sizes replace the CPU range.
-        for key in ("seq_lens", "repeats", "warmup", "slope_range", "approx", "peers"):
+        for key in ("seq_lens", "repeats", "warmup", "approx", "peers"):
             s["bench"].pop(key, None)
         s["train"] = merge_settings(s["train"], s["smoke"]["train"])
     elif s["size"] == "lra":
@@ -192,6 +198,7 @@ def train_command(s: SuiteSettings, mechanisms: list[str], experiments: list[str
         f"results_dir={s.results_dir}",
         f"device={s.device}",
         f"hydra.sweep.dir={sweep_dir}",
+        *([f"plugins=[{','.join(s.plugins)}]"] if s.plugins else []),
         *(extra or []),
         *[str(o) for o in s.train.overrides],
     ]
@@ -375,12 +382,8 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     experiments = _available_experiments(s)
     if not experiments:
         return 0
-    missing = [m for m in mechanisms if not (CONF_DIR / "attention" / f"{m}.yaml").exists()]
-    if missing:
-        print(f"training: no conf/attention/<name>.yaml for {missing}; they are not trained", flush=True)
-    trainable = [m for m in mechanisms if m not in missing]
-    if not trainable:
-        return 0
+    # Every registered mechanism trains: one without a conf/attention YAML gets a generated config node.
+    trainable = list(mechanisms)
     workers = min(train_workers(s), len(trainable))
     jobs, total = [], 0
     for tag, mechs, exps, extra, seeds in sweep_parts(s, trainable, experiments):
@@ -393,16 +396,18 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env[WORKDIR_ENV] = os.getcwd()  # the runs' log lines show paths relative to where the suite was started
+    # The runs start where the suite was started: caches, Hydra's outputs and plug-in files are found there.
     print(f"  {workers} worker process(es) x {int(s.train.threads_per_worker or 1)} torch thread(s):", flush=True)
     for label, cmd in jobs:
         print(f"  [{label}] $ " + " ".join(cmd), flush=True)
-    return run_jobs(jobs, workers, env=env, cwd=str(REPO), total_runs=total)
+    return run_jobs(jobs, workers, env=env, cwd=os.getcwd(), total_runs=total)
 
 
 def run_suite(cfg: dict | None = None) -> dict[str, Any]:
     """Run the stages; returns the settings, the stage times, the training exit code and the report path."""
     s = resolve_suite(cfg)
     started = time.time()
+    load_plugins(s.plugins)
     mechanisms = available_attentions() if s.mechanisms == "all" else bench.select_mechanisms(s.mechanisms)
     timings: dict[str, float] = {}
     result: dict[str, Any] = {"settings": s, "timings": timings}
@@ -489,7 +494,7 @@ def lra_estimate(s: SuiteSettings, mechanisms: list[str]) -> dict[str, Any]:
 
 def _bench_settings(s: SuiteSettings, mechanisms: list[str]) -> bench.BenchSettings:
     return bench.resolve_settings({**s.bench, "mechanisms": mechanisms, "device": s.device,
-                                   "results_dir": s.results_dir})
+                                   "results_dir": s.results_dir, "plugins": list(s.plugins)})
 
 
 def _bench_stage(s: SuiteSettings, mechanisms: list[str]) -> float:
@@ -499,9 +504,10 @@ def _bench_stage(s: SuiteSettings, mechanisms: list[str]) -> float:
 
 
 def _report_stage(s: SuiteSettings) -> tuple[str, float]:
-    """(the report page's path relative to the working directory, seconds to build it)."""
-    slope_range = s.bench.get("slope_range") or bench.resolve_settings(s.bench).slope_range
-    built = report.build_report(s.results_dir, s.report_dir, slope_range=tuple(slope_range))
+    """(the report page's path relative to the working directory, seconds to build it).
+
+    The slope range and memory budget come from the benchmark's records, as for ``arena-report``."""
+    built = report.build_report(s.results_dir, s.report_dir)
     return shown_path(Path(built["out"]) / "report.html"), built["build_s"]
 
 
@@ -526,7 +532,9 @@ def main() -> None:
     def _app(cfg: DictConfig) -> None:
         run_suite(OmegaConf.to_container(cfg, resolve=True))
 
-    _app()
+    prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
+    with one_line_interrupt("arena-suite", "what was recorded is kept; the same command continues from there"):
+        _app()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ from tasks.cache import default_cache_dir, entry_dir
 
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 GENERATED = ("listops", "pathfinder", "pathx")  # generated here when no release folder is given
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The recipes: harness/conf beside this package in an installed wheel, else conf/ of a clone (the same folder
+# harness.plugins.conf_dir finds; tasks may not import the harness).
+_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = next((d for d in (_ROOT / "harness" / "conf", _ROOT / "conf") if d.is_dir()), _ROOT / "conf")
 _RAMP = " .:-=+*#%@"
 
 

@@ -33,14 +33,16 @@ ALLOWED: dict[str, set[str]] = {
     "harness.analysis": set(),
     "harness.display": {"harness.analysis"},
     "harness.model": {"attentions"},
+    "harness.plugins": {"attentions", "tasks"},
     "harness.overhead": {"tasks", "harness.model"},
     "harness.precision": {"attentions"},
     "harness.train": {"tasks", "harness.model", "harness.schedules", "harness.checkpoint", "harness.measure",
-                      "harness.store", "harness.display", "harness.settings"},
+                      "harness.store", "harness.display", "harness.settings", "harness.plugins"},
     "harness.bench": {"attentions", "harness.measure", "harness.allocator", "harness.store", "harness.analysis",
-                      "harness.display", "harness.settings"},
-    "harness.report": {"attentions", "harness.store", "harness.analysis", "harness.display"},
-    "harness.suite": {"attentions", "harness.bench", "harness.report", "harness.display", "harness.settings"},
+                      "harness.display", "harness.settings", "harness.plugins"},
+    "harness.report": {"attentions", "harness.store", "harness.analysis", "harness.display", "harness.plugins"},
+    "harness.suite": {"attentions", "harness.bench", "harness.report", "harness.display", "harness.settings",
+                      "harness.plugins"},
 }
 
 

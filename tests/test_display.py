@@ -31,3 +31,26 @@ def test_the_report_page_does_not_print_the_machine_path_of_the_store(tmp_path, 
     built = build_report("results")
     md = (built["out"] / "report.md").read_text()
     assert "Results store: results." in md and str(tmp_path) not in md
+
+
+def test_ctrl_c_in_an_app_prints_one_line_and_exits_130(monkeypatch, tmp_path, capsys):
+    import sys
+
+    import pytest
+
+    from harness.bench import run as bench_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench_run, "run_benchmark", interrupted)
+    monkeypatch.setattr(sys, "argv", ["arena-bench", "hydra.run.dir=.", "hydra/job_logging=none",
+                                      "hydra/hydra_logging=none"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_run.main()
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["arena-bench: interrupted (Ctrl-C); the cells measured so far are kept; "
+                                        "the same command measures only the missing ones"]
+    assert "Traceback" not in err

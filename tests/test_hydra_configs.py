@@ -174,3 +174,10 @@ def test_slurm_launcher_composes(launcher):
     assert cfg.hydra.launcher.partition == "gpu"
     if launcher == "slurm":  # our preset: one GPU per run
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min > 0
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith("smoke/")])
+def test_smoke_recipes_write_to_their_own_store(experiment):
+    """A smoke run is a check, not a benchmark: its records never land beside a benchmark's."""
+    assert compose_train(f"experiment={experiment}").results_dir == "results/smoke"
+    assert compose_train(f"experiment={experiment}", "results_dir=elsewhere").results_dir == "elsewhere"

@@ -8,7 +8,7 @@ import re
 import pandas as pd
 import pytest
 
-from harness.report import MISSING, accuracy_table, build_report, markdown_table, task_labels
+from harness.report import MISSING, build_report, comparison_table, comparisons, markdown_table, settings
 from harness.store import load_records, now_iso, write_record
 
 NS = [1024, 2048, 4096]
@@ -107,14 +107,11 @@ def test_report_builds_every_file(store, tmp_path):
 def test_missing_cells_show_as_missing_never_zero(store, tmp_path):
     build_report(store, tmp_path / "r", slope_range=(1024, 4096))
     md = (tmp_path / "r" / "report.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
-    # Accuracy: performer pathfinder failed (oom), linformer never trained, averages incomplete.
-    acc_rows = [line for line in md.splitlines() if line.startswith("| performer |") and "seed" in line]
-    assert acc_rows and f"{MISSING} (1 oom)" in acc_rows[0] and f"{MISSING} (incomplete)" in acc_rows[0]
-    lin = [line for line in md.splitlines() if line.startswith("| linformer |") and "not run" in line]
-    assert lin, "linformer's accuracy row must say not run"
+    # Accuracy: one table per recipe; performer's pathfinder run failed (oom), linformer never trained.
+    assert f"| performer | {MISSING} (1 oom) |" in md
+    assert not [line for line in md.splitlines() if line.startswith("| linformer |") and "seed" in line]
     assert "37.00 ± 1.41 (2 seeds)" in md  # full on listops: 36 and 38
-    assert "Majority class" in rows
+    assert "| majority class | 20.00 |" in md
     # Efficiency: oom / unsupported / over budget cells say so.
     assert f"{MISSING} (oom)" in md and f"{MISSING} (unsupported)" in md
     assert f"{MISSING} (over budget: memory, predicted peak 9.00 GB > budget 6.00 GB)" in md
@@ -131,6 +128,23 @@ def test_missing_cells_show_as_missing_never_zero(store, tmp_path):
             assert "0" not in cells and "0.00" not in cells and "nan" not in " ".join(cells).lower(), line
 
 
+def test_page_starts_with_a_summary_and_shows_figures_before_tables(store, tmp_path):
+    build_report(store, tmp_path / "r", slope_range=(1024, 4096))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.index("## Summary") < md.index("## Figures") < md.index("## Detailed tables")
+    assert md.index("![") < md.index("| mechanism |")
+    assert "### Findings" in md and "listops: 2 of 2 mechanisms beat the majority class" in md
+    assert "machine (benchmark): test cpu" in md
+    page = (tmp_path / "r" / "report.html").read_text()
+    # One header row per table (no index-name row), and every cell aligned by its column's class.
+    for table in re.findall(r"<table>.*?</table>", page, flags=re.S):
+        assert table.count("<thead><tr>") == 1 and table.count("</tr></thead>") == 1
+        assert "<td>" not in table and "<th>" not in table
+    for line in md.splitlines():
+        if line.startswith("|:") or line.startswith("|-"):
+            assert set(line.split("|")[1:-1]) <= {":---", "---:"}
+
+
 def test_html_is_self_contained(store, tmp_path):
     result = build_report(store, tmp_path / "r", slope_range=(1024, 4096))
     page = (tmp_path / "r" / "report.html").read_text()
@@ -140,40 +154,78 @@ def test_html_is_self_contained(store, tmp_path):
     pngs = [p for p in result["files"] if p.suffix == ".png"]
     assert len(embedded) == len(pngs) == 4
     assert {base64.b64decode(e) for e in embedded} == {p.read_bytes() for p in pngs}
-    assert "<table" in page and "Majority class" in page
+    assert "<table" in page and "majority class" in page
 
 
 def test_empty_store_builds_a_report_that_says_so(tmp_path):
+    (tmp_path / "nothing").mkdir()
     result = build_report(tmp_path / "nothing", tmp_path / "r")
     md = (tmp_path / "r" / "report.md").read_text()
     assert "no training records" in md and "no benchmark records" in md and "no approximation records" in md
     assert {p.name for p in result["files"]} == {"report.md", "report.html"}
 
 
-def test_accuracy_table_mean_std_majority_average(store):
-    with pytest.warns(UserWarning):
-        train = load_records(store, kind="train")
-    display, numeric = accuracy_table(train, ["full", "performer", "linformer"])
-    assert list(display.columns) == ["listops", "pathfinder", "Average"]
-    assert numeric.loc["full", "listops"] == pytest.approx(37.0)
-    assert numeric.loc["full", "Average"] == pytest.approx((37.0 + 70.0) / 2)
-    assert pd.isna(numeric.loc["performer", "Average"])
-    assert display.loc["Majority class", "listops"] == "20.00"
-    assert display.loc["Majority class", "Average"] == "35.00"
-    assert display.loc["linformer", "listops"] == f"{MISSING} (not run)"
+def test_missing_results_dir_is_an_error_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="typo_results"):
+        build_report(tmp_path / "typo_results", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
-def test_task_labels_split_a_task_run_with_two_recipes():
-    train = pd.DataFrame({"task": ["listops", "listops", "text"],
-                          "config.train.max_steps": [1000, 5000, 1000]})
-    labels = list(task_labels(train))
-    assert labels[2] == "text"
-    assert labels[0] != labels[1] and all(label.startswith("listops (") for label in labels[:2])
+def test_recipes_parameters_and_smoke_runs_are_separate_comparisons(tmp_path):
+    """A smoke run, two recipes of one task and a mechanism with other parameters: four comparisons, and no
+    cell averages runs of two of them."""
+    root = tmp_path / "results"
+
+    def rec(attention, seed, acc, steps=1000, experiment="quick/listops", params=None, device="cpu"):
+        r = train_record(attention, "listops", seed, acc=acc, max_steps=steps)
+        r["record_id"] += f".{experiment.replace('/', '-')}.{len(params or {})}.{device}"
+        r["experiment"] = experiment
+        r["config"].update(attention={"name": attention, "params": params or {}}, seed=seed, device=device,
+                           results_dir=str(root))
+        return r
+
+    records = [rec("full", 0, 0.36), rec("full", 1, 0.38), rec("performer", 0, 0.30), rec("performer", 1, 0.32),
+               rec("performer", 2, 0.20, params={"num_features": 128}),
+               rec("full", 0, 0.40, steps=5000), rec("performer", 0, 0.35, steps=5000),
+               rec("full", 0, 0.047, steps=10, experiment="smoke/listops"),
+               # device=auto on a CPU machine (an older record): the same recipe as device=cpu.
+               rec("full", 2, 0.37, device="auto")]
+    records[-1]["device"] = {"device": "cpu"}
+    for r in records:
+        write_record(r, root)
+    comps = comparisons(load_records(root, kind="train"))
+    titles = [c.title for c in comps]
+    assert len(comps) == 4, titles
+    assert "listops (smoke/listops)" in titles
+    assert any("attention.params.num_features=128" in t for t in titles)
+    assert any("train.max_steps=5000" in t for t in titles) and any("train.max_steps=1000" in t for t in titles)
+    default = next(c for c in comps if "train.max_steps=1000" in c.title and "num_features=128" not in c.title)
+    _, numeric = comparison_table(default)
+    assert numeric.loc["full", "accuracy"] == pytest.approx(37.0) and numeric.loc["full", "seeds"] == 3
+    assert numeric.loc["performer", "accuracy"] == pytest.approx(31.0) and numeric.loc["performer", "seeds"] == 2
+    build_report(root, tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "4.70 (1 seed)" in md and "20.00 (1 seed)" in md  # each alone, never averaged in
+    assert "37.00 ± 1.00 (3 seeds)" in md
+
+
+def test_bench_settings_are_separate_and_a_new_setting_field_separates_by_itself(store):
+    bench = load_records(store, kind="bench")
+    assert len(settings(bench)) == 1
+    other = bench.assign(batch=8)
+    causal = bench.assign(causal=True)
+    assert len(settings(pd.concat([bench, other]))) == 2
+    groups = settings(pd.concat([bench.assign(causal=False), causal]))
+    assert len(groups) == 2 and any("causal=True" in g.label for g in groups)
+    assert "batch 2, 4 heads, head dim 32, float32, cpu (test cpu), n = 1024..4096" == settings(bench)[0].label
 
 
 def test_markdown_table_escapes_pipes():
     text = markdown_table(pd.DataFrame({"a": ["x|y"]}), index=False)
     assert text.splitlines()[2] == "| x\\|y |"
+    named = pd.DataFrame({"x": ["1.0", "a"]}, index=pd.Index(["m1", "m2"], name="mechanism"))
+    named.columns.name = "n"
+    assert markdown_table(named).splitlines()[:2] == ["| mechanism | x |", "|:---|:---|"]
 
 
 def test_report_says_which_trained_mechanisms_ignore_attention_dropout(store, tmp_path):
@@ -181,6 +233,51 @@ def test_report_says_which_trained_mechanisms_ignore_attention_dropout(store, tm
     # performer ran and has no probability matrix to drop; full ran and applies dropout; rfa never ran.
     line = next(ln for ln in text.splitlines() if "attention dropout has no effect" in ln)
     assert "performer" in line and "full" not in line and "rfa" not in line
+
+
+def test_every_mechanism_has_one_distinct_style_in_every_plot(monkeypatch, tmp_path):
+    """Twelve lines (eleven mechanisms and the SDPA reference), one artist each, no two alike; the reference
+    is drawn under the mechanisms; the figure names its setting; ticks are plain numbers."""
+    from attentions import available_attentions
+    from harness.report import plots
+
+    names = [*available_attentions(), "sdpa_direct"]
+    styles = {n: plots.mechanism_style(n) for n in names}
+    assert len({(s["color"], s["marker"]) for s in styles.values()}) == len(names)
+    assert len({s["color"] for s in styles.values()}) == len(names)  # distinct colours, not only markers
+    assert styles["sdpa_direct"]["zorder"] < min(s["zorder"] for n, s in styles.items() if n != "sdpa_direct")
+    assert plots.mechanism_style("my_plugin") == plots.mechanism_style("my_plugin")  # stable for new names
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    cells = pd.DataFrame([{"mechanism": m, "pass": p, "n": n, "outcome": "ok", "median_s": 1e-3 * n * (i + 1),
+                           "p10_s": 0.9e-3 * n * (i + 1), "p90_s": 1.1e-3 * n * (i + 1), "peak_bytes": 1e3 * n,
+                           "noisy": False}
+                          for i, m in enumerate(names) for p in ("fwd", "fwd+bwd") for n in NS])
+    plots.plot_scaling(cells, "median_s", tmp_path / "t.png", setting="batch 2, 4 heads, head dim 32, float32, cpu")
+    fig = figures[-1]
+    for ax in fig.axes:
+        lines = {c.get_label(): c.lines[0] for c in ax.containers if not c.get_label().startswith("_")}
+        assert len(lines) == len(names)  # one artist per mechanism
+        assert len({(line.get_color(), line.get_marker()) for line in lines.values()}) == len(names)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1K", "2K", "4K"]
+        assert not any("^" in t.get_text() or "$" in t.get_text() for t in ax.get_yticklabels())
+    assert "head dim 32" in fig._suptitle.get_text()
+
+
+def test_arena_report_on_a_missing_store_exits_non_zero_naming_it(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from harness.report import build
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["arena-report", "results_dir=no_such_results", "hydra.run.dir=.",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    with pytest.raises(SystemExit) as exit_info:
+        build.main()
+    assert exit_info.value.code == 2
+    assert "no_such_results" in capsys.readouterr().err
+    assert not (tmp_path / "no_such_results").exists()
 
 
 def test_causal_cells_are_shown_apart_from_bidirectional_ones(store, tmp_path):
@@ -201,11 +298,13 @@ def test_causal_cells_are_shown_apart_from_bidirectional_ones(store, tmp_path):
     names = {p.name for p in result["files"]}
     assert {"time_vs_n.png", "memory_vs_n.png", "causal_time_vs_n.png", "causal_memory_vs_n.png"} <= names
     text = (result["out"] / "report.md").read_text()
-    bidirectional = text.index("Bidirectional (non-causal) self-attention")
-    causal = text.index("Causal self-attention")
+    # The pattern is a setting like any other (harness.report.groups): its own section, bidirectional first.
+    tables = text[text.index("## Detailed tables"):]
+    bidirectional = tables.index("### Efficiency: bidirectional, batch 2")
+    causal = tables.index("### Efficiency: causal, batch 2")
     assert bidirectional < causal
     # The causal block holds only causal cells: linformer (bidirectional only) is not in it.
-    causal_block = text[causal:text.index("Accuracy vs speed")]
+    causal_block = tables[causal:tables.index("### Approximation error")]
     assert "linformer" not in causal_block and "performer" in causal_block
     assert "Relative to causal full" in causal_block
     peers = text[text.index("Peers"):]

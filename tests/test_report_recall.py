@@ -47,6 +47,16 @@ def test_spread_table_names_variants_and_marks_best_and_ties():
     assert set(points["num_kv_pairs"]) == {8, 16} and set(points["form"]) == {"decoder"}
 
 
+def test_different_recipes_are_never_pooled():
+    train = _runs([("full", "listops", None, None, None, 0, 0.3), ("full", "listops", None, None, None, 1, 0.4)])
+    train["config.train.max_steps"] = [500, 1500]
+    assert len(set(seed_stats(train)["variant"])) == 2
+    assert all(v.startswith("listops (") for v in seed_stats(train)["variant"])
+    train["config.train.max_steps"] = 500
+    train["config.attention.params.window"] = [8, 16]  # mechanism parameters never split a column
+    assert list(seed_stats(train)["variant"]) == ["listops"]
+
+
 def test_recall_section_writes_the_plot(tmp_path):
     train = _runs([(m, "mqar", "decoder", 64, k, s, 0.5 + 0.01 * k) for m in ("full", "rfa") for k in (4, 8, 16)
                    for s in (0, 1)])

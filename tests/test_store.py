@@ -111,14 +111,21 @@ def test_nan_becomes_null(tmp_path):
 def test_export_csv_and_parquet(tmp_path):
     write_record(_record("a", acc=0.5, config={"lr": 0.1}), root=tmp_path / "r")
     write_record(_record("b", acc=0.7, config={"lr": 0.2}), root=tmp_path / "r")
-    out = export_records(tmp_path / "r", tmp_path / "out.csv")
+    write_record({**_record("c", time=1.0), "kind": "bench"}, root=tmp_path / "r")
+    # A nested store (results/smoke inside results) is another store: never read with this one.
+    write_record(_record("smoke", acc=0.1), root=tmp_path / "r" / "smoke")
+    out = export_records(tmp_path / "r", tmp_path / "train.csv", kind="train")
     df = pd.read_csv(out).sort_values("record_id")
+    assert list(df["record_id"]) == ["a", "b"]  # only the kind asked for
     assert list(df["acc"]) == [0.5, 0.7] and list(df["config.lr"]) == [0.1, 0.2]
+    assert set(load_records(tmp_path / "r")["record_id"]) == {"a", "b", "c"}
+    with pytest.raises(ValueError, match="kind"):
+        export_records(tmp_path / "r", tmp_path / "all.csv", kind=None)
     pytest.importorskip("pyarrow")
-    out = export_records(tmp_path / "r", tmp_path / "out.parquet")
+    out = export_records(tmp_path / "r", tmp_path / "out.parquet", kind="train")
     assert len(pd.read_parquet(out)) == 2
     with pytest.raises(ValueError, match=r"\.csv or \.parquet"):
-        export_records(tmp_path / "r", tmp_path / "out.xlsx")
+        export_records(tmp_path / "r", tmp_path / "out.xlsx", kind="train")
 
 
 def test_config_hash_is_stable_and_order_free():

@@ -384,3 +384,24 @@ def test_token_loss_ignores_unlabelled_positions():
     # Sequence-level logits and labels go through unchanged.
     torch.testing.assert_close(train_loop.classification_loss(logits[:, 0], torch.tensor([1, 2])),
                                torch.nn.functional.cross_entropy(logits[:, 0], torch.tensor([1, 2])))
+
+
+def test_equivalent_configs_share_one_hash_and_recipes_separate_parameters(tmp_path):
+    """device=auto is resolved before hashing (the suite's device=cpu and a plain run's device=auto are one
+    run); a recipe is the config without mechanism and seed, and mechanism parameters stay in it."""
+    from harness.store import config_hash
+    from harness.train import hashed_config
+    from harness.train.config import recipe_config
+
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    a = make_cfg(tmp_path, "device=auto", "precision=auto")
+    b = make_cfg(tmp_path, f"device={auto}", "precision=" + ("bf16" if auto == "cuda" else "fp32"))
+    assert config_hash(hashed_config(a)) == config_hash(hashed_config(b))
+    assert config_hash(hashed_config(a)) != config_hash(hashed_config(make_cfg(tmp_path, "seed=1")))
+
+    def recipe(*overrides):
+        return config_hash(recipe_config(make_cfg(tmp_path, *overrides)))
+
+    assert recipe("seed=0") == recipe("seed=3") == recipe("attention=performer", "seed=1")
+    assert recipe("attention=performer", "+attention.params.num_features=128") != recipe("attention=performer")
+    assert recipe("train.max_steps=10") != recipe()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from attentions import available_attentions, build_attention, get_attention_info
+from attentions.rfa import kernel_reference
 from harness.bench.cells import family, mechanism_params
 from harness.bench.settings import BenchSettings
 from harness.measure import failure_outcome, jsonable_params, progress_bar
@@ -36,8 +37,8 @@ APPROX_BUDGETS: dict[str, tuple[str, list]] = {
     "sliding_window": ("window", [16, 32, 64, 128, 256, 512]),
     "longformer": ("window", [16, 32, 64, 128, 256, 512]),
     "bigbird": ("block_size", [8, 16, 32, 64, 128]),
-    "aft": ("window", [16, 32, 64, 128, 256, 512]),
 }
+# AFT is left out: it replaces attention by learned position biases and approximates no attention function.
 APPROX_SMOKE_BUDGETS: dict[str, tuple[str, list]] = {
     "performer": ("num_features", [8, 32]),
     "rfa": ("num_features", [8, 32]),
@@ -48,7 +49,6 @@ APPROX_SMOKE_BUDGETS: dict[str, tuple[str, list]] = {
     "sliding_window": ("window", [8, 128]),
     "longformer": ("window", [8, 128]),
     "bigbird": ("block_size", [4, 8]),
-    "aft": ("window", [4, 16]),
 }
 APPROX_VARIANTS = ("iid", "smooth")
 APPROX_INPUT_DOC = {
@@ -86,14 +86,26 @@ def approx_inputs(variant: str, batch: int, heads: int, n: int, head_dim: int, s
     return x, x + 0.3 * randn(), randn()
 
 
-def exact_reference(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def reference_name(name: str, params: dict | None = None) -> str:
+    """What ``name`` is compared to (see :func:`exact_reference`), as the report names it."""
+    if name == "rfa":
+        return f"its Gaussian kernel, softmax(q^.k^ / sigma^2), sigma={float((params or {}).get('sigma', 1.0)):g}"
+    return "shared-QK softmax" if get_attention_info(name).shared_qk else "softmax"
+
+
+def exact_reference(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    params: dict | None = None) -> torch.Tensor:
     """Exact attention that ``name`` approximates, in float64 (returned as float32).
 
-    Softmax attention ``softmax(q k^T / sqrt(d)) v`` for every mechanism except shared-QK ones
-    (reformer): their exact counterpart is shared-QK softmax attention with unit-normalised keys
+    Softmax attention ``softmax(q k^T / sqrt(d)) v`` for every mechanism except: shared-QK ones
+    (reformer), whose exact counterpart is shared-QK softmax attention with unit-normalised keys
     and no attention to self (score -1e5, Kitaev et al. 2020), so their error measures the LSH
-    restriction alone, not the change of attention function.
+    restriction alone, not the change of attention function; and RFA, whose random features estimate
+    the Gaussian kernel on normalised q, k (:func:`attentions.rfa.kernel_reference`, its ``sigma``
+    from ``params``), not softmax with temperature sqrt(d).
     """
+    if name == "rfa":
+        return kernel_reference(q, k, v, float((params or {}).get("sigma", 1.0))).float()
     q, k, v = q.double(), k.double(), v.double()
     if not get_attention_info(name).shared_qk:
         return F.scaled_dot_product_attention(q, k, v).float()
@@ -141,12 +153,13 @@ def _approx_record(name: str, param: str, value: Any, variant: str, settings: Be
     acfg = settings.approx
     n, batch = int(acfg.n), int(acfg.batch)
     base = mechanism_params(name, n, settings)
-    if param == "window" and name == "aft":
-        base["mode"] = "local"
     base[param] = value
     shared_qk = get_attention_info(name).shared_qk
+    reference = reference_name(name, base)
+    # The key keeps its earlier "reference" values for softmax and shared-QK, so those records stay valid.
     key = config_hash({"m": name, "params": jsonable_params(base), "n": n, "variant": variant,
-                       "seeds": acfg.seeds, "batch": batch, "reference": "shared_qk" if shared_qk else "softmax"})
+                       "seeds": acfg.seeds, "batch": batch,
+                       "reference": {"softmax": "softmax", "shared-QK softmax": "shared_qk"}.get(reference, reference)})
     record_id = f"{name.replace('_', '-')}.{param}={value}.n{n}.{variant}.{key}"
     old = find_record(settings.results_dir, "approx", record_id) if settings.reuse else None
     if old is not None and old["status"] != "error":
@@ -157,7 +170,7 @@ def _approx_record(name: str, param: str, value: Any, variant: str, settings: Be
             q, k, v = approx_inputs(variant, batch, settings.heads, n, settings.head_dim, seed)
             if shared_qk:
                 k = q  # as the backbone ties them; the reference is the same shared-QK attention
-            exact = exact_reference(name, q, k, v)
+            exact = exact_reference(name, q, k, v, base)
             attn = build_attention(name, **{**base, "seed": seed}).eval()
             with torch.no_grad():
                 errors.append(relative_error(attn(q, k, v), exact))
@@ -172,7 +185,7 @@ def _approx_record(name: str, param: str, value: Any, variant: str, settings: Be
         "seeds": int(acfg.seeds), "params": jsonable_params(base), "reason": reason,
         "errors": errors, "error_mean": float(np.mean(errors)) if ok else None,
         "error_std": float(np.std(errors)) if ok else None,
-        "smoke": bool(settings.smoke), "inputs": APPROX_INPUT_DOC[variant],
+        "smoke": bool(settings.smoke), "inputs": APPROX_INPUT_DOC[variant], "reference": reference,
     }
     write_record(record, settings.results_dir)
     return record

@@ -145,4 +145,5 @@ def flat_cell(record: dict) -> dict[str, Any]:
         "n": record["n"], "outcome": record_outcome(record), "reason": record.get("reason"),
         "median_s": time_.get("median_s"), "p10_s": time_.get("p10_s"), "p90_s": time_.get("p90_s"),
         "peak_bytes": mem.get("peak_bytes"), "memory_method": mem.get("method"),
+        "noisy": bool((record.get("noise") or {}).get("noisy")),
     }

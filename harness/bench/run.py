@@ -2,21 +2,21 @@
 
 Owns: the order of the scan, budget skips, the ``bench`` records, the console summary and ``main``.
 Imports: the other :mod:`harness.bench` modules, :mod:`harness.allocator`, :mod:`harness.measure`,
-:mod:`harness.store`, :mod:`harness.analysis`, :mod:`harness.display`.
+:mod:`harness.store`, :mod:`harness.analysis`, :mod:`harness.display`, :mod:`harness.plugins`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from harness.allocator import configure_cpu_allocator
-from harness.analysis import SDPA_DIRECT, full_overhead, predict_at
+from harness.analysis import NOISE_FLOOR_S, SDPA_DIRECT, full_overhead, predict_at, trend_suspects
 from harness.bench import peers
 from harness.bench.approx import approximation_errors
 from harness.bench.cells import (
@@ -31,8 +31,9 @@ from harness.bench.cells import (
     select_mechanisms,
 )
 from harness.bench.settings import BenchSettings, resolve_settings
-from harness.display import derived_display, format_cell
-from harness.measure import device_info, jsonable_params, progress_bar
+from harness.display import analysis_note, derived_display, format_cell, one_line_interrupt
+from harness.measure import command_line, device_info, jsonable_params, progress_bar
+from harness.plugins import conf_dir, load_plugins, prepare
 from harness.store import find_record, now_iso, write_record
 
 
@@ -63,6 +64,7 @@ def run_benchmark(cfg: dict | BenchSettings | None = None, log: Callable[[str], 
     which are retried).
     """
     settings = resolve_settings(cfg)
+    load_plugins(settings.plugins)
     mechanisms = _mechanisms(settings)
     settings = replace(settings, cpu_allocator_used=configure_cpu_allocator(settings.cpu_allocator))
     df = pd.DataFrame(_scan(settings, mechanisms))
@@ -91,15 +93,75 @@ def _scan(settings: BenchSettings, mechanisms: list[str]) -> list[dict[str, Any]
     bar = progress_bar(len(cells) * len(settings.seq_lens), "bench", settings.progress)
     rows = []
     for name, pass_ in cells:
-        row = _Row()
+        row, records = _Row(), []
         for n in settings.seq_lens:
             bar.set_postfix_str(f"{name} {pass_} n={n}")
             record = _cell_record(name, n, pass_, settings, row, info)
             row.learn(n, record)
-            rows.append(flat_cell(record))
+            records.append(record)
             bar.update(1)
+        rows += [flat_cell(r) for r in recheck_trend(records, settings)]
     bar.close()
     return rows
+
+
+def recheck_trend(records: list[dict], settings: BenchSettings) -> list[dict]:
+    """Measure again the cells of one row whose time contradicts their neighbours (see
+    :func:`harness.analysis.trend_suspects`), keeping the faster measurement; a cell the neighbours still
+    contradict is flagged noisy. Re-written records replace the stored ones."""
+    ok = [r for r in records if record_outcome(r) == "ok"]
+
+    def suspects() -> list[int]:
+        return trend_suspects([r["n"] for r in ok], [r["time"]["median_s"] for r in ok])
+
+    for _ in range(settings.remeasure):
+        todo = suspects()
+        if not todo:
+            return records
+        for i in todo:
+            again = measure_quietly(ok[i]["mechanism"], ok[i]["n"], ok[i]["pass"], settings)
+            if again["outcome"] == "ok" and again["time"]["median_s"] < ok[i]["time"]["median_s"]:
+                ok[i].update({k: v for k, v in again.items() if k != "outcome"}, created_at=now_iso())
+                write_record(ok[i], settings.results_dir)
+    for i in suspects():
+        ok[i]["noise"] = {**(ok[i].get("noise") or {}), "noisy": True,
+                          "why": "time out of line with the neighbouring lengths after re-measuring"}
+        write_record(ok[i], settings.results_dir)
+    return records
+
+
+def measure_quietly(name: str, n: int, pass_: str, settings: BenchSettings) -> dict[str, Any]:
+    """:func:`measure_cell`, repeated (at most ``remeasure`` extra times) while the p90/p10 spread of its
+    repeats exceeds ``max_spread`` (steps under :data:`~harness.analysis.NOISE_FLOOR_S` excepted); keeps
+    the quiet attempt, or the fastest when none was quiet (a disturbance only adds time). The cell's
+    ``noise`` says the machine's load before and after, the spread, the attempts, and ``noisy`` when no
+    attempt was quiet enough."""
+    attempts = []
+    for _ in range(settings.remeasure + 1):
+        load_before = _load()
+        cell = measure_cell(name, n, pass_, settings)
+        if cell["outcome"] != "ok":
+            return cell
+        spread = cell["time"]["p90_s"] / max(cell["time"]["p10_s"], 1e-12)
+        disturbed = spread > settings.max_spread and cell["time"]["median_s"] >= NOISE_FLOOR_S
+        attempts.append((cell["time"]["median_s"], spread, load_before, _load(), cell, disturbed))
+        if not disturbed:
+            break
+    noisy = all(a[5] for a in attempts)
+    # A quiet attempt if there is one, else the fastest (a disturbance only adds time).
+    median, spread, load_before, load_after, cell, _ = min(attempts, key=lambda a: (a[5], a[0]))
+    why = f"p90/p10 spread {spread:.2f} > {settings.max_spread:g} in every attempt" if noisy else None
+    cell["noise"] = {"spread": spread, "attempts": len(attempts), "load_before": load_before,
+                     "load_after": load_after, "cpus": os.cpu_count(), "noisy": noisy, "why": why}
+    return cell
+
+
+def _load() -> float | None:
+    """The 1-minute load average (runnable processes), None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _cell_record(name: str, n: int, pass_: str, settings: BenchSettings, row: _Row, info: dict) -> dict:
@@ -108,8 +170,8 @@ def _cell_record(name: str, n: int, pass_: str, settings: BenchSettings, row: _R
     key = cell_key(name, n, pass_, settings, params)
     record_id = cell_record_id(name, n, pass_, key)
     old = find_record(settings.results_dir, "bench", record_id) if settings.reuse else None
-    if old is not None and record_outcome(old) in REUSABLE:
-        return old
+    if old is not None and record_outcome(old) in REUSABLE and not (old.get("noise") or {}).get("noisy"):
+        return old  # a noisy cell is measured again: the machine may be quiet now
     cell = _plan_or_measure(name, n, pass_, settings, row)
     record = {
         "kind": "bench", "record_id": record_id, "status": cell.pop("outcome"),
@@ -118,7 +180,10 @@ def _cell_record(name: str, n: int, pass_: str, settings: BenchSettings, row: _R
         "batch": settings.batch, "heads": settings.heads, "head_dim": settings.head_dim,
         "dtype": settings.dtype, "device": settings.device,
         "cpu_allocator": settings.cpu_allocator_used, "settings_key": key,
-        "smoke": bool(settings.smoke), "device_info": info, **cell,
+        "smoke": bool(settings.smoke), "plugins": list(settings.plugins), "device_info": info,
+        "command": command_line(),
+        # How the derived figures read these cells: the same budget and slope range in console and report.
+        "memory_budget_gb": settings.memory_budget_gb, "slope_range": settings.slope_range, **cell,
     }
     write_record(record, settings.results_dir)
     return record
@@ -150,7 +215,7 @@ def _plan_or_measure(name: str, n: int, pass_: str, settings: BenchSettings, row
                 "reason": f"time, predicted cell time {cell_s:.0f} s > max_cell_s {float(max_s):.0f} s",
                 "params": params,
             }
-    return measure_cell(name, n, pass_, settings)
+    return measure_quietly(name, n, pass_, settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +244,7 @@ def format_derived(df: pd.DataFrame, settings: BenchSettings) -> str:
     if df.empty:
         return ""
     derived = derived_display(df, settings.slope_range, settings.budget_bytes)
-    lines = [f"log-log slopes over n in {list(settings.slope_range)}, crossover vs full, "
-             f"longest n within {settings.memory_budget_gb} GB:", derived.to_string(index=False)]
+    lines = [analysis_note(df, settings.slope_range, settings.memory_budget_gb) + ":", derived.to_string(index=False)]
     overhead = full_overhead(df)
     if not overhead.empty:
         lines.append("full (registry) vs sdpa_direct, time ratio - 1:")
@@ -193,12 +257,14 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="bench",
-                version_base="1.3")
+    @hydra.main(config_path=str(conf_dir()), config_name="bench", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         run_benchmark(resolve_settings(OmegaConf.to_container(cfg, resolve=True)))
 
-    _app()
+    prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
+    with one_line_interrupt("arena-bench", "the cells measured so far are kept; the same command measures "
+                                           "only the missing ones"):
+        _app()
 
 
 if __name__ == "__main__":

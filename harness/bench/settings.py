@@ -1,17 +1,19 @@
 """``arena-bench``'s settings: the defaults, the smoke sizes, and :class:`BenchSettings`, built once and validated.
 
 Owns: what the benchmark can be told and its documented per-mechanism settings.
-Imports: :mod:`harness.settings`, :mod:`harness.measure` (dtype names), :mod:`harness.allocator` (policy names).
+Imports: :mod:`harness.settings`, :mod:`harness.measure` (dtype names), :mod:`harness.allocator` (policy names),
+:mod:`harness.analysis` (the shared memory budget).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from harness.allocator import CPU_ALLOCATORS
+from harness.analysis import DEFAULT_MEMORY_BUDGET_GB
 from harness.measure import DTYPES
 from harness.settings import Settings, merge_settings
 
@@ -48,11 +50,12 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "repeats": 1,
     "warmup": 0,
     "approx": {"n": 64, "seeds": 1, "batch": 1, "budgets": "smoke"},
-    "slope_range": [32, 64],
     "peers": {"seq_lens": [32, 64]},
+    "results_dir": "results/smoke",
 }
 
 DEFAULTS: dict[str, Any] = {
+    "plugins": [],
     "mechanisms": "all",
     "causal": False,
     "include_sdpa_direct": True,
@@ -66,15 +69,18 @@ DEFAULTS: dict[str, Any] = {
     "cpu_allocator": "default",
     "repeats": 5,
     "warmup": 2,
-    "memory_budget_gb": 6.0,
+    "memory_budget_gb": DEFAULT_MEMORY_BUDGET_GB,
     "max_cell_s": None,
     "params": {},
-    "slope_range": [2048, 16384],
+    "slope_range": None,
+    "max_spread": 1.5,
+    "remeasure": 2,
     "approx": {"enabled": True, "n": 1024, "seeds": 3, "batch": 1, "variants": ["iid", "smooth"],
                "budgets": "default"},
     "peers": {"enabled": True, "seq_lens": [1024, 4096]},
     "results_dir": "results",
     "reuse": True,
+    "force": False,
     "smoke": False,
     "progress": True,
     "print_table": True,
@@ -121,14 +127,18 @@ class BenchSettings(Settings):
     memory_budget_gb: float | None
     max_cell_s: float | None
     params: dict
-    slope_range: list
+    slope_range: list | None
+    max_spread: float
+    remeasure: int
     approx: ApproxSettings
     peers: PeerSettings
     results_dir: str
     reuse: bool
+    force: bool
     smoke: bool
     progress: bool
     print_table: bool
+    plugins: list = field(default_factory=list)  # plug-in modules imported before the mechanisms are resolved
     # The allocator policy actually in force (set by the run once configured; part of the cell key).
     cpu_allocator_used: str = "default"
 
@@ -167,6 +177,12 @@ def resolve_settings(cfg: dict | BenchSettings | None = None) -> BenchSettings:
     if s["device"] == "auto":
         s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     s["seq_lens"] = sorted(int(n) for n in s["seq_lens"])
+    if s["slope_range"] is not None and len(s["slope_range"]) != 2:
+        raise ValueError(f"slope_range must be null or [low, high], got {s['slope_range']!r}")
+    if float(s["max_spread"]) < 1 or int(s["remeasure"]) < 0:
+        raise ValueError(f"max_spread must be >= 1 and remeasure >= 0, got {s['max_spread']}, {s['remeasure']}")
+    if s["force"]:
+        s["reuse"] = False  # every cell measured again, its record replaced
     s["params"] = dict(s["params"] or {})
     s["approx"] = _section(ApproxSettings, "approx", s["approx"])
     s["peers"] = _section(PeerSettings, "peers", s["peers"])

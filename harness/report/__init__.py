@@ -4,22 +4,26 @@
     arena-report results_dir=results out=report    # explicit folders
 
 Reads every record with :func:`harness.store.load_records` (pandas) and writes ``report.md``,
-``report.html`` (PNG plots embedded as base64: one file to send around) and the PNGs:
+``report.html`` (PNG plots embedded as base64: one file to send around) and the PNGs. The page starts
+with a summary (what was run, the machine and its load, computed findings), then the figures, then the
+detailed tables:
 
-- accuracy: mechanisms x tasks, test accuracy at the best validation checkpoint, mean +- std
-  over seeds, the majority-class baseline row and the average column;
-- efficiency: time and peak memory per n (median, p10-p90), relative to ``full`` (LRA Table 2
-  layout), log-log slopes, the crossover length, the longest n within a memory budget, the
-  registry-vs-direct-SDPA overhead;
-- peers (ours / peer ratios) and the approximation error against exact attention;
-- plots: accuracy vs speed (memory as bubble size), time vs n and memory vs n (log-log, one
-  line per mechanism, cells that could not run marked), approximation error vs budget.
+- accuracy: one table per recipe (runs identical except mechanism and seed; never averaged across
+  recipes, settings or mechanism parameters), test accuracy at the best validation checkpoint, mean ±
+  std over seeds, the majority class, throughput and step memory relative to ``full``;
+- efficiency, one section per benchmark setting: time (median, p10-p90, disturbed cells marked) and peak
+  memory per n, relative to ``full`` (LRA Table 2 layout), log-log slopes, the crossover length, the
+  longest n within the memory budget (never beyond 4x the largest measured n), the registry-vs-SDPA overhead;
+- peers (ours / peer ratios) and the approximation error against what each mechanism approximates;
+- plots: accuracy vs speed per recipe (memory as bubble size, majority line), time and memory vs n
+  (log-log, one fixed colour and marker per mechanism, p10-p90 bars), approximation error vs budget.
 
 A cell without a number is shown as ``—`` with the reason (not run, oom, unsupported, ...),
 never as zero.
 
-The package's rooms, in the order the data flows: :mod:`~harness.report.tables` (store rows ->
-display frames), :mod:`~harness.report.plots` (frames -> PNGs), :mod:`~harness.report.page` (Markdown
+The package's rooms, in the order the data flows: :mod:`~harness.report.groups` (which records are
+compared), :mod:`~harness.report.tables` (store rows -> display frames), :mod:`~harness.report.plots`
+(frames -> PNGs), :mod:`~harness.report.summary` (the findings), :mod:`~harness.report.page` (Markdown
 and HTML), :mod:`~harness.report.build` (the page's sections and ``main``).
 
 Owns: presenting what is in the store. May import ``attentions`` (mechanism facts),
@@ -29,6 +33,7 @@ Owns: presenting what is in the store. May import ``attentions`` (mechanism fact
 
 from harness.display import MISSING, markdown_table
 from harness.report.build import build_report, main
-from harness.report.tables import accuracy_table, task_labels
+from harness.report.groups import comparisons, settings
+from harness.report.tables import comparison_table
 
-__all__ = ["MISSING", "accuracy_table", "build_report", "main", "markdown_table", "task_labels"]
+__all__ = ["MISSING", "build_report", "comparison_table", "comparisons", "main", "markdown_table", "settings"]

@@ -1,10 +1,16 @@
 """The report's plots (matplotlib, Agg backend): each function draws one PNG from a frame and returns its path.
 
-Owns: figures. Imports: matplotlib, numpy, pandas only (frames come from :mod:`harness.report.tables`).
+Every mechanism has one fixed style (:func:`mechanism_style`: a colour *and* a marker, the same in every
+plot), the reference ``sdpa_direct`` is a thin dotted grey line drawn under the mechanisms so it never
+hides one, every figure names its setting, and log axes are labelled with plain numbers.
+
+Owns: figures. Imports: matplotlib, adjustText (label placement), numpy, pandas only (frames come from
+:mod:`harness.report.tables`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +18,31 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+# The registry's mechanisms in a fixed order: colour i and marker i of the tables below. `full`, the exact
+# reference every ratio is taken against, is black; the others take the ten tab10 colours.
+MECHANISM_ORDER = ("full", "sliding_window", "longformer", "bigbird", "reformer", "linformer", "performer", "rfa",
+                   "aft", "clustered", "memory_compressed")
+TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+         "#17becf")
+COLOURS = ("#000000", *TAB10)
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p", "d", "H", "8")
+# Mechanisms registered later (plug-ins) get a style from their name: stable across plots and runs.
+EXTRA_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
+REFERENCE = "sdpa_direct"
+
+
+def mechanism_style(name: str) -> dict[str, Any]:
+    """Colour, marker, line style and drawing order of ``name``: one fixed style per mechanism name."""
+    if name == REFERENCE:
+        return {"color": "#999999", "marker": "", "linestyle": ":", "lw": 1.2, "zorder": 1}
+    if name in MECHANISM_ORDER:
+        i = MECHANISM_ORDER.index(name)
+        return {"color": COLOURS[i], "marker": MARKERS[i], "linestyle": "-", "lw": 2.0 if name == "full" else 1.4,
+                "zorder": 4 if name == "full" else 3}
+    h = int(hashlib.sha256(name.encode()).hexdigest(), 16)
+    return {"color": EXTRA_COLOURS[h % len(EXTRA_COLOURS)], "marker": MARKERS[(h // 7) % len(MARKERS)],
+            "linestyle": "--", "lw": 1.4, "zorder": 3}
 
 
 def _pyplot():
@@ -23,101 +54,209 @@ def _pyplot():
     return plt
 
 
-def _colors(names: Sequence[str]) -> dict[str, Any]:
-    plt = _pyplot()
-    cmap = plt.get_cmap("tab20")
-    return {name: cmap(i % 20) for i, name in enumerate(sorted(names))}
+def length_label(n: float) -> str:
+    """Tick text of a sequence length: ``256``, ``1K``, ``16K`` (powers of two in K = 1024)."""
+    n = int(round(n))
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def plot_scaling(cells: pd.DataFrame, metric: str, path: Path) -> Path:
+def _number(x: float, _pos: Any = None) -> str:
+    return f"{x:g}" if x >= 0.01 else f"{x:.0e}"
+
+
+def _length_axis(ax, ns: Sequence[float]) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(ns))))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: length_label(x)))
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _plain_log_y(ax) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    # 1, 2, 5 per decade: an axis spanning less than a decade still gets labelled ticks.
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(_number))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _ordered(names) -> list[str]:
+    names = list(dict.fromkeys(names))
+    known = [m for m in (*MECHANISM_ORDER, REFERENCE) if m in names]
+    return known + sorted(m for m in names if m not in known)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_scaling(cells: pd.DataFrame, metric: str, path: Path, setting: str = "") -> Path:
     """Log-log ``metric`` (median_s or peak_bytes) vs n, one panel per pass, one line per mechanism.
 
-    Cells that could not run are marked with an ``x`` at the top edge of the panel, labelled
-    with their outcome, at their n.
+    Times carry p10-p90 bars; a cell flagged noisy is a hollow marker (and left out of the slopes);
+    cells that could not run are an ``x`` at the panel's top edge at their n. ``setting`` is the subtitle.
     """
     plt = _pyplot()
     passes = [p for p in ("fwd", "fwd+bwd") if p in set(cells["pass"])]
-    fig, axes = plt.subplots(1, max(len(passes), 1), figsize=(6.5 * max(len(passes), 1), 5), squeeze=False)
-    colors = _colors(cells["mechanism"].unique())
-    scale = 1e3 if metric == "median_s" else 1 / 2**20
-    ylabel = "median time (ms)" if metric == "median_s" else "peak memory (MiB)"
+    fig, axes = plt.subplots(1, max(len(passes), 1), figsize=(6.2 * max(len(passes), 1), 4.8), squeeze=False)
+    time_plot = metric == "median_s"
+    scale = 1e3 if time_plot else 1 / 2**20
+    ylabel = "median time (ms), bars p10-p90" if time_plot else "peak memory (MiB)"
+    failed_any, noisy_any = set(), False
     for ax, pass_ in zip(axes[0], passes):
         sub = cells[cells["pass"] == pass_]
-        failed = []
-        for name, group in sub.groupby("mechanism"):
-            ok = group[group["outcome"] == "ok"].sort_values("n")
-            style = "--" if name in ("full", "sdpa_direct") else "-"
-            if len(ok):
-                ax.plot(ok["n"], ok[metric].astype(float) * scale, style, marker="o", ms=3, label=name,
-                        color=colors[name], lw=1.5)
-            for _, r in group[group["outcome"] != "ok"].iterrows():
-                failed.append((r["n"], name, "over budget" if r["outcome"] == "skipped_budget" else r["outcome"]))
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        for name in _ordered(sub["mechanism"]):
+            noisy_any |= _draw_mechanism(ax, sub[sub["mechanism"] == name], name, metric, scale, time_plot)
+        failed_any |= _mark_failed(ax, sub)
+        _length_axis(ax, sub["n"])
+        _plain_log_y(ax)
         ax.set_xlabel("sequence length n")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel.split(' (')[0]} vs n, {pass_}")
-        ax.grid(True, which="both", alpha=0.3)
-        if failed:
-            top = ax.get_ylim()[1]
-            for n, name, _ in failed:
-                ax.plot([n], [top], "x", color=colors[name], ms=8, mew=2, clip_on=False)
-            ax.text(0.01, 0.99, "x at top = not run (" + ", ".join(sorted({o for _, _, o in failed})) + ")",
-                    transform=ax.transAxes, va="top", fontsize=7)
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+        ax.set_title(f"{'time' if time_plot else 'peak memory'} vs n, {pass_}")
+        ax.grid(True, which="major", alpha=0.3)
+    notes = []
+    if failed_any:
+        notes.append("x at the top edge = not run (" + ", ".join(sorted(failed_any)) + ")")
+    if noisy_any:
+        notes.append("hollow marker = noisy cell (left out of slopes)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(setting + ("\n" + "; ".join(notes) if notes else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_approx(approx: pd.DataFrame, path: Path) -> Path:
-    """Relative error vs budget parameter: one panel per mechanism, one line per input variant."""
+def _draw_mechanism(ax, group: pd.DataFrame, name: str, metric: str, scale: float, bars: bool) -> bool:
+    """One mechanism's line (with p10-p90 bars for times); returns whether it has a noisy cell."""
+    style = mechanism_style(name)
+    ok = group[group["outcome"] == "ok"].sort_values("n")
+    if ok.empty:
+        return False
+    y = ok[metric].astype(float) * scale
+    yerr = None
+    if bars and {"p10_s", "p90_s"} <= set(ok.columns):
+        yerr = np.vstack([y - ok["p10_s"].astype(float) * scale, ok["p90_s"].astype(float) * scale - y]).clip(0)
+    label = f"{name} (reference)" if name == REFERENCE else name
+    ax.errorbar(ok["n"], y, yerr=yerr, color=style["color"], marker=style["marker"] or None, ms=5,
+                linestyle=style["linestyle"], lw=style["lw"], zorder=style["zorder"], capsize=2, elinewidth=0.8,
+                label=label)
+    noisy = ok["noisy"].fillna(False).astype(bool) if "noisy" in ok else pd.Series(False, index=ok.index)
+    if noisy.any():
+        ax.plot(ok["n"][noisy], y[noisy], linestyle="none", marker=style["marker"] or "o", ms=9, mfc="white",
+                mec=style["color"], mew=1.5, zorder=style["zorder"] + 1)
+    return bool(noisy.any())
+
+
+def _mark_failed(ax, sub: pd.DataFrame) -> set[str]:
+    failed = sub[sub["outcome"] != "ok"]
+    if failed.empty:
+        return set()
+    top = ax.get_ylim()[1]
+    outcomes = set()
+    for _, r in failed.iterrows():
+        style = mechanism_style(r["mechanism"])
+        ax.plot([r["n"]], [top], "x", color=style["color"], ms=8, mew=2, clip_on=False, zorder=5)
+        outcomes.add("over budget" if r["outcome"] == "skipped_budget" else str(r["outcome"]))
+    return outcomes
+
+
+def plot_approx(approx: pd.DataFrame, path: Path, setting: str = "") -> Path:
+    """Relative error vs budget parameter: one panel per mechanism, titled by what it is compared to, one
+    line per input variant, all panels on one shared log y axis."""
     plt = _pyplot()
     ok = approx[approx["status"] == "ok"]
-    names = sorted(ok["mechanism"].unique())
-    cols = min(5, max(len(names), 1))
+    names = _ordered(ok["mechanism"])
+    cols = min(4, max(len(names), 1))
     rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    dashes = {"iid": "-", "smooth": "--"}
     for ax, name in zip(axes.flat, names):
         sub = ok[ok["mechanism"] == name]
+        style = mechanism_style(name)
         for variant, group in sub.groupby("variant"):
             group = group.sort_values("value")
             ax.errorbar(group["value"].astype(float), group["error_mean"].astype(float),
-                        yerr=group["error_std"].astype(float), marker="o", ms=3, capsize=2, label=variant)
-        ax.set_xscale("log", base=2)
-        ax.set_title(name, fontsize=9)
+                        yerr=group["error_std"].astype(float), color=style["color"], marker=style["marker"], ms=4,
+                        capsize=2, linestyle=dashes.get(variant, "-."), label=f"{variant} inputs")
+        _length_axis(ax, sub["value"].astype(float))
+        _plain_log_y(ax)
+        reference = str(sub["reference"].iloc[0]) if "reference" in sub else "softmax"
+        ax.set_title(f"{name} vs {reference.split(',')[0]}", fontsize=9)
         ax.set_xlabel(str(sub["param"].iloc[0]), fontsize=8)
-        ax.set_ylabel("rel. Frobenius error", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0)
+        ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("relative Frobenius error", fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("approximation error vs exact softmax attention", fontsize=10)
+    fig.suptitle("approximation error vs the attention each mechanism approximates (shared log y)"
+                 + (f"\n{setting}" if setting else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_accuracy_speed(points: pd.DataFrame, path: Path, xlabel: str) -> Path:
-    """LRA Figure 3: average accuracy (y) vs speed relative to full (x), bubble area ~ memory relative to full."""
+def plot_accuracy_speed(panels: list[tuple[str, pd.DataFrame]], path: Path) -> Path:
+    """LRA Figure 3 per comparison: test accuracy (y, from 0) vs training speed (x), bubble area ~ peak
+    memory, the majority class as a dashed line, labels placed apart (adjustText).
+
+    ``panels``: (title, frame) with index mechanism and columns accuracy, majority, speed, memory_vs_full
+    and ``speed_label`` in ``frame.attrs``.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    colors = _colors(points.index)
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 5.0 * rows), squeeze=False)
+    for ax, (title, points) in zip(axes.flat, panels):
+        _accuracy_panel(ax, title, points)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    _size_key(fig)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _save(fig, path)
+
+
+def _accuracy_panel(ax, title: str, points: pd.DataFrame) -> None:
+    from adjustText import adjust_text
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    texts = []
     for name, r in points.iterrows():
-        size = 600 * float(r["memory_vs_full"]) if np.isfinite(r["memory_vs_full"]) else 60
-        ax.scatter([r["speed_vs_full"]], [r["accuracy"]], s=size, alpha=0.5, color=colors[name], edgecolor="k")
-        ax.annotate(name, (r["speed_vs_full"], r["accuracy"]), fontsize=8, ha="center", va="center")
+        style = mechanism_style(str(name))
+        size = 400 * float(r["memory_vs_full"]) if np.isfinite(r["memory_vs_full"]) else 60
+        ax.scatter([r["speed"]], [r["accuracy"]], s=size, alpha=0.45, color=style["color"], edgecolor="k",
+                   marker="o", zorder=3)
+        ax.scatter([r["speed"]], [r["accuracy"]], s=18, color=style["color"], marker=style["marker"], zorder=4)
+        texts.append(ax.text(r["speed"], r["accuracy"], str(name), fontsize=8, zorder=5))
+    majority = float(points["majority"].iloc[0]) if "majority" in points and len(points) else float("nan")
+    top = max([float(points["accuracy"].max()), majority if np.isfinite(majority) else 0.0]) * 1.15 + 2
+    ax.set_ylim(0, min(100.0, top))
+    if np.isfinite(majority):
+        # In the legend, not beside the line: a label on the line would sit under the bubbles near it.
+        ax.axhline(majority, color="#555555", linestyle="--", lw=1, zorder=1, label=f"majority class {majority:.1f}%")
+        ax.legend(loc="lower right", fontsize=7, frameon=True)
+        if (points["accuracy"] <= majority + 1.0).all():
+            title += "\nno mechanism beat the majority class: not learned, no ranking"
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("average test accuracy (%)")
-    ax.set_title("accuracy vs speed (bubble area ~ peak memory relative to full)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x" if points.attrs.get("relative") else f"{x:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    xs = points["speed"].astype(float)
+    ax.set_xlim(xs.min() / 1.5, xs.max() * 1.5)
+    ax.set_xlabel(points.attrs.get("speed_label", "speed"), fontsize=8)
+    ax.set_ylabel("test accuracy (%)", fontsize=8)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.margins(0.15)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    adjust_text(texts, ax=ax, arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.6})
+
+
+def _size_key(fig) -> None:
+    """The bubble-size key: what 0.5x, 1x and 2x the peak memory of full look like."""
+    handles = [fig.axes[0].scatter([], [], s=400 * r, color="#cccccc", edgecolor="k", alpha=0.6) for r in (0.5, 1, 2)]
+    fig.legend(handles, ["0.5x", "1x", "2x"], title="bubble area = training step peak memory vs full",
+               loc="lower center", ncol=3, fontsize=8, title_fontsize=8, frameon=False, borderpad=0.2,
+               labelspacing=1.5, handletextpad=1.2, columnspacing=2.5)

@@ -7,11 +7,12 @@
   mechanism (mean over seeds, bars = std), the Zoology Figure 2 reading: where a mechanism's recall breaks.
 
 Owns: this section only (kept apart from :mod:`harness.report.build`'s other sections). Imports: pandas,
-numpy, matplotlib, :mod:`harness.display`, :mod:`harness.report.tables`, :mod:`harness.report.page`.
+numpy, matplotlib, :mod:`harness.display`, :mod:`harness.report.page`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -20,20 +21,29 @@ import pandas as pd
 
 from harness.display import MISSING
 from harness.report.page import Page
-from harness.report.tables import task_labels
 
+RECIPE_PREFIXES = ("config.task.", "config.model.", "config.train.", "config.optimizer.", "config.scheduler.")
 MQAR_PARAMS = ("config.task.params.form", "config.task.params.seq_len", "config.task.params.num_kv_pairs")
 
 
 def variant_labels(train: pd.DataFrame) -> pd.Series:
-    """Readable column names: ``mqar <form> L<seq_len> k<num_kv_pairs>`` for MQAR runs, else the task label."""
-    labels = task_labels(train).copy()
-    if not set(MQAR_PARAMS) <= set(train.columns):
-        return labels
-    mqar = train["task"] == "mqar"
-    for i in train.index[mqar]:
-        form, length, pairs = (train.at[i, c] for c in MQAR_PARAMS)
-        labels[i] = f"mqar {form} L{int(length)} k{int(pairs)}"
+    """Readable column names: ``mqar <form> L<seq_len> k<num_kv_pairs>`` for MQAR runs, else the task name;
+    a name shared by runs of different recipes (task, model, train, optimizer, scheduler settings) gets a hash
+    of the recipe, so no column pools different recipes."""
+    labels = train["task"].astype(str).copy()
+    if set(MQAR_PARAMS) <= set(train.columns):
+        for i in train.index[train["task"] == "mqar"]:
+            form, length, pairs = (train.at[i, c] for c in MQAR_PARAMS)
+            labels[i] = f"mqar {form} L{int(length)} k{int(pairs)}"
+    recipe_cols = sorted(c for c in train.columns if c.startswith(RECIPE_PREFIXES))
+    if recipe_cols:
+        # The recipe without the mechanism and its parameters (those differ between a column's rows by design).
+        recipes = train[recipe_cols].apply(
+            lambda row: hashlib.sha256("|".join(map(str, row)).encode()).hexdigest(), axis=1)
+        for label in labels.unique():
+            rows = labels == label
+            if recipes[rows].nunique() > 1:
+                labels[rows] = [f"{label} ({r[:6]})" for r in recipes[rows]]
     return labels
 
 

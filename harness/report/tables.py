@@ -1,142 +1,91 @@
 """The report's tables: store rows (DataFrames from :func:`harness.store.load_records`) -> display frames.
 
-Owns: which records form a table and how its cells read. Imports: ``attentions`` (mechanism facts),
-:mod:`harness.store` (``config_hash`` for recipe labels), :mod:`harness.analysis`, :mod:`harness.display`.
+Owns: how the cells of a table read. Imports: :mod:`harness.analysis`, :mod:`harness.display`,
+:mod:`harness.report.groups` (which records form a table).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from harness.analysis import relative_to_full
-from harness.display import MISSING, missing_cell, not_run
-from harness.store import config_hash
-
-TASK_ORDER = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
-# Columns of a training record that define a recipe (everything but the mechanism and the seed).
-RECIPE_PREFIXES = ("config.task.", "config.model.", "config.train.", "config.optimizer.", "config.scheduler.")
-GROUP_COLUMNS = ("batch", "heads", "head_dim", "dtype", "device", "cpu_allocator")
+from harness.display import MISSING, format_bytes, missing_cell, not_run
+from harness.report.groups import Comparison
 
 
-def task_labels(train: pd.DataFrame) -> pd.Series:
-    """The task name, suffixed with a recipe hash when one task was run with more than one recipe."""
-    recipe_cols = sorted(c for c in train.columns if c.startswith(RECIPE_PREFIXES))
-    if not recipe_cols:
-        return train["task"].astype(str)
-    recipes = train[recipe_cols].apply(
-        lambda r: config_hash({k: (None if _isnan(v) else v) for k, v in r.items()})[:6], axis=1)
-    labels = train["task"].astype(str).copy()
-    for task in labels.unique():
-        mask = labels == task
-        if recipes[mask].nunique() > 1:
-            labels[mask] = [f"{task} ({r})" for r in recipes[mask]]
-    return labels
+def comparison_table(comp: Comparison, mechanisms: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(display table of strings, numeric frame) of one comparison: a row per mechanism that ran, and the
+    majority class. Seeds are averaged (mean ± sample std, k seeds); failed runs are counted beside them;
+    a mechanism with no ok run is ``— (statuses)``. Throughput and step memory are given with their ratio
+    to ``full`` of the same comparison. Numeric columns: accuracy, std, seeds, best_val, majority,
+    examples_per_s, peak_bytes, speed_vs_full, memory_vs_full (NaN where unknown)."""
+    runs = comp.runs
+    ran = list(dict.fromkeys(runs["attention"].dropna()))
+    names = [m for m in (mechanisms or []) if m in ran] + [m for m in ran if m not in (mechanisms or [])]
+    majority = _mean(runs.get("majority_test_acc")) * 100
+    numeric = pd.DataFrame([_mechanism_numbers(runs[runs["attention"] == m], majority) for m in names], index=names)
+    if "full" in numeric.index:
+        numeric["speed_vs_full"] = numeric["examples_per_s"] / numeric.loc["full", "examples_per_s"]
+        numeric["memory_vs_full"] = numeric["peak_bytes"] / numeric.loc["full", "peak_bytes"]
+    else:
+        numeric["speed_vs_full"] = numeric["memory_vs_full"] = float("nan")
+    display = pd.DataFrame({name: _display_row(runs[runs["attention"] == name], numeric.loc[name])
+                            for name in names}).T
+    display.loc["majority class"] = [f"{majority:.2f}" if np.isfinite(majority) else not_run("unknown")] + \
+        [""] * (display.shape[1] - 1)
+    display.index.name = "mechanism"
+    return display, numeric
 
 
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def _mean(values: pd.Series | None) -> float:
+    values = pd.to_numeric(values, errors="coerce").dropna() if values is not None else pd.Series([], dtype=float)
+    return float(values.mean()) if len(values) else float("nan")
 
 
-def _task_sort_key(label: str) -> tuple[int, str]:
-    base = label.split(" ")[0]
-    return (TASK_ORDER.index(base) if base in TASK_ORDER else len(TASK_ORDER), label)
+def _mechanism_numbers(runs: pd.DataFrame, majority: float) -> dict[str, float]:
+    ok = runs[runs["status"] == "ok"]
+    acc = pd.to_numeric(ok.get("test_acc"), errors="coerce").dropna() * 100
+    return {
+        "accuracy": float(acc.mean()) if len(acc) else float("nan"),
+        "std": float(acc.std(ddof=1)) if len(acc) > 1 else float("nan"),
+        "seeds": len(acc), "majority": majority,
+        "best_val": _mean(ok.get("best_val_acc")) * 100,
+        "examples_per_s": _mean(ok.get("throughput.examples_per_s")),
+        "peak_bytes": _mean(ok.get("peak_memory_bytes")),
+    }
 
 
-def accuracy_table(train: pd.DataFrame, mechanisms: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(display table of strings, numeric means in %) : mechanisms x tasks + Average, and a Majority row.
+def _display_row(runs: pd.DataFrame, r: pd.Series) -> dict[str, str]:
+    failed = runs[runs["status"] != "ok"]["status"].value_counts()
+    failed_text = ", ".join(f"{c} {s}" for s, c in failed.items())
+    seeds = int(r["seeds"])
+    if not seeds:
+        missing = not_run(failed_text or "not run")
+        return {"test acc %": missing, "vs majority (points)": "", "best val %": "",
+                "examples/s (vs full)": "", "step peak memory (vs full)": ""}
+    acc = f"{r['accuracy']:.2f} ± {r['std']:.2f} ({seeds} seeds)" if seeds > 1 else \
+        f"{r['accuracy']:.2f} (1 seed)"  # no spread from one seed
 
-    A cell is ``mean ± std (k seeds)`` of the test accuracy of the ok runs; failed runs are
-    counted beside it; a cell with no ok run is ``—`` with the statuses seen or "not run".
-    The average needs every task; otherwise it is ``— (incomplete)``.
-    """
-    train = train.copy()
-    train["_task"] = task_labels(train)
-    tasks = sorted(train["_task"].unique(), key=_task_sort_key)
-    names = list(mechanisms or [])
-    names += sorted(set(train["attention"].dropna()) - set(names))
-    display: dict[str, dict[str, str]] = {}
-    numeric: dict[str, dict[str, float]] = {}
-    for name in names:
-        display[name], numeric[name] = {}, {}
-        for task in tasks:
-            runs = train[(train["attention"] == name) & (train["_task"] == task)]
-            ok = runs[runs["status"] == "ok"]["test_acc"].dropna().astype(float) * 100
-            failed = runs[runs["status"] != "ok"]["status"].value_counts()
-            failed_text = ", ".join(f"{c} {s}" for s, c in failed.items())
-            if len(ok):
-                if len(ok) > 1:
-                    cell = f"{ok.mean():.2f} ± {float(ok.std(ddof=1)):.2f} ({len(ok)} seeds)"
-                else:
-                    cell = f"{ok.mean():.2f} (1 seed)"  # no spread from one seed
-                display[name][task] = cell + (f" [+{failed_text}]" if failed_text else "")
-                numeric[name][task] = float(ok.mean())
-            else:
-                display[name][task] = not_run(failed_text or "not run")
-                numeric[name][task] = float("nan")
-        values = [numeric[name][t] for t in tasks]
-        if tasks and all(np.isfinite(values)):
-            display[name]["Average"] = f"{np.mean(values):.2f}"
-            numeric[name]["Average"] = float(np.mean(values))
-        else:
-            display[name]["Average"] = not_run("incomplete")
-            numeric[name]["Average"] = float("nan")
-    majority: dict[str, str] = {}
-    for task in tasks:
-        values = train[train["_task"] == task].get("majority_test_acc", pd.Series(dtype=float)).dropna()
-        majority[task] = f"{float(values.astype(float).mean()) * 100:.2f}" if len(values) else not_run("unknown")
-    maj_values = [float(m) for m in majority.values() if not m.startswith(MISSING)]
-    majority["Average"] = f"{np.mean(maj_values):.2f}" if tasks and len(maj_values) == len(tasks) else MISSING
-    display["Majority class"] = majority
-    columns = tasks + ["Average"]
-    table = pd.DataFrame(display).T[columns]
-    table.index.name = "mechanism"
-    return table, pd.DataFrame(numeric).T.reindex(columns=columns)
+    def ratio(x):
+        return f" ({x:.2f}x)" if np.isfinite(x) else ""
+
+    return {
+        "test acc %": acc + (f" [+{failed_text}]" if failed_text else ""),
+        "vs majority (points)": f"{r['accuracy'] - r['majority']:+.1f}" if np.isfinite(r["majority"]) else MISSING,
+        "best val %": f"{r['best_val']:.2f}" if np.isfinite(r["best_val"]) else MISSING,
+        "examples/s (vs full)": (f"{r['examples_per_s']:.0f}" + ratio(r["speed_vs_full"])
+                                 if np.isfinite(r["examples_per_s"]) else MISSING),
+        "step peak memory (vs full)": (format_bytes(r["peak_bytes"]) + ratio(r["memory_vs_full"])
+                                       if np.isfinite(r["peak_bytes"]) else MISSING),
+    }
 
 
-def training_efficiency(train: pd.DataFrame) -> pd.DataFrame:
-    """Per mechanism: mean over tasks of training throughput and step memory relative to ``full`` on the same task."""
-    ok = train[train["status"] == "ok"].copy()
-    needed = {"throughput.examples_per_s", "peak_memory_bytes"}
-    if ok.empty or not needed <= set(ok.columns):
-        return pd.DataFrame(columns=["speed_vs_full", "memory_vs_full"])
-    ok["_task"] = task_labels(ok)
-    per = ok.groupby(["attention", "_task"])[list(needed)].mean()
-    rows = {}
-    for name in per.index.get_level_values(0).unique():
-        speeds, mems = [], []
-        for task in per.loc[name].index:
-            if ("full", task) not in per.index:
-                continue
-            ref = per.loc[("full", task)]
-            mine = per.loc[(name, task)]
-            speeds.append(mine["throughput.examples_per_s"] / ref["throughput.examples_per_s"])
-            mems.append(mine["peak_memory_bytes"] / ref["peak_memory_bytes"])
-        if speeds:
-            rows[name] = {"speed_vs_full": float(np.nanmean(speeds)), "memory_vs_full": float(np.nanmean(mems))}
-    return pd.DataFrame(rows).T
-
-
-def select_bench_group(bench: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The bench records of one setting (batch, heads, head_dim, dtype, device, cpu allocator): the newest one."""
-    cols = [c for c in GROUP_COLUMNS if c in bench.columns]
-    if bench.empty or not cols:
-        return bench, ""
-    if "cpu_allocator" in bench.columns:  # records from before the option were measured with the default
-        bench = bench.assign(cpu_allocator=bench["cpu_allocator"].fillna("default"))
-    keyed = bench.assign(_group=bench[cols].astype(str).agg(" ".join, axis=1))
-    latest = keyed.sort_values("created_at").iloc[-1]["_group"]
-    chosen = keyed[keyed["_group"] == latest].drop(columns="_group")
-    first = chosen.iloc[0]
-    label = ", ".join(f"{c}={first[c]}" for c in cols)
-    others = keyed["_group"].nunique() - 1
-    if others:
-        label += f" ({others} other setting(s) in the store not shown)"
-    return chosen, label
+def learned(numeric: pd.DataFrame, margin: float = 1.0) -> pd.Series:
+    """Per mechanism: beat the majority class by more than ``margin`` points (a run at chance learned nothing)."""
+    return (numeric["accuracy"] - numeric["majority"]) > margin
 
 
 def bench_cells(bench: pd.DataFrame) -> pd.DataFrame:
@@ -150,7 +99,7 @@ def bench_cells(bench: pd.DataFrame) -> pd.DataFrame:
         "outcome": col("outcome").fillna(bench["status"]) if "outcome" in bench else bench["status"],
         "reason": col("reason"), "median_s": col("time.median_s"), "p10_s": col("time.p10_s"),
         "p90_s": col("time.p90_s"), "peak_bytes": col("memory.peak_bytes"), "memory_method": col("memory.method"),
-        "created_at": col("created_at"),
+        "created_at": col("created_at"), "noisy": col("noise.noisy").fillna(False).astype(bool),
     })
     # One cell per (mechanism, pass, n): the newest record wins.
     cells = cells.sort_values("created_at").drop_duplicates(["mechanism", "pass", "n"], keep="last")
@@ -164,7 +113,14 @@ def pivot_cells(cells: pd.DataFrame, pass_: str, fmt) -> pd.DataFrame:
         return pd.DataFrame()
     values = sub.apply(lambda r: fmt(r) if r["outcome"] == "ok" else missing_cell(r), axis=1)
     table = sub.assign(value=values).pivot_table(index="mechanism", columns="n", values="value", aggfunc="first")
-    return table.fillna(not_run())
+    return _n_columns(table.fillna(not_run()))
+
+
+def _n_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Columns named ``n=1024`` (a bare number reads as a value), no column-axis name (no second header)."""
+    table = table.rename(columns=lambda n: f"n={int(n)}")
+    table.columns.name = None
+    return table
 
 
 def relative_table(cells: pd.DataFrame, pass_: str) -> pd.DataFrame:
@@ -182,27 +138,8 @@ def relative_table(cells: pd.DataFrame, pass_: str) -> pd.DataFrame:
         return f"{r['speedup']:.2f}x / {r['memory_ratio']:.2f}"
 
     merged["value"] = merged.apply(fmt, axis=1)
-    return merged.pivot_table(index="mechanism", columns="n", values="value", aggfunc="first").fillna(
-        not_run())
-
-
-def accuracy_speed_points(train: pd.DataFrame, numeric: pd.DataFrame, cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    if numeric.empty:
-        return pd.DataFrame(), ""
-    tasks = [c for c in numeric.columns if c != "Average"]
-    accuracy = numeric[tasks].drop(index="Majority class", errors="ignore").mean(axis=1, skipna=True).dropna()
-    eff = training_efficiency(train)
-    xlabel = "training throughput relative to full (mean over tasks)"
-    if eff.empty and not cells.empty:
-        # No training throughput: the benchmark's fwd+bwd speed at the largest n every mechanism ran.
-        rel = relative_to_full(cells[cells["pass"] == "fwd+bwd"]).dropna()
-        if not rel.empty:
-            n = rel.groupby("n")["mechanism"].nunique().idxmax()
-            at = rel[rel["n"] == n].set_index("mechanism")
-            eff = pd.DataFrame({"speed_vs_full": at["speedup"], "memory_vs_full": at["memory_ratio"]})
-            xlabel = f"benchmark fwd+bwd speed-up vs full at n={n}"
-    points = eff.join(accuracy.rename("accuracy"), how="inner").dropna(subset=["speed_vs_full", "accuracy"])
-    return points, xlabel
+    return _n_columns(merged.pivot_table(index="mechanism", columns="n", values="value", aggfunc="first").fillna(
+        not_run()))
 
 
 def peer_table(peer: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,8 @@ Hydra entry point ``main`` (``arena-train``, ``python -m harness.train``).
 
 Owns: producing ``train`` records. May import ``tasks``, :mod:`harness.model`, :mod:`harness.schedules`,
 :mod:`harness.checkpoint`, :mod:`harness.measure`, :mod:`harness.store`, :mod:`harness.display`,
-:mod:`harness.settings`; never :mod:`harness.bench`, :mod:`harness.report` or :mod:`harness.suite`.
+:mod:`harness.settings`, :mod:`harness.plugins`; never :mod:`harness.bench`, :mod:`harness.report` or
+:mod:`harness.suite`.
 """
 
 from __future__ import annotations
@@ -29,19 +30,20 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from harness.display import one_line_interrupt
 from harness.measure import is_out_of_memory as is_oom
+from harness.plugins import conf_dir, prepare
 from harness.train.app import run
 from harness.train.config import attention_params, hashed_config, make_task, model_config_for, schedule_lengths
 from harness.train.loop import Diverged, SimulatedCrash, evaluate, train
 from harness.train.settings import TrainSettings, autocast_context, resolve_device, resolve_precision
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(conf_dir())
 
 __all__ = [
     "CONF_DIR", "Diverged", "SimulatedCrash", "TrainSettings", "attention_params", "autocast_context", "evaluate",
@@ -71,4 +73,7 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
 def main() -> None:
     """Console entry point ``arena-train``."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    _hydra_main()
+    prepare()  # plug-ins named by plugins=[...] and installed ones, before Hydra resolves attention=<name>
+    with one_line_interrupt("arena-train", "finished runs keep their records; the same command resumes the "
+                                           "interrupted run from its last checkpoint"):
+        _hydra_main()

@@ -1,7 +1,8 @@
 """One run = one record: skip a config that already has an ok record, else train and write exactly one record.
 
 Owns: the record of a training run (status, config, versions, where its checkpoints are) and how a
-failure becomes a status. Imports: :mod:`harness.store`, :mod:`harness.measure` (what counts as out of
+failure becomes a status. Imports: :mod:`harness.store`, :mod:`harness.plugins` (the run's plug-ins),
+ :mod:`harness.measure` (what counts as out of
 memory), :mod:`harness.train.config`, :mod:`harness.train.loop`, hydra, omegaconf.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import logging
 import platform
 import shutil
@@ -23,9 +25,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness.display import shown_path
-from harness.measure import is_out_of_memory
+from harness.measure import command_line, is_out_of_memory
+from harness.plugins import load_plugins
 from harness.store import config_hash, find_record, now_iso, write_record
-from harness.train.config import abs_path, hashed_config
+from harness.train.config import abs_path, experiment_name, hashed_config, recipe_config, resolved_choices
 from harness.train.loop import Diverged, train
 
 log = logging.getLogger("arena-train")
@@ -40,11 +43,20 @@ def git_sha(cwd: str | Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def source_sha() -> str | None:
+    """The commit of the clone this code runs from; None for an installed wheel (whose site-packages may sit
+    inside some other git checkout, e.g. a virtual environment in the user's project)."""
+    root = Path(__file__).resolve().parents[2]
+    return git_sha(root) if (root / "pyproject.toml").is_file() and (root / "harness").is_dir() else None
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     for name in ("hydra", "omegaconf", "pandas"):
         with contextlib.suppress(Exception):
             versions[name] = importlib.import_module(name).__version__
+    with contextlib.suppress(Exception):  # the installed distribution (a wheel has no git commit to record)
+        versions["attention_arena"] = importlib.metadata.version("attention-arena")
     return versions
 
 
@@ -63,6 +75,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     other BaseExceptions pass through, leaving the last checkpoint to resume from.
     """
     started = time.time()
+    # Again here: a launcher (submitit, joblib) may run this in a fresh process that never saw main().
+    load_plugins(list(cfg.get("plugins") or []))
     run_id = config_hash(hashed_config(cfg))
     results_dir = abs_path(cfg.results_dir)
     checkpoint_root = abs_path(cfg.checkpoint_dir) if cfg.get("checkpoint_dir") else results_dir / "checkpoints"
@@ -92,17 +106,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def new_record(cfg: DictConfig, run_id: str, checkpoint_dir: Path) -> dict[str, Any]:
     """The record before training: identity, resolved config, versions, where it ran; status ``error``
     until the run says otherwise."""
+    config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    config.update(resolved_choices(cfg))  # device=auto recorded as the device it chose
     return {
         "kind": "train",
         "record_id": run_id,
         "config_hash": run_id,
+        # Runs with one recipe_hash differ only in mechanism and seed: one comparison (see recipe_config).
+        "recipe_hash": config_hash(recipe_config(cfg)),
+        "experiment": experiment_name(),
+        "command": command_line(),
         "status": "error",
         "attention": str(cfg.attention.name),
         "task": str(cfg.task.name),
         "seed": int(cfg.seed),
-        "config": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"},
+        "plugins": [str(m) for m in cfg.get("plugins") or []],
+        "config": config,
         "versions": library_versions(),
-        "git_sha": git_sha(Path(__file__).resolve().parent),
+        "git_sha": source_sha(),
         "hostname": platform.node(),
         "output_dir": _hydra_output_dir(),
         "checkpoint_dir": str(checkpoint_dir),

@@ -16,11 +16,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from harness.model import ModelConfig
-
-# Keys that say where things go or how to report them, not what is computed: left out of the hash,
-# so moving the results or rerunning without the fault injection still finds the same run.
-NON_SEMANTIC_KEYS = ("results_dir", "cache_dir", "checkpoint_dir", "keep_checkpoints", "force", "quiet",
-                     "log_every", "fault", "num_threads")
+from harness.store import NON_SEMANTIC_KEYS
+from harness.train.settings import resolve_device, resolve_precision
 
 
 def abs_path(path: str) -> Path:
@@ -40,15 +37,53 @@ def attention_params(cfg: DictConfig) -> dict[str, Any]:
     return {**(presets.get(str(cfg.attention.name)) or {}), **params}
 
 
+def resolved_choices(cfg: DictConfig) -> dict[str, str]:
+    """``device`` and ``precision`` as the run uses them (``auto`` resolved): equivalent configs
+    (``device=auto`` on a CPU machine and ``device=cpu``) then hash, and group, as one."""
+    try:
+        device = resolve_device(str(cfg.device))
+        return {"device": str(device), "precision": resolve_precision(str(cfg.precision), device.type)}
+    except ValueError:  # an invalid choice is kept as written; the run records the error
+        return {"device": str(cfg.device), "precision": str(cfg.precision)}
+
+
 def hashed_config(cfg: DictConfig) -> dict[str, Any]:
     """What the config hash covers: the resolved config minus the non-semantic keys, with the
-    attention's effective params (other mechanisms' presets do not change this run's hash)."""
+    attention's effective params (other mechanisms' presets do not change this run's hash) and
+    ``device``/``precision`` resolved (:func:`resolved_choices`)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     hashed = {k: v for k, v in resolved.items() if k not in NON_SEMANTIC_KEYS and k not in ("hydra",
                                                                                           "attention_overrides")}
     hashed["attention"] = {**hashed["attention"], "params": attention_params(cfg)}
+    hashed.update(resolved_choices(cfg))
     return hashed
+
+
+def recipe_config(cfg: DictConfig) -> dict[str, Any]:
+    """What makes runs one comparison: the hashed config without the mechanism's name and the seed.
+
+    The recipe's ``attention_overrides`` (budgets sized for its length, the same for every mechanism)
+    and ``attention.params`` given on the command line stay in: a run with
+    ``+attention.params.num_features=128`` is a comparison of its own, never a seed of the default one.
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    recipe = {k: v for k, v in resolved.items() if k not in NON_SEMANTIC_KEYS and k not in ("hydra", "seed")}
+    recipe["attention"] = {"params": recipe["attention"].get("params") or {}}
+    recipe.update(resolved_choices(cfg))
+    return recipe
+
+
+def experiment_name() -> str | None:
+    """The recipe file the run was started with (``quick/listops``), from Hydra's choices; None outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("experiment")
+    except (ValueError, AttributeError):
+        return None
+    return str(choice) if choice not in (None, "null") else None
 
 
 def make_task(cfg: DictConfig):

@@ -1,0 +1,418 @@
+"""The registry contract as one public function: :func:`check_mechanism`.
+
+    from attentions.testing import check_mechanism
+    check_mechanism("my_attention")                      # raises ContractViolation naming the first failure
+    check_mechanism("performer", {"num_features": 16})   # with budgets below the test lengths
+
+It is what the project's own contract tests run on every registered mechanism, and what a plug-in's
+author runs in one line from their own pytest. The checks, in order (:data:`CHECKS`):
+
+``metadata``        family, complexities, default fields; unknown and invalid parameters rejected by name.
+``shapes``          output ``(batch, heads, seq, head_dim)``, finite, at lengths 1, 7, 33, 50.
+``bad_inputs``      wrong rank, layout, length, dtype or mask: a ValueError naming the layout or the mask.
+``padding``         appended padding leaves the real rows as without it; large values in padded slots
+                    change no real row.
+``nonfinite_padding`` NaN, +inf or -inf in padded q, k, v: real rows unchanged and finite, gradients finite
+                    and exactly zero at the padded slots.
+``gradients``       finite gradients (inputs and parameters), exactly zero at padded positions, non-zero at real ones.
+``seed_determinism`` the same ``seed`` gives the same output, whatever the global RNG.
+``eval_determinism`` in ``eval()`` two calls give the same output.
+``dropout``         the info's ``applies_dropout`` says what ``dropout`` really does in training mode.
+``max_seq_len``     ``n > max_seq_len`` is a ValueError naming ``max_seq_len``; where the info says
+                    ``needs_max_seq_len``, building without one is too.
+``causality``       where the info says ``supports_causal``: with ``causal=True`` (lengths 1, 7, 37, 50; positions
+                    around block edges) the output at ``i`` on the
+                    whole input equals the output on the prefix ending at ``i``, and its gradient with respect
+                    to every later input is exactly zero (CAB's check: Zhang et al. 2023, "CAB:
+                    Comprehensive Attention Benchmarking on Long Sequence Modeling", ICML).
+``memory_growth``   where the mechanism claims sub-quadratic memory (``linear_memory``; by default every
+                    family but ``exact``): the CPU allocator peak of a forward + backward grows at most
+                    :data:`LINEAR_LIMIT` x per doubling of ``n`` (a quadratic buffer grows 4x).
+
+Sizes are small (2 heads of 8 dims; lengths up to 64, 2048 for the memory check): give ``params`` with
+budgets (windows, features, blocks, buckets) below them so every real code path runs. CPU only.
+
+Owns: the contract's definition. Imports ``torch`` and this package only (never the harness).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .registry import FAMILIES, AttentionInfo, build_attention, get_attention_info
+
+HEADS, HEAD_DIM, MAX_LEN = 2, 8, 64
+LENGTHS = (1, 7, 33, 50)
+ATOL, RTOL = 1e-5, 1e-4
+MEMORY_LENGTHS = (1024, 2048)
+# Positions checked for causality: around the edges of blocks, buckets and chunks of 3 to 8 (test-size
+# budgets), where a causal mask is easiest to get wrong; the middle and the ends are added per length.
+CAUSAL_POSITIONS = frozenset({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17, 23, 24, 25, 31, 32, 33})
+LINEAR_LIMIT = 2.3  # peak growth per doubling of n: 2x plus slack for fixed-size buffers
+
+
+class ContractViolation(AssertionError):
+    """A mechanism broke the registry contract: ``name``, the ``check`` (one of :data:`CHECKS`), what was seen."""
+
+    def __init__(self, name: str, check: str, detail: str) -> None:
+        super().__init__(f"attention '{name}' violates the contract check '{check}': {detail}")
+        self.name, self.check, self.detail = name, check, detail
+
+
+@dataclass
+class _Subject:
+    """The mechanism under test, its test-size parameters, and input makers."""
+
+    name: str
+    info: AttentionInfo
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, **overrides: Any) -> torch.nn.Module:
+        kwargs = {"num_heads": HEADS, "head_dim": HEAD_DIM, "max_seq_len": MAX_LEN, **self.params, **overrides}
+        return build_attention(self.name, **kwargs)
+
+    @staticmethod
+    def qkv(batch: int, seq: int, seed: int, requires_grad: bool = False) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn(batch, HEADS, seq, HEAD_DIM, generator=gen).requires_grad_(requires_grad)
+                for _ in range(3)]
+
+    def fail(self, check: str, detail: str) -> ContractViolation:
+        return ContractViolation(self.name, check, detail)
+
+    def close(self, check: str, actual: torch.Tensor, expected: torch.Tensor, what: str, exact: bool = False) -> None:
+        try:
+            tol = {"atol": 0.0, "rtol": 0.0} if exact else {"atol": ATOL, "rtol": RTOL}
+            torch.testing.assert_close(actual, expected, **tol)
+        except AssertionError as exc:
+            raise self.fail(check, f"{what}: {str(exc).splitlines()[0]} {_max_gap(actual, expected)}") from None
+
+
+def _max_gap(a: torch.Tensor, b: torch.Tensor) -> str:
+    gap = (a.detach().double() - b.detach().double()).abs()
+    return f"(largest difference {gap.max().item():.3g})" if gap.numel() else ""
+
+
+def right_padding_mask(lengths: Iterable[int], seq: int) -> torch.Tensor:
+    """(batch, seq) bool, True for the first ``lengths[b]`` positions (real tokens)."""
+    return torch.arange(seq)[None, :] < torch.tensor(list(lengths))[:, None]
+
+
+def _fill_padding(tensors: Iterable[torch.Tensor], mask: torch.Tensor, value: float) -> list[torch.Tensor]:
+    pad = ~mask[:, None, :, None]
+    return [torch.where(pad, torch.full_like(t, value), t) for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def check_metadata(s: _Subject) -> None:
+    info = s.info
+    if info.family not in FAMILIES:
+        raise s.fail("metadata", f"family {info.family!r} is not one of {FAMILIES}")
+    if not (info.time_complexity and info.memory_complexity):
+        raise s.fail("metadata", "time_complexity and memory_complexity must be given")
+    if not info.supports_padding_mask:
+        raise s.fail("metadata", "every mechanism must take a key_padding_mask (supports_padding_mask=False)")
+    missing = {"num_heads", "head_dim", "max_seq_len", "seed", "dropout"} - set(info.defaults())
+    if missing:
+        raise s.fail("metadata", f"config lacks the common fields {sorted(missing)} (subclass AttentionConfig)")
+    bad = [("no_such_param", 3), ("num_heads", 0), ("head_dim", -1), ("num_heads", "4"), ("dropout", 1.5)]
+    for param, value in bad:
+        try:
+            s.build(**{param: value})
+        except ValueError as exc:
+            if f"'{param}'" not in str(exc):
+                raise s.fail("metadata", f"{param}={value!r} raised a ValueError not naming '{param}': {exc}") from None
+        else:
+            raise s.fail("metadata", f"{param}={value!r} was accepted; it must raise a ValueError naming it")
+
+
+def check_shapes(s: _Subject) -> None:
+    attn = s.build().eval()
+    for batch in (1, 3):
+        for seq in LENGTHS:
+            q, k, v = s.qkv(batch, seq, seed=seq)
+            out = attn(q, k, v)
+            if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise s.fail("shapes", f"batch {batch}, seq {seq}: output {got}, expected {tuple(q.shape)} {q.dtype}")
+            if not torch.isfinite(out).all():
+                raise s.fail("shapes", f"batch {batch}, seq {seq}: non-finite output")
+
+
+def check_bad_inputs(s: _Subject) -> None:
+    attn = s.build()
+    q, k, v = s.qkv(2, 10, seed=0)
+    layout = "(batch, heads, seq, head_dim)"
+    cases: list[tuple[str, Callable[[], Any], str]] = [
+        ("3-D inputs", lambda: attn(q[0], k[0], v[0]), layout),
+        ("heads and seq swapped", lambda: attn(*(t.transpose(1, 2) for t in (q, k, v))), layout),
+        ("k shorter than q", lambda: attn(q, k[:, :, :5], v), layout),
+        ("integer inputs", lambda: attn(q.long(), k.long(), v.long()), "float"),
+        ("float mask", lambda: attn(q, k, v, key_padding_mask=torch.ones(2, 10)), "key_padding_mask"),
+        ("mask of the wrong length", lambda: attn(q, k, v, key_padding_mask=torch.ones(2, 9, dtype=torch.bool)),
+         "key_padding_mask"),
+    ]
+    for label, call, needle in cases:
+        try:
+            call()
+        except ValueError as exc:
+            if needle not in str(exc):
+                raise s.fail("bad_inputs", f"{label}: the ValueError does not mention {needle!r}: {exc}") from None
+        else:
+            raise s.fail("bad_inputs", f"{label} were accepted; expected a ValueError mentioning {needle!r}")
+
+
+def check_padding(s: _Subject) -> None:
+    attn = s.build().eval()
+    n, extra = 29, 11
+    q, k, v = s.qkv(2, n + extra, seed=1)
+    mask = right_padding_mask([n, n], n + extra)
+    padded = attn(q, k, v, key_padding_mask=mask)
+    unpadded = attn(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+    s.close("padding", padded[:, :, :n], unpadded, f"real rows with {extra} padded positions appended differ "
+            "from the unpadded input's rows")
+    mask = right_padding_mask([41, 23, 6], 41)
+    q, k, v = s.qkv(3, 41, seed=2)
+    noise = s.qkv(3, 41, seed=3)
+    before = attn(q, k, v, key_padding_mask=mask)
+    after = attn(*[torch.where(~mask[:, None, :, None], 50.0 * z, t) for t, z in zip((q, k, v), noise)],
+                 key_padding_mask=mask)
+    for b in range(3):
+        s.close("padding", after[b][:, mask[b]], before[b][:, mask[b]],
+                f"real rows of sequence {b} change when the contents of padded positions change")
+
+
+def check_nonfinite_padding(s: _Subject) -> None:
+    attn = s.build().eval()
+    seq = 30
+    mask = right_padding_mask([30, 17], seq)
+    q, k, v = s.qkv(2, seq, seed=4)
+    clean = attn(q, k, v, key_padding_mask=mask)
+    for value in (math.nan, math.inf, -math.inf):
+        leaves = [t.detach().requires_grad_(True) for t in _fill_padding((q, k, v), mask, value)]
+        out = attn(*leaves, key_padding_mask=mask)
+        real = out[1][:, :17]
+        if not torch.isfinite(out[0]).all() or not torch.isfinite(real).all():
+            raise s.fail("nonfinite_padding", f"{value} in padded slots makes a real row non-finite")
+        s.close("nonfinite_padding", real, clean[1][:, :17], f"{value} in padded slots changes real rows")
+        (out * mask[:, None, :, None]).square().sum().backward()
+        for label, t in zip("qkv", leaves):
+            g = t.grad
+            if g is None or not torch.isfinite(g).all() or g[1, :, 17:].abs().max() != 0:
+                raise s.fail("nonfinite_padding", f"{value} in padded slots: the gradient of {label} is "
+                             "missing, non-finite, or non-zero at a padded position")
+
+
+def check_gradients(s: _Subject) -> None:
+    attn = s.build().train()
+    seq = 30
+    mask = right_padding_mask([30, 17], seq)
+    q, k, v = s.qkv(2, seq, seed=4, requires_grad=True)
+    out = attn(q, k, v, key_padding_mask=mask)
+    (out * mask[:, None, :, None]).square().sum().backward()
+    for label, t in zip("qkv", (q, k, v)):
+        if t.grad is None:
+            raise s.fail("gradients", f"no gradient reaches {label}")
+        if not torch.isfinite(t.grad).all():
+            raise s.fail("gradients", f"non-finite gradient of {label}")
+        if t.grad[1, :, 17:].abs().max() != 0:
+            raise s.fail("gradients", f"real outputs have a gradient with respect to padded positions of {label} "
+                         f"(largest {t.grad[1, :, 17:].abs().max().item():.3g}); they must not depend on them")
+    if sum(t.grad[:, :, :17].abs().sum() for t in (q, k, v)) == 0:
+        raise s.fail("gradients", "the gradient with respect to real inputs is zero everywhere")
+    for pname, p in attn.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise s.fail("gradients", f"non-finite gradient of the parameter {pname}")
+
+
+def check_seed_determinism(s: _Subject) -> None:
+    q, k, v = s.qkv(2, 26, seed=5)
+    torch.manual_seed(123)
+    a = s.build(seed=7).eval()
+    torch.manual_seed(456)  # the global RNG must not matter: every random buffer comes from `seed`
+    b = s.build(seed=7).eval()
+    with torch.no_grad():
+        s.close("seed_determinism", a(q, k, v), b(q, k, v), "two modules built with seed=7 (different global "
+                "RNG states) give different outputs", exact=True)
+
+
+def check_eval_determinism(s: _Subject) -> None:
+    attn = s.build(dropout=0.5).eval()
+    q, k, v = s.qkv(2, 26, seed=6)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = attn(q, k, v)
+        torch.manual_seed(1)
+        s.close("eval_determinism", attn(q, k, v), first, "two calls in eval() give different outputs", exact=True)
+        s.close("eval_determinism", s.build(dropout=0.0).eval()(q, k, v), first,
+                "in eval() the output depends on dropout", exact=True)
+
+
+def check_dropout(s: _Subject) -> None:
+    q, k, v = s.qkv(2, 26, seed=2)
+    attn = s.build(dropout=0.5)
+    with torch.no_grad():
+        expected = attn.eval()(q, k, v)
+        torch.manual_seed(0)
+        trained = attn.train()(q, k, v)
+    changes = not torch.allclose(trained, expected)
+    if changes != s.info.applies_dropout:
+        said = "applies" if s.info.applies_dropout else "does not apply"
+        raise s.fail("dropout", f"the info says it {said} dropout, but dropout=0.5 in training mode "
+                     f"{'changes' if changes else 'does not change'} the output (set applies_dropout accordingly)")
+
+
+def check_max_seq_len(s: _Subject) -> None:
+    attn = s.build(max_seq_len=16)
+    q, k, v = s.qkv(1, 17, seed=0)
+    try:
+        attn(q, k, v)
+    except ValueError as exc:
+        if "max_seq_len" not in str(exc):
+            raise s.fail("max_seq_len", f"n=17 > max_seq_len=16 raised a ValueError not naming max_seq_len: {exc}") \
+                from None
+    else:
+        raise s.fail("max_seq_len", "n=17 > max_seq_len=16 was accepted; it must raise a ValueError")
+    if s.info.needs_max_seq_len:
+        try:
+            s.build(max_seq_len=None)
+        except ValueError as exc:
+            if "max_seq_len" not in str(exc):
+                raise s.fail("max_seq_len", f"building without max_seq_len: ValueError not naming it: {exc}") \
+                    from None
+        else:
+            raise s.fail("max_seq_len", "the info says needs_max_seq_len, but it builds with max_seq_len=None")
+
+
+def check_causality(s: _Subject) -> None:
+    if not s.info.supports_causal:
+        return
+    attn = s.build(causal=True).eval()
+    for seq in (1, 7, 37, 50):
+        q, k, v = s.qkv(2, seq, seed=seq, requires_grad=True)
+        out = attn(q, k, v)
+        if not torch.isfinite(out).all():
+            raise s.fail("causality", f"seq {seq}: non-finite output with causal=True")
+        # Random weights per output entry: a plain sum could hide a leak whose gradients cancel.
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seq))
+        for i in sorted((CAUSAL_POSITIONS | {seq // 3, seq // 2, seq - 2, seq - 1}) & set(range(seq))):
+            with torch.no_grad():
+                prefix = attn(q[:, :, : i + 1], k[:, :, : i + 1], v[:, :, : i + 1])
+            s.close("causality", out[:, :, i], prefix[:, :, i], f"seq {seq}: the output at position {i} differs "
+                    f"from the output of the prefix ending at {i} (it sees later positions)")
+            grads = torch.autograd.grad((out[:, :, i] * weight[:, :, i]).sum(), (q, k, v), retain_graph=True)
+            for label, g in zip("qkv", grads):
+                later = g[:, :, i + 1:]
+                if not torch.isfinite(g).all() or (later.numel() and later.abs().max() != 0):
+                    raise s.fail("causality", f"seq {seq}: the output at position {i} has a non-finite gradient "
+                                 f"or a non-zero one with respect to a later {label}")
+            if sum(g[:, :, : i + 1].abs().sum() for g in grads) == 0:
+                raise s.fail("causality", f"seq {seq}: the output at position {i} depends on no input")
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null for the duration (Python exceptions still propagate)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_peak_bytes(step: Callable[[], Any]) -> int:
+    """Allocator peak of ``step()`` on CPU: every allocation and free ``torch.profiler`` records, summed in
+    time order; memory allocated before the call does not count. Deterministic for a given step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
+    with _native_stderr_silenced():  # the profiler's native code prints a line on each start and stop
+        prof.start()
+    try:
+        step()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
+    events = sorted((e.start_ns(), int(e.nbytes())) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def _fwd_bwd_peak(s: _Subject, n: int) -> int:
+    attn = s.build(max_seq_len=n if s.info.needs_max_seq_len else None)
+    q, k, v = s.qkv(1, n, seed=0, requires_grad=True)
+    return cpu_peak_bytes(lambda: attn(q, k, v).sum().backward())
+
+
+def check_memory_growth(s: _Subject, lengths: tuple[int, int] = MEMORY_LENGTHS) -> None:
+    small, large = (_fwd_bwd_peak(s, n) for n in lengths)
+    per_doubling = (large / max(small, 1)) ** (1 / math.log2(lengths[1] / lengths[0]))
+    if small <= 0 or per_doubling > LINEAR_LIMIT:
+        raise s.fail("memory_growth", f"it claims sub-quadratic memory ({s.info.memory_complexity}), but the peak "
+                     f"of a forward + backward grows x{per_doubling:.2f} per doubling of n ({small} bytes at "
+                     f"n={lengths[0]}, {large} at n={lengths[1]}; limit x{LINEAR_LIMIT})")
+
+
+CHECKS: dict[str, Callable[[_Subject], None]] = {
+    "metadata": check_metadata,
+    "shapes": check_shapes,
+    "bad_inputs": check_bad_inputs,
+    "padding": check_padding,
+    "nonfinite_padding": check_nonfinite_padding,
+    "gradients": check_gradients,
+    "seed_determinism": check_seed_determinism,
+    "eval_determinism": check_eval_determinism,
+    "dropout": check_dropout,
+    "max_seq_len": check_max_seq_len,
+    "causality": check_causality,
+    "memory_growth": check_memory_growth,
+}
+
+
+def check_mechanism(name: str, params: Mapping[str, Any] | None = None, *, checks: Iterable[str] | None = None,
+                    linear_memory: bool | None = None) -> list[str]:
+    """Run the registry contract on the registered mechanism ``name``; returns the checks that ran.
+
+    ``params``: config overrides for the test sizes (heads 2, head_dim 8, lengths <= 64; memory at
+    n = 1024 and 2048), e.g. budgets below those lengths. ``checks``: a subset of :data:`CHECKS` (default:
+    all, in order). ``linear_memory``: whether to hold it to sub-quadratic memory growth (default: its
+    family is not ``exact``). ``causality`` runs only where the info says ``supports_causal``.
+
+    Raises :class:`ContractViolation` (an AssertionError) naming the mechanism, the first failed check and
+    what was seen; ValueError for an unknown mechanism or check name.
+    """
+    subject = _Subject(name, get_attention_info(name), dict(params or {}))
+    selected = list(CHECKS) if checks is None else list(checks)
+    unknown = [c for c in selected if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown check(s) {unknown}; allowed: {list(CHECKS)}")
+    if linear_memory is None:
+        linear_memory = subject.info.family != "exact"
+    ran = []
+    for check in selected:
+        if (check == "memory_growth" and not linear_memory) or (check == "causality"
+                                                                  and not subject.info.supports_causal):
+            continue
+        CHECKS[check](subject)
+        ran.append(check)
+    return ran

@@ -1,0 +1,137 @@
+"""attentions.testing.check_mechanism fails, naming the check, on mechanisms that break the contract.
+
+Each broken mechanism below is correct except for one fault, so the check that must catch it is the
+first to fail: one ignores the padding mask, one claims ``supports_causal`` but looks at later positions,
+one claims linear memory but materialises seq x seq scores, one says it applies dropout but does not.
+(Every built-in passing is ``tests/test_registry_contract.py``.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from attentions import Attention, AttentionConfig, register_attention
+from attentions import registry as attention_registry
+from attentions.testing import CHECKS, ContractViolation, check_mechanism, cpu_peak_bytes
+from harness.measure import measure_peak_memory
+
+
+def softmax_attention(q, k, v, key_padding_mask=None, causal=False):
+    """Plain scaled dot-product attention with an (n x n) score matrix."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if causal:
+        n = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
+
+
+@dataclass(frozen=True)
+class CausalConfig(AttentionConfig):
+    causal: bool = False  # (declared here too, so this file does not depend on the base config having it)
+
+
+@pytest.fixture
+def broken():
+    """Registers the broken mechanisms for one test, then removes them."""
+    names = []
+
+    def register(name, config=AttentionConfig, **info):
+        info = {"family": "exact", "time_complexity": "O(n^2)", "memory_complexity": "O(n^2)",
+                "applies_dropout": False, **info}
+
+        def decorate(cls):
+            names.append(name)
+            return register_attention(name, config=config, **info)(cls)
+
+        return decorate
+
+    @register("test_leaks_padding")
+    class LeaksPadding(Attention):
+        """Ignores key_padding_mask: padded keys take softmax weight."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return softmax_attention(q, k, v)
+
+    @register("test_peeks_at_future", config=CausalConfig, supports_causal=True)
+    class PeeksAtFuture(Attention):
+        """Claims a causal form but attends to every key."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return softmax_attention(q, k, v, key_padding_mask)
+
+    @register("test_quadratic_claims_linear", family="kernel", memory_complexity="O(n d)")
+    class QuadraticClaimsLinear(Attention):
+        """Claims O(n d) memory but builds the n x n score matrix."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return softmax_attention(q, k, v, key_padding_mask)
+
+    @register("test_claims_dropout", applies_dropout=True)
+    class ClaimsDropout(Attention):
+        """Says it applies dropout to its probabilities but never does."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return softmax_attention(q, k, v, key_padding_mask)
+
+    @register("test_honest_causal", config=CausalConfig, supports_causal=True)
+    class HonestCausal(Attention):
+        """Exact softmax attention with a real causal mask: passes every check."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return softmax_attention(q, k, v, key_padding_mask, causal=self.config.causal)
+
+    yield
+    for name in names:
+        attention_registry._REGISTRY.pop(name, None)
+
+
+@pytest.mark.parametrize("name,check,detail", [
+    ("test_leaks_padding", "padding", "appended"),
+    ("test_peeks_at_future", "causality", "prefix ending at"),
+    ("test_quadratic_claims_linear", "memory_growth", "per doubling of n"),
+    ("test_claims_dropout", "dropout", "says it applies dropout"),
+])
+def test_broken_mechanism_fails_naming_the_violation(broken, name, check, detail):
+    with pytest.raises(ContractViolation, match=f"'{name}' violates the contract check '{check}'.*{detail}") as err:
+        check_mechanism(name)
+    assert err.value.check == check and err.value.name == name
+
+
+def test_every_check_before_the_fault_passes(broken):
+    # The faults are single: the checks before the failing one pass, so the message points at the fault.
+    order = list(CHECKS)
+    assert check_mechanism("test_leaks_padding", checks=order[: order.index("padding")])
+    assert check_mechanism("test_peeks_at_future", checks=[c for c in order if c != "causality"])
+    assert check_mechanism("test_quadratic_claims_linear", checks=order[:-1])
+
+
+def test_honest_mechanism_passes_every_check(broken):
+    assert check_mechanism("test_honest_causal") == [c for c in CHECKS if c != "memory_growth"]
+    # Held to linear memory on request, the exact one fails: the option is not a no-op.
+    with pytest.raises(ContractViolation, match="memory_growth"):
+        check_mechanism("test_honest_causal", checks=["memory_growth"], linear_memory=True)
+
+
+def test_unknown_names_are_clear():
+    with pytest.raises(ValueError, match="unknown attention 'no_such'"):
+        check_mechanism("no_such")
+    with pytest.raises(ValueError, match=r"unknown check\(s\) \['speed'\]; allowed: \['metadata'"):
+        check_mechanism("full", checks=["speed"])
+
+
+def test_cpu_peak_matches_the_harness_measurement():
+    # attentions may not import the harness, so the contract has its own small measurement; it must read
+    # the same allocator peak as the benchmark's.
+    x = torch.randn(64, 64)
+
+    def step():
+        return (x @ x).exp().sum()
+
+    _, reading = measure_peak_memory(step, "cpu")
+    assert cpu_peak_bytes(step) == reading.peak_bytes > 64 * 64 * 4
