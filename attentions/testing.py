@@ -37,15 +37,14 @@ Owns: the contract's definition. Imports ``torch`` and this package only (never 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ._profile import cpu_step_peak
 from .registry import FAMILIES, AttentionInfo, build_attention, get_attention_info
 
 HEADS, HEAD_DIM, MAX_LEN = 2, 8, 64
@@ -319,43 +318,10 @@ def check_causality(s: _Subject) -> None:
                 raise s.fail("causality", f"seq {seq}: the output at position {i} depends on no input")
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """File descriptor 2 pointed at /dev/null for the duration (Python exceptions still propagate)."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def cpu_peak_bytes(step: Callable[[], Any]) -> int:
-    """Allocator peak of ``step()`` on CPU: every allocation and free ``torch.profiler`` records, summed in
-    time order; memory allocated before the call does not count. Deterministic for a given step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
-    with _native_stderr_silenced():  # the profiler's native code prints a line on each start and stop
-        prof.start()
-    try:
-        step()
-    finally:
-        with _native_stderr_silenced():
-            prof.stop()
-    events = sorted((e.start_ns(), int(e.nbytes())) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
+    """Allocator peak of ``step()`` on CPU, in bytes, from ``torch.profiler`` allocation events; memory
+    allocated before the call does not count. The same figure as the harness's CPU measurements."""
+    return cpu_step_peak(step)[1]
 
 
 def _fwd_bwd_peak(s: _Subject, n: int) -> int:

@@ -14,13 +14,13 @@ It also owns the failure vocabulary every runner records (:func:`is_out_of_memor
 helpers the benchmark and the peers share (:data:`DTYPES`, :func:`random_inputs`,
 :func:`jsonable_params`, :func:`progress_bar`).
 
-Owns: how a number is measured. Imports: torch and the standard library only (no other
-``harness`` module), so every runner may import it.
+Owns: how a number is measured. Imports: torch, the standard library and the CPU allocator peak that
+the contract check shares (``attentions._profile``); no other ``harness`` module, so every runner may
+import it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import statistics
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+
+from attentions._profile import cpu_step_peak
 
 T = TypeVar("T")
 
@@ -76,72 +78,8 @@ def measure_peak_memory(fn: Callable[[], T], device: torch.device | str) -> tupl
         peak = torch.cuda.max_memory_allocated(device) - baseline
         return result, MemoryReading(peak_bytes=max(int(peak), 0), method=CUDA_METHOD)
 
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
-    with _quiet_native_stderr():  # kineto prints a line on each start/stop
-        prof.start()
-    try:
-        result = fn()
-    finally:
-        with _quiet_native_stderr():
-            prof.stop()
-    return result, MemoryReading(peak_bytes=_cpu_peak_from_profile(prof), method=CPU_METHOD)
-
-
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """Silence file descriptor 2 (native code's stderr) for the duration; Python errors still propagate."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _cpu_peak_from_profile(prof: Any) -> int:
-    """Largest running sum of CPU alloc/free events, in the order they happened.
-
-    A free counts only when its block was allocated during this profile (matched by address).
-    The profiler's CPU reporter remembers the size of every block it saw allocated until that
-    block is freed *while* profiling; a block allocated under an earlier profile and freed after
-    it stopped leaves a stale size behind, and a later unrelated block at the same address would
-    then report that size when freed (the allocator reuses addresses). Matching frees to this
-    profile's own allocations makes the figure independent of earlier measurements.
-    """
-    events = []
-    for event in _walk(prof.profiler.kineto_results.experimental_event_tree()):
-        fields = event.extra_fields
-        if not hasattr(fields, "alloc_size") or fields.device.type != "cpu":  # allocation events only
-            continue
-        events.append((event.start_time_ns, int(fields.alloc_size), int(fields.ptr)))
-    events.sort(key=lambda e: e[0])  # the stable sort keeps same-timestamp events in emission order
-    live: set[int] = set()
-    running = peak = 0
-    for _, nbytes, ptr in events:
-        if nbytes > 0:
-            live.add(ptr)
-        elif ptr in live:
-            live.discard(ptr)
-        else:
-            continue  # a block allocated before this profile started: its free is not ours to count
-        running += nbytes
-        peak = max(peak, running)
-    return peak
-
-
-def _walk(events: Any):
-    """Every event of the profiler's event tree, depth first."""
-    for event in events:
-        yield event
-        yield from _walk(event.children)
+    result, peak = cpu_step_peak(fn)
+    return result, MemoryReading(peak_bytes=peak, method=CPU_METHOD)
 
 
 def synchronize(device: torch.device | str) -> None:

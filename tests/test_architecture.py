@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": {"attentions"},  # the shared config type checker (attentions.config_types)
     "harness": {"harness.store"},  # the package re-exports the store's API (lazily)
     "harness.settings": set(),
-    "harness.measure": set(),
+    "harness.measure": {"attentions"},
     "harness.allocator": set(),
     "harness.store": set(),
     "harness.checkpoint": set(),
