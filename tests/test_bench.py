@@ -306,6 +306,9 @@ def test_unknown_setting_and_mechanism_are_rejected():
         bench.select_mechanisms(["fulll"])
     with pytest.raises(ValueError, match="passes"):
         bench.resolve_settings({"passes": ["bwd"]})
+    for bad in ([-5], [0, 256], []):
+        with pytest.raises(ValueError, match="seq_lens must be a non-empty list of positive lengths"):
+            bench.resolve_settings({"seq_lens": bad})
 
 
 def test_smoke_replaces_defaults_but_keeps_user_values():
@@ -355,6 +358,16 @@ def test_peers_without_the_extra_say_skipped_in_one_line(tmp_path, monkeypatch):
     assert df.empty
     assert len(lines) == 1 and "skipped" in lines[0] and "peers" in lines[0]
     assert not (tmp_path / "peer").exists()
+
+
+def test_peers_with_no_peer_for_the_selection_say_so_not_missing_extra(tmp_path, monkeypatch):
+    from harness.bench import peers
+
+    monkeypatch.setattr(peers, "installed", lambda package: True)
+    lines = []
+    settings = bench.resolve_settings({**TINY, "mechanisms": ["full"], "results_dir": str(tmp_path)})
+    assert peers.run_peers(settings, log=lines.append).empty
+    assert lines == ["peers: none of the selected mechanisms has a public bidirectional peer"]
 
 
 def test_projected_attention_wraps_ours_in_qkv_and_output_projections():

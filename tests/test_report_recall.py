@@ -47,6 +47,13 @@ def test_spread_table_names_variants_and_marks_best_and_ties():
     assert set(points["num_kv_pairs"]) == {8, 16} and set(points["form"]) == {"decoder"}
 
 
+def test_equal_means_are_ties_not_a_best_and_the_index_is_named():
+    train = _runs([(name, "mqar", "decoder", 64, 8, 0, 0.031) for name in ("full", "rfa", "aft")])
+    table = spread_table(seed_stats(train))
+    assert table.index.name == "mechanism"
+    assert set(table["mqar decoder L64 k8"]) == {"3.1 (1) ≈"}
+
+
 def test_different_recipes_are_never_pooled():
     train = _runs([("full", "listops", None, None, None, 0, 0.3), ("full", "listops", None, None, None, 1, 0.4)])
     train["config.train.max_steps"] = [500, 1500]

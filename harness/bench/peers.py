@@ -227,6 +227,9 @@ def run_peers(settings: BenchSettings, log: Callable[[str], None] = print) -> pd
     registered = set(available_attentions())
     wanted = select_mechanisms(settings.mechanisms, settings.causal)
     pairs = [p for p in PAIRS if p.mechanism in registered and p.mechanism in wanted and settings.pattern in p.patterns]
+    if not pairs:
+        log(f"peers: none of the selected mechanisms has a public {settings.pattern} peer")
+        return pd.DataFrame()
     missing = sorted({p.package for p in pairs if not installed(p.package)})
     pairs = [p for p in pairs if installed(p.package)]
     if not pairs:

@@ -177,6 +177,8 @@ def resolve_settings(cfg: dict | BenchSettings | None = None) -> BenchSettings:
     if s["device"] == "auto":
         s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     s["seq_lens"] = sorted(int(n) for n in s["seq_lens"])
+    if not s["seq_lens"] or s["seq_lens"][0] < 1:
+        raise ValueError(f"seq_lens must be a non-empty list of positive lengths, got {s['seq_lens']}")
     if s["slope_range"] is not None and len(s["slope_range"]) != 2:
         raise ValueError(f"slope_range must be null or [low, high], got {s['slope_range']!r}")
     if float(s["max_spread"]) < 1 or int(s["remeasure"]) < 0:

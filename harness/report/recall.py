@@ -21,6 +21,7 @@ import pandas as pd
 
 from harness.display import MISSING
 from harness.report.page import Page
+from harness.report.plots import mechanism_style
 
 RECIPE_PREFIXES = ("config.task.", "config.model.", "config.train.", "config.optimizer.", "config.scheduler.")
 MQAR_PARAMS = ("config.task.params.form", "config.task.params.seq_len", "config.task.params.num_kv_pairs")
@@ -69,14 +70,16 @@ def spread_table(stats: pd.DataFrame) -> pd.DataFrame:
     cells: dict[str, dict[str, str]] = {}
     for variant, group in stats.groupby("variant"):
         best = group.loc[group["mean"].idxmax()]
+        sole_best = (group["mean"] == best["mean"]).sum() == 1  # equal means: ties, no "best"
         for _, row in group.iterrows():
             text = f"{row['mean']:.1f}" + ("" if math.isnan(row["std"]) else f" ± {row['std']:.1f}") + f" ({row['n']})"
-            if row["attention"] == best["attention"]:
+            if row["attention"] == best["attention"] and sole_best:
                 text += " best"
-            elif is_tie(best["mean"], best["std"], row["mean"], row["std"]):
+            elif row["mean"] == best["mean"] or is_tie(best["mean"], best["std"], row["mean"], row["std"]):
                 text += " ≈"
             cells.setdefault(row["attention"], {})[variant] = text
     table = pd.DataFrame(cells).T.fillna(MISSING)
+    table.index.name = "mechanism"
     return table.reindex(sorted(table.columns), axis=1)
 
 
@@ -99,14 +102,14 @@ def plot_recall(points: pd.DataFrame, path: Path) -> Path:
 
     panels = sorted(points.groupby(["form", "seq_len"]).groups)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    colors = {name: cmap(i % 20) for i, name in enumerate(sorted(points["attention"].unique()))}
     for ax, (form, length) in zip(axes[0], panels):
         panel = points[(points["form"] == form) & (points["seq_len"] == length)]
         for name, line in panel.groupby("attention"):
             line = line.sort_values("num_kv_pairs")
-            ax.errorbar(line["num_kv_pairs"], line["mean"], yerr=line["std"].fillna(0), marker="o", ms=3,
-                        capsize=2, label=name, color=colors[name], ls="--" if name == "full" else "-")
+            style = mechanism_style(name)  # the same colour and marker as in every other plot
+            ax.errorbar(line["num_kv_pairs"], line["mean"], yerr=line["std"].fillna(0), ms=5, capsize=2,
+                        label=name, color=style["color"], marker=style["marker"], ls=style["linestyle"],
+                        lw=style["lw"], zorder=style["zorder"])
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 102)
         ax.set_xlabel("key-value pairs")

@@ -102,11 +102,12 @@ def accuracy_finding(comp: Comparison) -> str:
     majority = float(numeric["majority"].iloc[0])
     best = numeric["accuracy"].idxmax()
     if not learned(numeric).any():
-        return (f"{comp.title}: no mechanism beat the majority class ({majority:.1f}%): not learned in this recipe, "
-                "so its accuracies are no ranking.")
+        return (f"{comp.title}: no mechanism beat the majority class ({majority:.1f}%) by more than 1 point: "
+                "not learned in this recipe, so its accuracies are no ranking.")
     spread = numeric["accuracy"].max() - numeric["accuracy"].min()
     return (f"{comp.title}: {int(learned(numeric).sum())} of {len(numeric)} mechanisms beat the majority class "
-            f"({majority:.1f}%); best {best} {numeric.loc[best, 'accuracy']:.1f}%, spread {spread:.1f} points "
+            f"({majority:.1f}%) by more than 1 point; best {best} {numeric.loc[best, 'accuracy']:.1f}%, "
+            f"spread {spread:.1f} points "
             f"(seeds: {int(numeric['seeds'].min())}–{int(numeric['seeds'].max())}).")
 
 
