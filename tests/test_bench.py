@@ -496,6 +496,23 @@ def test_cell_still_noisy_is_flagged_shown_and_left_out_of_slopes(tmp_path, monk
     assert set(measured) == {32}
 
 
+def test_fwd_bwd_faster_than_fwd_flags_both_cells(tmp_path):
+    settings = bench.resolve_settings({**TINY, "results_dir": str(tmp_path)})
+
+    def cell(pass_, n, median):
+        return {"kind": "bench", "record_id": f"performer-{n}-{pass_.replace('+', '')}", "status": "ok",
+                "created_at": "2026-11-30T00:00:00Z", "mechanism": "performer", "n": n, "pass": pass_,
+                "time": {"median_s": median}, "noise": {"noisy": False}}
+
+    records = [cell("fwd", 32, 0.0436), cell("fwd+bwd", 32, 0.0009), cell("fwd", 64, 0.002),
+               cell("fwd+bwd", 64, 0.005)]
+    out = bench_run.flag_pass_inversions(records, settings)
+    assert [r["noise"]["noisy"] for r in out] == [True, True, False, False]
+    assert "fwd+bwd measured faster than fwd" in out[0]["noise"]["why"]
+    assert {r["record_id"] for r in read_bench_records(tmp_path) if r["noise"]["noisy"]} == {
+        "performer-32-fwd", "performer-32-fwdbwd"}  # the flags are stored, so a re-run measures them again
+
+
 def test_trend_suspects_name_the_cell_out_of_line():
     ns = [256, 512, 1024, 2048]
     assert analysis.trend_suspects(ns, [1.0, 2.0, 4.0, 8.0]) == []

@@ -91,7 +91,7 @@ def _scan(settings: BenchSettings, mechanisms: list[str]) -> list[dict[str, Any]
     info = device_info(settings.device)
     cells = [(m, p) for m in mechanisms for p in settings.passes]
     bar = progress_bar(len(cells) * len(settings.seq_lens), "bench", settings.progress)
-    rows = []
+    measured = []
     for name, pass_ in cells:
         row, records = _Row(), []
         for n in settings.seq_lens:
@@ -100,9 +100,24 @@ def _scan(settings: BenchSettings, mechanisms: list[str]) -> list[dict[str, Any]
             row.learn(n, record)
             records.append(record)
             bar.update(1)
-        rows += [flat_cell(r) for r in recheck_trend(records, settings)]
+        measured += recheck_trend(records, settings)
     bar.close()
-    return rows
+    return [flat_cell(r) for r in flag_pass_inversions(measured, settings)]
+
+
+def flag_pass_inversions(records: list[dict], settings: BenchSettings) -> list[dict]:
+    """Flag noisy both cells of a (mechanism, n) whose fwd+bwd median is below its fwd median: a
+    forward+backward contains a forward, so one of the two was disturbed (and we cannot tell which)."""
+    ok = {(r["mechanism"], r["n"], r["pass"]): r for r in records if record_outcome(r) == "ok"}
+    for (name, n, pass_), fwd in ok.items():
+        both = ok.get((name, n, "fwd+bwd"))
+        if pass_ != "fwd" or both is None or both["time"]["median_s"] >= fwd["time"]["median_s"]:
+            continue
+        for r in (fwd, both):
+            r["noise"] = {**(r.get("noise") or {}), "noisy": True,
+                          "why": "fwd+bwd measured faster than fwd at the same n: one of them was disturbed"}
+            write_record(r, settings.results_dir)
+    return records
 
 
 def recheck_trend(records: list[dict], settings: BenchSettings) -> list[dict]:
