@@ -198,9 +198,10 @@ def make_config(name: str, **params: Any) -> AttentionConfig:
             f"unknown parameter(s) {', '.join(repr(u) for u in unknown)} for attention '{name}'; "
             f"allowed: {', '.join(allowed)}"
         )
-    config = info.config_cls(**params)
-    check_causal(name, config.causal)
-    return config
+    # Before the config's own checks: a mechanism without a causal form should say so, not ask for a
+    # parameter (linformer's max_seq_len) that would not make causal=True possible either.
+    check_causal(name, params.get("causal") is True)
+    return info.config_cls(**params)
 
 
 def check_causal(name: str, causal: bool) -> None:

@@ -57,6 +57,9 @@ def test_unsupported_causal_is_a_clear_error(name):
     info = get_attention_info(name)
     with pytest.raises(ValueError, match=rf"'causal'.*'{name}' has no causal form.*supported by: .*full"):
         build_small(name, causal=True)
+    # Named first, even without the parameters the bidirectional form needs (linformer's max_seq_len).
+    with pytest.raises(ValueError, match=rf"'{name}' has no causal form"):
+        build_attention(name, num_heads=2, head_dim=8, causal=True)
     # Built by hand, bypassing make_config, the module refuses it too.
     with pytest.raises(ValueError, match="causal"):
         info.cls(dataclasses.replace(build_small(name).config, causal=True))
