@@ -18,6 +18,10 @@ associative recall) the same classifier is applied at every position: logits
 ``(batch, seq, num_classes)``, no CLS token, no pooling; the targets are per position with
 ``tasks.base.IGNORE_INDEX`` where nothing is to be predicted.
 
+``token_shift=True`` adds each token's embedding to the next position's input embedding (RWKV's token shift,
+Peng et al. 2023, the simplest of the short convolutions Zoology/Based put before attention): a position
+carries its left neighbour, which the bidirectional MQAR recipe needs (see ``conf/experiment/quick/mqar.yaml``).
+
 ``causal=True`` makes every layer's attention causal (the mechanism is built with
 ``causal=True``; position i sees positions <= i), the decoder pattern. A sequence
 classifier then pools with ``last`` (the last real token, the only one that has seen the
@@ -66,6 +70,10 @@ class ModelConfig:
     token_level: bool = False
     # Causal (decoder) attention in every layer.
     causal: bool = False
+    # Add each token's embedding to the next position's input (RWKV's token shift, the simplest short
+    # convolution): a position then carries its left neighbour, so a bidirectional model can bind a value to
+    # the key before it without learning a previous-token attention head. Causal: it only looks left.
+    token_shift: bool = False
     attention: str = "full"
     attention_params: dict[str, Any] = field(default_factory=dict)
     # Base seed of the mechanisms' random state; layer i uses seed + i so layers differ.
@@ -86,6 +94,7 @@ class ModelConfig:
         check(self.pos_emb in POS_EMBS, "pos_emb", f"must be one of {POS_EMBS}")
         check(self.activation in ACTIVATIONS, "activation", f"must be one of {ACTIVATIONS}")
         check(isinstance(self.causal, bool), "causal", "must be a bool")
+        check(isinstance(self.token_shift, bool), "token_shift", "must be a bool")
         check(not (self.token_level and self.two_sequence), "token_level",
               "cannot be combined with two_sequence (the dual encoder pools each sequence)")
         check(not (self.causal and self.pooling == "cls" and not self.token_level), "pooling",
@@ -231,6 +240,10 @@ class Encoder(nn.Module):
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
         x = self.token_emb(tokens)
+        if cfg.token_shift:
+            # Position i gets token i-1's embedding added (position 0 gets nothing). Padding is on the right, so a
+            # real position never receives a padded token's embedding.
+            x = x + F.pad(x, (0, 0, 1, 0))[:, :-1]
         if cfg.uses_cls:
             x = torch.cat([self.cls.expand(batch, -1, -1), x], dim=1)
             mask = torch.cat([mask.new_ones(batch, 1), mask], dim=1)

@@ -339,3 +339,47 @@ def test_causal_sequence_classifier_with_last_pooling_equals_its_prefix():
 def test_bad_causal_and_token_configs_are_named(overrides, match):
     with pytest.raises(ValueError, match=match):
         build_model(tiny(**overrides))
+
+
+def _first_block_input(model, tokens, mask):
+    seen = []
+    handle = model.encoder.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    model(tokens, mask)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("pos_emb", ["sinusoidal", "learned"])
+def test_token_shift_adds_the_left_neighbours_embedding(pos_emb):
+    torch.manual_seed(0)
+    model = build_model(tiny(token_level=True, token_shift=True, pos_emb=pos_emb)).eval()
+    tokens, mask = tokens_and_mask([LENGTH, 9])
+    emb = model.encoder.token_emb(tokens)
+    expected = emb + model.encoder.pos_emb[:LENGTH]
+    expected[:, 1:] += emb[:, :-1]  # position 0 has no left neighbour
+    torch.testing.assert_close(_first_block_input(model, tokens, mask), expected)
+    plain = build_model(tiny(token_level=True, pos_emb=pos_emb)).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(_first_block_input(plain, tokens, mask), emb + model.encoder.pos_emb[:LENGTH])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_shift_keeps_padding_invariance_and_causality(causal):
+    torch.manual_seed(0)
+    model = build_model(tiny(token_level=True, token_shift=True, causal=causal)).eval()
+    tokens, mask = tokens_and_mask([LENGTH, 7], seed=5)
+    reference = model(tokens, mask)
+    garbage = tokens.masked_fill(~mask, 9)  # padded positions hold other tokens: real logits must not move
+    torch.testing.assert_close(model(garbage, mask)[mask], reference[mask], atol=1e-5, rtol=1e-4)
+    changed = tokens.clone()
+    changed[0, 12:] = (changed[0, 12:] % (VOCAB - 1)) + 1
+    moved = (model(changed, mask)[0] - reference[0]).abs().amax(dim=-1) > 1e-5
+    if causal:  # the shift looks left only: positions before the change stay put, the changed ones move
+        assert not moved[:12].any() and moved[12:].all()
+    else:
+        assert moved.all()
+
+
+def test_token_shift_must_be_a_bool():
+    with pytest.raises(ValueError, match="token_shift.*must be a bool"):
+        tiny(token_shift="yes")
