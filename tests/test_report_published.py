@@ -214,3 +214,25 @@ def test_quick_recipes_get_no_published_table(tmp_path):
         write_record(_run("quick/listops", "performer", seed, 0.3), root)
     text = (build_report(root, tmp_path / "r")["out"] / "report.md").read_text()
     assert "LRA: ours beside" not in text and "(theirs)" not in text and "36.37" not in text
+
+
+@pytest.mark.parametrize("task", ["listops", "text", "retrieval", "image", "pathfinder", "pathx"])
+def test_runs_composed_by_hydra_from_an_lra_recipe_count_as_official(task, tmp_path):
+    """What arena-train records for ``experiment=lra/<task>`` passes the recipe check; one override fails it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from harness.plugins import conf_dir
+
+    root = tmp_path / "results"
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for i, extra in enumerate(([], ["optimizer.lr=0.01"])):
+            cfg = compose("train", overrides=[f"experiment=lra/{task}", "attention=full", *extra])
+            config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+            write_record({"kind": "train", "record_id": f"{task}.{i}", "status": "ok", "created_at": now_iso(),
+                          "attention": "full", "task": task, "seed": 0, "experiment": f"lra/{task}",
+                          "config": config, "test_acc": 0.5, "majority_test_acc": 0.5}, root)
+    official, left_out = lra_comparisons(comparisons(load_records(root, kind="train")))
+    assert [c.task for c in official] == [task]
+    (why,) = left_out.values()
+    assert why.startswith("changed from the recipe file: optimizer.lr=0.01 (recipe file: ")
