@@ -14,9 +14,14 @@ detailed tables:
 - efficiency, one section per benchmark setting: time (median, p10-p90, disturbed cells marked) and peak
   memory per n, relative to ``full`` (LRA Table 2 layout), log-log slopes, the crossover length, the
   longest n within the memory budget (never beyond 4x the largest measured n), the registry-vs-SDPA overhead;
+- accuracy, speed and memory per mechanism averaged over every recipe with ``full`` (mean accuracy,
+  geometric means of the ratios to ``full``; :mod:`~harness.report.average`);
+- runs of the official LRA recipes (``experiment=lra/...``, settings as the recipe file sets them) beside
+  the published LRA numbers, labelled as theirs (:mod:`~harness.report.published`, :mod:`~harness.report.lra`);
 - peers (ours / peer ratios) and the approximation error against what each mechanism approximates;
-- plots: accuracy vs speed per recipe (memory as bubble size, majority line), time and memory vs n
-  (log-log, one fixed colour and marker per mechanism, p10-p90 bars), approximation error vs budget.
+- plots: accuracy vs speed per recipe and averaged over recipes (memory as bubble size, majority line),
+  time and memory vs n (log-log, one fixed colour and marker per mechanism, p10-p90 bars), approximation
+  error vs budget.
 
 A cell without a number is shown as ``—`` with the reason (not run, oom, unsupported, ...),
 never as zero.

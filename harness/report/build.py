@@ -32,7 +32,9 @@ from harness.display import (
     shown_path,
 )
 from harness.plugins import conf_dir, prepare
+from harness.report.average import average_section
 from harness.report.groups import Comparison, Setting, comparisons, settings
+from harness.report.lra import published_section
 from harness.report.page import Page
 from harness.report.plots import plot_accuracy_speed, plot_approx, plot_scaling
 from harness.report.recall import recall_section
@@ -95,6 +97,8 @@ def build_report(results_dir: str | Path = "results", out: str | Path | None = N
     groups = settings(store.bench)
     summary_section(page, store, comps, groups, _analysis_of)
     accuracy_section(page, store.train, comps, out, files)
+    average_section(page, comps, out, files, available_attentions())
+    published_section(page, comps)
     recall_section(page, store.train, out, files)
     for setting in groups:
         budget, fit = _analysis_of(setting, memory_budget_gb, slope_range)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -204,12 +205,18 @@ def plot_approx(approx: pd.DataFrame, path: Path, setting: str = "") -> Path:
     return _save(fig, path)
 
 
-def plot_accuracy_speed(panels: list[tuple[str, pd.DataFrame]], path: Path) -> Path:
+SIZE_LABEL = "bubble area = training step peak memory vs full"
+
+
+def plot_accuracy_speed(panels: list[tuple[str, pd.DataFrame]], path: Path, caption: str = "",
+                        size_label: str = SIZE_LABEL) -> Path:
     """LRA Figure 3 per comparison: test accuracy (y, from 0) vs training speed (x), bubble area ~ peak
     memory, the majority class as a dashed line, labels placed apart (adjustText).
 
-    ``panels``: (title, frame) with index mechanism and columns accuracy, majority, speed, memory_vs_full
-    and ``speed_label`` in ``frame.attrs``.
+    ``panels``: (title, frame) with index mechanism and columns accuracy, majority, speed, memory_vs_full;
+    ``frame.attrs``: ``speed_label`` (x axis), ``accuracy_label`` (y axis), ``relative`` (x ticks as
+    ``2x``), ``majority_label`` (the dashed line's legend text). ``caption``: wrapped text under the
+    figure; ``size_label``: the title of the bubble-size key.
     """
     plt = _pyplot()
     cols = min(2, len(panels))
@@ -219,8 +226,12 @@ def plot_accuracy_speed(panels: list[tuple[str, pd.DataFrame]], path: Path) -> P
         _accuracy_panel(ax, title, points)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    _size_key(fig)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _size_key(fig, size_label)
+    height = 5.0 * rows  # inches; the size key takes the bottom 0.8 in
+    fig.tight_layout(rect=(0, 0.8 / height, 1, 1))
+    if caption:
+        # Below the size key, whose largest bubbles reach below the figure's bottom edge.
+        fig.text(0.02, -0.3 / height, textwrap.fill(caption, width=int(100 * cols)), ha="left", va="top", fontsize=8)
     return _save(fig, path)
 
 
@@ -241,8 +252,9 @@ def _accuracy_panel(ax, title: str, points: pd.DataFrame) -> None:
     ax.set_ylim(0, min(100.0, top))
     if np.isfinite(majority):
         # In the legend, not beside the line: a label on the line would sit under the bubbles near it.
-        ax.axhline(majority, color="#555555", linestyle="--", lw=1, zorder=1, label=f"majority class {majority:.1f}%")
-        ax.legend(loc="lower right", fontsize=7, frameon=True)
+        ax.axhline(majority, color="#555555", linestyle="--", lw=1, zorder=1,
+                   label=f"{points.attrs.get('majority_label', 'majority class')} {majority:.1f}%")
+        ax.legend(loc="best", fontsize=7, frameon=True)  # where it covers the fewest bubbles
         if (points["accuracy"] <= majority + 1.0).all():
             title += "\nno mechanism beat the majority class by more than 1 point: not learned, no ranking"
     ax.set_xscale("log", base=2)
@@ -251,15 +263,17 @@ def _accuracy_panel(ax, title: str, points: pd.DataFrame) -> None:
     xs = points["speed"].astype(float)
     ax.set_xlim(xs.min() / 1.5, xs.max() * 1.5)
     ax.set_xlabel(points.attrs.get("speed_label", "speed"), fontsize=8)
-    ax.set_ylabel("test accuracy (%)", fontsize=8)
+    ax.set_ylabel(points.attrs.get("accuracy_label", "test accuracy (%)"), fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     adjust_text(texts, ax=ax, arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.6})
 
 
-def _size_key(fig) -> None:
+def _size_key(fig, label: str = SIZE_LABEL) -> None:
     """The bubble-size key: what 0.5x, 1x and 2x the peak memory of full look like."""
     handles = [fig.axes[0].scatter([], [], s=400 * r, color="#cccccc", edgecolor="k", alpha=0.6) for r in (0.5, 1, 2)]
-    fig.legend(handles, ["0.5x", "1x", "2x"], title="bubble area = training step peak memory vs full",
-               loc="lower center", ncol=3, fontsize=8, title_fontsize=8, frameon=False, borderpad=0.2,
-               labelspacing=1.5, handletextpad=1.2, columnspacing=2.5)
+    fig.legend(handles, ["0.5x", "1x", "2x"], title=label,
+               # Anchored in figure coordinates: a saved tight bbox that grows (a caption) does not move it.
+               loc="lower center", bbox_to_anchor=(0.5, 0.0), bbox_transform=fig.transFigure, ncol=3, fontsize=8,
+               title_fontsize=8, frameon=False, borderpad=0.2, labelspacing=1.5, handletextpad=1.2,
+               columnspacing=2.5)

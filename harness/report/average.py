@@ -1,0 +1,149 @@
+"""The report's accuracy-vs-speed summary over recipes: one point per mechanism, averaged over the suite.
+
+Which recipes: every comparison (:mod:`harness.report.groups`) in which ``full`` and at least one other
+mechanism have an ok run; none is named in code, so whatever the suite ran is averaged. Which
+mechanisms: those with an ok run in every one of these recipes; a mechanism missing one (no causal form,
+a failed run) is left out and named, because an average over fewer recipes would not be comparable.
+
+Per mechanism, each recipe is first averaged over its seeds (as in the recipe's table), then
+
+* accuracy: the arithmetic mean over recipes of the test accuracy (%);
+* speed: the geometric mean over recipes of training examples/s relative to ``full`` in the same recipe;
+* memory: the geometric mean over recipes of a training step's peak memory relative to ``full``;
+* majority: the mean over recipes of the majority-class accuracy (the average a constant predictor scores).
+
+Ratios are averaged geometrically so that 2x in one recipe and 0.5x in another average to 1x.
+
+Owns: this section. Imports: :mod:`harness.display`, the other :mod:`harness.report` modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.display import not_run
+from harness.report.groups import Comparison
+from harness.report.page import Page
+from harness.report.plots import plot_accuracy_speed
+from harness.report.tables import comparison_table
+
+AVERAGE_PNG = "accuracy_vs_speed_average.png"
+
+
+@dataclass(frozen=True)
+class RecipeAverage:
+    """``points``: index mechanism; columns accuracy, majority, speed (= speed_vs_full), memory_vs_full,
+    recipes, seeds_min, seeds_max. ``recipes``: the titles averaged; ``left_out``: mechanism -> the
+    titles of the averaged recipes it has no ok run in."""
+
+    points: pd.DataFrame
+    recipes: list[str]
+    left_out: dict[str, list[str]]
+
+
+def _geometric_mean(values: pd.Series) -> float:
+    values = values.astype(float)
+    return float(np.exp(np.log(values).mean())) if len(values) and (values > 0).all() else float("nan")
+
+
+def recipe_average(comps: list[Comparison], mechanisms: list[str] | None = None) -> RecipeAverage:
+    """Average every mechanism over the recipes in which ``full`` and another mechanism ran (module doc).
+
+    ``mechanisms``: the order of the rows (registry order); others follow in the order they ran.
+    Speed or memory is NaN where a recipe lacks the measurement (never a guessed value)."""
+    per_recipe: dict[str, pd.DataFrame] = {}
+    for comp in comps:
+        _, numeric = comparison_table(comp, mechanisms)
+        ok = numeric[np.isfinite(numeric["accuracy"])]
+        if "full" in ok.index and len(ok) >= 2:
+            per_recipe[comp.title] = ok
+    ran = list(dict.fromkeys(m for frame in per_recipe.values() for m in frame.index))
+    rows, left_out = {}, {}
+    for name in ran:
+        missing = [title for title, frame in per_recipe.items() if name not in frame.index]
+        if missing:
+            left_out[name] = missing
+            continue
+        mine = pd.DataFrame([frame.loc[name] for frame in per_recipe.values()])
+        rows[name] = {"accuracy": float(mine["accuracy"].mean()),
+                      "majority": float(np.mean([f["majority"].iloc[0] for f in per_recipe.values()])),
+                      "speed": _geometric_mean(mine["speed_vs_full"]),
+                      "memory_vs_full": _geometric_mean(mine["memory_vs_full"]),
+                      "recipes": len(mine), "seeds_min": int(mine["seeds"].min()),
+                      "seeds_max": int(mine["seeds"].max())}
+    points = pd.DataFrame.from_dict(rows, orient="index",
+                                    columns=["accuracy", "majority", "speed", "memory_vs_full", "recipes",
+                                             "seeds_min", "seeds_max"])
+    points.index.name = "mechanism"
+    return RecipeAverage(points=points, recipes=list(per_recipe), left_out=left_out)
+
+
+def _seeds(points: pd.DataFrame) -> str:
+    low, high = int(points["seeds_min"].min()), int(points["seeds_max"].max())
+    return f"{low} seed{'s' if high > 1 else ''}" if low == high else f"{low}-{high} seeds"
+
+
+def average_caption(avg: RecipeAverage) -> str:
+    """Names the recipes averaged, the seeds behind each recipe's mean, and the mechanisms left out."""
+    text = (f"Mean over {len(avg.recipes)} recipes, each first averaged over its seeds ({_seeds(avg.points)} per "
+            f"mechanism and recipe): " + "; ".join(avg.recipes) + ".")
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, titles in avg.left_out.items():
+        groups.setdefault(tuple(titles), []).append(name)
+    if groups:
+        text += " Left out, no ok run in every recipe: " + "; ".join(
+            f"{', '.join(names)} (none in {' and '.join(titles)})" for titles, names in groups.items()) + "."
+    return text
+
+
+def average_table(avg: RecipeAverage) -> pd.DataFrame:
+    """Display rows: the averaged mechanisms, then those left out (``— (missing k of N recipes)``)."""
+    def ratio(x: float) -> str:
+        return f"{x:.2f}x" if np.isfinite(x) else not_run("not measured")
+
+    rows = {name: {"mean test acc % over recipes": f"{r['accuracy']:.2f}",
+                   "speed vs full (geo. mean)": ratio(r["speed"]),
+                   "peak memory vs full (geo. mean)": ratio(r["memory_vs_full"]),
+                   "recipes": str(int(r["recipes"])),
+                   "seeds per recipe": (f"{int(r['seeds_min'])}" if r["seeds_min"] == r["seeds_max"]
+                                        else f"{int(r['seeds_min'])}-{int(r['seeds_max'])}")}
+            for name, r in avg.points.iterrows()}
+    for name, titles in avg.left_out.items():
+        rows[name] = {"mean test acc % over recipes": not_run(f"missing {len(titles)} of {len(avg.recipes)} "
+                                                              "recipes"),
+                      "speed vs full (geo. mean)": "", "peak memory vs full (geo. mean)": "",
+                      "recipes": str(len(avg.recipes) - len(titles)), "seeds per recipe": ""}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "mechanism"
+    return table
+
+
+def average_section(page: Page, comps: list[Comparison], out: Path, files: list[Path],
+                    mechanisms: list[str] | None = None) -> None:
+    """The summary figure and its table, when at least two recipes can be averaged (one recipe is its own
+    panel in the per-recipe figure already)."""
+    avg = recipe_average(comps, mechanisms)
+    if len(avg.recipes) < 2 or avg.points.empty:
+        return
+    caption = average_caption(avg)
+    points = avg.points[np.isfinite(avg.points["speed"])].copy()
+    points.attrs.update(relative=True, majority_label="majority class, mean over recipes",
+                        accuracy_label="test accuracy (%), mean over recipes",
+                        speed_label="training examples/s relative to full (geometric mean over recipes)")
+    if len(points) >= 2:
+        title = f"accuracy vs training speed, mean over {len(avg.recipes)} recipes"
+        files.append(plot_accuracy_speed([(title, points)], out / AVERAGE_PNG, caption=caption,
+                                         size_label="bubble area = peak memory vs full (geometric mean over "
+                                                    "recipes)"))
+        page.heading("Accuracy vs training speed, averaged over recipes", place="figures")
+        page.note(caption + " y: mean test accuracy; x: geometric mean of the speed relative to full; bubble: "
+                  "geometric mean of the peak memory relative to full.", place="figures")
+        page.image(files[-1], AVERAGE_PNG)
+    page.heading("Accuracy, speed and memory averaged over recipes")
+    page.note(caption + " Speed and memory: geometric means of the ratios to full in each recipe. A mean over "
+              "recipes hides where a mechanism fails: read it with the recipe tables.")
+    page.table(average_table(avg))

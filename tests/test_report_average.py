@@ -1,0 +1,105 @@
+"""harness.report.average: accuracy, speed and memory of each mechanism averaged over the recipes in the store."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from harness.report import build_report, comparisons
+from harness.report import plots as plots_module
+from harness.report.average import AVERAGE_PNG, average_caption, average_table, recipe_average
+from harness.store import load_records, now_iso, write_record
+
+
+def _run(experiment, attention, seed, acc, speed, mem, status="ok", majority=0.2):
+    task = experiment.split("/")[1]
+    record = {"kind": "train", "record_id": f"{experiment.replace('/', '-')}.{attention}.{seed}", "status": status,
+              "created_at": now_iso(), "attention": attention, "task": task, "seed": seed, "experiment": experiment,
+              "majority_test_acc": majority,
+              # Recipes differ in their config (as real ones do), not only in the experiment's name.
+              "config": {"task": {"name": task}, "attention": {"name": attention, "params": {}}, "seed": seed,
+                         "train": {"max_steps": 10 if experiment.startswith("smoke/") else 1000}}}
+    if status == "ok":
+        record.update(test_acc=acc, best_val_acc=acc, throughput={"examples_per_s": speed}, peak_memory_bytes=mem)
+    return record
+
+
+@pytest.fixture()
+def store(tmp_path):
+    """Two recipes with full and performer; linformer only in the first (oom in the second); a smoke recipe
+    with full alone (nothing to compare: not averaged)."""
+    root = tmp_path / "results"
+    records = [
+        _run("quick/listops", "full", 0, 0.30, 100.0, 1e8), _run("quick/listops", "full", 1, 0.32, 100.0, 1e8),
+        _run("quick/listops", "performer", 0, 0.20, 200.0, 5e7),
+        _run("quick/listops", "linformer", 0, 0.25, 400.0, 2.5e7),
+        _run("quick/mqar", "full", 0, 0.90, 50.0, 2e8, majority=0.5),
+        _run("quick/mqar", "performer", 0, 0.50, 25.0, 4e8, majority=0.5),
+        _run("quick/mqar", "performer", 1, 0.70, 25.0, 4e8, majority=0.5),
+        _run("quick/mqar", "linformer", 0, None, None, None, status="oom", majority=0.5),
+        _run("smoke/listops", "full", 0, 0.10, 10.0, 1e6),
+    ]
+    for r in records:
+        write_record(r, root)
+    return root
+
+
+def test_values_are_means_over_recipes_of_seed_means_and_geometric_means_of_ratios(store):
+    avg = recipe_average(comparisons(load_records(store, kind="train")), ["full", "linformer", "performer"])
+    assert avg.recipes == ["listops (quick/listops)", "mqar (quick/mqar)"]  # smoke: full alone, not averaged
+    assert avg.left_out == {"linformer": ["mqar (quick/mqar)"]}
+    assert list(avg.points.index) == ["full", "performer"]
+    full, performer = avg.points.loc["full"], avg.points.loc["performer"]
+    assert full["accuracy"] == pytest.approx((31.0 + 90.0) / 2)  # listops' two seeds first: 31
+    assert performer["accuracy"] == pytest.approx((20.0 + 60.0) / 2)  # mqar's two seeds first: 60
+    assert performer["speed"] == pytest.approx(math.sqrt(2.0 * 0.5))  # 2x and 0.5x full: 1x
+    assert performer["memory_vs_full"] == pytest.approx(math.sqrt(0.5 * 2.0))
+    assert full["speed"] == pytest.approx(1.0) and full["memory_vs_full"] == pytest.approx(1.0)
+    assert performer["majority"] == pytest.approx((20.0 + 50.0) / 2)
+    assert (performer["recipes"], performer["seeds_min"], performer["seeds_max"]) == (2, 1, 2)
+    caption = average_caption(avg)
+    assert "Mean over 2 recipes" in caption and "listops (quick/listops); mqar (quick/mqar)" in caption
+    assert "1-2 seeds per mechanism and recipe" in caption
+    assert "linformer (none in mqar (quick/mqar))" in caption and "smoke" not in caption
+    table = average_table(avg)
+    assert table.loc["performer"].tolist() == ["40.00", "1.00x", "1.00x", "2", "1-2"]
+    assert table.loc["full", "mean test acc % over recipes"] == "60.50"
+    assert table.loc["linformer", "mean test acc % over recipes"] == "— (missing 1 of 2 recipes)"
+
+
+def test_speed_ratios_that_differ_average_geometrically(tmp_path):
+    root = tmp_path / "results"
+    for exp, ratio in (("quick/a", 4.0), ("quick/b", 1.0)):
+        write_record(_run(exp, "full", 0, 0.5, 100.0, 1e8), root)
+        write_record(_run(exp, "performer", 0, 0.5, 100.0 * ratio, 1e8 / ratio), root)
+    avg = recipe_average(comparisons(load_records(root, kind="train")))
+    assert avg.points.loc["performer", "speed"] == pytest.approx(2.0)  # sqrt(4 * 1), not the mean 2.5
+    assert avg.points.loc["performer", "memory_vs_full"] == pytest.approx(0.5)
+
+
+def test_report_draws_the_average_chart_with_its_caption(store, tmp_path, monkeypatch):
+    figures = []
+    save = plots_module._save
+    monkeypatch.setattr(plots_module, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    result = build_report(store, tmp_path / "r")
+    assert (tmp_path / "r" / AVERAGE_PNG) in result["files"]
+    fig = figures[-1]  # the average chart is drawn after the per-recipe one
+    ax = fig.axes[0]
+    assert "mean over 2 recipes" in ax.get_title()
+    assert "geometric mean" in ax.get_xlabel()
+    points = {tuple(map(float, c.get_offsets()[0])) for c in ax.collections if len(c.get_offsets())}
+    assert (pytest.approx(1.0), pytest.approx(40.0)) in [(pytest.approx(x), pytest.approx(y)) for x, y in points]
+    assert any("linformer (none in mqar (quick/mqar))" in t.get_text().replace("\n", " ") for t in fig.texts)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "### Accuracy, speed and memory averaged over recipes" in md
+    assert "| performer | 40.00 | 1.00x | 1.00x | 2 | 1-2 |" in md
+
+
+def test_one_recipe_draws_no_average(tmp_path):
+    root = tmp_path / "results"
+    for name, speed in (("full", 100.0), ("performer", 200.0)):
+        write_record(_run("quick/listops", name, 0, 0.3, speed, 1e8), root)
+    result = build_report(root, tmp_path / "r")
+    assert AVERAGE_PNG not in {p.name for p in result["files"]}
+    assert "averaged over recipes" not in (tmp_path / "r" / "report.md").read_text()
