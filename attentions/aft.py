@@ -81,6 +81,25 @@ class AFTConfig(AttentionConfig):
             )
 
 
+def aft_state_size(config: AFTConfig, seq_len: int) -> int:
+    """What a query's output ``sigmoid(q_t) * num_t / den_t`` is computed from, per mode:
+
+    - ``full``: every key and value with its own bias ``w_{t,t'}``: ``2 n d`` (causal: the last query, too).
+    - ``simple``: one summary. Bidirectional, the normalised context ``softmax_t'(K) . V``: ``d``; causal,
+      the prefix sums ``sum exp(K) V`` and ``sum exp(K)``: ``2 d``.
+    - ``local``: the keys and values inside the window (their biases differ), ``2 d`` each, plus one ``2 d``
+      summary of every key outside it (weight 1: prefix and suffix are added into one ``[num, den]`` sum):
+      ``2 d min(n, 2 window)``; causal, the ``window`` keys ``t - window < t' <= t`` plus the prefix:
+      ``2 d min(n, window + 1)``.
+    """
+    n, d, s = seq_len, config.head_dim, config.window
+    if config.mode == "full":
+        return 2 * n * d
+    if config.mode == "simple":
+        return 2 * d if config.causal else d
+    return 2 * d * min(n, s + 1 if config.causal else 2 * s)
+
+
 @register_attention(
     "aft",
     config=AFTConfig,
@@ -91,6 +110,7 @@ class AFTConfig(AttentionConfig):
     memory_complexity="simple O(n d); local O(n d); full O(n^2) for exp(w) (O(b n^2) masked), never n x n x d",
     needs_max_seq_len=False,
     applies_dropout=False,
+    state_size_fn=aft_state_size,
 )
 class AFTAttention(Attention):
     """Attention Free Transformer: per-channel softmax over keys plus learned position biases."""

@@ -94,6 +94,33 @@ def draw_random_blocks(
     return out
 
 
+def bigbird_state_size(config: BigBirdConfig, seq_len: int) -> int:
+    """``2 d`` times the most keys a non-global query block reads: its band blocks ``i-1, i, i+1`` (causal
+    ``i-1, i``; the block's last query reads all of its own block), the global blocks, and its random
+    blocks of this length (the same seeded draw as the ``random_blocks`` buffer; blocks beyond the input
+    hold no keys), each block counted once and the last block with its real length.
+
+    Global query blocks read every key (``2 n d``); that is the count only when every block is global.
+    """
+    n, block = seq_len, config.block_size
+    nb = blk.num_blocks(n, block)
+    g = min(config.num_global_blocks, nb)
+    if g == nb:
+        return 2 * config.head_dim * n
+    generator = torch.Generator().manual_seed(config.seed)
+    drawn = draw_random_blocks(blk.num_blocks(config.max_seq_len, block), config.num_global_blocks,
+                               config.num_random_blocks, generator, causal=config.causal)[g:nb]
+    rows = torch.arange(g, nb)
+    read = torch.zeros(nb - g, nb + 1, dtype=torch.bool)  # column nb collects unused / out-of-input slots
+    read[:, :g] = True
+    for offset in (-1, 0) if config.causal else (-1, 0, 1):
+        read[torch.arange(nb - g), (rows + offset).clamp(0, nb)] = True
+    read[torch.arange(nb - g)[:, None], torch.where((drawn >= 0) & (drawn < nb), drawn, nb)] = True
+    lengths = torch.full((nb,), block)
+    lengths[-1] = n - (nb - 1) * block
+    return 2 * config.head_dim * int((read[:, :nb].long() * lengths).sum(dim=1).max())
+
+
 @register_attention(
     "bigbird",
     config=BigBirdConfig,
@@ -103,6 +130,7 @@ def draw_random_blocks(
     time_complexity="O(n b (3 + g + r) d)",
     memory_complexity="O(n b (3 + g + r))",
     exact=True,
+    state_size_fn=bigbird_state_size,
     needs_max_seq_len=True,
 )
 class BigBirdAttention(Attention):

@@ -63,6 +63,13 @@ class ClusteredConfig(AttentionConfig):
         require(self.topk >= 1, "topk", f"must be >= 1 (keys recomputed per query when improved), got {self.topk}")
 
 
+def clustered_state_size(config: ClusteredConfig, seq_len: int) -> int:
+    """Every key and value, ``2 n d``: clustering compresses the queries, not the keys. A query's output is
+    its centroid's softmax attention over all ``n`` keys (plus, ``improved``, exact attention on ``topk`` of
+    the same keys), so it is computed from the whole KV set, as full attention's is."""
+    return 2 * seq_len * config.head_dim
+
+
 @register_attention(
     "clustered",
     config=ClusteredConfig,
@@ -70,6 +77,7 @@ class ClusteredConfig(AttentionConfig):
     time_complexity="O(n C d) (k-means and centroid attention); improved + O(n k d)",
     memory_complexity="O(n d) (fused centroid attention, chunked k-means); improved O(n C + n k d)",
     needs_max_seq_len=False,
+    state_size_fn=clustered_state_size,
     causal_note=("clusters and their centroid queries are computed from every position, so each output depends on "
                  "later queries; a causal form would recluster every prefix and lose the linear cost"),
 )

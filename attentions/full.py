@@ -66,6 +66,11 @@ class FullConfig(AttentionConfig):
     backend: Literal["auto", "sdpa", "xformers", "reference"] = "auto"
 
 
+def full_state_size(config: FullConfig, seq_len: int) -> int:
+    """Every key and value: ``2 n d`` floats, the KV cache (the causal last query reads all ``n`` too)."""
+    return 2 * seq_len * config.head_dim
+
+
 @register_attention(
     "full",
     config=FullConfig,
@@ -73,6 +78,7 @@ class FullConfig(AttentionConfig):
     time_complexity="O(n^2 d)",
     memory_complexity="O(n^2) reference; O(n) with fused SDPA/xformers kernels",
     exact=True,
+    state_size_fn=full_state_size,
     supports_causal=True,
     causal_note="decoder self-attention: SDPA is_causal / xformers LowerTriangularMask; dense mask on the reference",
 )

@@ -35,6 +35,12 @@ class LinformerConfig(AttentionConfig):
         require(self.proj_dim >= 1, "proj_dim", f"must be >= 1, got {self.proj_dim}")
 
 
+def linformer_state_size(config: LinformerConfig, seq_len: int) -> int:
+    """The projected keys ``E^T K`` and values ``F^T V``: ``2 k d`` (``k = proj_dim``; also with ``sharing="kv"``,
+    which shares the projection, not its two products), whatever ``n``."""
+    return 2 * config.proj_dim * config.head_dim
+
+
 @register_attention(
     "linformer",
     config=LinformerConfig,
@@ -43,6 +49,7 @@ class LinformerConfig(AttentionConfig):
     memory_complexity="O(n k + k d)",
     exact=False,
     needs_max_seq_len=True,
+    state_size_fn=linformer_state_size,
     causal_note=("the learned (k, n) projection mixes every position into each compressed key, so a query would "
                  "see the future; masking it needs one projection per prefix, which loses the linear cost"),
 )

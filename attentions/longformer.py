@@ -48,6 +48,26 @@ class LongformerConfig(AttentionConfig):
         require(not duplicates, "global_positions", f"positions must be distinct, got duplicates {duplicates}")
 
 
+def longformer_state_size(config: LongformerConfig, seq_len: int) -> int:
+    """``2 d`` times the most keys a non-global query reads: its band (``|i - j| <= window // 2``; causal
+    ``i - window // 2 <= j <= i``) plus the global positions outside it (causal: those before it).
+
+    A global query reads every key (``2 n d``); that is the count only when every position is global.
+    """
+    n, half = seq_len, config.window // 2
+    pos = torch.arange(n)
+    glob = torch.tensor(sorted(p for p in config.global_positions if p < n), dtype=torch.long)
+    lo = (pos - half).clamp(min=0)
+    hi = pos if config.causal else (pos + half).clamp(max=n - 1)
+    outside = glob[None, :] < lo[:, None]
+    if not config.causal:
+        outside = outside | (glob[None, :] > hi[:, None])
+    keys = hi - lo + 1 + outside.sum(dim=1)
+    local = ~torch.isin(pos, glob)
+    most = int(keys[local].max()) if bool(local.any()) else n
+    return 2 * config.head_dim * most
+
+
 @register_attention(
     "longformer",
     config=LongformerConfig,
@@ -57,6 +77,7 @@ class LongformerConfig(AttentionConfig):
     time_complexity="O(n (w + g) d), g = global tokens",
     memory_complexity="O(n (w + g))",
     exact=True,
+    state_size_fn=longformer_state_size,
     needs_max_seq_len=False,
 )
 class LongformerAttention(Attention):

@@ -56,6 +56,19 @@ class MemoryCompressedConfig(AttentionConfig):
         require(self.compression >= 1, "compression", f"must be >= 1 (tokens per slot), got {self.compression}")
 
 
+def memory_compressed_state_size(config: MemoryCompressedConfig, seq_len: int) -> int:
+    """The compressed key and value slots, ``2 d ceil(n / c)``. Causal: query ``i`` reads the ``i // c`` slots
+    of the past blocks and the ``i % c + 1`` tokens of its own block up to itself; the most over ``i``."""
+    n, c = seq_len, config.compression
+    if not config.causal:
+        return 2 * config.head_dim * -(-n // c)
+    last = n - 1
+    most = last // c + last % c + 1
+    if last // c >= 1:  # the end of the block before the last may read more (when the last block is short)
+        most = max(most, last // c - 1 + c)
+    return 2 * config.head_dim * most
+
+
 @register_attention(
     "memory_compressed",
     config=MemoryCompressedConfig,
@@ -65,6 +78,7 @@ class MemoryCompressedConfig(AttentionConfig):
     time_complexity="O(n^2 d / c)",
     memory_complexity="O(n^2 / c) scores (n queries x n/c slots); O(n d) with a fused SDPA kernel",
     needs_max_seq_len=False,
+    state_size_fn=memory_compressed_state_size,
 )
 class MemoryCompressedAttention(Attention):
     """Memory-compressed attention: keys/values compressed by a strided convolution, then softmax."""

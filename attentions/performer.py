@@ -63,6 +63,12 @@ class PerformerConfig(AttentionConfig):
                 f"must be 0 (never redraw) or a positive number of training calls, got {self.redraw_interval}")
 
 
+def performer_state_size(config: PerformerConfig, seq_len: int) -> int:
+    """The feature sums a query reads: ``phi(K)^T V`` (m x d) and ``phi(K)^T 1`` (m), ``m d + m``, whatever ``n``
+    (causal: the same sums over the prefix, the state carried by the recurrence)."""
+    return config.num_features * (config.head_dim + 1)
+
+
 @register_attention(
     "performer",
     config=PerformerConfig,
@@ -74,6 +80,7 @@ class PerformerConfig(AttentionConfig):
     exact=False,
     needs_max_seq_len=False,
     applies_dropout=False,
+    state_size_fn=performer_state_size,
 )
 class PerformerAttention(Attention):
     """Performer (FAVOR+): positive orthogonal random features approximating softmax attention.

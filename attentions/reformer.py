@@ -98,6 +98,17 @@ class ReformerConfig(AttentionConfig):
         return max(2, 2 * math.ceil(self.max_seq_len / (2 * self.bucket_size)))
 
 
+def reformer_state_size(config: ReformerConfig, seq_len: int) -> int:
+    """``2 d`` times the capacity of a query's chunk windows over the ``n_hashes`` rounds: per round its own
+    chunk and the previous one, ``2 bucket_size - 1`` keys besides itself (causal: its last ``<= bucket_size``
+    same-bucket predecessors), at most ``n - 1`` distinct keys; the query itself only when it sees no
+    other (``n = 1``). An upper bound: which keys share a window depends on the hashes, and the rounds'
+    windows may overlap; a single round (``n_hashes=1``, across buckets, ``n >= 2 bucket_size``) reaches it.
+    """
+    per_round = config.bucket_size if config.causal else 2 * config.bucket_size - 1
+    return 2 * config.head_dim * max(1, min(seq_len - 1, config.n_hashes * per_round))
+
+
 @register_attention(
     "reformer",
     config=ReformerConfig,
@@ -108,6 +119,7 @@ class ReformerConfig(AttentionConfig):
     memory_complexity="O(n_hashes * n * bucket_size)",
     needs_max_seq_len=True,
     shared_qk=True,
+    state_size_fn=reformer_state_size,
 )
 class ReformerAttention(Attention):
     """LSH attention with shared query/key and multi-round hashing (Kitaev et al. 2020)."""

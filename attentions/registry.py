@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,16 +110,54 @@ class AttentionInfo:
     # One line on the causal form: which one the mechanism uses when ``supports_causal``, or why it has
     # none (the ValueError for ``causal=True`` quotes it).
     causal_note: str = ""
+    # The hook behind :meth:`state_size`: ``(config, seq_len) -> int | None``, or None when the mechanism
+    # declares none (a plug-in that does not say). Declared with ``register_attention(..., state_size_fn=...)``.
+    state_size_fn: Callable[[Any, int], int | None] | None = None
     description: str = ""
 
     def defaults(self) -> dict[str, Any]:
         """Every parameter of the mechanism's config with its default value."""
         return {f.name: f.default for f in dataclasses.fields(self.config_cls)}
 
+    def state_size(self, params: Mapping[str, Any], seq_len: int) -> int | None:
+        """Floats per head and per layer that one query position's output is computed from (Zoology's state).
+
+        Definition (docs/MQAR.md, "State size"): after the mechanism's own compression, the largest number,
+        over the query positions that are not global tokens, of floats the query's output is read from:
+        ``head_dim`` floats for every key and every value it reads one by one, and the stored size of every
+        summary it reads (a projected or compressed slot, a feature sum ``phi(K)^T [V, 1]``). The query's
+        own vector is not counted. Where the set of keys depends on the data (Reformer's buckets), the
+        capacity: the most any query can read. Full attention: ``2 n d``, the KV cache.
+
+        ``params``: the mechanism's resolved parameters (a training record's ``attention_config``), with
+        ``head_dim`` (required: the count scales with it) and ``causal`` where it applies. ``seq_len``: the
+        number of tokens ``n`` the mechanism reads (an int >= 1, at most ``max_seq_len`` when that is set).
+        Returns an int >= 1, or None where the mechanism declares no state size.
+
+        Raises ValueError for a ``seq_len`` that is not a positive int or exceeds ``max_seq_len``, a missing
+        ``head_dim``, and (via :func:`make_config`) unknown or invalid parameters; TypeError when a
+        declaration returns something other than None or a positive int.
+        """
+        if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
+            raise ValueError(f"state size of '{self.name}': seq_len must be an int >= 1, got {seq_len!r}")
+        if "head_dim" not in params:
+            raise ValueError(f"state size of '{self.name}': params must give head_dim (floats are counted per "
+                             f"head_dim); got {sorted(params)}")
+        config = make_config(self.name, **params)
+        if config.max_seq_len is not None and seq_len > config.max_seq_len:
+            raise ValueError(f"state size of '{self.name}': seq_len {seq_len} exceeds max_seq_len="
+                             f"{config.max_seq_len} (the mechanism cannot read that many tokens)")
+        if self.state_size_fn is None:
+            return None
+        size = self.state_size_fn(config, int(seq_len))
+        if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+            raise TypeError(f"state size declared by '{self.name}' must be None or an int >= 1, got {size!r}")
+        return None if size is None else int(size)
+
     def __repr__(self) -> str:
         # What print(get_attention_info(name)) shows: the facts and the parameters' defaults (the classes
-        # themselves are attributes, not worth a line).
-        fields = [f for f in dataclasses.fields(self) if f.name not in ("cls", "config_cls")]
+        # and the state-size hook are attributes, not worth a line).
+        fields = [f for f in dataclasses.fields(self) if f.name not in ("cls", "config_cls", "state_size_fn")]
         facts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
         return f"AttentionInfo({facts}, defaults={self.defaults()!r})"
 

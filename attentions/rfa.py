@@ -52,6 +52,12 @@ class RFAConfig(AttentionConfig):
         require(self.sigma > 0 and math.isfinite(self.sigma), "sigma", f"must be a positive number, got {self.sigma}")
 
 
+def rfa_state_size(config: RFAConfig, seq_len: int) -> int:
+    """The feature sums over ``2 D`` sin/cos features: ``phi(K)^T V`` (2D x d) and ``phi(K)^T 1`` (2D), i.e.
+    ``2 D (d + 1)``, whatever ``n``. No gate (ours has none), so nothing else is carried."""
+    return 2 * config.num_features * (config.head_dim + 1)
+
+
 @register_attention(
     "rfa",
     config=RFAConfig,
@@ -63,6 +69,7 @@ class RFAConfig(AttentionConfig):
     exact=False,
     needs_max_seq_len=False,
     applies_dropout=False,
+    state_size_fn=rfa_state_size,
 )
 class RFAAttention(Attention):
     """Random Feature Attention: random Fourier features on l2-normalised queries and keys.

@@ -77,6 +77,13 @@ def band_setup(
     return block, m, right, key_pos, in_band
 
 
+def sliding_window_state_size(config: SlidingWindowConfig, seq_len: int) -> int:
+    """The keys and values of the band: ``2 d min(n, 2 (window // 2) + 1)``; causal ``2 d min(n, window // 2 + 1)``."""
+    half = config.window // 2
+    keys = half + 1 if config.causal else 2 * half + 1
+    return 2 * config.head_dim * min(seq_len, keys)
+
+
 @register_attention(
     "sliding_window",
     config=SlidingWindowConfig,
@@ -86,6 +93,7 @@ def band_setup(
     time_complexity="O(n w d)",
     memory_complexity="O(n w)",
     exact=True,
+    state_size_fn=sliding_window_state_size,
     needs_max_seq_len=False,
 )
 class SlidingWindowAttention(Attention):

@@ -7,7 +7,8 @@
 It is what the project's own contract tests run on every registered mechanism, and what a plug-in's
 author runs in one line from their own pytest. The checks, in order (:data:`CHECKS`):
 
-``metadata``        family, complexities, default fields; unknown and invalid parameters rejected by name.
+``metadata``        family, complexities, default fields; unknown and invalid parameters rejected by name; a
+                    declared state size (``state_size_fn``) is a positive int at the test lengths.
 ``shapes``          output ``(batch, heads, seq, head_dim)``, finite, at lengths 1, 7, 33, 50.
 ``bad_inputs``      wrong rank, layout, length, dtype or mask: a ValueError naming the layout or the mask.
 ``padding``         appended padding leaves the real rows as without it; large values in padded slots
@@ -132,6 +133,21 @@ def check_metadata(s: _Subject) -> None:
                 raise s.fail("metadata", f"{param}={value!r} raised a ValueError not naming '{param}': {exc}") from None
         else:
             raise s.fail("metadata", f"{param}={value!r} was accepted; it must raise a ValueError naming it")
+    _check_state_size(s)
+
+
+def _check_state_size(s: _Subject) -> None:
+    """A declared state size (``state_size_fn``) is a positive int at every test length, both forms."""
+    if s.info.state_size_fn is None:
+        return
+    for causal in (False, True) if s.info.supports_causal else (False,):
+        params = {"num_heads": HEADS, "head_dim": HEAD_DIM, "max_seq_len": MAX_LEN, **s.params,
+                  **({"causal": True} if causal else {})}
+        for n in LENGTHS:
+            try:
+                s.info.state_size(params, n)
+            except TypeError as exc:
+                raise s.fail("metadata", f"state size at n={n}, causal={causal}: {exc}") from None
 
 
 def check_shapes(s: _Subject) -> None:

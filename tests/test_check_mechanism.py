@@ -2,7 +2,8 @@
 
 Each broken mechanism below is correct except for one fault, so the check that must catch it is the
 first to fail: one ignores the padding mask, one claims ``supports_causal`` but looks at later positions,
-one claims linear memory but materialises seq x seq scores, one says it applies dropout but does not.
+one claims linear memory but materialises seq x seq scores, one says it applies dropout but does not, one
+declares a state size of zero floats.
 (Every built-in passing is ``tests/test_registry_contract.py``.)
 """
 
@@ -79,6 +80,13 @@ def broken():
         def attend(self, q, k, v, key_padding_mask):
             return softmax_attention(q, k, v, key_padding_mask)
 
+    @register("test_bad_state_size", state_size_fn=lambda config, n: 0)
+    class BadStateSize(Attention):
+        """Declares a state size of zero floats."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return softmax_attention(q, k, v, key_padding_mask)
+
     @register("test_honest_causal", config=CausalConfig, supports_causal=True)
     class HonestCausal(Attention):
         """Exact softmax attention with a real causal mask: passes every check."""
@@ -96,6 +104,7 @@ def broken():
     ("test_peeks_at_future", "causality", "prefix ending at"),
     ("test_quadratic_claims_linear", "memory_growth", "per doubling of n"),
     ("test_claims_dropout", "dropout", "says it applies dropout"),
+    ("test_bad_state_size", "metadata", "state size at n=1.*must be None or an int >= 1"),
 ])
 def test_broken_mechanism_fails_naming_the_violation(broken, name, check, detail):
     with pytest.raises(ContractViolation, match=f"'{name}' violates the contract check '{check}'.*{detail}") as err:

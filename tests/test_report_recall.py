@@ -1,13 +1,19 @@
-"""harness.report.recall: seed spreads, ties with the best, MQAR variant names, the recall plot."""
+"""harness.report.recall: seed spreads, ties with the best, MQAR variant names, the recall plots (pairs, state size)."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pandas as pd
+import pytest
 
+from attentions import Attention, AttentionConfig, register_attention
+from attentions import registry as attention_registry
 from harness.report.page import Page
-from harness.report.recall import is_tie, recall_points, recall_section, seed_stats, spread_table
+from harness.report.recall import is_tie, recall_points, recall_section, seed_stats, spread_table, state_points
+from harness.store import load_records
 
 
 def _runs(rows):
@@ -71,3 +77,98 @@ def test_recall_section_writes_the_plot(tmp_path):
     recall_section(page, train, tmp_path, files)
     assert files == [tmp_path / "recall_vs_pairs.png"] and files[0].stat().st_size > 1000
     assert "recall_vs_pairs.png" in page.markdown() and "| full |" in page.markdown()
+
+
+# ------------------------------------------------------------------------------- recall vs state size
+
+D, L = 16, 64
+CONFIGS = {  # what arena-train stores as attention_config (layer 0's resolved parameters)
+    "full": {"backend": "auto", "causal": True, "dropout": 0.0, "head_dim": D, "max_seq_len": L, "num_heads": 4},
+    "sliding_window": {"causal": True, "head_dim": D, "max_seq_len": L, "num_heads": 4, "window": 16},
+    "longformer": {"causal": True, "global_positions": [0], "head_dim": D, "max_seq_len": L, "num_heads": 4,
+                   "window": 16},
+    "performer": {"causal": True, "head_dim": D, "max_seq_len": L, "num_features": 64, "num_heads": 4},
+    "reformer": {"bucket_size": 8, "causal": True, "head_dim": D, "max_seq_len": L, "n_hashes": 2,
+                 "num_buckets": None, "num_heads": 4},
+    "_stateless_plugin": {"causal": True, "head_dim": D, "max_seq_len": L, "num_heads": 4},
+}
+# 2 n d; the band i-8..i (9 keys); the band plus global 0; m (d + 1); 2 rounds x 8 predecessors.
+EXPECTED_STATE = {"full": 2 * L * D, "sliding_window": 2 * D * 9, "longformer": 2 * D * 10,
+                  "performer": 64 * (D + 1), "reformer": 2 * D * 16}
+
+
+@pytest.fixture
+def stateless_plugin():
+    """A registered mechanism that declares no state size (as a plug-in that does not say)."""
+    class Stateless(Attention):
+        def attend(self, q, k, v, key_padding_mask):
+            return v
+
+    register_attention("_stateless_plugin", config=AttentionConfig, family="exact", time_complexity="O(n)",
+                       memory_complexity="O(n)", supports_causal=True)(Stateless)
+    yield
+    attention_registry._REGISTRY.pop("_stateless_plugin", None)
+
+
+def _store(tmp_path, pairs=(8, 16), seeds=(0, 1)):
+    """Training records on disk, read back as the report reads them (flattened; NaN in other mechanisms'
+    columns, so ints come back as floats and lists as JSON text)."""
+    folder = tmp_path / "store" / "train"
+    folder.mkdir(parents=True)
+    for i, (name, k, seed) in enumerate((n, k, s) for n in CONFIGS for k in pairs for s in seeds):
+        record = {"kind": "train", "attention": name, "task": "mqar", "seed": seed, "status": "ok",
+                  "test_acc": 0.5 + 0.1 * seed + 0.01 * k,
+                  "config": {"task": {"params": {"form": "decoder", "seq_len": L, "num_kv_pairs": k}}},
+                  "attention_config": {**CONFIGS[name], "seed": seed}}
+        (folder / f"{i}.json").write_text(json.dumps(record))
+    return load_records(tmp_path / "store", kind="train")
+
+
+def test_state_points_hold_each_mechanisms_declared_state_and_the_seed_statistics(tmp_path, stateless_plugin):
+    train = _store(tmp_path)
+    assert train["attention_config.window"].dtype == float  # the report must turn 16.0 back into an int
+    points, missing = state_points(seed_stats(train), train)
+    assert dict(zip(points["attention"], points["state"])) == EXPECTED_STATE
+    assert missing == {"_stateless_plugin": "declares none"}
+    row = points[(points["attention"] == "full") & (points["num_kv_pairs"] == 16)].iloc[0]
+    assert row["variant"] == "mqar decoder L64 k16" and row["n"] == 2
+    assert math.isclose(row["mean"], 100 * (0.5 + 0.05 + 0.16)) and math.isclose(row["std"], 100 * 0.1 / math.sqrt(2))
+
+
+def test_records_without_a_usable_config_are_named_not_plotted(tmp_path):
+    train = _store(tmp_path, pairs=(8,))
+    cols = [c for c in train if c.startswith("attention_config.")]
+    train[cols] = train[cols].astype(object)
+    train.loc[train["attention"] == "reformer", cols] = np.nan  # as an older record without attention_config
+    train.loc[train["attention"] == "longformer", "attention_config.window"] = 0.0
+    points, missing = state_points(seed_stats(train), train)
+    assert set(points["attention"]) == {"full", "sliding_window", "performer"}
+    assert missing["reformer"] == "record without attention_config"
+    assert missing["longformer"].startswith("not computed: invalid parameter 'window'")
+    # A plug-in whose module the report did not load: named, with the registry's reason.
+    assert missing["_stateless_plugin"] == "not registered when the report ran (plug-in not loaded)"
+
+
+def test_recall_section_writes_the_state_plot_and_names_mechanisms_without_a_state(tmp_path, stateless_plugin):
+    train = _store(tmp_path)
+    page, files = Page("t"), []
+    recall_section(page, train, tmp_path, files)
+    assert files == [tmp_path / "recall_vs_pairs.png", tmp_path / "recall_vs_state.png"]
+    assert files[1].stat().st_size > 1000
+    text = page.markdown()
+    assert "recall_vs_state.png" in text and "floats, per head and per layer" in text
+    assert "no fixed state: _stateless_plugin (declares none)" in text
+
+
+def test_state_points_keep_recipes_apart_and_a_state_from_any_seed_suffices(tmp_path):
+    train = _store(tmp_path, pairs=(8,), seeds=(0, 1, 2, 3))
+    train = train[train["attention"].isin(["full", "performer"])].copy()
+    train["config.train.max_steps"] = np.where(train["seed"] < 2, 500, 900)  # two recipes, two seeds each
+    cols = [c for c in train if c.startswith("attention_config.")]
+    train[cols] = train[cols].astype(object)
+    first_full = train.index[train["attention"] == "full"][0]
+    train.loc[first_full, cols] = np.nan  # one seed's record without attention_config: the other one's counts
+    points, missing = state_points(seed_stats(train), train)
+    assert missing == {}
+    assert len(set(points["variant"])) == 2 and all(v.startswith("mqar decoder L64 k8 (") for v in points["variant"])
+    assert sorted(points["state"]) == sorted([2 * L * D] * 2 + [64 * (D + 1)] * 2)

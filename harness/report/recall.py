@@ -5,20 +5,29 @@
   with the best: the seeds cannot tell them apart). MQAR variants are named by form, length and pairs.
 * :func:`plot_recall`: test accuracy vs ``num_kv_pairs``, one panel per (form, seq_len), one line per
   mechanism (mean over seeds, bars = std), the Zoology Figure 2 reading: where a mechanism's recall breaks.
+* :func:`state_points` / :func:`plot_recall_vs_state`: MQAR test accuracy vs the mechanism's state size
+  (floats per head and per layer that one query's output is read from, ``AttentionInfo.state_size``; docs/MQAR.md),
+  one panel per MQAR variant, one point per mechanism, the Zoology reading: recall against the state a model
+  reads from. Computed here from each record's ``attention`` and ``attention_config``.
 
 Owns: this section only (kept apart from :mod:`harness.report.build`'s other sections). Imports: pandas,
-numpy, matplotlib, :mod:`harness.display`, :mod:`harness.report.page`.
+numpy, matplotlib, adjustText, ``attentions`` (the registry's state-size declarations), :mod:`harness.display`,
+:mod:`harness.report.page`, :mod:`harness.report.plots` (the mechanism styles).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from attentions import available_attentions, get_attention_info
 from harness.display import MISSING
 from harness.report.page import Page
 from harness.report.plots import mechanism_style
@@ -123,6 +132,126 @@ def plot_recall(points: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def record_params(row: pd.Series, name: str) -> dict[str, Any] | None:
+    """The resolved parameters of mechanism ``name`` from a flattened training record's ``attention_config.*``
+    cells, or None when the record has none. Cells the record lacks (NaN: another mechanism's column) take
+    the config's default; pandas' floats for ints (16.0) become ints again, lists stored as JSON text lists.
+    Raises ValueError (from the registry) for a mechanism that is not registered."""
+    fields = [f.name for f in dataclasses.fields(get_attention_info(name).config_cls)]
+    params = {}
+    for field in fields:
+        value = row.get(f"attention_config.{field}")
+        if isinstance(value, np.generic):
+            value = value.item()
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if isinstance(value, str) and value.startswith("["):
+            value = json.loads(value)
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        params[field] = value
+    return params or None
+
+
+def record_state_size(row: pd.Series) -> tuple[float, str]:
+    """State size (floats per head per layer) of one MQAR training record at its sequence length, and why
+    there is none (``""`` when there is one). MQAR is token-level, so the mechanism reads ``seq_len`` tokens."""
+    name = str(row["attention"])
+    if name not in available_attentions():
+        return math.nan, "not registered when the report ran (plug-in not loaded)"
+    try:
+        params = record_params(row, name)
+        if params is None:
+            return math.nan, "record without attention_config"
+        size = get_attention_info(name).state_size(params, int(row["config.task.params.seq_len"]))
+    except (ValueError, TypeError) as exc:
+        return math.nan, f"not computed: {str(exc).splitlines()[0]}"
+    return (math.nan, "declares none") if size is None else (float(size), "")
+
+
+def state_points(stats: pd.DataFrame, train: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """:func:`recall_points` with a ``state`` column, and the mechanisms without a state size (name -> why).
+
+    ``state``: the largest over the (mechanism, variant)'s ok records (seeds may draw BigBird's random
+    blocks differently). Points without a state size are left out of the frame and named in the dict.
+    """
+    points = recall_points(stats)
+    if points.empty:
+        return points.assign(state=pd.Series(dtype=float)), {}
+    ok = train[(train["status"] == "ok") & train["test_acc"].notna()].copy()
+    ok["variant"] = variant_labels(ok)
+    ok = ok[ok["variant"].isin(set(points["variant"]))]
+    sizes = pd.DataFrame([record_state_size(row) for _, row in ok.iterrows()], index=ok.index,
+                         columns=["state", "why"])
+    ok = ok.join(sizes)
+    state = ok.groupby(["attention", "variant"])["state"].max().rename("state").reset_index()
+    points = points.merge(state, on=["attention", "variant"], how="left")
+    dropped = set(points.loc[points["state"].isna(), "attention"])
+    missing = ok[ok["attention"].isin(dropped)].groupby("attention")["why"].max().to_dict()  # "" < any reason
+    return points[points["state"].notna()].reset_index(drop=True), missing
+
+
+def plot_recall_vs_state(points: pd.DataFrame, path: Path) -> Path:
+    """Accuracy (%) vs state size (log x), one panel per MQAR variant, one labelled point per mechanism."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from adjustText import adjust_text
+
+    # One panel per variant label (form, length, pairs, and a recipe hash where recipes differ), in that order.
+    panels = sorted(points.groupby(["form", "seq_len", "num_kv_pairs", "variant"]).groups)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.6 * rows), squeeze=False)
+    labels = []
+    for ax, (form, length, pairs, variant) in zip(axes.flat, panels):
+        recipe = variant.partition(" (")[2].rstrip(")")
+        title = f"MQAR {form}, {length} tokens, {pairs} pairs" + (f" (recipe {recipe})" if recipe else "")
+        panel = points[points["variant"] == variant].sort_values("state")
+        labels.append((ax, panel, _state_panel(ax, panel, title)))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    # Names placed apart once the panels have their final size (placing them earlier let them overlap).
+    for ax, panel, texts in labels:
+        adjust_text(texts, x=list(panel["state"]), y=list(panel["mean"]), ax=ax,
+                    target_x=list(panel["state"]), target_y=list(panel["mean"]), expand=(1.3, 1.8),
+                    arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.5})
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _state_panel(ax, panel: pd.DataFrame, title: str) -> list:
+    """One variant: a point per mechanism (mean over seeds, bars = std) in its fixed style; returns the names'
+    text objects, which the caller places apart."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    texts = []
+    for _, r in panel.iterrows():
+        style = mechanism_style(r["attention"])
+        ax.errorbar([r["state"]], [r["mean"]], yerr=[0 if math.isnan(r["std"]) else r["std"]], ms=6, capsize=2,
+                    color=style["color"], marker=style["marker"], ls="none", zorder=style["zorder"])
+        # Started a little right of the point (log axis: x 1.1) and kept off every point by the caller.
+        texts.append(ax.text(r["state"] * 1.1, r["mean"], r["attention"], fontsize=7, color=style["color"],
+                             va="center", zorder=5))
+    low, high = panel["state"].min(), panel["state"].max()
+    ax.set_xscale("log")
+    # 1, 2, 5 per decade on a narrow axis (else one label or none); decades only on a wide one.
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if high / low > 100 else (1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(low / 2, high * 2)
+    ax.set_ylim(-8, 105)  # room below 0 for the names of mechanisms that did not learn the task
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_xlabel("state size (floats per head per layer, log)")
+    ax.set_ylabel("test accuracy on answers (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    return texts
+
+
 def recall_section(page: Page, train: pd.DataFrame, out: Path, files: list[Path]) -> None:
     """Seed spreads with ties, the MQAR sequence-level accuracy, and the recall plot."""
     page.heading("Seeds, ties and recall")
@@ -145,3 +274,19 @@ def recall_section(page: Page, train: pd.DataFrame, out: Path, files: list[Path]
     page.note("Recall: MQAR test accuracy vs number of key-value pairs (Zoology Figure 2 layout); each "
               "mechanism keeps the budget its recipe gives it (window, features, buckets) while the pairs grow.")
     page.image(files[-1], "recall_vs_pairs.png")
+    _state_figure(page, stats, train, out, files)
+
+
+def _state_figure(page: Page, stats: pd.DataFrame, train: pd.DataFrame, out: Path, files: list[Path]) -> None:
+    """The recall-vs-state-size plot, its caption, and the note naming mechanisms without a state size."""
+    points, missing = state_points(stats, train)
+    if not points.empty:
+        files.append(plot_recall_vs_state(points, out / "recall_vs_state.png"))
+        page.note("Recall vs state size: MQAR test accuracy (mean over seeds, bars = sample std; none for one "
+                  "seed) against the "
+                  "number of floats, per head and per layer, that one query's output is computed from after the "
+                  "mechanism's own compression (full attention: its KV cache, 2 x length x head_dim; a kernel "
+                  "mechanism: its fixed feature sums; docs/MQAR.md gives each formula). Log x axis.")
+        page.image(files[-1], "recall_vs_state.png")
+    if missing:
+        page.note("no fixed state: " + "; ".join(f"{name} ({why})" for name, why in sorted(missing.items())))
