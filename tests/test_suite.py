@@ -15,7 +15,7 @@ from harness.store import load_records
 def test_resolve_suite_sizes():
     default = suite.resolve_suite({"device": "cpu"})
     assert default["bench"]["seq_lens"] == [256, 512, 1024, 2048, 4096]
-    assert default["train"]["experiments"] == ["quick/listops", "quick/mqar_causal"]
+    assert default["train"]["experiments"] == ["quick/listops", "quick/mqar"]
     assert default["train"]["seeds"] == [0, 1]  # at least two seeds: spreads and ties in the report
     assert Path(default["report_dir"]) == Path(default["results_dir"]) / "report"
     smoke = suite.resolve_suite({"size": "smoke", "device": "cpu"})
@@ -96,13 +96,22 @@ def test_sweep_parts_give_causal_recipes_only_causal_mechanisms_and_the_ladder(t
     assert not suite.recipe_is_causal("quick/listops")
     s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu"})
     mechanisms = available_attentions()
+    parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, ["quick/listops", "quick/mqar"])}
+    # The default: ListOps (its own overrides: a part of its own) and bidirectional MQAR with every mechanism,
+    # and the ladder rung on the same MQAR recipe.
+    assert list(parts) == ["bidir0", "bidir", "ladder-L64-k16"]
+    assert parts["bidir0"] == [mechanisms, ["quick/listops"], ["train.max_steps=300"], [0, 1]]
+    assert parts["bidir"] == [mechanisms, ["quick/mqar"], [], [0, 1]]
+    assert parts["ladder-L64-k16"] == [mechanisms, ["quick/mqar"],
+                                       ["task.params.seq_len=64", "task.params.num_kv_pairs=16"], [0]]
+    # A causal recipe runs only the mechanisms with a causal form, and so does a ladder on it.
+    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu",
+                             "train": {"ladder": {"experiment": "quick/mqar_causal"}}})
     parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, ["quick/listops", "quick/mqar_causal"])}
-    assert parts["bidir0"] == [mechanisms, ["quick/listops"], ["train.max_steps=500"], [0, 1]]
     assert parts["causal"] == [causal_attentions(), ["quick/mqar_causal"], [], [0, 1]]
     assert list(parts) == ["bidir0", "causal", "ladder-L64-k16"]
     assert "linformer" not in parts["causal"][0] and "clustered" not in parts["causal"][0]
-    assert parts["ladder-L64-k16"] == [causal_attentions(), ["quick/mqar_causal"],
-                                       ["task.params.seq_len=64", "task.params.num_kv_pairs=16"], [0]]
+    assert parts["ladder-L64-k16"][0] == causal_attentions()
     # Each part's jobs carry its overrides and a sweep dir of their own.
     jobs = suite.training_jobs(s, ["full", "rfa"], ["quick/mqar_causal"], 2, tag="ladder-L64-k16",
                                extra=["task.params.num_kv_pairs=16"])
