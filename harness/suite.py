@@ -78,7 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"experiments": ["quick/listops", "quick/mqar"], "seeds": [0, 1],
               "overrides": [], "workers": 2, "threads_per_worker": 1,
               # Per-recipe overrides: quick ListOps shortened to fit two seeds of everything in the budget.
-              "recipe_overrides": {"quick/listops": ["train.max_steps=300"]},
+              "recipe_overrides": {"quick/listops": ["train.max_steps=500"]},
               # Recall ladder (Zoology Figure 2 layout): the recipe again at each [seq_len, num_kv_pairs].
               "ladder": {"experiment": "quick/mqar", "points": [[64, 16]], "seeds": [0]}},
     "smoke": {

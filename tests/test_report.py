@@ -323,3 +323,29 @@ def test_report_marks_runs_that_validated_on_the_test_split(tmp_path):
     write_record({**alias, "validation_is_test": False}, root)
     text = (build_report(root, tmp_path / "report2", slope_range=(1024, 4096))["out"] / "report.md").read_text()
     assert "validated on the test split" not in text
+
+
+def test_accuracy_table_gives_each_mechanism_its_budget_and_state_vs_full(tmp_path):
+    """The budget column: what the recipe gave the mechanism and its state size relative to full attention's
+    KV cache at the recipe's length (sliding window 32 of n = 65: 2 * 16 + 1 = 33 keys -> 33/65 = 0.51x);
+    the recipe note names n."""
+    root = tmp_path / "results"
+    for name, attention_config in [
+        ("full", {"head_dim": 16, "num_heads": 4}),
+        ("sliding_window", {"head_dim": 16, "num_heads": 4, "window": 32}),
+        ("performer", {"head_dim": 16, "num_heads": 4, "num_features": 64}),
+    ]:
+        record = train_record(name, "listops", 0, acc=0.3)
+        # The recipe's whole table, as in a real record (the same in every run of the recipe).
+        record["config"]["attention_overrides"] = {"sliding_window": {"window": 32}, "performer": {"num_features": 64}}
+        record["attention_config"] = {**attention_config, "max_seq_len": 65}
+        record["model_config"] = {"pooling": "cls", "token_level": False}
+        write_record(record, root)
+    comp = comparisons(load_records(root, kind="train"))[0]
+    display, _ = comparison_table(comp)
+    budget = display["budget (state vs full)"]
+    assert budget["full"] == "exact"
+    assert budget["sliding_window"] == "window=32; state 0.51x full"
+    assert budget["performer"] == f"num_features=64; state {64 * 17 / (2 * 65 * 16):.2f}x full"
+    build_report(root, tmp_path / "report")
+    assert "sequences of up to n = 65 positions (CLS token included)" in (tmp_path / "report" / "report.md").read_text()

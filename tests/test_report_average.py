@@ -103,3 +103,21 @@ def test_one_recipe_draws_no_average(tmp_path):
     result = build_report(root, tmp_path / "r")
     assert AVERAGE_PNG not in {p.name for p in result["files"]}
     assert "averaged over recipes" not in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_ladder_rung_of_an_averaged_recipe_file_is_not_counted_twice(store):
+    """A one-seed rung of quick/mqar (other num_kv_pairs) is a comparison of its own, but the mean takes one
+    comparison per recipe file: the one with the most ok runs; the rung is named in the caption."""
+    for attention, acc in (("full", 0.99), ("performer", 0.10)):
+        record = _run("quick/mqar", attention, 0, acc, 50.0, 2e8, majority=0.5)
+        record["record_id"] += ".k16"
+        record["config"]["task"]["params"] = {"num_kv_pairs": 16}
+        write_record(record, store)
+    comps = comparisons(load_records(store, kind="train"))
+    assert len(comps) == 4  # listops, mqar, the mqar rung, smoke
+    avg = recipe_average(comps, ["full", "linformer", "performer"])
+    assert len(avg.recipes) == 2 and avg.recipes[0] == "listops (quick/listops)"
+    assert avg.recipes[1].startswith("mqar (quick/mqar)") and "num_kv_pairs=16" not in avg.recipes[1]
+    assert len(avg.variants) == 1 and "num_kv_pairs=16" in avg.variants[0]
+    assert avg.points.loc["performer", "accuracy"] == pytest.approx((20.0 + 60.0) / 2)  # the rung's 10% not in it
+    assert "Not averaged" in average_caption(avg) and avg.variants[0] in average_caption(avg)

@@ -100,7 +100,7 @@ def test_sweep_parts_give_causal_recipes_only_causal_mechanisms_and_the_ladder(t
     # The default: ListOps (its own overrides: a part of its own) and bidirectional MQAR with every mechanism,
     # and the ladder rung on the same MQAR recipe.
     assert list(parts) == ["bidir0", "bidir", "ladder-L64-k16"]
-    assert parts["bidir0"] == [mechanisms, ["quick/listops"], ["train.max_steps=300"], [0, 1]]
+    assert parts["bidir0"] == [mechanisms, ["quick/listops"], ["train.max_steps=500"], [0, 1]]
     assert parts["bidir"] == [mechanisms, ["quick/mqar"], [], [0, 1]]
     assert parts["ladder-L64-k16"] == [mechanisms, ["quick/mqar"],
                                        ["task.params.seq_len=64", "task.params.num_kv_pairs=16"], [0]]

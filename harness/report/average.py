@@ -1,7 +1,8 @@
 """The report's accuracy-vs-speed summary over recipes: one point per mechanism, averaged over the suite.
 
 Which recipes: every comparison (:mod:`harness.report.groups`) in which ``full`` and at least one other
-mechanism have an ok run; none is named in code, so whatever the suite ran is averaged. Which
+mechanism have an ok run, one per recipe file (the comparison with the most ok runs: a ladder rung of
+``quick/mqar`` does not count MQAR twice); none is named in code, so whatever the suite ran is averaged. Which
 mechanisms: those with an ok run in every one of these recipes; a mechanism missing one (no causal form,
 a failed run) is left out and named, because an average over fewer recipes would not be comparable.
 
@@ -19,6 +20,7 @@ Owns: this section. Imports: :mod:`harness.display`, the other :mod:`harness.rep
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +40,13 @@ AVERAGE_PNG = "accuracy_vs_speed_average.png"
 class RecipeAverage:
     """``points``: index mechanism; columns accuracy, majority, speed (= speed_vs_full), memory_vs_full,
     recipes, seeds_min, seeds_max. ``recipes``: the titles averaged; ``left_out``: mechanism -> the
-    titles of the averaged recipes it has no ok run in."""
+    titles of the averaged recipes it has no ok run in; ``variants``: comparisons not averaged because another
+    comparison of the same recipe file (with more runs) stands for it."""
 
     points: pd.DataFrame
     recipes: list[str]
     left_out: dict[str, list[str]]
+    variants: list[str] = dataclasses.field(default_factory=list)
 
 
 def _geometric_mean(values: pd.Series) -> float:
@@ -56,7 +60,8 @@ def recipe_average(comps: list[Comparison], mechanisms: list[str] | None = None)
     ``mechanisms``: the order of the rows (registry order); others follow in the order they ran.
     Speed or memory is NaN where a recipe lacks the measurement (never a guessed value)."""
     per_recipe: dict[str, pd.DataFrame] = {}
-    for comp in comps:
+    variants: list[str] = []
+    for comp in _one_per_recipe_file(comps, variants):
         _, numeric = comparison_table(comp, mechanisms)
         ok = numeric[np.isfinite(numeric["accuracy"])]
         if "full" in ok.index and len(ok) >= 2:
@@ -79,7 +84,25 @@ def recipe_average(comps: list[Comparison], mechanisms: list[str] | None = None)
                                     columns=["accuracy", "majority", "speed", "memory_vs_full", "recipes",
                                              "seeds_min", "seeds_max"])
     points.index.name = "mechanism"
-    return RecipeAverage(points=points, recipes=list(per_recipe), left_out=left_out)
+    return RecipeAverage(points=points, recipes=list(per_recipe), left_out=left_out, variants=variants)
+
+
+def _one_per_recipe_file(comps: list[Comparison], variants: list[str]) -> list[Comparison]:
+    """One comparison per recipe file (``experiment``): the one with the most ok runs (the recipe as the suite
+    runs it with all its seeds, not a one-seed ladder rung or a changed setting), so that no recipe file
+    counts twice in the mean; the titles of the others are appended to ``variants``."""
+    best: dict[str, Comparison] = {}
+    for comp in comps:
+        experiments = comp.runs["experiment"].dropna().unique() if "experiment" in comp.runs else []
+        key = str(experiments[0]) if len(experiments) == 1 else comp.title
+        ok = int((comp.runs["status"] == "ok").sum())
+        if key not in best or ok > int((best[key].runs["status"] == "ok").sum()):
+            if key in best:
+                variants.append(best[key].title)
+            best[key] = comp
+        else:
+            variants.append(comp.title)
+    return list(best.values())
 
 
 def _seeds(points: pd.DataFrame) -> str:
@@ -94,6 +117,9 @@ def average_caption(avg: RecipeAverage) -> str:
     groups: dict[tuple[str, ...], list[str]] = {}
     for name, titles in avg.left_out.items():
         groups.setdefault(tuple(titles), []).append(name)
+    if avg.variants:
+        text += (" Not averaged (another comparison of the same recipe file, with more runs, stands for it): "
+                 + "; ".join(avg.variants) + ".")
     if groups:
         text += " Left out, no ok run in every recipe: " + "; ".join(
             f"{', '.join(names)} (none in {' and '.join(titles)})" for titles, names in groups.items()) + "."

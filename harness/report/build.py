@@ -180,8 +180,21 @@ def _recipe_note(comp: Comparison) -> str:
              f"{comp.recipe['train.max_steps']} steps" if comp.recipe.get("train.epochs") is None
              and "train.max_steps" in comp.recipe else None,
              f"{comp.recipe['train.epochs']} epochs" if comp.recipe.get("train.epochs") is not None else None]
-    facts = [f for f in facts if f]
-    return ("Recipe: " + ", ".join(facts) + ".") if facts else ""
+    facts = [f for f in facts if f] + [_length_note(comp.runs)]
+    return ("Recipe: " + ", ".join(f for f in facts if f) + ".") if any(facts) else ""
+
+
+def _length_note(runs: pd.DataFrame) -> str:
+    """The sequence length the mechanisms were built for, which their budgets are relative to."""
+    if "attention_config.max_seq_len" not in runs:
+        return ""
+    lengths = pd.to_numeric(runs["attention_config.max_seq_len"], errors="coerce").dropna().unique()
+    if len(lengths) != 1:
+        return ""
+    pooling = runs["model_config.pooling"] if "model_config.pooling" in runs else pd.Series(dtype=object)
+    token_level = runs["model_config.token_level"] if "model_config.token_level" in runs else pd.Series(dtype=object)
+    cls = len(pooling) > 0 and pooling.eq("cls").all() and not token_level.fillna(False).astype(bool).any()
+    return f"sequences of up to n = {int(lengths[0])} positions" + (" (CLS token included)" if cls else "")
 
 
 def _accuracy_points(numeric: pd.DataFrame) -> pd.DataFrame:

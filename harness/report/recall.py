@@ -17,12 +17,9 @@ numpy, matplotlib, adjustText, ``attentions`` (the registry's state-size declara
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +28,7 @@ from attentions import available_attentions, get_attention_info
 from harness.display import MISSING
 from harness.report.page import Page
 from harness.report.plots import mechanism_style
+from harness.report.tables import record_params
 
 RECIPE_PREFIXES = ("config.task.", "config.model.", "config.train.", "config.optimizer.", "config.scheduler.")
 MQAR_PARAMS = ("config.task.params.form", "config.task.params.seq_len", "config.task.params.num_kv_pairs")
@@ -130,27 +128,6 @@ def plot_recall(points: pd.DataFrame, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def record_params(row: pd.Series, name: str) -> dict[str, Any] | None:
-    """The resolved parameters of mechanism ``name`` from a flattened training record's ``attention_config.*``
-    cells, or None when the record has none. Cells the record lacks (NaN: another mechanism's column) take
-    the config's default; pandas' floats for ints (16.0) become ints again, lists stored as JSON text lists.
-    Raises ValueError (from the registry) for a mechanism that is not registered."""
-    fields = [f.name for f in dataclasses.fields(get_attention_info(name).config_cls)]
-    params = {}
-    for field in fields:
-        value = row.get(f"attention_config.{field}")
-        if isinstance(value, np.generic):
-            value = value.item()
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        if isinstance(value, str) and value.startswith("["):
-            value = json.loads(value)
-        elif isinstance(value, float) and value.is_integer():
-            value = int(value)
-        params[field] = value
-    return params or None
 
 
 def record_state_size(row: pd.Series) -> tuple[float, str]:

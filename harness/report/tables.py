@@ -1,16 +1,22 @@
 """The report's tables: store rows (DataFrames from :func:`harness.store.load_records`) -> display frames.
 
-Owns: how the cells of a table read. Imports: :mod:`harness.analysis`, :mod:`harness.display`,
+Owns: how the cells of a table read (a mechanism's budget and state size relative to full included).
+Imports: :mod:`attentions` (state sizes), :mod:`harness.analysis`, :mod:`harness.display`,
 :mod:`harness.report.groups` (which records form a table).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from attentions import available_attentions, get_attention_info
 from harness.analysis import relative_to_full
 from harness.display import MISSING, format_bytes, missing_cell, not_run
 from harness.report.groups import Comparison
@@ -34,6 +40,7 @@ def comparison_table(comp: Comparison, mechanisms: Sequence[str] | None = None) 
         numeric["speed_vs_full"] = numeric["memory_vs_full"] = float("nan")
     display = pd.DataFrame({name: _display_row(runs[runs["attention"] == name], numeric.loc[name])
                             for name in names}).T
+    display["budget (state vs full)"] = [budget_text(runs[runs["attention"] == name], name) for name in names]
     display.loc["majority class"] = [f"{majority:.2f}" if np.isfinite(majority) else not_run("unknown")] + \
         [""] * (display.shape[1] - 1)
     display.index.name = "mechanism"
@@ -81,6 +88,59 @@ def _display_row(runs: pd.DataFrame, r: pd.Series) -> dict[str, str]:
         "step peak memory (vs full)": (format_bytes(r["peak_bytes"]) + ratio(r["memory_vs_full"])
                                        if np.isfinite(r["peak_bytes"]) else MISSING),
     }
+
+
+def record_params(row: pd.Series, name: str) -> dict[str, Any] | None:
+    """The resolved parameters of mechanism ``name`` from a flattened training record's ``attention_config.*``
+    cells, or None when the record has none. Cells the record lacks (NaN: another mechanism's column) take
+    the config's default; pandas' floats for ints (16.0) become ints again, lists stored as JSON text lists.
+    Raises ValueError (from the registry) for a mechanism that is not registered."""
+    fields = [f.name for f in dataclasses.fields(get_attention_info(name).config_cls)]
+    params = {}
+    for field in fields:
+        value = row.get(f"attention_config.{field}")
+        if isinstance(value, np.generic):
+            value = value.item()
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if isinstance(value, str) and value.startswith("["):
+            value = json.loads(value)
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        params[field] = value
+    return params or None
+
+
+def budget_text(runs: pd.DataFrame, name: str) -> str:
+    """What the recipe gives mechanism ``name`` (its ``attention_overrides`` entry and any
+    ``attention.params``), and its state size relative to full attention's KV cache at the recipe's length
+    (``state_size / (2 n head_dim)``, see :meth:`attentions.registry.AttentionInfo.state_size`): e.g.
+    ``window=32; state 0.52x full``. ``exact`` for full; ``—`` where nothing is known."""
+    if name == "full":
+        return "exact"
+    row = runs.iloc[0]
+    given = {c.rsplit(".", 1)[-1]: row[c] for c in runs.columns
+             if c.startswith((f"config.attention_overrides.{name}.", "config.attention.params."))
+             and not (isinstance(row[c], float) and math.isnan(row[c]))}
+    parts = [", ".join(f"{k}={int(v) if isinstance(v, float) and v.is_integer() else v}"
+                       for k, v in sorted(given.items()))] if given else []
+    ratio = _state_vs_full(row, name)
+    if ratio is not None:
+        parts.append(f"state {ratio:.2f}x full")
+    return "; ".join(parts) or MISSING
+
+
+def _state_vs_full(row: pd.Series, name: str) -> float | None:
+    """State size over full attention's ``2 n d`` at the record's length ``n`` (None when unknown)."""
+    if name not in available_attentions():
+        return None
+    try:
+        params = record_params(row, name)
+        n = int(row.get("attention_config.max_seq_len"))
+        size = get_attention_info(name).state_size(params, n) if params else None
+    except (ValueError, TypeError):
+        return None
+    return None if size is None else size / (2 * n * params["head_dim"])
 
 
 def learned(numeric: pd.DataFrame, margin: float = 1.0) -> pd.Series:
