@@ -519,6 +519,17 @@ def test_trend_suspects_name_the_cell_out_of_line():
     assert analysis.trend_suspects(ns, [7e-4, 2e-4, 4e-4, 8e-4]) == []  # sub-millisecond: overheads
     assert analysis.trend_suspects(ns, [70.0, 2.0, 4.0, 8.0]) == [0]  # aft at 256 under load
     assert analysis.trend_suspects(ns, [1.0, 2.0, 400.0, 8.0]) == [2]
+    # A slow last cell has no longer neighbour: its slope jumps (linformer fwd+bwd, measured, in seconds).
+    assert analysis.trend_suspects([512, 1024, 2048, 4096], [6.7e-3, 13.4e-3, 27.4e-3, 167.2e-3]) == [3]
+    assert analysis.trend_suspects([512, 1024, 2048, 4096], [6.7e-3, 13.2e-3, 25.9e-3, 53.1e-3]) == []
+    # Real slope changes are gradual: linear to quadratic (full), and a quadratic term taking over.
+    assert analysis.trend_suspects([512, 1024, 2048, 4096], [8.1e-3, 30.1e-3, 114.8e-3, 456.0e-3]) == []
+    assert analysis.trend_suspects([1024, 2048, 4096, 8192], [0.02 * n / 1024 + 0.01 * (n / 1024) ** 2
+                                                             for n in (1024, 2048, 4096, 8192)]) == []
+    # A slow earlier cell flattens one segment; the normal segment after it is no jump (reformer, measured).
+    assert analysis.trend_suspects([256, 512, 1024, 2048, 4096], [26.0e-3, 47.2e-3, 51.9e-3, 134.8e-3, 364.5e-3]) == []
+    # Overhead-dominated steps (under 10 ms) swing without a disturbance: aft fwd 2.2, 2.2, 5.8 ms.
+    assert analysis.trend_suspects([256, 512, 1024], [2.2e-3, 2.2e-3, 5.8e-3]) == []
 
 
 def test_force_measures_every_cell_again(tmp_path, monkeypatch):

@@ -249,7 +249,7 @@ def _accuracy_panel(ax, title: str, points: pd.DataFrame) -> None:
         texts.append(ax.text(r["speed"], r["accuracy"], str(name), fontsize=8, zorder=5))
     majority = float(points["majority"].iloc[0]) if "majority" in points and len(points) else float("nan")
     top = max([float(points["accuracy"].max()), majority if np.isfinite(majority) else 0.0]) * 1.15 + 2
-    ax.set_ylim(0, min(100.0, top))
+    ax.set_ylim(0, min(106.0, top))  # a little above 100: a bubble at 100% is drawn whole, not cut in half
     if np.isfinite(majority):
         # In the legend, not beside the line: a label on the line would sit under the bubbles near it.
         ax.axhline(majority, color="#555555", linestyle="--", lw=1, zorder=1,

@@ -106,9 +106,10 @@ def plot_recall(points: pd.DataFrame, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = sorted(points.groupby(["form", "seq_len"]).groups)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.6, 4.5), squeeze=False)
     for ax, (form, length) in zip(axes[0], panels):
         panel = points[(points["form"] == form) & (points["seq_len"] == length)]
         for name, line in panel.groupby("attention"):
@@ -118,12 +119,16 @@ def plot_recall(points: pd.DataFrame, path: Path) -> Path:
                         label=name, color=style["color"], marker=style["marker"], ls=style["linestyle"],
                         lw=style["lw"], zorder=style["zorder"])
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(panel["num_kv_pairs"].unique()))  # the pairs measured, written as numbers
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_ylim(0, 102)
         ax.set_xlabel("key-value pairs")
         ax.set_ylabel("test accuracy on answers (%)")
         ax.set_title(f"MQAR {form}, {length} tokens")
         ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    # Beside the panels, not on them: with eleven lines any spot inside covers some.
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
