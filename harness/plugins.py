@@ -133,6 +133,24 @@ def register_config_nodes(conf: Path | None = None) -> list[str]:
     return added
 
 
+def unknown_attention_message(overrides: Sequence[str]) -> str | None:
+    """The error for ``attention=<name>`` overrides (a sweep ``attention=a,b`` included) that name no
+    registered mechanism, or None. Hydra's own error lists the YAML files only; this one also says how a
+    mechanism of one's own gets registered (``plugins=[<module>]``), the usual cause."""
+    from attentions import available_attentions
+
+    names = [v.strip() for text in overrides if "=" in text and text.lstrip("+~").split("=", 1)[0] == "attention"
+             for v in text.split("=", 1)[1].split(",")]
+    unknown = [n for n in names if n and "(" not in n and n not in available_attentions()]  # not glob(...)
+    if not unknown:
+        return None
+    here = [n for n in unknown if Path(f"{n}.py").is_file()]
+    return (f"unknown attention {', '.join(map(repr, unknown))}: registered are {', '.join(available_attentions())}."
+            " A mechanism of your own is registered by importing its module first: add plugins=[<module>]"
+            + (f" (plugins=[{here[0]}] for ./{here[0]}.py in this folder)" if here else "")
+            + ", or install it as a package with an 'attention_arena.attentions' entry point.")
+
+
 def prepare(argv: Sequence[str] | None = None) -> list[str]:
     """Before an app's Hydra main: load the plug-ins named on the command line (``sys.argv``) and the
     installed ones, and register their config nodes. Returns the plug-in module names."""

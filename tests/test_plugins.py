@@ -127,6 +127,22 @@ def test_unknown_attention_lists_plugins_too(workdir):
         compose_train("attention=no_such")
 
 
+def test_arena_train_with_an_unloaded_plugin_says_how_to_load_it(workdir, monkeypatch, capsys):
+    """attention=my_attention without plugins=[...]: exit 2, naming the unknown mechanism, the registered ones,
+    and the fix (the module file is right here)."""
+    from harness import train as train_app
+
+    assert plugins.unknown_attention_message(["attention=full,performer", "seed=0"]) is None
+    assert plugins.unknown_attention_message(["attention=glob(*)"]) is None  # a Hydra sweep function
+    monkeypatch.setattr(sys, "argv", ["arena-train", "attention=full,my_attention", "experiment=smoke/listops"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_app.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown attention 'my_attention'" in err and "registered are aft, bigbird" in err
+    assert "plugins=[my_attention] for ./my_attention.py in this folder" in err
+
+
 def test_plugins_override_parsing():
     parse = plugins.plugins_from_overrides
     assert parse(["attention=x", "plugins=[my_pkg.mod,other]"]) == ["my_pkg.mod", "other"]
