@@ -56,6 +56,24 @@ def _as_device(device: torch.device | str) -> torch.device:
     return device
 
 
+def check_device(requested: str) -> str:
+    """The device to measure on: ``auto`` -> ``cuda`` when available, else ``cpu``; otherwise ``requested``
+    itself, which must name a device available here.
+
+    Raises ValueError for a malformed name or a CUDA device on a machine without CUDA (the wording of
+    ``arena-train``'s check)."""
+    requested = str(requested)
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid 'device': {requested!r} ({exc}); allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("invalid 'device': cuda requested but torch.cuda.is_available() is False; use device=cpu")
+    return requested
+
+
 def measure_peak_memory(fn: Callable[[], T], device: torch.device | str) -> tuple[T, MemoryReading]:
     """Run ``fn()`` once and return its result with the allocator peak it caused.
 

@@ -14,7 +14,10 @@ config node (``attention=<name>`` / ``task=<name>`` with the defaults of its con
 plug-in needs no YAML; YAML files remain for presets. :func:`conf_dir` is where the apps' configs are:
 ``conf/`` of a clone, or ``harness/conf`` inside an installed wheel.
 
-Owns: plug-in loading, entry-point discovery, the generated config nodes, the config folder.
+:func:`exit_on_settings_error` is how an app reports a setting it cannot take: one line, exit 2.
+
+Owns: plug-in loading, entry-point discovery, the generated config nodes, the config folder, the apps'
+one-line settings errors.
 May import ``attentions`` and ``tasks`` (their registries); nothing in the harness.
 """
 
@@ -24,7 +27,7 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -157,3 +160,15 @@ def prepare(argv: Sequence[str] | None = None) -> list[str]:
     modules = load_plugins(plugins_from_overrides(sys.argv[1:] if argv is None else argv))
     register_config_nodes()
     return modules
+
+
+@contextlib.contextmanager
+def exit_on_settings_error(app: str) -> Iterator[None]:
+    """A ValueError raised inside the block (settings resolution: an unknown name, an unavailable device)
+    becomes one line on stderr, ``<app>: <message>``, and exit code 2, as ``arena-train`` reports its
+    errors. Wrap only the resolution of settings: a crash while running keeps its traceback."""
+    try:
+        yield
+    except ValueError as exc:
+        print(f"{app}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

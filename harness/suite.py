@@ -46,7 +46,7 @@ import torch
 from attentions import available_attentions, get_attention_info
 from harness import bench, report
 from harness.display import WORKDIR_ENV, one_line_interrupt, shown_path
-from harness.plugins import conf_dir, load_plugins, prepare
+from harness.plugins import conf_dir, exit_on_settings_error, load_plugins, prepare
 from harness.settings import Settings, merge_settings
 
 # The folder holding the harness package (the clone, or site-packages): on the training processes' path.
@@ -141,9 +141,11 @@ class SuiteSettings(Settings):
 
 
 def resolve_suite(cfg: dict | None = None) -> SuiteSettings:
-    """Defaults, the user's ``cfg``, then the smoke or CUDA sizes; checks the names.
+    """Defaults, the size's preset (smoke, lra, and the CUDA benchmark range), then the user's ``cfg``: a value
+    the user set wins over the preset. Checks the names.
 
-    Raises ValueError naming an unknown setting, size or stage.
+    Raises ValueError naming an unknown setting, size, stage or recipe (listing the allowed ones), or a device
+    that is not available here.
     """
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(DEFAULTS))
@@ -155,20 +157,8 @@ def resolve_suite(cfg: dict | None = None) -> SuiteSettings:
     bad = [st for st in s["stages"] if st not in STAGES]
     if bad:
         raise ValueError(f"stages must be among {STAGES}, got {bad}")
-    if s["device"] == "auto":
-        s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if s["size"] == "smoke":
-        s["bench"] = merge_settings(s["bench"], s["smoke"]["bench"])
-        if "results_dir" not in cfg or cfg["results_dir"] == DEFAULTS["results_dir"]:
-            s["results_dir"] = s["smoke"].get("results_dir") or s["results_dir"]  # a check never pollutes a benchmark
-        # The smoke benchmark's own tiny sizes replace the CPU range.
-        for key in ("seq_lens", "repeats", "warmup", "approx", "peers"):
-            s["bench"].pop(key, None)
-        s["train"] = merge_settings(s["train"], s["smoke"]["train"])
-    elif s["size"] == "lra":
-        s["train"] = merge_settings(s["train"], s["lra"]["train"])
-    if s["size"] != "smoke" and s["device"].startswith("cuda"):
-        s["bench"] = merge_settings(s["bench"], s["cuda_bench"])
+    s["device"] = _suite_device(str(s["device"]), s["stages"])
+    s = _apply_size(s, cfg)
     s["results_dir"] = str(Path(s["results_dir"]).resolve())
     s["report_dir"] = str(Path(s["report_dir"]).resolve()) if s["report_dir"] else str(Path(s["results_dir"]) /
                                                                                          "report")
@@ -176,7 +166,74 @@ def resolve_suite(cfg: dict | None = None) -> SuiteSettings:
     if unknown_train:
         raise ValueError(f"unknown suite setting(s) {[f'train.{k}' for k in unknown_train]}; "
                          f"allowed: {sorted(TrainSweep.__dataclass_fields__)}")
+    check_experiments(s["train"])
     return SuiteSettings.of(s)
+
+
+def _suite_device(requested: str, stages: list) -> str:
+    """The device: ``auto`` chosen here. A CUDA device this machine lacks is an error when the benchmark
+    (which runs here) is a stage; without it the training may be submitted elsewhere (a SLURM launcher)."""
+    if "bench" not in stages:
+        return requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return bench.check_device(requested)
+    except ValueError as exc:
+        if "is_available() is False" not in str(exc):
+            raise
+        raise ValueError(f"{exc}; to submit only the training to a cluster from here: stages=[train,report]") from None
+
+
+def _apply_size(s: dict, cfg: dict) -> dict:
+    """``s`` with the size's preset applied where the user (``cfg``) left the value at its default
+    (:func:`harness.bench.apply_preset`): ``size=smoke train.experiments=[smoke/listops]`` runs that recipe only."""
+    user_bench, user_train = dict(cfg.get("bench") or {}), dict(cfg.get("train") or {})
+    if s["size"] == "smoke":
+        smoke = s["smoke"]
+        if smoke.get("results_dir"):  # a check never pollutes a benchmark
+            s = bench.apply_preset(s, cfg, DEFAULTS, {"results_dir": smoke["results_dir"]})
+        s["bench"] = bench.apply_preset(s["bench"], user_bench, DEFAULTS["bench"], smoke.get("bench") or {})
+        # The smoke benchmark's own tiny sizes replace the CPU range, unless the user set them.
+        for key in ("seq_lens", "repeats", "warmup", "approx", "peers"):
+            s["bench"] = _without_defaults(s["bench"], key, DEFAULTS["bench"][key])
+        s["train"] = bench.apply_preset(s["train"], user_train, DEFAULTS["train"], smoke.get("train") or {})
+    elif s["size"] == "lra":
+        s["train"] = bench.apply_preset(s["train"], user_train, DEFAULTS["train"], s["lra"].get("train") or {})
+    if s["size"] != "smoke" and s["device"].startswith("cuda"):
+        s["bench"] = bench.apply_preset(s["bench"], user_bench, DEFAULTS["bench"], s["cuda_bench"])
+    return s
+
+
+def _without_defaults(section: dict, key: str, default: Any) -> dict:
+    """``section`` without ``key`` when it holds ``default`` (a dict: without its entries equal to the default's)."""
+    out = dict(section)
+    value = out.get(key)
+    if isinstance(value, dict) and isinstance(default, dict):
+        kept = {k: v for k, v in value.items() if k not in default or v != default[k]}
+        if kept:
+            out[key] = kept
+        else:
+            out.pop(key)
+    elif key in out and value == default:
+        out.pop(key)
+    return out
+
+
+def available_experiments() -> list[str]:
+    """The training recipes, ``conf/experiment/**.yaml`` named as ``experiment=`` takes them (``quick/listops``)."""
+    root = CONF_DIR / "experiment"
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def check_experiments(train: Mapping) -> None:
+    """ValueError naming every recipe of ``train`` (experiments, recipe_overrides, the ladder's) that has no
+    ``conf/experiment/<name>.yaml``, with the available ones: raised before anything runs."""
+    named = [*(train.get("experiments") or []), *dict(train.get("recipe_overrides") or {}),
+             *([train["ladder"]["experiment"]] if (train.get("ladder") or {}).get("experiment") else [])]
+    available = available_experiments()
+    unknown = [str(e) for e in named if str(e) not in available]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {sorted(set(unknown))} in train (no conf/experiment/<name>.yaml); "
+                         f"available: {', '.join(available)}")
 
 
 def _banner(text: str, started: float) -> None:
@@ -270,7 +327,7 @@ def sweep_parts(s: SuiteSettings, mechanisms: list[str],
                           list(extra), seeds))
     ladder = dict(s.train.ladder or {})
     exp = ladder.get("experiment")
-    if exp and (CONF_DIR / "experiment" / f"{exp}.yaml").exists():
+    if exp:  # checked by resolve_suite: the recipe exists
         mechs = causal if recipe_is_causal(exp) else mechanisms
         for seq_len, pairs in ladder.get("points") or []:
             parts.append((f"ladder-L{int(seq_len)}-k{int(pairs)}", mechs, [exp],
@@ -365,21 +422,10 @@ def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None =
     return next((c for c in pool.codes if c), 0)
 
 
-def _available_experiments(s: SuiteSettings) -> list[str]:
-    experiments = []
-    for exp in s.train.experiments:
-        if (CONF_DIR / "experiment" / f"{exp}.yaml").exists():
-            experiments.append(exp)
-        else:
-            print(f"training: experiment '{exp}' not found in {shown_path(CONF_DIR / 'experiment')}; skipped",
-                  flush=True)
-    return experiments
-
-
 def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     """Run the sweep in a subprocess, its progress streamed to this terminal; returns its exit code."""
     s = SuiteSettings.of(s)
-    experiments = _available_experiments(s)
+    experiments = list(s.train.experiments)  # checked by resolve_suite: every one has a recipe
     if not experiments:
         return 0
     # Every registered mechanism trains: one without a conf/attention YAML gets a generated config node.
@@ -403,12 +449,24 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     return run_jobs(jobs, workers, env=env, cwd=os.getcwd(), total_runs=total)
 
 
-def run_suite(cfg: dict | None = None) -> dict[str, Any]:
-    """Run the stages; returns the settings, the stage times, the training exit code and the report path."""
+def prepare_suite(cfg: dict | None = None) -> tuple[SuiteSettings, list[str]]:
+    """(settings, mechanisms): :func:`resolve_suite`, the plug-ins loaded, the mechanisms and, when the
+    benchmark is a stage, its settings (``bench.params`` included) checked. Nothing runs.
+
+    Raises ValueError naming what is unknown or unavailable and what is allowed."""
     s = resolve_suite(cfg)
-    started = time.time()
     load_plugins(s.plugins)
     mechanisms = available_attentions() if s.mechanisms == "all" else bench.select_mechanisms(s.mechanisms)
+    if "bench" in s.stages and not (s.size == "lra" and not s.device.startswith("cuda")):
+        bench.prepare_benchmark(_bench_settings(s, mechanisms))
+    return s, mechanisms
+
+
+def run_suite(cfg: dict | None = None, prepared: tuple[SuiteSettings, list[str]] | None = None) -> dict[str, Any]:
+    """Run the stages; returns the settings, the stage times, the training exit code and the report path.
+    ``prepared``: what :func:`prepare_suite` returned for ``cfg`` (then ``cfg`` is not read again)."""
+    s, mechanisms = prepared or prepare_suite(cfg)
+    started = time.time()
     timings: dict[str, float] = {}
     result: dict[str, Any] = {"settings": s, "timings": timings}
     if s.size == "lra" and not s.device.startswith("cuda"):
@@ -475,6 +533,12 @@ def recipe_step_flops(experiment: str) -> tuple[int, float]:
     return steps, 3.0 * m.num_layers * per_token * length * sequences
 
 
+# The suite's training as SLURM jobs from a machine without a GPU (the benchmark stage needs one here). The
+# override is quoted: a list of strings holding '=' and '/' must be quoted for Hydra's parser.
+LRA_SLURM_COMMAND = ("arena-suite size=lra device=cuda stages=[train,report] "
+                     """'train.overrides=["hydra/launcher=slurm"]'""")
+
+
 def lra_estimate(s: SuiteSettings, mechanisms: list[str]) -> dict[str, Any]:
     """How long ``size=lra`` would train here, from the recipes' work and a measured matmul rate; the
     ``message`` says it plainly. Nothing is trained."""
@@ -487,8 +551,8 @@ def lra_estimate(s: SuiteSettings, mechanisms: list[str]) -> dict[str, Any]:
                f"seeds {list(s.train.seeds)}). On this {s.device} (measured {rate / 1e9:.0f} GFLOP/s fp32 matmul) "
                f"they would take at least {total_s / 86400:.0f} days ({total_s / 3600:.0f} h; counting the "
                "matmuls of every step with full attention at peak rate), so nothing is started. Run it on GPUs: "
-               "arena-suite size=lra device=cuda, or across a cluster with "
-               "train.overrides=[hydra/launcher=slurm] (every run resumes and skips finished ones).")
+               "arena-suite size=lra device=cuda, or submit the training to a SLURM cluster from here with "
+               f"{LRA_SLURM_COMMAND} (every run resumes and skips finished ones).")
     return {"runs": runs, "flops_per_s": rate, "seconds": total_s, "message": message}
 
 
@@ -530,7 +594,9 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="suite", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
-        run_suite(OmegaConf.to_container(cfg, resolve=True))
+        with exit_on_settings_error("arena-suite"):  # a bad setting: one line, exit 2; a crash keeps its traceback
+            prepared = prepare_suite(OmegaConf.to_container(cfg, resolve=True))
+        run_suite(prepared=prepared)
 
     prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
     with one_line_interrupt("arena-suite", "what was recorded is kept; the same command continues from there"):

@@ -644,3 +644,66 @@ def test_local_attention_peer_computes_our_causal_band():
     peer = peers._local_attention_peer(ours.config, settings, 37)
     q, k, v = torch.randn(3, 2, 2, 37, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
     torch.testing.assert_close(peer(q, k, v), ours(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_pass_inversion_under_the_noise_floor_is_not_judged(tmp_path):
+    """A fwd+bwd below its fwd at sub-millisecond steps is overhead, not disturbance (same floor as the other
+    checks): `full` at n=32, 0.26 ms, was flagged noisy and lost its slopes."""
+    settings = bench.resolve_settings({**TINY, "results_dir": str(tmp_path)})
+
+    def cell(pass_, n, median):
+        return {"kind": "bench", "record_id": f"full-{n}-{pass_.replace('+', '')}", "status": "ok",
+                "created_at": "2026-11-30T00:00:00Z", "mechanism": "full", "n": n, "pass": pass_,
+                "time": {"median_s": median}, "noise": {"noisy": False}}
+
+    below = analysis.NOISE_FLOOR_S * 0.26
+    records = [cell("fwd", 32, below), cell("fwd+bwd", 32, below * 0.9),
+               cell("fwd", 64, analysis.NOISE_FLOOR_S * 1.5), cell("fwd+bwd", 64, analysis.NOISE_FLOOR_S * 1.2)]
+    out = bench_run.flag_pass_inversions(records, settings)
+    assert [r["noise"]["noisy"] for r in out] == [False, False, True, True]
+
+
+def test_params_are_checked_before_anything_is_measured(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(bench_run, "measure_cell", lambda *a, **k: measured.append(a) or {})
+    base = {**TINY, "results_dir": str(tmp_path), "mechanisms": ["sliding_window"]}
+    with pytest.raises(ValueError, match=r"params.sliding_window .*unknown parameter\(s\) 'windw'.*allowed: .*window"):
+        bench.run_benchmark({**base, "params": {"sliding_window": {"windw": 8}}})
+    with pytest.raises(ValueError, match=r"unknown mechanism\(s\) \['performr'\]; registered: .*performer"):
+        bench.run_benchmark({**base, "params": {"performr": {"num_features": 8}}})
+    with pytest.raises(ValueError, match=r"params.performer .*num_features"):  # the config's own check
+        bench.run_benchmark({**base, "params": {"performer": {"num_features": 0}}})
+    with pytest.raises(ValueError, match=r"params.performer must map"):
+        bench.run_benchmark({**base, "params": {"performer": 8}})
+    assert measured == [] and not list(tmp_path.glob("bench/*.json"))
+    settings, _ = bench.prepare_benchmark({**base, "params": {"sliding_window": {"window": 4}}})
+    assert bench.mechanism_params("sliding_window", 32, settings)["window"] == 4
+
+
+def test_documented_params_override_composes_and_validates():
+    """conf/bench.yaml's comment shows the command-line form of `params`; it composes through Hydra."""
+    import re
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    comment = next(line for line in (conf / "bench.yaml").read_text().splitlines() if line.startswith("params:"))
+    shown = shlex.split(re.search(r"e\.g\. (.*)$", comment).group(1))
+    assert len(shown) == 1 and "performer" in shown[0]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="bench", overrides=shown), resolve=True)
+    settings, _ = bench.prepare_benchmark({**cfg, "smoke": True, "device": "cpu"})
+    assert settings.params == {"performer": {"num_features": 128}}
+    assert bench.mechanism_params("performer", 64, settings)["num_features"] == 128
+
+
+def test_bench_device_not_available_is_a_settings_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^invalid 'device': cuda requested but torch.cuda.is_available\(\) is "
+                                         r"False; use device=cpu$"):
+        bench.resolve_settings({"device": "cuda"})
+    with pytest.raises(ValueError, match="invalid 'device': 'gpu'"):
+        bench.resolve_settings({"device": "gpu"})
+    assert bench.resolve_settings({"device": "auto"}).device == "cpu"

@@ -34,7 +34,7 @@ def test_resolve_suite_sizes():
 
     assert bench.resolve_settings({"smoke": True}).results_dir == "results/smoke"
     assert bench.resolve_settings({"smoke": True, "results_dir": "r"}).results_dir == "r"
-    cuda = suite.resolve_suite({"device": "cuda"})
+    cuda = suite.resolve_suite({"device": "cuda", "stages": ["train", "report"]})  # no GPU needed to resolve
     assert cuda["bench"]["seq_lens"][-1] == 16384
     with pytest.raises(ValueError, match="unknown suite setting"):
         suite.resolve_suite({"sizes": "smoke"})
@@ -159,10 +159,113 @@ def test_run_done_lines_are_counted():
     assert not suite.RUN_DONE.search(start) and not suite.RUN_DONE.search(step)
 
 
-def test_missing_experiment_is_skipped_with_a_message(tmp_path, capsys):
-    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu", "train": {"experiments": ["quick/nope"]}})
-    assert suite.run_training(s, ["full"]) == 0
-    assert "quick/nope' not found" in capsys.readouterr().out
+def test_unknown_experiment_is_an_error_before_anything_runs(tmp_path):
+    """A recipe without conf/experiment/<name>.yaml is named, with the available ones, before any stage."""
+    for train in ({"experiments": ["quick/mqr"]}, {"recipe_overrides": {"quick/mqr": ["train.max_steps=1"]}},
+                  {"ladder": {"experiment": "quick/mqr", "points": [[64, 16]], "seeds": [0]}}):
+        with pytest.raises(ValueError, match=r"unknown experiment\(s\) \['quick/mqr'\].*available: .*quick/listops, "
+                                             r"quick/mqar"):
+            suite.run_suite({"results_dir": str(tmp_path / "r"), "device": "cpu", "train": train})
+    with pytest.raises(ValueError, match=r"\['smoke/nope'\]"):
+        suite.resolve_suite({"size": "smoke", "device": "cpu", "train": {"experiments": ["smoke/nope"]}})
+    assert not (tmp_path / "r").exists()
+    assert {"quick/listops", "quick/mqar", "smoke/listops", "lra/pathx"} <= set(suite.available_experiments())
+
+
+def _compose_suite(*overrides: str) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(suite.CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name="suite", overrides=list(overrides)), resolve=True)
+
+
+def test_conf_suite_yaml_matches_the_code_defaults():
+    assert _compose_suite() == suite.DEFAULTS
+
+
+def test_user_settings_win_over_the_size_preset():
+    """`size=smoke train.experiments=[smoke/listops]` runs that recipe only, through the CLI's composed config
+    (every key handed over) and through resolve_suite({...}) alike; values left alone take the preset."""
+    for cfg in (_compose_suite("size=smoke", "device=cpu", "train.experiments=[smoke/listops]", "train.seeds=[3]",
+                               "bench.seq_lens=[16]", "results_dir=/tmp/x"),
+                {"size": "smoke", "device": "cpu", "train": {"experiments": ["smoke/listops"], "seeds": [3]},
+                 "bench": {"seq_lens": [16]}, "results_dir": "/tmp/x"}):
+        s = suite.resolve_suite(cfg)
+        assert s.train.experiments == ["smoke/listops"] and s.train.seeds == [3]
+        assert s.train.ladder["experiment"] == "smoke/mqar"  # not set: the preset's
+        assert s.bench["seq_lens"] == [16] and s.bench["smoke"] is True and "repeats" not in s.bench
+        assert s.results_dir == str(Path("/tmp/x").resolve())
+        assert suite._bench_settings(s, ["full"]).seq_lens == [16]
+    with pytest.raises(ValueError, match=r"\['quick/mqr'\]"):  # no longer replaced by the smoke recipes
+        suite.resolve_suite(_compose_suite("size=smoke", "device=cpu", "train.experiments=[quick/mqr]"))
+    lra = suite.resolve_suite(_compose_suite("size=lra", "device=cpu", "train.seeds=[0]"))
+    assert lra.train.seeds == [0] and lra.train.experiments[0] == "lra/listops"
+    cuda = suite.resolve_suite(_compose_suite("device=cuda", "stages=[train,report]", "bench.seq_lens=[512]"))
+    assert cuda.bench["seq_lens"] == [512] and cuda.bench["repeats"] == 5  # the CUDA range yields to the user
+
+
+def test_cuda_without_cuda_is_a_settings_error_naming_the_training_only_route(monkeypatch):
+    monkeypatch.setattr(suite.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^invalid 'device': cuda requested but torch.cuda.is_available\(\) is "
+                                         r"False; use device=cpu; to submit only the training to a cluster from "
+                                         r"here: stages=\[train,report\]$"):
+        suite.resolve_suite({"size": "lra", "device": "cuda"})
+    # Without the benchmark stage nothing runs on this machine's device: the training may go to a cluster.
+    s = suite.resolve_suite({"size": "lra", "device": "cuda", "stages": ["train", "report"]})
+    assert s.device == "cuda"
+
+
+def test_suggested_slurm_command_parses_and_composes(monkeypatch):
+    """The command the size=lra estimate suggests composes through Hydra (the unquoted list did not)."""
+    import shlex
+
+    args = shlex.split(suite.LRA_SLURM_COMMAND)
+    assert args[0] == "arena-suite"
+    cfg = _compose_suite(*args[1:])
+    assert cfg["train"]["overrides"] == ["hydra/launcher=slurm"] and cfg["stages"] == ["train", "report"]
+    monkeypatch.setattr(suite.torch.cuda, "is_available", lambda: False)
+    s = suite.resolve_suite(cfg)  # resolves on a machine without a GPU
+    cmd = suite.train_command(s, ["full"], ["lra/listops"])
+    assert cmd[-1] == "hydra/launcher=slurm" and "device=cuda" in cmd
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(cmd[4:])  # what arena-train's Hydra receives
+    assert any(o.key_or_group == "hydra/launcher" and o.value() == "slurm" for o in parsed)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["mechanisms=[nope]"], "unknown mechanism(s) ['nope']; registered: "),
+    (["size=tiny"], "size must be one of default, smoke, lra, got 'tiny'"),
+    (["stages=[plot]"], "stages must be among"),
+    (["+bench.dtype=float8"], "dtype must be one of"),
+    (["train.experiments=[quick/mqr]"], "unknown experiment(s) ['quick/mqr']"),
+    (["+bench.params={sliding_window:{windw:8}}", "mechanisms=[sliding_window]"],
+     "params.sliding_window {'windw': 8}: unknown parameter(s) 'windw' for attention 'sliding_window'; allowed: "),
+])
+def test_cli_settings_errors_are_one_line_exit_2(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "harness.suite", "device=cpu", f"results_dir={tmp_path}/r", *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(suite.REPO))})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"arena-suite: {message}") and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+def test_arena_bench_settings_errors_are_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "harness.bench", "smoke=true", f"results_dir={tmp_path}/r",
+                           "+params={sliding_window:{windw:8}}", "mechanisms=[sliding_window]"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(suite.REPO))})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("arena-bench: params.sliding_window {'windw': 8}: unknown parameter(s) 'windw'")
+    assert "allowed: " in proc.stderr and "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
 
 
 def test_bench_and_report_stages_in_smoke_size_and_rerun_reuses(tmp_path, capsys):

@@ -40,16 +40,26 @@ Owns: producing ``bench``, ``approx`` and ``peer`` records. May import ``attenti
 from harness.bench.approx import approx_inputs, approximation_errors, exact_reference, relative_error
 from harness.bench.cells import (
     OUTCOMES,
+    check_params,
     measure_cell,
     mechanism_params,
     record_outcome,
     select_mechanisms,
 )
-from harness.bench.run import format_derived, format_table, main, run_benchmark
-from harness.bench.settings import DEFAULTS, PASSES, SMOKE_OVERRIDES, BenchSettings, resolve_settings
+from harness.bench.run import format_derived, format_table, main, prepare_benchmark, run_benchmark
+from harness.bench.settings import (
+    DEFAULTS,
+    PASSES,
+    SMOKE_OVERRIDES,
+    BenchSettings,
+    apply_preset,
+    check_device,
+    resolve_settings,
+)
 
 __all__ = [
-    "DEFAULTS", "OUTCOMES", "PASSES", "SMOKE_OVERRIDES", "BenchSettings", "approx_inputs", "approximation_errors",
+    "DEFAULTS", "OUTCOMES", "PASSES", "SMOKE_OVERRIDES", "BenchSettings", "apply_preset", "approx_inputs",
+    "approximation_errors", "check_device", "check_params",
     "exact_reference", "format_derived", "format_table", "main", "mechanism_params", "measure_cell",
-    "record_outcome", "relative_error", "resolve_settings", "run_benchmark", "select_mechanisms",
+    "prepare_benchmark", "record_outcome", "relative_error", "resolve_settings", "run_benchmark", "select_mechanisms",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from attentions import available_attentions, build_attention, causal_attentions, get_attention_info
+from attentions import available_attentions, build_attention, causal_attentions, get_attention_info, make_config
 from attentions.registry import check_causal
 from harness.analysis import SDPA_DIRECT
 from harness.bench.settings import BENCH_SETTINGS, SMOKE_SETTINGS, BenchSettings
@@ -58,6 +58,29 @@ def mechanism_params(name: str, n: int, settings: BenchSettings) -> dict[str, An
     if settings.causal:
         params["causal"] = True
     return params
+
+
+def check_params(settings: BenchSettings) -> None:
+    """Check ``settings.params`` before anything is measured: every key a registered mechanism, every value a
+    mapping its config accepts at each length of ``seq_lens`` (the benchmark's settings, then the user's, as
+    :func:`mechanism_params` builds them). Raises ValueError naming the mechanism and the registry's reason
+    (an unknown parameter's message lists the allowed ones)."""
+    params = dict(settings.params or {})
+    registered = available_attentions()
+    unknown = sorted(str(m) for m in set(params) - set(registered))
+    if unknown:
+        raise ValueError(f"params: unknown mechanism(s) {unknown}; registered: {', '.join(registered)}")
+    for name, given in params.items():
+        if not isinstance(given, dict):
+            raise ValueError(f"params.{name} must map parameter names to values, e.g. "
+                             f"'+params={{{name}:{{...}}}}', got {given!r}")
+        for n in settings.seq_lens:
+            keywords = mechanism_params(name, n, settings)
+            keywords.pop("causal", None)  # a listed mechanism without a causal form gets an `unsupported` cell
+            try:
+                make_config(name, **keywords)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"params.{name} {given}: {exc}") from None
 
 
 def make_inputs(shape: tuple[int, ...], settings: BenchSettings, seed: int, requires_grad: bool) -> list:

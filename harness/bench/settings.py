@@ -1,8 +1,8 @@
 """``arena-bench``'s settings: the defaults, the smoke sizes, and :class:`BenchSettings`, built once and validated.
 
 Owns: what the benchmark can be told and its documented per-mechanism settings.
-Imports: :mod:`harness.settings`, :mod:`harness.measure` (dtype names), :mod:`harness.allocator` (policy names),
-:mod:`harness.analysis` (the shared memory budget).
+Imports: :mod:`harness.settings`, :mod:`harness.measure` (dtype names, the device check),
+:mod:`harness.allocator` (policy names), :mod:`harness.analysis` (the shared memory budget).
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
-
 from harness.allocator import CPU_ALLOCATORS
 from harness.analysis import DEFAULT_MEMORY_BUDGET_GB
-from harness.measure import DTYPES
+from harness.measure import DTYPES, check_device
 from harness.settings import Settings, merge_settings
 
 PASSES = ("fwd", "fwd+bwd")
@@ -156,7 +154,9 @@ class BenchSettings(Settings):
 def resolve_settings(cfg: dict | BenchSettings | None = None) -> BenchSettings:
     """Defaults, then the user's ``cfg``; with ``smoke`` set, tiny sizes replace every value left at its default.
 
-    Raises ValueError naming an unknown setting, dtype, allocator policy or pass.
+    Raises ValueError naming an unknown setting, dtype, allocator policy or pass, or a device not available
+    here. The mechanisms and their ``params`` are checked by :func:`harness.bench.cells.check_params`, once the
+    plug-ins are loaded.
     """
     if isinstance(cfg, BenchSettings):
         return cfg
@@ -166,7 +166,7 @@ def resolve_settings(cfg: dict | BenchSettings | None = None) -> BenchSettings:
         raise ValueError(f"unknown benchmark setting(s) {unknown}; allowed: {sorted(DEFAULTS)}")
     s = merge_settings(DEFAULTS, user)
     if s["smoke"]:
-        s = _apply_smoke(s, user, DEFAULTS, SMOKE_OVERRIDES)
+        s = apply_preset(s, user, DEFAULTS, SMOKE_OVERRIDES)
     if s["dtype"] not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s['dtype']!r}")
     if s["cpu_allocator"] not in CPU_ALLOCATORS:
@@ -174,8 +174,7 @@ def resolve_settings(cfg: dict | BenchSettings | None = None) -> BenchSettings:
     bad = [p for p in s["passes"] if p not in PASSES]
     if bad:
         raise ValueError(f"passes must be among {PASSES}, got {bad}")
-    if s["device"] == "auto":
-        s["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    s["device"] = check_device(s["device"])
     s["seq_lens"] = sorted(int(n) for n in s["seq_lens"])
     if not s["seq_lens"] or s["seq_lens"][0] < 1:
         raise ValueError(f"seq_lens must be a non-empty list of positive lengths, got {s['seq_lens']}")
@@ -199,13 +198,17 @@ def _section(cls, name: str, values: dict):
     return cls(**{k: values.get(k, DEFAULTS[name].get(k)) for k in allowed})
 
 
-def _apply_smoke(settings: dict, user: dict, defaults: dict, smoke: dict) -> dict:
-    # A Hydra config hands over every key, so "left at its default" means "equal to the default".
+def apply_preset(settings: dict, user: dict, defaults: dict, preset: dict) -> dict:
+    """``settings`` with ``preset``'s values (nested dicts key by key) for every key the user left at its
+    default: what the user set wins over a size preset. A Hydra config hands over every key, so "left at its
+    default" means "not given, or equal to the default" (a value set to the default itself reads as unset)."""
     out = dict(settings)
-    for key, value in smoke.items():
-        given = user.get(key, defaults[key])
-        if isinstance(value, dict):
-            out[key] = _apply_smoke(out[key], given if isinstance(given, dict) else {}, defaults[key], value)
-        elif key not in user or given == defaults[key]:
+    for key, value in preset.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        given = user.get(key, default)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = apply_preset(out[key], given if isinstance(given, dict) else {},
+                                    default if isinstance(default, dict) else {}, value)
+        elif key not in user or given == default:
             out[key] = value
     return out
