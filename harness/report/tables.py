@@ -143,7 +143,10 @@ def _state_vs_full(row: pd.Series, name: str) -> float | None:
     return None if size is None else size / (2 * n * params["head_dim"])
 
 
-def learned(numeric: pd.DataFrame, margin: float = 1.0) -> pd.Series:
+LEARNED_MARGIN = 1.0  # points above the majority class below which a run learned nothing
+
+
+def learned(numeric: pd.DataFrame, margin: float = LEARNED_MARGIN) -> pd.Series:
     """Per mechanism: beat the majority class by more than ``margin`` points (a run at chance learned nothing)."""
     return (numeric["accuracy"] - numeric["majority"]) > margin
 
