@@ -349,3 +349,24 @@ def test_accuracy_table_gives_each_mechanism_its_budget_and_state_vs_full(tmp_pa
     assert budget["performer"] == f"num_features=64; state {64 * 17 / (2 * 65 * 16):.2f}x full"
     build_report(root, tmp_path / "report")
     assert "sequences of up to n = 65 positions (CLS token included)" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_approximation_cells_of_one_seed_show_the_value_without_a_spread(tmp_path):
+    from harness.report.build import approx_section
+    from harness.report.page import Page
+    from harness.report.tables import approx_table
+
+    def rec(name, seeds, errors, std):
+        return {"kind": "approx", "record_id": f"{name}.{len(errors)}", "status": "ok", "created_at": now_iso(),
+                "mechanism": name, "param": "num_features", "value": 16, "variant": "iid", "error_mean": 0.25,
+                "error_std": std, "errors": errors, "inputs": "iid inputs", "reference": "softmax", **seeds}
+
+    one = pd.DataFrame([rec("performer", {"seeds": 1}, [0.25], 0.0), rec("rfa", {}, [0.25], 0.0)])
+    assert set(approx_table(one)["iid"]) == {"0.250"}  # no "± 0.000": one seed has no measured spread
+    three = pd.DataFrame([rec("performer", {"seeds": 3}, [0.2, 0.25, 0.3], 0.05)])
+    assert list(approx_table(three)["iid"]) == ["0.250 ± 0.050"]
+    root = tmp_path / "results"
+    write_record(rec("performer", {"seeds": 1}, [0.25], 0.0), root)
+    page, files = Page("t"), []
+    approx_section(page, load_records(root, kind="approx"), tmp_path, files)
+    assert "(1 seed; no spread measured)" in page.markdown() and "± 0.000" not in page.markdown()

@@ -220,10 +220,30 @@ def peer_table(peer: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns=lambda c: c if c in ("peer", "level", "pattern") else f"{c}: time / memory")
 
 
+def approx_seeds(approx: pd.DataFrame) -> pd.Series:
+    """Per approximation record, the number of seeds its error is averaged over: ``seeds``, else the length of
+    ``errors`` (a list, or its JSON text as the store keeps it), else NaN (unknown)."""
+    def count(r) -> float:
+        if "seeds" in r and pd.notna(r["seeds"]):
+            return float(r["seeds"])
+        errors = r.get("errors")
+        if isinstance(errors, str):
+            errors = json.loads(errors)
+        return float(len(errors)) if isinstance(errors, list) else float("nan")
+
+    return approx.apply(count, axis=1) if len(approx) else pd.Series(dtype=float)
+
+
 def approx_table(approx: pd.DataFrame) -> pd.DataFrame:
+    """Mechanism x budget rows, one column per input variant: the relative error, ``mean ± std`` over seeds, or
+    the value alone for one seed (a std of one seed is not a zero spread)."""
+    approx = approx.assign(_seeds=approx_seeds(approx))
+
     def fmt(r):
         if r["status"] != "ok":
             return not_run(r["status"])
+        if r["_seeds"] == 1:
+            return f"{r['error_mean']:.3f}"
         return f"{r['error_mean']:.3f} ± {r['error_std']:.3f}"
 
     approx = approx.assign(cell=approx.apply(fmt, axis=1), _v=pd.to_numeric(approx["value"], errors="coerce"),
