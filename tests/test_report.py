@@ -370,3 +370,23 @@ def test_approximation_cells_of_one_seed_show_the_value_without_a_spread(tmp_pat
     page, files = Page("t"), []
     approx_section(page, load_records(root, kind="approx"), tmp_path, files)
     assert "(1 seed; no spread measured)" in page.markdown() and "± 0.000" not in page.markdown()
+
+
+@pytest.mark.parametrize("speed, expected", [
+    (0.6, "no mechanism is faster than full; the closest, performer, takes 1.7x full's time; 0 of 1 mechanisms"),
+    (2.0, "fastest performer, 2.0x full's speed (0.50x full's time); 1 of 1 mechanisms"),
+])
+def test_speed_finding_says_plainly_whether_anything_beats_full(tmp_path, speed, expected):
+    from harness.report import settings as report_settings
+    from harness.report.summary import speed_finding
+    from harness.report.tables import bench_cells
+
+    root = tmp_path / "results"
+    for n in (64, 128):
+        write_record(bench_record("full", "fwd+bwd", n, t=1e-3 * n, mem=1e6), root)
+        write_record(bench_record("performer", "fwd+bwd", n, t=1e-3 * n / (speed if n == 128 else 0.5), mem=1e6),
+                     root)
+    bench = load_records(root, kind="bench")
+    setting = report_settings(bench)[0]
+    finding = speed_finding(bench_cells(setting.records), setting)
+    assert finding.startswith("fwd+bwd at n = 128 (") and expected in finding
