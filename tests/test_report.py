@@ -390,3 +390,36 @@ def test_speed_finding_says_plainly_whether_anything_beats_full(tmp_path, speed,
     setting = report_settings(bench)[0]
     finding = speed_finding(bench_cells(setting.records), setting)
     assert finding.startswith("fwd+bwd at n = 128 (") and expected in finding
+
+
+def _mqar_run(root, attention, seed, status="ok", steps=500, params=None, model=None):
+    r = train_record(attention, "mqar", seed, status=status, acc=0.9, max_steps=steps)
+    r["record_id"] += f".{len(params or {})}.{len(model or {})}"
+    r["experiment"] = "quick/mqar"
+    r["config"].update(attention={"name": attention, "params": params or {}}, seed=seed,
+                       model={"causal": False, **(model or {})})
+    write_record(r, root)
+
+
+def test_failed_comparisons_do_not_rename_good_ones_and_are_named_against_the_nearest_good_one(tmp_path):
+    root = tmp_path / "results"
+    for name in ("full", "performer"):
+        for seed in (0, 1):
+            _mqar_run(root, name, seed)
+        _mqar_run(root, name, 0, steps=100)
+    _mqar_run(root, "performer", 0, status="error", params={"num_featurs": 8})  # a misspelt parameter
+    _mqar_run(root, "linformer", 0, status="error", model={"causal": True})
+    titles = sorted(c.title for c in comparisons(load_records(root, kind="train")))
+    assert titles == ["mqar (quick/mqar): attention.params.num_featurs=8",
+                      "mqar (quick/mqar): model.causal=True",
+                      "mqar (quick/mqar): train.max_steps=100",
+                      "mqar (quick/mqar): train.max_steps=500"]
+
+
+@pytest.mark.parametrize("differing, expected_tail", [(5, "k4=1"), (8, "k5=1, +2 more keys")])
+def test_up_to_six_differing_keys_are_named_in_full(differing, expected_tail):
+    from harness.report.groups import _differences
+
+    mine = {f"k{i}": 1 for i in range(differing)}
+    title = _differences(mine, [{}])
+    assert title.endswith(expected_tail) and title.count("=1") == min(differing, 6)
