@@ -334,6 +334,8 @@ def test_accuracy_table_gives_each_mechanism_its_budget_and_state_vs_full(tmp_pa
         ("full", {"head_dim": 16, "num_heads": 4}),
         ("sliding_window", {"head_dim": 16, "num_heads": 4, "window": 32}),
         ("performer", {"head_dim": 16, "num_heads": 4, "num_features": 64}),
+        ("memory_compressed", {"head_dim": 16, "num_heads": 4, "compression": 3}),  # no override: its default
+        ("clustered", {"head_dim": 16, "num_heads": 4, "num_clusters": 100, "kmeans_iterations": 10, "topk": 32}),
     ]:
         record = train_record(name, "listops", 0, acc=0.3)
         # The recipe's whole table, as in a real record (the same in every run of the recipe).
@@ -347,8 +349,16 @@ def test_accuracy_table_gives_each_mechanism_its_budget_and_state_vs_full(tmp_pa
     assert budget["full"] == "exact"
     assert budget["sliding_window"] == "window=32; state 0.51x full"
     assert budget["performer"] == f"num_features=64; state {64 * 17 / (2 * 65 * 16):.2f}x full"
+    # Budget-defining parameters the recipe left alone are named with their values: compression sets the state
+    # (ceil(65 / 3) = 22 compressed keys and values: 22/65 = 0.34x); clustered's state is every key (its budget,
+    # the clusters, compresses the queries), so all its integer parameters are named.
+    assert budget["memory_compressed"] == "compression=3 (default); state 0.34x full"
+    assert budget["clustered"] == ("num_clusters=100 (default), kmeans_iterations=10 (default), topk=32 (default); "
+                                   "state 1.00x full")
     build_report(root, tmp_path / "report")
-    assert "sequences of up to n = 65 positions (CLS token included)" in (tmp_path / "report" / "report.md").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "sequences of up to n = 65 positions (CLS token included)" in md
+    assert "state vs full: floats one query reads relative to full attention's keys and values" in md
 
 
 def test_approximation_cells_of_one_seed_show_the_value_without_a_spread(tmp_path):

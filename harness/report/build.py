@@ -144,7 +144,7 @@ def accuracy_section(page: Page, train: pd.DataFrame, comps: list[Comparison], o
         display, numeric = comparison_table(comp, registered)
         page.heading(comp.title, level=4)
         page.note(f"test accuracy % at the best validation checkpoint, mean ± sample std over seeds; "
-                  f"[+k status] = failed runs beside them. {_recipe_note(comp)}")
+                  f"[+k status] = failed runs beside them. {BUDGET_NOTE} {_recipe_note(comp)}")
         page.table(display)
         alias_note(page, comp)
         points = _accuracy_points(numeric)
@@ -162,6 +162,11 @@ def accuracy_section(page: Page, train: pd.DataFrame, comps: list[Comparison], o
                   "nothing); x: training examples/s relative to full in the same recipe; bubble area: peak memory "
                   "of a training step relative to full.", place="figures")
         page.image(files[-1], "accuracy_vs_speed.png")
+
+
+BUDGET_NOTE = ("budget: what the recipe gives the mechanism (its attention_overrides entry), and the parameters "
+               "that set its budget left at their values ('(default)'); state vs full: floats one query reads "
+               "relative to full attention's keys and values at this length (docs/MQAR.md, State size).")
 
 
 def alias_note(page: Page, comp: Comparison) -> None:
