@@ -2,9 +2,12 @@
 
 * :func:`spread_table`: mechanisms x task variants, ``mean ± std (n seeds)``; a cell whose distance to the
   column's best mean is smaller than the larger of the two seed spreads (sample std) is marked ``≈`` (a tie
-  with the best: the seeds cannot tell them apart). MQAR variants are named by form, length and pairs.
-* :func:`plot_recall`: test accuracy vs ``num_kv_pairs``, one panel per (form, seq_len), one line per
-  mechanism (mean over seeds, bars = std), the Zoology Figure 2 reading: where a mechanism's recall breaks.
+  with the best: the seeds cannot tell them apart); a column whose best is within 1 point of the majority class
+  is ``(not learned)`` and unmarked. MQAR variants are named by form, length and pairs.
+* :func:`plot_recall`: test accuracy vs ``num_kv_pairs``, one panel per (form, seq_len, recipe family: the
+  recipe without the ladder's own pairs and length, :func:`recipe_families`), one line per mechanism (mean over
+  seeds, bars = std), the majority class dashed, the Zoology Figure 2 reading: where a mechanism's recall breaks.
+  Runs of another recipe (another step count) get their own panel, never a second point at one x.
 * :func:`state_points` / :func:`plot_recall_vs_state`: MQAR test accuracy vs the mechanism's state size
   (floats per head and per layer that one query's output is read from, ``AttentionInfo.state_size``; docs/MQAR.md),
   one panel per MQAR variant, one point per mechanism, the Zoology reading: recall against the state a model
