@@ -334,6 +334,8 @@ def test_accuracy_table_gives_each_mechanism_its_budget_and_state_vs_full(tmp_pa
         ("full", {"head_dim": 16, "num_heads": 4}),
         ("sliding_window", {"head_dim": 16, "num_heads": 4, "window": 32}),
         ("performer", {"head_dim": 16, "num_heads": 4, "num_features": 64}),
+        ("memory_compressed", {"head_dim": 16, "num_heads": 4, "compression": 3}),  # no override: its default
+        ("clustered", {"head_dim": 16, "num_heads": 4, "num_clusters": 100, "kmeans_iterations": 10, "topk": 32}),
     ]:
         record = train_record(name, "listops", 0, acc=0.3)
         # The recipe's whole table, as in a real record (the same in every run of the recipe).
@@ -347,5 +349,87 @@ def test_accuracy_table_gives_each_mechanism_its_budget_and_state_vs_full(tmp_pa
     assert budget["full"] == "exact"
     assert budget["sliding_window"] == "window=32; state 0.51x full"
     assert budget["performer"] == f"num_features=64; state {64 * 17 / (2 * 65 * 16):.2f}x full"
+    # Budget-defining parameters the recipe left alone are named with their values: compression sets the state
+    # (ceil(65 / 3) = 22 compressed keys and values: 22/65 = 0.34x); clustered's state is every key (its budget,
+    # the clusters, compresses the queries), so all its integer parameters are named.
+    assert budget["memory_compressed"] == "compression=3 (default); state 0.34x full"
+    assert budget["clustered"] == ("num_clusters=100 (default), kmeans_iterations=10 (default), topk=32 (default); "
+                                   "state 1.00x full")
     build_report(root, tmp_path / "report")
-    assert "sequences of up to n = 65 positions (CLS token included)" in (tmp_path / "report" / "report.md").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "sequences of up to n = 65 positions (CLS token included)" in md
+    assert "state vs full: floats one query reads relative to full attention's keys and values" in md
+
+
+def test_approximation_cells_of_one_seed_show_the_value_without_a_spread(tmp_path):
+    from harness.report.build import approx_section
+    from harness.report.page import Page
+    from harness.report.tables import approx_table
+
+    def rec(name, seeds, errors, std):
+        return {"kind": "approx", "record_id": f"{name}.{len(errors)}", "status": "ok", "created_at": now_iso(),
+                "mechanism": name, "param": "num_features", "value": 16, "variant": "iid", "error_mean": 0.25,
+                "error_std": std, "errors": errors, "inputs": "iid inputs", "reference": "softmax", **seeds}
+
+    one = pd.DataFrame([rec("performer", {"seeds": 1}, [0.25], 0.0), rec("rfa", {}, [0.25], 0.0)])
+    assert set(approx_table(one)["iid"]) == {"0.250"}  # no "± 0.000": one seed has no measured spread
+    three = pd.DataFrame([rec("performer", {"seeds": 3}, [0.2, 0.25, 0.3], 0.05)])
+    assert list(approx_table(three)["iid"]) == ["0.250 ± 0.050"]
+    root = tmp_path / "results"
+    write_record(rec("performer", {"seeds": 1}, [0.25], 0.0), root)
+    page, files = Page("t"), []
+    approx_section(page, load_records(root, kind="approx"), tmp_path, files)
+    assert "(1 seed; no spread measured)" in page.markdown() and "± 0.000" not in page.markdown()
+
+
+@pytest.mark.parametrize("speed, expected", [
+    (0.6, "no mechanism is faster than full; the closest, performer, takes 1.7x full's time; 0 of 1 mechanisms"),
+    (2.0, "fastest performer, 2.0x full's speed (0.50x full's time); 1 of 1 mechanisms"),
+])
+def test_speed_finding_says_plainly_whether_anything_beats_full(tmp_path, speed, expected):
+    from harness.report import settings as report_settings
+    from harness.report.summary import speed_finding
+    from harness.report.tables import bench_cells
+
+    root = tmp_path / "results"
+    for n in (64, 128):
+        write_record(bench_record("full", "fwd+bwd", n, t=1e-3 * n, mem=1e6), root)
+        write_record(bench_record("performer", "fwd+bwd", n, t=1e-3 * n / (speed if n == 128 else 0.5), mem=1e6),
+                     root)
+    bench = load_records(root, kind="bench")
+    setting = report_settings(bench)[0]
+    finding = speed_finding(bench_cells(setting.records), setting)
+    assert finding.startswith("fwd+bwd at n = 128 (") and expected in finding
+
+
+def _mqar_run(root, attention, seed, status="ok", steps=500, params=None, model=None):
+    r = train_record(attention, "mqar", seed, status=status, acc=0.9, max_steps=steps)
+    r["record_id"] += f".{len(params or {})}.{len(model or {})}"
+    r["experiment"] = "quick/mqar"
+    r["config"].update(attention={"name": attention, "params": params or {}}, seed=seed,
+                       model={"causal": False, **(model or {})})
+    write_record(r, root)
+
+
+def test_failed_comparisons_do_not_rename_good_ones_and_are_named_against_the_nearest_good_one(tmp_path):
+    root = tmp_path / "results"
+    for name in ("full", "performer"):
+        for seed in (0, 1):
+            _mqar_run(root, name, seed)
+        _mqar_run(root, name, 0, steps=100)
+    _mqar_run(root, "performer", 0, status="error", params={"num_featurs": 8})  # a misspelt parameter
+    _mqar_run(root, "linformer", 0, status="error", model={"causal": True})
+    titles = sorted(c.title for c in comparisons(load_records(root, kind="train")))
+    assert titles == ["mqar (quick/mqar): attention.params.num_featurs=8",
+                      "mqar (quick/mqar): model.causal=True",
+                      "mqar (quick/mqar): train.max_steps=100",
+                      "mqar (quick/mqar): train.max_steps=500"]
+
+
+@pytest.mark.parametrize("differing, expected_tail", [(5, "k4=1"), (8, "k5=1, +2 more keys")])
+def test_up_to_six_differing_keys_are_named_in_full(differing, expected_tail):
+    from harness.report.groups import _differences
+
+    mine = {f"k{i}": 1 for i in range(differing)}
+    title = _differences(mine, [{}])
+    assert title.endswith(expected_tail) and title.count("=1") == min(differing, 6)

@@ -121,3 +121,38 @@ def test_a_ladder_rung_of_an_averaged_recipe_file_is_not_counted_twice(store):
     assert len(avg.variants) == 1 and "num_kv_pairs=16" in avg.variants[0]
     assert avg.points.loc["performer", "accuracy"] == pytest.approx((20.0 + 60.0) / 2)  # the rung's 10% not in it
     assert "Not averaged" in average_caption(avg) and avg.variants[0] in average_caption(avg)
+
+
+def test_on_a_tie_in_runs_the_comparison_with_the_recipe_files_settings_is_averaged(tmp_path):
+    """A rung with as many runs as the recipe itself (both two mechanisms x one seed) sorts first by title; the
+    comparison whose settings are the recipe file's stands for it, and the caption says why the rung is not."""
+    conf = tmp_path / "conf"
+    (conf / "experiment" / "quick").mkdir(parents=True)
+    (conf / "experiment" / "quick" / "mqar.yaml").write_text("task:\n  params:\n    num_kv_pairs: 8\n")
+    (conf / "experiment" / "quick" / "listops.yaml").write_text("train:\n  max_steps: 1000\n")
+    root = tmp_path / "results"
+    for pairs, accs in ((16, (0.99, 0.10)), (8, (0.90, 0.60))):
+        for attention, acc in zip(("full", "performer"), accs):
+            record = _run("quick/mqar", attention, 0, acc, 50.0, 2e8, majority=0.5)
+            record["record_id"] += f".k{pairs}"
+            record["config"]["task"]["params"] = {"num_kv_pairs": pairs}
+            write_record(record, root)
+    for attention, acc in (("full", 0.3), ("performer", 0.2)):
+        write_record(_run("quick/listops", attention, 0, acc, 100.0, 1e8), root)
+    comps = comparisons(load_records(root, kind="train"))
+    mqar = [c.title for c in comps if c.task == "mqar"]
+    assert "num_kv_pairs=16" in mqar[0]  # the rung comes first: the first of equals no longer wins
+    avg = recipe_average(comps, ["full", "performer"], conf=conf)
+    assert "num_kv_pairs=8" in avg.recipes[1] and avg.variants == [mqar[0]]
+    assert avg.points.loc["performer", "accuracy"] == pytest.approx((20.0 + 60.0) / 2)
+    caption = average_caption(avg)
+    assert f"{mqar[0]} (other settings than the file's)" in caption and "with more runs" not in caption
+
+
+def test_a_variant_with_fewer_runs_is_named_as_such(store):
+    record = _run("quick/mqar", "full", 0, 0.99, 50.0, 2e8, majority=0.5)
+    record["record_id"] += ".k16"
+    record["config"]["task"]["params"] = {"num_kv_pairs": 16}
+    write_record(record, store)
+    avg = recipe_average(comparisons(load_records(store, kind="train")))
+    assert avg.why == {avg.variants[0]: "fewer runs"} and "(fewer runs)" in average_caption(avg)

@@ -172,3 +172,62 @@ def test_state_points_keep_recipes_apart_and_a_state_from_any_seed_suffices(tmp_
     assert missing == {}
     assert len(set(points["variant"])) == 2 and all(v.startswith("mqar decoder L64 k8 (") for v in points["variant"])
     assert sorted(points["state"]) == sorted([2 * L * D] * 2 + [64 * (D + 1)] * 2)
+
+
+# ------------------------------------------------------------------------------- recall plot panels, not learned
+
+def _ladder(steps, pairs, names=("full", "sliding_window"), majority=0.031):
+    """MQAR encoder L64 runs of one recipe (train.max_steps=steps), two seeds per (mechanism, pairs)."""
+    rows = _runs([(m, "mqar", "encoder", 64, k, s, 0.9 - 0.01 * k + 0.001 * steps / 100) for m in names
+                  for k in pairs for s in (0, 1)])
+    rows["config.train.max_steps"] = steps
+    rows["majority_test_acc"] = majority
+    return rows
+
+
+def test_recall_panels_are_recipe_families_and_a_ladder_stays_one_panel(tmp_path, monkeypatch):
+    from harness.report import recall
+
+    train = pd.concat([_ladder(500, (4, 8, 16)), _ladder(100, (8,), names=("full", "performer"))],
+                      ignore_index=True)
+    titles = recall.family_titles(train)
+    families = dict(zip(zip(train["config.train.max_steps"]), recall.recipe_families(train)))
+    assert len(set(families.values())) == 2  # the rungs 4, 8, 16 of the 500-step recipe share one family
+    assert titles == {("encoder", 64, families[(500,)]): "train.max_steps=500",
+                      ("encoder", 64, families[(100,)]): "train.max_steps=100"}
+    drawn, original = [], recall._recall_panel
+    monkeypatch.setattr(recall, "_recall_panel", lambda ax, panel: drawn.append(panel) or original(ax, panel))
+    page, files = Page("t"), []
+    recall_section(page, train, tmp_path, files)
+    assert len(drawn) == 2
+    by_steps = {p["num_kv_pairs"].nunique(): p for p in drawn}
+    assert set(by_steps[3]["attention"]) == {"full", "sliding_window"}  # the ladder: one panel, lines
+    assert set(by_steps[1]["attention"]) == {"full", "performer"}  # the 100-step variant: its own panel
+    # No panel has two points of one mechanism at one x.
+    assert all(not p.duplicated(["attention", "num_kv_pairs"]).any() for p in drawn)
+
+
+def test_recall_legend_names_every_panels_mechanisms_and_the_majority_class(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from harness.report.recall import plot_recall
+
+    train = pd.concat([_ladder(500, (4, 8)), _ladder(100, (8,), names=("full", "performer"))], ignore_index=True)
+    legends = []
+    original = matplotlib.figure.Figure.legend
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend",
+                        lambda self, *a, **k: legends.append(a[1]) or original(self, *a, **k))
+    plot_recall(recall_points(seed_stats(train)), tmp_path / "r.png")
+    assert legends == [["full", "performer", "sliding_window", "majority class"]]
+
+
+def test_a_column_at_the_majority_class_gets_no_best_and_says_not_learned():
+    train = _runs([("full", "mqar", "decoder", 64, 8, 0, 0.013), ("sliding_window", "mqar", "decoder", 64, 8, 0, 0.020),
+                   ("full", "mqar", "decoder", 64, 4, 0, 0.95), ("sliding_window", "mqar", "decoder", 64, 4, 0, 0.30)])
+    train["majority_test_acc"] = 0.012
+    table = spread_table(seed_stats(train))
+    assert list(table.columns) == ["mqar decoder L64 k4", "mqar decoder L64 k8 (not learned)"]
+    assert table.loc["sliding_window", "mqar decoder L64 k8 (not learned)"] == "2.0 (1)"  # 0.8 points above
+    assert table.loc["full", "mqar decoder L64 k4"] == "95.0 (1) best"
+    train.loc[train["attention"] == "sliding_window", "test_acc"] = [0.023, 0.30]  # 1.1 points above: learned
+    assert spread_table(seed_stats(train)).loc["sliding_window", "mqar decoder L64 k8"] == "2.3 (1) best"

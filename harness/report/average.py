@@ -1,8 +1,9 @@
 """The report's accuracy-vs-speed summary over recipes: one point per mechanism, averaged over the suite.
 
 Which recipes: every comparison (:mod:`harness.report.groups`) in which ``full`` and at least one other
-mechanism have an ok run, one per recipe file (the comparison with the most ok runs: a ladder rung of
-``quick/mqar`` does not count MQAR twice); none is named in code, so whatever the suite ran is averaged. Which
+mechanism have an ok run, one per recipe file (the comparison with the most ok runs, on a tie the one with the
+recipe file's settings: a ladder rung of ``quick/mqar`` does not count MQAR twice); none is named in code, so
+whatever the suite ran is averaged. Which
 mechanisms: those with an ok run in every one of these recipes; a mechanism missing one (no causal form,
 a failed run) is left out and named, because an average over fewer recipes would not be comparable.
 
@@ -31,6 +32,7 @@ from harness.display import not_run
 from harness.report.groups import Comparison
 from harness.report.page import Page
 from harness.report.plots import plot_accuracy_speed
+from harness.report.recipe_files import experiment_of, matches_recipe_file
 from harness.report.tables import comparison_table
 
 AVERAGE_PNG = "accuracy_vs_speed_average.png"
@@ -41,12 +43,14 @@ class RecipeAverage:
     """``points``: index mechanism; columns accuracy, majority, speed (= speed_vs_full), memory_vs_full,
     recipes, seeds_min, seeds_max. ``recipes``: the titles averaged; ``left_out``: mechanism -> the
     titles of the averaged recipes it has no ok run in; ``variants``: comparisons not averaged because another
-    comparison of the same recipe file (with more runs) stands for it."""
+    comparison of the same recipe file stands for it; ``why``: variant title -> why it is not the one averaged
+    (``fewer runs``, ``other settings than the file's``)."""
 
     points: pd.DataFrame
     recipes: list[str]
     left_out: dict[str, list[str]]
     variants: list[str] = dataclasses.field(default_factory=list)
+    why: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _geometric_mean(values: pd.Series) -> float:
@@ -54,14 +58,17 @@ def _geometric_mean(values: pd.Series) -> float:
     return float(np.exp(np.log(values).mean())) if len(values) and (values > 0).all() else float("nan")
 
 
-def recipe_average(comps: list[Comparison], mechanisms: list[str] | None = None) -> RecipeAverage:
+def recipe_average(comps: list[Comparison], mechanisms: list[str] | None = None,
+                   conf: Path | None = None) -> RecipeAverage:
     """Average every mechanism over the recipes in which ``full`` and another mechanism ran (module doc).
 
     ``mechanisms``: the order of the rows (registry order); others follow in the order they ran.
-    Speed or memory is NaN where a recipe lacks the measurement (never a guessed value)."""
+    Speed or memory is NaN where a recipe lacks the measurement (never a guessed value). ``conf``: the config
+    folder the recipe files are read from (default: :func:`harness.plugins.conf_dir`)."""
     per_recipe: dict[str, pd.DataFrame] = {}
     variants: list[str] = []
-    for comp in _one_per_recipe_file(comps, variants):
+    why: dict[str, str] = {}
+    for comp in _one_per_recipe_file(comps, variants, why, conf):
         _, numeric = comparison_table(comp, mechanisms)
         ok = numeric[np.isfinite(numeric["accuracy"])]
         if "full" in ok.index and len(ok) >= 2:
@@ -84,25 +91,35 @@ def recipe_average(comps: list[Comparison], mechanisms: list[str] | None = None)
                                     columns=["accuracy", "majority", "speed", "memory_vs_full", "recipes",
                                              "seeds_min", "seeds_max"])
     points.index.name = "mechanism"
-    return RecipeAverage(points=points, recipes=list(per_recipe), left_out=left_out, variants=variants)
+    return RecipeAverage(points=points, recipes=list(per_recipe), left_out=left_out, variants=variants,
+                         why=why)
 
 
-def _one_per_recipe_file(comps: list[Comparison], variants: list[str]) -> list[Comparison]:
+def _one_per_recipe_file(comps: list[Comparison], variants: list[str], why: dict[str, str],
+                         conf: Path | None = None) -> list[Comparison]:
     """One comparison per recipe file (``experiment``): the one with the most ok runs (the recipe as the suite
-    runs it with all its seeds, not a one-seed ladder rung or a changed setting), so that no recipe file
-    counts twice in the mean; the titles of the others are appended to ``variants``."""
-    best: dict[str, Comparison] = {}
+    runs it with all its seeds, not a one-seed ladder rung), on a tie the one whose settings are the recipe
+    file's (:func:`harness.report.recipe_files.matches_recipe_file`: not the rung, not a changed setting), so
+    that no recipe file counts twice in the mean. The titles of the others are appended to ``variants`` and
+    ``why`` says why each was not averaged (``fewer runs`` / ``other settings than the file's``)."""
+    by_file: dict[str, list[Comparison]] = {}
     for comp in comps:
-        experiments = comp.runs["experiment"].dropna().unique() if "experiment" in comp.runs else []
-        key = str(experiments[0]) if len(experiments) == 1 else comp.title
-        ok = int((comp.runs["status"] == "ok").sum())
-        if key not in best or ok > int((best[key].runs["status"] == "ok").sum()):
-            if key in best:
-                variants.append(best[key].title)
-            best[key] = comp
-        else:
+        experiment = experiment_of(comp)
+        by_file.setdefault(experiment or comp.title, []).append(comp)
+    chosen = []
+    for group in by_file.values():
+        ok = {c.title: int((c.runs["status"] == "ok").sum()) for c in group}
+        as_file = {c.title: len(group) > 1 and matches_recipe_file(c, experiment_of(c), conf) for c in group}
+        best = max(group, key=lambda c: (ok[c.title], as_file[c.title]))  # max keeps the first of equals
+        chosen.append(best)
+        for comp in group:
+            if comp is best:
+                continue
             variants.append(comp.title)
-    return list(best.values())
+            why[comp.title] = ("fewer runs" if ok[comp.title] < ok[best.title] else "other settings than the file's"
+                               if as_file[best.title] else "as many runs, neither as the file sets it: the first "
+                               "listed stands for the file")
+    return chosen
 
 
 def _seeds(points: pd.DataFrame) -> str:
@@ -118,8 +135,8 @@ def average_caption(avg: RecipeAverage) -> str:
     for name, titles in avg.left_out.items():
         groups.setdefault(tuple(titles), []).append(name)
     if avg.variants:
-        text += (" Not averaged (another comparison of the same recipe file, with more runs, stands for it): "
-                 + "; ".join(avg.variants) + ".")
+        text += (" Not averaged (a variant of the same recipe file: fewer runs / other settings than the file's): "
+                 + "; ".join(f"{t} ({avg.why[t]})" if t in avg.why else t for t in avg.variants) + ".")
     if groups:
         text += " Left out, no ok run in every recipe: " + "; ".join(
             f"{', '.join(names)} (none in {' and '.join(titles)})" for titles, names in groups.items()) + "."

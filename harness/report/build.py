@@ -40,6 +40,7 @@ from harness.report.plots import plot_accuracy_speed, plot_approx, plot_scaling
 from harness.report.recall import recall_section
 from harness.report.summary import summary_section
 from harness.report.tables import (
+    approx_seeds,
     approx_table,
     bench_cells,
     comparison_table,
@@ -143,7 +144,7 @@ def accuracy_section(page: Page, train: pd.DataFrame, comps: list[Comparison], o
         display, numeric = comparison_table(comp, registered)
         page.heading(comp.title, level=4)
         page.note(f"test accuracy % at the best validation checkpoint, mean ± sample std over seeds; "
-                  f"[+k status] = failed runs beside them. {_recipe_note(comp)}")
+                  f"[+k status] = failed runs beside them. {BUDGET_NOTE} {_recipe_note(comp)}")
         page.table(display)
         alias_note(page, comp)
         points = _accuracy_points(numeric)
@@ -161,6 +162,11 @@ def accuracy_section(page: Page, train: pd.DataFrame, comps: list[Comparison], o
                   "nothing); x: training examples/s relative to full in the same recipe; bubble area: peak memory "
                   "of a training step relative to full.", place="figures")
         page.image(files[-1], "accuracy_vs_speed.png")
+
+
+BUDGET_NOTE = ("budget: what the recipe gives the mechanism (its attention_overrides entry), and the parameters "
+               "that set its budget left at their values ('(default)'); state vs full: floats one query reads "
+               "relative to full attention's keys and values at this length (docs/MQAR.md, State size).")
 
 
 def alias_note(page: Page, comp: Comparison) -> None:
@@ -288,12 +294,23 @@ def approx_section(page: Page, approx: pd.DataFrame, out: Path, files: list[Path
     page.image(files[-1], "approx_error.png")
     inputs = approx.drop_duplicates("variant").set_index("variant").get("inputs", pd.Series(dtype=str))
     references = approx.drop_duplicates("mechanism").set_index("mechanism")["reference"]
-    page.note(f"Relative Frobenius error ||A - R||_F / ||R||_F, mean ± std over seeds, {setting}, where R is what "
-              "the mechanism approximates: " + "; ".join(f"{m}: {r}" for m, r in references.items())
+    page.note(f"Relative Frobenius error ||A - R||_F / ||R||_F, {_approx_seed_text(approx)}, {setting}, where R "
+              "is what the mechanism approximates: " + "; ".join(f"{m}: {r}" for m, r in references.items())
               + ". AFT approximates no attention function and is left out. Inputs: "
               + "; ".join(f"{v}: {d}" for v, d in inputs.items())
               + ". Linformer's E/F and the memory-compressed convolution are untrained. " + PERFORMER_VARIANCE)
     page.table(approx_table(approx))
+
+
+def _approx_seed_text(approx: pd.DataFrame) -> str:
+    """``mean ± std over 3 seeds``; ``(1 seed)`` when every ok record has one (its cells show no ±)."""
+    seeds = approx_seeds(approx[approx["status"] == "ok"]).dropna()
+    if len(seeds) and (seeds == 1).all():
+        return "(1 seed; no spread measured)"
+    counts = sorted({int(s) for s in seeds if s > 1})
+    over = "" if not counts else f"{counts[0]} " if len(counts) == 1 else f"{counts[0]}-{counts[-1]} "
+    one = "; a cell of one seed: the value alone" if (seeds == 1).any() else ""
+    return f"mean ± std over {over}seeds{one}"
 
 
 def comparable_approx(approx: pd.DataFrame) -> pd.DataFrame:

@@ -34,8 +34,8 @@ CELL_PREFIXES = ("time.", "memory.", "params.", "device_info.", "noise.")
 SETTING_DEFAULTS = {"cpu_allocator": "default", "pattern": "bidirectional"}
 # Sections of these values come first (the bidirectional benchmark before the causal one).
 FIRST_VALUES = {"pattern": "bidirectional"}
-# How many differing keys name a comparison before "+k more".
-MAX_NAMED_DIFFERENCES = 4
+# How many differing keys name a comparison in full; beyond, these many and "+k more keys".
+MAX_NAMED_DIFFERENCES = 6
 
 
 @dataclass(frozen=True)
@@ -86,16 +86,28 @@ def _task_rank(task: str) -> int:
 
 def comparison_titles(train: pd.DataFrame, keys: pd.Series, recipes: dict[str, dict]) -> dict[str, str]:
     """``<task> (<recipe file>)`` and, where another recipe of the same task and file exists, the keys that
-    differ (``listops (quick/listops): train.max_steps=100``); a recipe alone needs no more."""
+    differ (``listops (quick/listops): train.max_steps=100``); a recipe alone needs no more.
+
+    The keys that name a comparison with an ok run are those that differ among the comparisons with an ok
+    run: a failed run with a misspelt parameter does not rename the tables of good ones. A comparison whose
+    runs all failed is named by what differs from its nearest comparison with an ok run (fewest differing
+    keys), or, with none, from its failed peers."""
     experiment = train.get("experiment", pd.Series(index=train.index, dtype=object))
-    names = {}
+    status = train["status"] if "status" in train else pd.Series("ok", index=train.index)
+    names, has_ok = {}, {}
     for key in recipes:
         rows = train[keys == key]
         exp = next((str(e) for e in experiment[keys == key] if not _missing(e)), None)
         names[key] = (str(rows["task"].iloc[0]), exp)
+        has_ok[key] = bool((status[keys == key] == "ok").any())
     titles = {}
     for key, (task, exp) in names.items():
         peers = [k for k, v in names.items() if v == (task, exp) and k != key]
+        ok_peers = [k for k in peers if has_ok[k]]
+        if has_ok[key]:
+            peers = ok_peers
+        elif ok_peers:
+            peers = [min(ok_peers, key=lambda k: len(_differing_keys(recipes[key], [recipes[k]])))]
         title = f"{task} ({exp})" if exp else task
         if peers:
             title += ": " + _differences(recipes[key], [recipes[p] for p in peers])
@@ -103,11 +115,15 @@ def comparison_titles(train: pd.DataFrame, keys: pd.Series, recipes: dict[str, d
     return titles
 
 
+def _differing_keys(mine: dict, others: list[dict]) -> list[str]:
+    return sorted(k for k in set(mine).union(*others) if any(o.get(k) != mine.get(k) for o in others))
+
+
 def _differences(mine: dict, others: list[dict]) -> str:
-    keys = sorted(k for k in set(mine).union(*others) if any(o.get(k) != mine.get(k) for o in others))
+    keys = _differing_keys(mine, others)
     shown = [f"{k}={mine[k] if k in mine else '(unset)'}" for k in keys[:MAX_NAMED_DIFFERENCES]]
     more = len(keys) - len(shown)
-    return ", ".join(shown) + (f", +{more} more" if more > 0 else "") if shown else "same recipe, another hash"
+    return ", ".join(shown) + (f", +{more} more keys" if more > 0 else "") if shown else "same recipe, another hash"
 
 
 def setting_columns(bench: pd.DataFrame) -> list[str]:

@@ -9,21 +9,17 @@ with each run's resolved config; a key no file sets (a task parameter left at it
 checked.
 
 Owns: this section. Imports: ``attentions`` (registry order of the rows), :mod:`harness.display`,
-:mod:`harness.plugins` (the config folder), the other :mod:`harness.report` modules.
+the other :mod:`harness.report` modules.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from attentions import available_attentions
 from harness.display import MISSING, not_run
-from harness.plugins import conf_dir
 from harness.report.groups import Comparison
 from harness.report.page import Page
 from harness.report.published import (
@@ -35,68 +31,11 @@ from harness.report.published import (
     PublishedSet,
     unmatched,
 )
+from harness.report.recipe_files import experiment_of, recipe_differences, recipe_file_values
 from harness.report.tables import comparison_table
 
 LRA_PREFIX = "lra/"
 CAVEAT_MARK = " †"
-
-
-def experiment_of(comp: Comparison) -> str | None:
-    """The recipe file the comparison's runs were started with (``lra/listops``), None when not recorded."""
-    if "experiment" not in comp.runs:
-        return None
-    names = comp.runs["experiment"].dropna().astype(str).unique()
-    return str(names[0]) if len(names) == 1 else None
-
-
-def recipe_file_values(experiment: str, conf: Path | None = None) -> dict[str, Any] | None:
-    """The settings the recipe file ``conf/experiment/<experiment>.yaml`` fixes, as flat ``section.key`` ->
-    value: its own keys over those of the config groups its ``defaults`` select. None when the file does not
-    exist. Interpolations (``${...}``) are left out (they are resolved per run)."""
-    from omegaconf import OmegaConf
-
-    conf = Path(conf) if conf is not None else conf_dir()
-    path = conf / "experiment" / f"{experiment}.yaml"
-    if not path.is_file():
-        return None
-    own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    merged = OmegaConf.create({})
-    for entry in own.pop("defaults", None) or []:
-        for key, option in (entry.items() if isinstance(entry, dict) else ()):
-            group = key.replace("override", "").strip().strip("/")
-            group_file = conf / group / f"{option}.yaml"
-            if group and group_file.is_file():
-                merged = OmegaConf.merge(merged, {group: OmegaConf.load(group_file)})
-    merged = OmegaConf.to_container(OmegaConf.merge(merged, own), resolve=False)
-    return {k: v for k, v in _flatten(merged).items() if not (isinstance(v, str) and "${" in v)}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        elif not isinstance(value, dict):
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _same(expected: Any, actual: Any) -> bool:
-    if isinstance(actual, str) and isinstance(expected, list):
-        actual = json.loads(actual)  # the store keeps a list as JSON text
-    if expected is None or actual is None:
-        return expected is None and actual is None
-    if isinstance(expected, list) and isinstance(actual, list):
-        return len(expected) == len(actual) and all(_same(e, a) for e, a in zip(expected, actual))
-    if isinstance(expected, (int, float)) and isinstance(actual, (int, float)) and not isinstance(expected, bool):
-        return math.isclose(float(expected), float(actual), rel_tol=1e-9, abs_tol=0.0)
-    return str(expected) == str(actual)
-
-
-def recipe_differences(comp: Comparison, expected: dict[str, Any]) -> list[str]:
-    """``key=value (recipe file: value)`` for every key of ``expected`` the comparison's runs changed."""
-    return [f"{key}={comp.recipe.get(key, '(unset)')} (recipe file: {value})" for key, value in sorted(expected.items())
-            if not _same(value, comp.recipe.get(key))]
 
 
 def lra_comparisons(comps: list[Comparison], conf: Path | None = None) -> tuple[list[Comparison], dict[str, str]]:

@@ -2,9 +2,12 @@
 
 * :func:`spread_table`: mechanisms x task variants, ``mean ± std (n seeds)``; a cell whose distance to the
   column's best mean is smaller than the larger of the two seed spreads (sample std) is marked ``≈`` (a tie
-  with the best: the seeds cannot tell them apart). MQAR variants are named by form, length and pairs.
-* :func:`plot_recall`: test accuracy vs ``num_kv_pairs``, one panel per (form, seq_len), one line per
-  mechanism (mean over seeds, bars = std), the Zoology Figure 2 reading: where a mechanism's recall breaks.
+  with the best: the seeds cannot tell them apart); a column whose best is within 1 point of the majority class
+  is ``(not learned)`` and unmarked. MQAR variants are named by form, length and pairs.
+* :func:`plot_recall`: test accuracy vs ``num_kv_pairs``, one panel per (form, seq_len, recipe family: the
+  recipe without the ladder's own pairs and length, :func:`recipe_families`), one line per mechanism (mean over
+  seeds, bars = std), the majority class dashed, the Zoology Figure 2 reading: where a mechanism's recall breaks.
+  Runs of another recipe (another step count) get their own panel, never a second point at one x.
 * :func:`state_points` / :func:`plot_recall_vs_state`: MQAR test accuracy vs the mechanism's state size
   (floats per head and per layer that one query's output is read from, ``AttentionInfo.state_size``; docs/MQAR.md),
   one panel per MQAR variant, one point per mechanism, the Zoology reading: recall against the state a model
@@ -28,10 +31,21 @@ from attentions import available_attentions, get_attention_info
 from harness.display import MISSING
 from harness.report.page import Page
 from harness.report.plots import mechanism_style
-from harness.report.tables import record_params
+from harness.report.tables import LEARNED_MARGIN, record_params
 
 RECIPE_PREFIXES = ("config.task.", "config.model.", "config.train.", "config.optimizer.", "config.scheduler.")
 MQAR_PARAMS = ("config.task.params.form", "config.task.params.seq_len", "config.task.params.num_kv_pairs")
+# The parameters an MQAR ladder varies: the rungs of one recipe differ only in these.
+LADDER_PARAMS = ("config.task.params.num_kv_pairs", "config.task.params.seq_len")
+
+
+def _recipe_hashes(train: pd.DataFrame, leave_out: tuple[str, ...] = ()) -> pd.Series | None:
+    """Per row, a hash of its recipe settings (task, model, train, optimizer, scheduler columns, except
+    ``leave_out``); None when the frame has no such column."""
+    recipe_cols = sorted(c for c in train.columns if c.startswith(RECIPE_PREFIXES) and c not in leave_out)
+    if not recipe_cols:
+        return None
+    return train[recipe_cols].apply(lambda row: hashlib.sha256("|".join(map(str, row)).encode()).hexdigest(), axis=1)
 
 
 def variant_labels(train: pd.DataFrame) -> pd.Series:
@@ -43,11 +57,9 @@ def variant_labels(train: pd.DataFrame) -> pd.Series:
         for i in train.index[train["task"] == "mqar"]:
             form, length, pairs = (train.at[i, c] for c in MQAR_PARAMS)
             labels[i] = f"mqar {form} L{int(length)} k{int(pairs)}"
-    recipe_cols = sorted(c for c in train.columns if c.startswith(RECIPE_PREFIXES))
-    if recipe_cols:
-        # The recipe without the mechanism and its parameters (those differ between a column's rows by design).
-        recipes = train[recipe_cols].apply(
-            lambda row: hashlib.sha256("|".join(map(str, row)).encode()).hexdigest(), axis=1)
+    # The recipe without the mechanism and its parameters (those differ between a column's rows by design).
+    recipes = _recipe_hashes(train)
+    if recipes is not None:
         for label in labels.unique():
             rows = labels == label
             if recipes[rows].nunique() > 1:
@@ -55,15 +67,54 @@ def variant_labels(train: pd.DataFrame) -> pd.Series:
     return labels
 
 
+def recipe_families(train: pd.DataFrame) -> pd.Series:
+    """Per row, its recipe *family*: a short hash of the recipe settings that :func:`variant_labels` hashes,
+    except the MQAR ladder's own parameters (``num_kv_pairs``, ``seq_len``). The rungs of one ladder share a
+    family; a recipe run with another step count (``train.max_steps=100``) is another family."""
+    hashes = _recipe_hashes(train, leave_out=LADDER_PARAMS)
+    return pd.Series("", index=train.index, dtype=object) if hashes is None else hashes.str[:6]
+
+
+def family_titles(train: pd.DataFrame) -> dict[tuple[str, int, str], str]:
+    """``(form, seq_len, family)`` -> what tells the family apart from the others of its (form, seq_len):
+    the settings that differ (``train.max_steps=100``), or ``recipe <hash>`` when none is in the frame; ``""``
+    for a family alone at its (form, seq_len). MQAR rows with an ok run only (those the plot draws)."""
+    ok = train[(train["status"] == "ok") & train["test_acc"].notna()]
+    rows = ok[ok["task"] == "mqar"].assign(family=recipe_families(ok))
+    if rows.empty or not set(MQAR_PARAMS) <= set(rows.columns):
+        return {}
+    cols = sorted(c for c in rows.columns if c.startswith(RECIPE_PREFIXES) and c not in LADDER_PARAMS)
+    titles = {}
+    for (form, length), group in rows.groupby(["config.task.params.form", "config.task.params.seq_len"]):
+        firsts = group.groupby("family")[cols].first()
+        differ = [c for c in cols if firsts[c].astype(str).nunique() > 1]
+        for family, settings in firsts.iterrows():
+            text = ", ".join(f"{c.removeprefix('config.')}={_plain(settings[c])}" for c in differ)
+            titles[(str(form), int(length), family)] = ("" if len(firsts) == 1 else text or f"recipe {family}")
+    return titles
+
+
+def _plain(value) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def seed_stats(train: pd.DataFrame) -> pd.DataFrame:
-    """One row per (mechanism, variant) with ok runs: mean, std (sample; NaN for one seed), n (seeds), in %."""
+    """One row per (mechanism, variant) with ok runs: mean, std (sample; NaN for one seed), n (seeds), in %;
+    ``family`` (:func:`recipe_families`) and ``majority`` (the majority class's test accuracy %, mean over the
+    runs that record it; NaN when none does)."""
     ok = train[(train["status"] == "ok") & train["test_acc"].notna()].copy()
     if ok.empty:
-        return pd.DataFrame(columns=["attention", "variant", "mean", "std", "n"])
+        return pd.DataFrame(columns=["attention", "variant", "mean", "std", "n", "family", "majority"])
     ok["variant"] = variant_labels(ok)
+    ok["family"] = recipe_families(ok)
     ok["acc"] = ok["test_acc"].astype(float) * 100
-    stats = ok.groupby(["attention", "variant"])["acc"].agg(["mean", "std", "count"]).reset_index()
-    return stats.rename(columns={"count": "n"})
+    majority = ok["majority_test_acc"] if "majority_test_acc" in ok else pd.Series(np.nan, index=ok.index)
+    ok["majority"] = pd.to_numeric(majority, errors="coerce") * 100
+    groups = ok.groupby(["attention", "variant"])
+    stats = groups["acc"].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
+    stats["family"] = groups["family"].first()
+    stats["majority"] = groups["majority"].mean()
+    return stats.reset_index()
 
 
 def is_tie(best_mean: float, best_std: float, mean: float, std: float) -> bool:
@@ -73,18 +124,26 @@ def is_tie(best_mean: float, best_std: float, mean: float, std: float) -> bool:
 
 
 def spread_table(stats: pd.DataFrame) -> pd.DataFrame:
-    """Display table: mechanisms x variants, ``mean ± std (n)``, ``best`` / ``≈`` (tie with the best) marks."""
+    """Display table: mechanisms x variants, ``mean ± std (n)``, ``best`` / ``≈`` (tie with the best) marks.
+
+    A column whose best mean is not more than ``LEARNED_MARGIN`` points above its majority class (where the
+    records give it) learned nothing: it gets no marks and its header ends in ``(not learned)``."""
     cells: dict[str, dict[str, str]] = {}
     for variant, group in stats.groupby("variant"):
         best = group.loc[group["mean"].idxmax()]
+        majority = group["majority"].mean() if "majority" in group else math.nan
+        marked = not (best["mean"] - majority <= LEARNED_MARGIN)  # NaN majority: unknown, marks kept
+        header = variant if marked else f"{variant} (not learned)"
         sole_best = (group["mean"] == best["mean"]).sum() == 1  # equal means: ties, no "best"
         for _, row in group.iterrows():
             text = f"{row['mean']:.1f}" + ("" if math.isnan(row["std"]) else f" ± {row['std']:.1f}") + f" ({row['n']})"
-            if row["attention"] == best["attention"] and sole_best:
+            if not marked:
+                pass
+            elif row["attention"] == best["attention"] and sole_best:
                 text += " best"
             elif row["mean"] == best["mean"] or is_tie(best["mean"], best["std"], row["mean"], row["std"]):
                 text += " ≈"
-            cells.setdefault(row["attention"], {})[variant] = text
+            cells.setdefault(row["attention"], {})[header] = text
     table = pd.DataFrame(cells).T.fillna(MISSING)
     table.index.name = "mechanism"
     return table.reindex(sorted(table.columns), axis=1)
@@ -100,39 +159,64 @@ def recall_points(stats: pd.DataFrame) -> pd.DataFrame:
     return mqar
 
 
-def plot_recall(points: pd.DataFrame, path: Path) -> Path:
-    """Accuracy (%) vs num_kv_pairs, one panel per (form, seq_len), one line per mechanism."""
+def plot_recall(points: pd.DataFrame, path: Path, titles: dict[tuple[str, int, str], str] | None = None) -> Path:
+    """Accuracy (%) vs num_kv_pairs, one panel per (form, seq_len, recipe family), one line per mechanism.
+
+    ``points``: :func:`recall_points` rows (with ``family``; ``majority`` drawn dashed where known).
+    ``titles``: (form, seq_len, family) -> what tells the family apart (:func:`family_titles`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    panels = sorted(points.groupby(["form", "seq_len"]).groups)
+    points = points.assign(family=points["family"] if "family" in points else "")
+    titles = titles or {}
+    panels = sorted(points.groupby(["form", "seq_len", "family"]).groups)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.6, 4.5), squeeze=False)
-    for ax, (form, length) in zip(axes[0], panels):
-        panel = points[(points["form"] == form) & (points["seq_len"] == length)]
-        for name, line in panel.groupby("attention"):
-            line = line.sort_values("num_kv_pairs")
-            style = mechanism_style(name)  # the same colour and marker as in every other plot
-            ax.errorbar(line["num_kv_pairs"], line["mean"], yerr=line["std"].fillna(0), ms=5, capsize=2,
-                        label=name, color=style["color"], marker=style["marker"], ls=style["linestyle"],
-                        lw=style["lw"], zorder=style["zorder"])
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(panel["num_kv_pairs"].unique()))  # the pairs measured, written as numbers
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_ylim(0, 102)
-        ax.set_xlabel("key-value pairs")
-        ax.set_ylabel("test accuracy on answers (%)")
-        ax.set_title(f"MQAR {form}, {length} tokens")
-        ax.grid(True, alpha=0.3)
-    # Beside the panels, not on them: with eleven lines any spot inside covers some.
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    handles: dict[str, object] = {}
+    for ax, (form, length, family) in zip(axes[0], panels):
+        panel = points[(points["form"] == form) & (points["seq_len"] == length) & (points["family"] == family)]
+        handles.update(_recall_panel(ax, panel))
+        extra = titles.get((str(form), int(length), family), "")
+        ax.set_title(f"MQAR {form}, {length} tokens" + (f"\n{extra}" if extra else ""), fontsize=9)
+    # Beside the panels, not on them (with eleven lines any spot inside covers some); every panel's names.
+    names = sorted(n for n in handles if n != MAJORITY_LABEL) + [n for n in handles if n == MAJORITY_LABEL]
+    fig.legend([handles[n] for n in names], names, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95),
+               borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+MAJORITY_LABEL = "majority class"
+
+
+def _recall_panel(ax, panel: pd.DataFrame) -> dict[str, object]:
+    """One (form, seq_len, family): a line per mechanism (mean over seeds, bars = std), the majority class
+    dashed; returns label -> legend handle."""
+    import matplotlib.ticker
+
+    handles = {}
+    for name, line in panel.groupby("attention"):
+        line = line.sort_values("num_kv_pairs")
+        style = mechanism_style(name)  # the same colour and marker as in every other plot
+        handles[name] = ax.errorbar(line["num_kv_pairs"], line["mean"], yerr=line["std"].fillna(0), ms=5,
+                                    capsize=2, label=name, color=style["color"], marker=style["marker"],
+                                    ls=style["linestyle"], lw=style["lw"], zorder=style["zorder"])
+    majority = panel.groupby("num_kv_pairs")["majority"].mean().dropna() if "majority" in panel else pd.Series()
+    if len(majority):
+        (handles[MAJORITY_LABEL],) = ax.plot(majority.index, majority.values, color="#555555", ls="--", lw=1,
+                                             zorder=1, label=MAJORITY_LABEL)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(panel["num_kv_pairs"].unique()))  # the pairs measured, written as numbers
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("key-value pairs")
+    ax.set_ylabel("test accuracy on answers (%)")
+    ax.grid(True, alpha=0.3)
+    return handles
 
 
 def record_state_size(row: pd.Series) -> tuple[float, str]:
@@ -245,16 +329,20 @@ def recall_section(page: Page, train: pd.DataFrame, out: Path, files: list[Path]
         page.note(f"{MISSING} no ok training runs.")
         return
     page.note("Test accuracy %: mean ± sample std (number of seeds). 'best' = the column's highest mean; "
-              "'≈' = within the larger seed spread of the best (a tie: the seeds cannot tell them apart). "
+              "'≈' = within the larger seed spread of the best (a tie: the seeds cannot tell them apart); "
+              f"a column marked '(not learned)': its best is not more than {LEARNED_MARGIN:g} point above the "
+              "majority class, so no mechanism is called best there. "
               "MQAR columns: form (encoder = bidirectional, decoder = causal next-token), sequence length L "
               "and key-value pairs k; accuracy over answer positions only (chance ≈ 1/(vocab/2)).")
     page.table(spread_table(stats))
     points = recall_points(stats)
     if points.empty:
         return
-    files.append(plot_recall(points, out / "recall_vs_pairs.png"))
+    files.append(plot_recall(points, out / "recall_vs_pairs.png", family_titles(train)))
     page.note("Recall: MQAR test accuracy vs number of key-value pairs (Zoology Figure 2 layout); each "
-              "mechanism keeps the budget its recipe gives it (window, features, buckets) while the pairs grow.")
+              "mechanism keeps the budget its recipe gives it (window, features, buckets) while the pairs grow. "
+              "One panel per recipe: runs that differ in more than the pairs (another step count) get their "
+              "own panel, titled by what differs. Dashed: the majority class (a constant predictor).")
     page.image(files[-1], "recall_vs_pairs.png")
     _state_figure(page, stats, train, out, files)
 

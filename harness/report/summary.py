@@ -135,8 +135,15 @@ def speed_finding(cells: pd.DataFrame, setting: Setting) -> str | None:
         g = g.sort_values("n")
         x, _note = crossover_length(list(g["n"]), list(g["median_s"]), [full.get(v) for v in g["n"]])
         crossings.append(np.isfinite(x))
-    return (f"fwd+bwd at n = {n} ({setting.label.split(', n =')[0]}): fastest {best}, {speedup[best]:.1f}x full; "
-            f"{sum(crossings)} of {len(crossings)} mechanisms become faster than full within the measured lengths.")
+    where = f"fwd+bwd at n = {n} ({setting.label.split(', n =')[0]})"
+    time_ratio = 1.0 / speedup[best]  # the fastest's time over full's
+    if speedup[best] > 1:
+        lead = f"{where}: fastest {best}, {speedup[best]:.1f}x full's speed ({time_ratio:.2f}x full's time)"
+    else:
+        lead = (f"{where}: no mechanism is faster than full; the closest, {best}, takes {time_ratio:.1f}x "
+                "full's time")
+    return (f"{lead}; {sum(crossings)} of {len(crossings)} mechanisms become faster than full within the measured "
+            "lengths.")
 
 
 def memory_finding(cells: pd.DataFrame) -> str | None:

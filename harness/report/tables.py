@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from attentions import available_attentions, get_attention_info
+from attentions import AttentionConfig, available_attentions, get_attention_info
 from harness.analysis import relative_to_full
 from harness.display import MISSING, format_bytes, missing_cell, not_run
 from harness.report.groups import Comparison
@@ -111,23 +111,68 @@ def record_params(row: pd.Series, name: str) -> dict[str, Any] | None:
     return params or None
 
 
+GENERIC_PARAMS = {f.name for f in dataclasses.fields(AttentionConfig)} | {"backend"}
+
+
 def budget_text(runs: pd.DataFrame, name: str) -> str:
     """What the recipe gives mechanism ``name`` (its ``attention_overrides`` entry and any
-    ``attention.params``), and its state size relative to full attention's KV cache at the recipe's length
-    (``state_size / (2 n head_dim)``, see :meth:`attentions.registry.AttentionInfo.state_size`): e.g.
-    ``window=32; state 0.52x full``. ``exact`` for full; ``—`` where nothing is known."""
+    ``attention.params``), the budget-defining parameters it left at their values (``compression=3
+    (default)``; :func:`budget_params`), and its state size relative to full attention's KV cache at the
+    recipe's length (``state_size / (2 n head_dim)``, see :meth:`attentions.registry.AttentionInfo.state_size`):
+    e.g. ``window=32; state 0.52x full``. ``exact`` for full; ``—`` where nothing is known."""
     if name == "full":
         return "exact"
     row = runs.iloc[0]
-    given = {c.rsplit(".", 1)[-1]: row[c] for c in runs.columns
+    given = {c.rsplit(".", 1)[-1]: _plain(row[c]) for c in runs.columns
              if c.startswith((f"config.attention_overrides.{name}.", "config.attention.params."))
              and not (isinstance(row[c], float) and math.isnan(row[c]))}
-    parts = [", ".join(f"{k}={int(v) if isinstance(v, float) and v.is_integer() else v}"
-                       for k, v in sorted(given.items()))] if given else []
+    texts = [f"{k}={v}" for k, v in sorted(given.items())]
+    defaults = {f.name: f.default for f in dataclasses.fields(get_attention_info(name).config_cls)} \
+        if name in available_attentions() else {}
+    for key, value in budget_params(row, name).items():
+        if key not in given:
+            origin = "default" if defaults.get(key) == value else "not set by the recipe"
+            texts.append(f"{key}={value} ({origin})")
+    parts = [", ".join(texts)] if texts else []
     ratio = _state_vs_full(row, name)
     if ratio is not None:
         parts.append(f"state {ratio:.2f}x full")
     return "; ".join(parts) or MISSING
+
+
+def _plain(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def budget_params(row: pd.Series, name: str) -> dict[str, Any]:
+    """The parameters of one record's mechanism that set its budget, with the record's values: the integer
+    parameters of its config class (not the generic ones every mechanism takes, not flags) on which its declared
+    state size at the record's length depends (halving or doubling one changes the state); where none does
+    (clustered attention compresses the queries, not the keys it reads), all its integer parameters. Empty
+    where the mechanism is not registered, declares no state size, or the record has no ``attention_config``."""
+    if name not in available_attentions():
+        return {}
+    info = get_attention_info(name)
+    try:
+        params = record_params(row, name)
+        n = int(row.get("attention_config.max_seq_len"))
+        base = info.state_size(params, n) if params else None
+    except (ValueError, TypeError):
+        return {}
+    if base is None:
+        return {}
+    integers = {k: v for k, v in params.items()
+                if k not in GENERIC_PARAMS and isinstance(v, int) and not isinstance(v, bool)}
+    found = {}
+    for key, value in integers.items():
+        for other in {max(1, value // 2), value * 2} - {value}:
+            try:
+                if info.state_size({**params, key: other}, n) != base:
+                    found[key] = value
+                    break
+            except (ValueError, TypeError):
+                continue  # a value the mechanism does not accept (a window past the length) tells nothing
+    return found or integers
 
 
 def _state_vs_full(row: pd.Series, name: str) -> float | None:
@@ -143,7 +188,10 @@ def _state_vs_full(row: pd.Series, name: str) -> float | None:
     return None if size is None else size / (2 * n * params["head_dim"])
 
 
-def learned(numeric: pd.DataFrame, margin: float = 1.0) -> pd.Series:
+LEARNED_MARGIN = 1.0  # points above the majority class below which a run learned nothing
+
+
+def learned(numeric: pd.DataFrame, margin: float = LEARNED_MARGIN) -> pd.Series:
     """Per mechanism: beat the majority class by more than ``margin`` points (a run at chance learned nothing)."""
     return (numeric["accuracy"] - numeric["majority"]) > margin
 
@@ -217,10 +265,30 @@ def peer_table(peer: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns=lambda c: c if c in ("peer", "level", "pattern") else f"{c}: time / memory")
 
 
+def approx_seeds(approx: pd.DataFrame) -> pd.Series:
+    """Per approximation record, the number of seeds its error is averaged over: ``seeds``, else the length of
+    ``errors`` (a list, or its JSON text as the store keeps it), else NaN (unknown)."""
+    def count(r) -> float:
+        if "seeds" in r and pd.notna(r["seeds"]):
+            return float(r["seeds"])
+        errors = r.get("errors")
+        if isinstance(errors, str):
+            errors = json.loads(errors)
+        return float(len(errors)) if isinstance(errors, list) else float("nan")
+
+    return approx.apply(count, axis=1) if len(approx) else pd.Series(dtype=float)
+
+
 def approx_table(approx: pd.DataFrame) -> pd.DataFrame:
+    """Mechanism x budget rows, one column per input variant: the relative error, ``mean ± std`` over seeds, or
+    the value alone for one seed (a std of one seed is not a zero spread)."""
+    approx = approx.assign(_seeds=approx_seeds(approx))
+
     def fmt(r):
         if r["status"] != "ok":
             return not_run(r["status"])
+        if r["_seeds"] == 1:
+            return f"{r['error_mean']:.3f}"
         return f"{r['error_mean']:.3f} ± {r['error_std']:.3f}"
 
     approx = approx.assign(cell=approx.apply(fmt, axis=1), _v=pd.to_numeric(approx["value"], errors="coerce"),
