@@ -433,3 +433,17 @@ def test_up_to_six_differing_keys_are_named_in_full(differing, expected_tail):
     mine = {f"k{i}": 1 for i in range(differing)}
     title = _differences(mine, [{}])
     assert title.endswith(expected_tail) and title.count("=1") == min(differing, 6)
+
+
+def test_smoke_cells_give_no_speed_or_noise_finding(tmp_path):
+    """Smoke cells are timed once at tiny n: the summary says so instead of naming a 'fastest' mechanism."""
+    root = tmp_path / "results"
+    for name, t in (("full", 2e-2), ("performer", 1e-4)):  # a disturbed full cell: performer looks 200x faster
+        for n in (32, 64):
+            record = bench_record(name, "fwd+bwd", n, t=t, mem=1e6)
+            record["smoke"] = True
+            write_record(record, root)
+    build_report(root, tmp_path / "report")
+    summary = (tmp_path / "report" / "report.md").read_text().split("## Figures")[0]
+    assert "smoke settings (one repeat, tiny n)" in summary
+    assert "fastest" not in summary and "cells were clean" not in summary

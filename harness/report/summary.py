@@ -34,10 +34,24 @@ def summary_section(page: Page, store, comps: list[Comparison], groups: list[Set
     for comp in comps:
         findings.append(accuracy_finding(comp))
     for setting in groups[:2]:
+        if _is_smoke(setting):
+            findings.append(SMOKE_FINDING.format(label=setting.label))
+            continue
         cells = bench_cells(setting.records)
         findings += [f for f in (speed_finding(cells, setting), memory_finding(cells), noise_finding(cells)) if f]
     page.heading("Findings", place="summary")
     page.bullets(findings or ["no records to draw a finding from"])
+
+
+# Smoke cells are timed once, at a few dozen tokens: neither noise nor speed can be judged from them (a busy
+# moment made a plug-in "35.6x faster than full" in a new user's smoke run), so no finding is drawn.
+SMOKE_FINDING = ("{label}: smoke settings (one repeat, tiny n): a check that every stage runs, not a measurement; "
+                 "no speed, memory or noise finding is drawn from these cells")
+
+
+def _is_smoke(setting: Setting) -> bool:
+    smoke = setting.records.get("smoke")
+    return smoke is not None and bool(smoke.fillna(False).astype(bool).any())
 
 
 def what_was_run(store, comps: list[Comparison], groups: list[Setting]) -> list[str]:
