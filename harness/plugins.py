@@ -154,6 +154,24 @@ def unknown_attention_message(overrides: Sequence[str]) -> str | None:
             + ", or install it as a package with an 'attention_arena.attentions' entry point.")
 
 
+def available_experiments(conf: Path | None = None) -> list[str]:
+    """The training recipes, ``conf/experiment/**.yaml`` named as ``experiment=`` takes them (``quick/listops``)."""
+    root = (conf or conf_dir()) / "experiment"
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def unknown_experiment_message(overrides: Sequence[str]) -> str | None:
+    """The error for ``experiment=<name>`` overrides (a sweep included) naming no recipe file, or None; Hydra's
+    own error does not list the recipes."""
+    names = [v.strip() for text in overrides if "=" in text and text.lstrip("+~").split("=", 1)[0] == "experiment"
+             for v in text.split("=", 1)[1].split(",")]
+    available = available_experiments()
+    unknown = [n for n in names if n and "(" not in n and n not in available]
+    if not unknown:
+        return None
+    return f"unknown experiment {', '.join(map(repr, unknown))}: available are {', '.join(available)}"
+
+
 def prepare(argv: Sequence[str] | None = None) -> list[str]:
     """Before an app's Hydra main: load the plug-ins named on the command line (``sys.argv``) and the
     installed ones, and register their config nodes. Returns the plug-in module names."""

@@ -46,7 +46,7 @@ import torch
 from attentions import available_attentions, get_attention_info
 from harness import bench, report
 from harness.display import WORKDIR_ENV, one_line_interrupt, shown_path
-from harness.plugins import conf_dir, exit_on_settings_error, load_plugins, prepare
+from harness.plugins import available_experiments, conf_dir, exit_on_settings_error, load_plugins, prepare
 from harness.settings import Settings, merge_settings
 
 # The folder holding the harness package (the clone, or site-packages): on the training processes' path.
@@ -216,12 +216,6 @@ def _without_defaults(section: dict, key: str, default: Any) -> dict:
     elif key in out and value == default:
         out.pop(key)
     return out
-
-
-def available_experiments() -> list[str]:
-    """The training recipes, ``conf/experiment/**.yaml`` named as ``experiment=`` takes them (``quick/listops``)."""
-    root = CONF_DIR / "experiment"
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
 
 
 def check_experiments(train: Mapping) -> None:

@@ -143,6 +143,18 @@ def test_arena_train_with_an_unloaded_plugin_says_how_to_load_it(workdir, monkey
     assert "plugins=[my_attention] for ./my_attention.py in this folder" in err
 
 
+def test_arena_train_with_an_unknown_experiment_lists_the_recipes(monkeypatch, capsys):
+    from harness import train as train_app
+
+    assert plugins.unknown_experiment_message(["experiment=quick/mqar,smoke/listops"]) is None
+    monkeypatch.setattr(sys, "argv", ["arena-train", "experiment=quick/mqr"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_app.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'quick/mqr'" in err and "quick/mqar, quick/mqar_causal" in err
+
+
 def test_plugins_override_parsing():
     parse = plugins.plugins_from_overrides
     assert parse(["attention=x", "plugins=[my_pkg.mod,other]"]) == ["my_pkg.mod", "other"]

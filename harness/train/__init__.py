@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 
 from harness.display import one_line_interrupt
 from harness.measure import is_out_of_memory as is_oom
-from harness.plugins import conf_dir, prepare, unknown_attention_message
+from harness.plugins import conf_dir, prepare, unknown_attention_message, unknown_experiment_message
 from harness.train.app import run
 from harness.train.config import attention_params, hashed_config, make_task, model_config_for, schedule_lengths
 from harness.train.loop import Diverged, SimulatedCrash, evaluate, train
@@ -74,7 +74,7 @@ def main() -> None:
     """Console entry point ``arena-train``."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     prepare()  # plug-ins named by plugins=[...] and installed ones, before Hydra resolves attention=<name>
-    unknown = unknown_attention_message(sys.argv[1:])
+    unknown = unknown_attention_message(sys.argv[1:]) or unknown_experiment_message(sys.argv[1:])
     if unknown:
         print(f"arena-train: {unknown}", file=sys.stderr)
         sys.exit(2)
