@@ -430,8 +430,10 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
         part = SuiteSettings.of({**s, "train": TrainSweep(**{**s.train, "seeds": seeds})})
         jobs += training_jobs(part, mechs, exps, min(workers, len(mechs)), tag=tag, extra=extra)
         total += len(mechs) * len(exps) * len(seeds)
+        left_out = [m for m in trainable if m not in mechs]  # a causal recipe: mechanisms without a causal form
         print(f"training [{tag}]: {len(mechs)} mechanisms x {exps}{' ' + ' '.join(extra) if extra else ''} "
-              f"x seeds {seeds}", flush=True)
+              f"x seeds {seeds}" + (f" (no causal form, left out: {', '.join(left_out)})" if left_out else ""),
+              flush=True)
     print(f"training: {total} runs in all; runs with an ok record are skipped", flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
