@@ -4,8 +4,8 @@ The loop reads these attributes; the task and the backbone are still built from 
 itself (:mod:`harness.train.config`), since their parameters pass straight through to ``tasks``
 and :class:`harness.model.ModelConfig`.
 
-Owns: device and precision resolution, the loop's settings. Imports: torch, omegaconf,
-:mod:`harness.settings`.
+Owns: precision resolution, the loop's settings (the device check is :func:`harness.measure.check_device`,
+shared with the benchmark). Imports: torch, omegaconf, :mod:`harness.measure`, :mod:`harness.settings`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
+from harness.measure import check_device
 from harness.settings import Settings
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -24,15 +25,7 @@ OPTIMIZERS = ("adamw",)
 
 def resolve_device(requested: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else must be a valid, available device."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError as exc:
-        raise ValueError(f"invalid 'device': {requested!r} ({exc}); allowed: auto, cpu, cuda, cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("invalid 'device': cuda requested but torch.cuda.is_available() is False; use device=cpu")
-    return device
+    return torch.device(check_device(requested))  # one check, shared with the benchmark
 
 
 def resolve_precision(requested: str, device_type: str) -> str:
