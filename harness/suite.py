@@ -321,7 +321,7 @@ def sweep_parts(s: SuiteSettings, mechanisms: list[str],
                           list(extra), seeds))
     ladder = dict(s.train.ladder or {})
     exp = ladder.get("experiment")
-    if exp:  # checked by resolve_suite: the recipe exists
+    if exp and exp in experiments:  # a rung of a recipe the sweep runs (resolve_suite checked that it exists)
         mechs = causal if recipe_is_causal(exp) else mechanisms
         for seq_len, pairs in ladder.get("points") or []:
             parts.append((f"ladder-L{int(seq_len)}-k{int(pairs)}", mechs, [exp],
@@ -592,7 +592,9 @@ def main() -> None:
     def _app(cfg: DictConfig) -> None:
         with exit_on_settings_error("arena-suite"):  # a bad setting: one line, exit 2; a crash keeps its traceback
             prepared = prepare_suite(OmegaConf.to_container(cfg, resolve=True))
-        run_suite(prepared=prepared)
+        result = run_suite(prepared=prepared)
+        if result.get("train_returncode"):  # the report was still built; the exit status says a stage failed
+            sys.exit(1)
 
     prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
     with one_line_interrupt("arena-suite", "what was recorded is kept; the same command continues from there"):

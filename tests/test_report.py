@@ -447,3 +447,5 @@ def test_smoke_cells_give_no_speed_or_noise_finding(tmp_path):
     summary = (tmp_path / "report" / "report.md").read_text().split("## Figures")[0]
     assert "smoke settings (one repeat, tiny n)" in summary
     assert "fastest" not in summary and "cells were clean" not in summary
+    detail = (tmp_path / "report" / "report.md").read_text().split("## Detailed tables")[1]
+    assert "SMOKE SETTINGS (one repeat at tiny n)" in detail  # the efficiency tables say so too

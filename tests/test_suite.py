@@ -104,6 +104,8 @@ def test_sweep_parts_give_causal_recipes_only_causal_mechanisms_and_the_ladder(t
     assert parts["bidir"] == [mechanisms, ["quick/mqar"], [], [0, 1]]
     assert parts["ladder-L64-k16"] == [mechanisms, ["quick/mqar"],
                                        ["task.params.seq_len=64", "task.params.num_kv_pairs=16"], [0]]
+    # The ladder is a rung of a recipe the sweep runs: with MQAR left out, no rung either.
+    assert [tag for tag, *_ in suite.sweep_parts(s, mechanisms, ["quick/listops"])] == ["bidir0"]
     # A causal recipe runs only the mechanisms with a causal form, and so does a ladder on it.
     s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu",
                              "train": {"ladder": {"experiment": "quick/mqar_causal"}}})

@@ -59,6 +59,13 @@ class Setting:
     records: pd.DataFrame
 
 
+def is_smoke(setting: Setting) -> bool:
+    """Whether the setting's cells were measured with the smoke settings (one repeat at tiny n): a check that
+    the pipeline runs, not a measurement."""
+    smoke = setting.records.get("smoke")
+    return smoke is not None and bool(smoke.fillna(False).astype(bool).any())
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 

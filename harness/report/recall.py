@@ -205,9 +205,11 @@ def _recall_panel(ax, panel: pd.DataFrame) -> dict[str, object]:
                                     capsize=2, label=name, color=style["color"], marker=style["marker"],
                                     ls=style["linestyle"], lw=style["lw"], zorder=style["zorder"])
     majority = panel.groupby("num_kv_pairs")["majority"].mean().dropna() if "majority" in panel else pd.Series()
-    if len(majority):
-        (handles[MAJORITY_LABEL],) = ax.plot(majority.index, majority.values, color="#555555", ls="--", lw=1,
-                                             zorder=1, label=MAJORITY_LABEL)
+    style = {"color": "#555555", "ls": "--", "lw": 1, "zorder": 1, "label": MAJORITY_LABEL}
+    if len(majority) == 1:  # one rung: a line across the panel (a line through one point would not show)
+        handles[MAJORITY_LABEL] = ax.axhline(float(majority.iloc[0]), **style)
+    elif len(majority):
+        (handles[MAJORITY_LABEL],) = ax.plot(majority.index, majority.values, **style)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(panel["num_kv_pairs"].unique()))  # the pairs measured, written as numbers
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())

@@ -18,7 +18,7 @@ import pandas as pd
 
 from harness.analysis import clean_cells, crossover_length
 from harness.display import format_bytes
-from harness.report.groups import Comparison, Setting
+from harness.report.groups import Comparison, Setting, is_smoke
 from harness.report.page import Page
 from harness.report.tables import bench_cells, comparison_table, learned
 
@@ -34,7 +34,7 @@ def summary_section(page: Page, store, comps: list[Comparison], groups: list[Set
     for comp in comps:
         findings.append(accuracy_finding(comp))
     for setting in groups[:2]:
-        if _is_smoke(setting):
+        if is_smoke(setting):
             findings.append(SMOKE_FINDING.format(label=setting.label))
             continue
         cells = bench_cells(setting.records)
@@ -47,11 +47,6 @@ def summary_section(page: Page, store, comps: list[Comparison], groups: list[Set
 # moment made a plug-in "35.6x faster than full" in a new user's smoke run), so no finding is drawn.
 SMOKE_FINDING = ("{label}: smoke settings (one repeat, tiny n): a check that every stage runs, not a measurement; "
                  "no speed, memory or noise finding is drawn from these cells")
-
-
-def _is_smoke(setting: Setting) -> bool:
-    smoke = setting.records.get("smoke")
-    return smoke is not None and bool(smoke.fillna(False).astype(bool).any())
 
 
 def what_was_run(store, comps: list[Comparison], groups: list[Setting]) -> list[str]:
