@@ -14,8 +14,8 @@
   reads from. Computed here from each record's ``attention`` and ``attention_config``.
 
 Owns: this section only (kept apart from :mod:`harness.report.build`'s other sections). Imports: pandas,
-numpy, matplotlib, adjustText, ``attentions`` (the registry's state-size declarations), :mod:`harness.display`,
-:mod:`harness.report.page`, :mod:`harness.report.plots` (the mechanism styles).
+numpy, matplotlib, adjustText, :mod:`harness.display`, :mod:`harness.report.page`, :mod:`harness.report.plots`
+(the mechanism styles), :mod:`harness.report.tables` (record parameters and state sizes, the learned margin).
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from attentions import available_attentions, get_attention_info
 from harness.display import MISSING
 from harness.report.page import Page
 from harness.report.plots import mechanism_style
-from harness.report.tables import LEARNED_MARGIN, record_params
+from harness.report.tables import LEARNED_MARGIN, record_state_size
 
 RECIPE_PREFIXES = ("config.task.", "config.model.", "config.train.", "config.optimizer.", "config.scheduler.")
 MQAR_PARAMS = ("config.task.params.form", "config.task.params.seq_len", "config.task.params.num_kv_pairs")
@@ -221,22 +220,6 @@ def _recall_panel(ax, panel: pd.DataFrame) -> dict[str, object]:
     return handles
 
 
-def record_state_size(row: pd.Series) -> tuple[float, str]:
-    """State size (floats per head per layer) of one MQAR training record at its sequence length, and why
-    there is none (``""`` when there is one). MQAR is token-level, so the mechanism reads ``seq_len`` tokens."""
-    name = str(row["attention"])
-    if name not in available_attentions():
-        return math.nan, "not registered when the report ran (plug-in not loaded)"
-    try:
-        params = record_params(row, name)
-        if params is None:
-            return math.nan, "record without attention_config"
-        size = get_attention_info(name).state_size(params, int(row["config.task.params.seq_len"]))
-    except (ValueError, TypeError) as exc:
-        return math.nan, f"not computed: {str(exc).splitlines()[0]}"
-    return (math.nan, "declares none") if size is None else (float(size), "")
-
-
 def state_points(stats: pd.DataFrame, train: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
     """:func:`recall_points` with a ``state`` column, and the mechanisms without a state size (name -> why).
 
@@ -249,7 +232,9 @@ def state_points(stats: pd.DataFrame, train: pd.DataFrame) -> tuple[pd.DataFrame
     ok = train[(train["status"] == "ok") & train["test_acc"].notna()].copy()
     ok["variant"] = variant_labels(ok)
     ok = ok[ok["variant"].isin(set(points["variant"]))]
-    sizes = pd.DataFrame([record_state_size(row) for _, row in ok.iterrows()], index=ok.index,
+    # MQAR is token-level: the mechanism reads the task's seq_len tokens.
+    sizes = pd.DataFrame([record_state_size(row, row["config.task.params.seq_len"])[::2] for _, row in ok.iterrows()],
+                         index=ok.index,
                          columns=["state", "why"])
     ok = ok.join(sizes)
     state = ok.groupby(["attention", "variant"])["state"].max().rename("state").reset_index()

@@ -134,7 +134,7 @@ def budget_text(runs: pd.DataFrame, name: str) -> str:
             origin = "default" if defaults.get(key) == value else "not set by the recipe"
             texts.append(f"{key}={value} ({origin})")
     parts = [", ".join(texts)] if texts else []
-    ratio = _state_vs_full(row, name)
+    ratio = _state_vs_full(row)
     if ratio is not None:
         parts.append(f"state {ratio:.2f}x full")
     return "; ".join(parts) or MISSING
@@ -144,22 +144,32 @@ def _plain(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def record_state_size(row: pd.Series, n: Any) -> tuple[float, dict[str, Any] | None, str]:
+    """(state size in floats per head per layer, or NaN; the resolved parameters; why there is none, ``""``
+    when there is one) of one training record's mechanism for ``n`` tokens, from its ``attention_config``.
+    The one place the report asks the registry for a record's state size."""
+    name = str(row["attention"])
+    if name not in available_attentions():
+        return math.nan, None, "not registered when the report ran (plug-in not loaded)"
+    try:
+        params = record_params(row, name)
+        if params is None:
+            return math.nan, None, "record without attention_config"
+        size = get_attention_info(name).state_size(params, int(n))
+    except (ValueError, TypeError) as exc:
+        return math.nan, None, f"not computed: {str(exc).splitlines()[0]}"
+    return (math.nan, params, "declares none") if size is None else (float(size), params, "")
+
+
 def budget_params(row: pd.Series, name: str) -> dict[str, Any]:
     """The parameters of one record's mechanism that set its budget, with the record's values: the integer
     parameters of its config class (not the generic ones every mechanism takes, not flags) on which its declared
     state size at the record's length depends (halving or doubling one changes the state); where none does
     (clustered attention compresses the queries, not the keys it reads), all its integer parameters. Empty
     where the mechanism is not registered, declares no state size, or the record has no ``attention_config``."""
-    if name not in available_attentions():
-        return {}
-    info = get_attention_info(name)
-    try:
-        params = record_params(row, name)
-        n = int(row.get("attention_config.max_seq_len"))
-        base = info.state_size(params, n) if params else None
-    except (ValueError, TypeError):
-        return {}
-    if base is None:
+    n = row.get("attention_config.max_seq_len")
+    base, params, _ = record_state_size(row, n)
+    if math.isnan(base) or params is None:
         return {}
     integers = {k: v for k, v in params.items()
                 if k not in GENERIC_PARAMS and isinstance(v, int) and not isinstance(v, bool)}
@@ -167,7 +177,7 @@ def budget_params(row: pd.Series, name: str) -> dict[str, Any]:
     for key, value in integers.items():
         for other in {max(1, value // 2), value * 2} - {value}:
             try:
-                if info.state_size({**params, key: other}, n) != base:
+                if get_attention_info(name).state_size({**params, key: other}, int(n)) != base:
                     found[key] = value
                     break
             except (ValueError, TypeError):
@@ -175,17 +185,11 @@ def budget_params(row: pd.Series, name: str) -> dict[str, Any]:
     return found or integers
 
 
-def _state_vs_full(row: pd.Series, name: str) -> float | None:
+def _state_vs_full(row: pd.Series) -> float | None:
     """State size over full attention's ``2 n d`` at the record's length ``n`` (None when unknown)."""
-    if name not in available_attentions():
-        return None
-    try:
-        params = record_params(row, name)
-        n = int(row.get("attention_config.max_seq_len"))
-        size = get_attention_info(name).state_size(params, n) if params else None
-    except (ValueError, TypeError):
-        return None
-    return None if size is None else size / (2 * n * params["head_dim"])
+    n = row.get("attention_config.max_seq_len")
+    size, params, _ = record_state_size(row, n)
+    return None if math.isnan(size) or params is None else size / (2 * int(n) * params["head_dim"])
 
 
 LEARNED_MARGIN = 1.0  # points above the majority class below which a run learned nothing
