@@ -136,15 +136,21 @@ def register_config_nodes(conf: Path | None = None) -> list[str]:
     return added
 
 
+def _override_names(overrides: Sequence[str], key: str) -> list[str]:
+    """The names a command line gives ``key`` (``key=a`` or the sweep ``key=a,b``; ``+key=``/``~key=`` too),
+    leaving out Hydra's sweep functions (``glob(...)``), which name no file themselves."""
+    names = [v.strip() for text in overrides if "=" in text and text.lstrip("+~").split("=", 1)[0] == key
+             for v in text.split("=", 1)[1].split(",")]
+    return [n for n in names if n and "(" not in n]
+
+
 def unknown_attention_message(overrides: Sequence[str]) -> str | None:
     """The error for ``attention=<name>`` overrides (a sweep ``attention=a,b`` included) that name no
     registered mechanism, or None. Hydra's own error lists the YAML files only; this one also says how a
     mechanism of one's own gets registered (``plugins=[<module>]``), the usual cause."""
     from attentions import available_attentions
 
-    names = [v.strip() for text in overrides if "=" in text and text.lstrip("+~").split("=", 1)[0] == "attention"
-             for v in text.split("=", 1)[1].split(",")]
-    unknown = [n for n in names if n and "(" not in n and n not in available_attentions()]  # not glob(...)
+    unknown = [n for n in _override_names(overrides, "attention") if n not in available_attentions()]
     if not unknown:
         return None
     here = [n for n in unknown if Path(f"{n}.py").is_file()]
@@ -163,10 +169,8 @@ def available_experiments(conf: Path | None = None) -> list[str]:
 def unknown_experiment_message(overrides: Sequence[str]) -> str | None:
     """The error for ``experiment=<name>`` overrides (a sweep included) naming no recipe file, or None; Hydra's
     own error does not list the recipes."""
-    names = [v.strip() for text in overrides if "=" in text and text.lstrip("+~").split("=", 1)[0] == "experiment"
-             for v in text.split("=", 1)[1].split(",")]
     available = available_experiments()
-    unknown = [n for n in names if n and "(" not in n and n not in available]
+    unknown = [n for n in _override_names(overrides, "experiment") if n not in available]
     if not unknown:
         return None
     return f"unknown experiment {', '.join(map(repr, unknown))}: available are {', '.join(available)}"
