@@ -37,7 +37,13 @@ from omegaconf import DictConfig
 
 from harness.display import one_line_interrupt
 from harness.measure import is_out_of_memory as is_oom
-from harness.plugins import conf_dir, prepare, unknown_attention_message, unknown_experiment_message
+from harness.plugins import (
+    conf_dir,
+    exit_on_settings_error,
+    prepare,
+    unknown_attention_message,
+    unknown_experiment_message,
+)
 from harness.train.app import run
 from harness.train.config import attention_params, hashed_config, make_task, model_config_for, schedule_lengths
 from harness.train.loop import Diverged, SimulatedCrash, evaluate, train
@@ -74,10 +80,10 @@ def main() -> None:
     """Console entry point ``arena-train``."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     prepare()  # plug-ins named by plugins=[...] and installed ones, before Hydra resolves attention=<name>
-    unknown = unknown_attention_message(sys.argv[1:]) or unknown_experiment_message(sys.argv[1:])
-    if unknown:
-        print(f"arena-train: {unknown}", file=sys.stderr)
-        sys.exit(2)
+    with exit_on_settings_error("arena-train"):  # one line and exit 2, as arena-bench and arena-suite
+        unknown = unknown_attention_message(sys.argv[1:]) or unknown_experiment_message(sys.argv[1:])
+        if unknown:
+            raise ValueError(unknown)
     with one_line_interrupt("arena-train", "finished runs keep their records; the same command resumes the "
                                            "interrupted run from its last checkpoint"):
         _hydra_main()
