@@ -225,16 +225,17 @@ def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path
     cells = bench_cells(setting.records)
     methods = ", ".join(sorted(cells["memory_method"].dropna().unique())) or MISSING
     busy = busy_load(setting.records)
+    smoke = is_smoke(setting)
     busy_text = (f" Measured on a busy machine (1-minute load up to {busy[0]:.1f} on {busy[1]} CPUs): other work "
                  "slowed every cell, so absolute times and slopes are not trustworthy; re-run with force=true on a "
                  "quiet machine." if busy else "")
-    if is_smoke(setting):
+    if smoke:
         busy_text += (" SMOKE SETTINGS (one repeat at tiny n): a check that every stage runs, not a measurement; "
                       "the times, slopes, crossovers and overheads below mean nothing.")
     page.heading(f"Efficiency: {setting.label}", place="figures")
     page.note(f"The mechanism alone on projected q, k, v. Memory method: {methods}.{busy_text}", place="figures")
     title = setting.label + (f"\nbusy machine (load up to {busy[0]:.1f} on {busy[1]} CPUs): times not trustworthy"
-                             if busy else "") + ("\nsmoke settings: a check, not a measurement" if is_smoke(setting)
+                             if busy else "") + ("\nsmoke settings: a check, not a measurement" if smoke
                                                   else "")
     for metric, name in (("median_s", f"{prefix}time_vs_n.png"), ("peak_bytes", f"{prefix}memory_vs_n.png")):
         files.append(plot_scaling(cells, metric, out / name, setting=title))
@@ -243,7 +244,7 @@ def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path
     noisy = int(cells["noisy"].sum()) if "noisy" in cells else 0
     page.note("Times: median [p10–p90] in ms" + (f"; {noisy} cell(s) marked (noisy) stayed disturbed after "
                                                  "re-measuring: shown, left out of slopes and crossovers" if noisy
-                                                 else "") + "." + (busy_text if is_smoke(setting) else ""))
+                                                 else "") + "." + (busy_text if smoke else ""))
     reference = " ".join(filter(None, [str(setting.values.get("pattern") or ""), "full"]))
     for pass_ in ("fwd", "fwd+bwd"):
         if pass_ in set(cells["pass"]):
