@@ -189,6 +189,7 @@ def plot_recall(points: pd.DataFrame, path: Path, titles: dict[tuple[str, int, s
 
 
 MAJORITY_LABEL = "majority class"
+MAJORITY_STYLE = {"color": "#555555", "ls": "--", "lw": 1, "zorder": 1, "label": MAJORITY_LABEL}
 
 
 def _recall_panel(ax, panel: pd.DataFrame) -> dict[str, object]:
@@ -204,11 +205,10 @@ def _recall_panel(ax, panel: pd.DataFrame) -> dict[str, object]:
                                     capsize=2, label=name, color=style["color"], marker=style["marker"],
                                     ls=style["linestyle"], lw=style["lw"], zorder=style["zorder"])
     majority = panel.groupby("num_kv_pairs")["majority"].mean().dropna() if "majority" in panel else pd.Series()
-    style = {"color": "#555555", "ls": "--", "lw": 1, "zorder": 1, "label": MAJORITY_LABEL}
     if len(majority) == 1:  # one rung: a line across the panel (a line through one point would not show)
-        handles[MAJORITY_LABEL] = ax.axhline(float(majority.iloc[0]), **style)
+        handles[MAJORITY_LABEL] = ax.axhline(float(majority.iloc[0]), **MAJORITY_STYLE)
     elif len(majority):
-        (handles[MAJORITY_LABEL],) = ax.plot(majority.index, majority.values, **style)
+        (handles[MAJORITY_LABEL],) = ax.plot(majority.index, majority.values, **MAJORITY_STYLE)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(panel["num_kv_pairs"].unique()))  # the pairs measured, written as numbers
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -289,6 +289,8 @@ def _state_panel(ax, panel: pd.DataFrame, title: str) -> list:
         # Started a little right of the point (log axis: x 1.1) and kept off every point by the caller.
         texts.append(ax.text(r["state"] * 1.1, r["mean"], r["attention"], fontsize=7, color=style["color"],
                              va="center", zorder=5))
+    if "majority" in panel and panel["majority"].notna().any():  # one variant: one majority class
+        ax.axhline(float(panel["majority"].mean()), **MAJORITY_STYLE)
     low, high = panel["state"].min(), panel["state"].max()
     ax.set_xscale("log")
     # 1, 2, 5 per decade on a narrow axis (else one label or none); decades only on a wide one.
@@ -343,7 +345,8 @@ def _state_figure(page: Page, stats: pd.DataFrame, train: pd.DataFrame, out: Pat
                   "seed) against the "
                   "number of floats, per head and per layer, that one query's output is computed from after the "
                   "mechanism's own compression (full attention: its KV cache, 2 x length x head_dim; a kernel "
-                  "mechanism: its fixed feature sums; docs/MQAR.md gives each formula). Log x axis.")
+                  "mechanism: its fixed feature sums; docs/MQAR.md gives each formula). Log x axis; dashed: the "
+                  "majority class.")
         page.image(files[-1], "recall_vs_state.png")
     if missing:
         page.note("no fixed state: " + "; ".join(f"{name} ({why})" for name, why in sorted(missing.items())))
