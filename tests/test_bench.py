@@ -14,6 +14,7 @@ import torch
 from attentions import build_attention, get_attention_info
 from harness import analysis, bench, display
 from harness.bench import run as bench_run
+from harness.bench.peers import installed
 from harness.measure import failure_outcome, is_out_of_memory
 from harness.store import REQUIRED_FIELDS, STATUSES, load_records
 
@@ -388,7 +389,7 @@ def test_projected_attention_wraps_ours_in_qkv_and_output_projections():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("performer_pytorch"), reason="peers extra not installed")
+@pytest.mark.skipif(not installed("performer_pytorch"), reason="peers extra not installed")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_performer_peer_runs_at_equal_settings(tmp_path):
     from harness.bench import peers
@@ -620,7 +621,7 @@ def test_causal_sdpa_direct_is_causal(monkeypatch):
     assert calls and all(calls)
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("local_attention"), reason="peers not installed")
+@pytest.mark.skipif(not installed("local_attention"), reason="peers not installed")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_causal_peers_run_at_equal_settings(tmp_path):
     from harness.bench import peers
@@ -634,7 +635,7 @@ def test_causal_peers_run_at_equal_settings(tmp_path):
     assert set(records["pattern"]) == {"causal"} and all(records["params.causal"])
 
 
-@pytest.mark.skipif(not __import__("importlib").util.find_spec("local_attention"), reason="peers not installed")
+@pytest.mark.skipif(not installed("local_attention"), reason="peers not installed")
 def test_local_attention_peer_computes_our_causal_band():
     # "Equal settings" checked, not assumed: the peer's output is ours.
     from harness.bench import peers
@@ -707,3 +708,10 @@ def test_bench_device_not_available_is_a_settings_error(monkeypatch):
     with pytest.raises(ValueError, match="invalid 'device': 'gpu'"):
         bench.resolve_settings({"device": "gpu"})
     assert bench.resolve_settings({"device": "auto"}).device == "cpu"
+
+
+def test_installed_is_false_for_a_missing_parent_package():
+    # find_spec("a.b") imports "a": a missing parent must read "not installed", not raise (it broke collection).
+    assert not installed("no_such_arena_package.sub")
+    assert not installed("no_such_arena_package")
+    assert installed("torch.nn")

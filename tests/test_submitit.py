@@ -8,7 +8,6 @@ config's ``plugins`` itself. Skipped when the ``slurm`` extra (hydra-submitit-la
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,11 +18,13 @@ import pytest
 from test_plugins import readme_plugin
 from test_train import FAKE
 
+from harness.bench.peers import installed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.slow,  # two sweeps of two job processes each (python + torch start-up): ~1 min on 2 cores
-    pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    pytest.mark.skipif(not installed("hydra_plugins.hydra_submitit_launcher"),
                        reason="needs the slurm extra: pip install hydra-submitit-launcher"),
 ]
 

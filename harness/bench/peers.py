@@ -152,8 +152,15 @@ PAIRS: tuple[PeerPair, ...] = (
 
 
 def installed(package: str) -> bool:
-    """Whether ``package`` can be imported (without importing it)."""
-    return importlib.util.find_spec(package) is not None
+    """Whether ``package`` (dotted names included) can be imported, without importing it.
+
+    ``find_spec("a.b")`` imports ``a`` and raises ``ModuleNotFoundError`` when ``a`` is missing: that is
+    "not installed" too, never an error.
+    """
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _call_core(peer: nn.Module, key: str, q, k, v):
