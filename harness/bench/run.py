@@ -293,7 +293,7 @@ def main() -> None:
             settings, _ = prepare_benchmark(OmegaConf.to_container(cfg, resolve=True))
         run_benchmark(settings)
 
-    prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
+    prepare(app="arena-bench")  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
     with one_line_interrupt("arena-bench", "the cells measured so far are kept; the same command measures "
                                            "only the missing ones"):
         _app()

@@ -365,7 +365,7 @@ def main() -> None:
             sys.exit(2)
         print(f"report written in {result['build_s']:.1f} s: {shown_path(Path(result['out']) / 'report.html')}")
 
-    prepare()  # plug-ins' mechanisms (family, complexity) for the tables
+    prepare(app="arena-report")  # plug-ins' mechanisms (family, complexity) for the tables
     with one_line_interrupt("arena-report", "nothing in the store was changed"):
         _app()
 
