@@ -16,15 +16,17 @@ Owns: checkpoint files. Imports: torch, numpy, the standard library.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,10 +80,10 @@ RESUMABLE_KEYS = ("model", "optimizer", "scheduler", "state", "rng")
 
 
 def set_aside(path: Path, why: str) -> Path:
-    """Warn (a RuntimeWarning naming ``path`` and ``why``) and move the file to ``<name>.corrupt``; returns it."""
+    """Move the file to ``<name>.corrupt`` and log a warning naming it and ``why``; returns the new path."""
     aside = path.with_name(path.name + ".corrupt")
     os.replace(path, aside)
-    warnings.warn(f"checkpoint {path} is unusable ({why}); moved aside to {aside.name}", RuntimeWarning, stacklevel=2)
+    log.warning("checkpoint %s is unusable (%s); moved aside to %s", path, why, aside.name)
     return aside
 
 
@@ -96,7 +98,8 @@ def load_or_set_aside(path: str | Path, map_location: str | torch.device = "cpu"
     try:
         ckpt = load_checkpoint(path, map_location=map_location)
     except Exception as exc:  # torch reports a cut-short zip as RuntimeError, a bad pickle as UnpicklingError, ...
-        set_aside(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}")
+        first = (str(exc).splitlines() or ["unreadable"])[0].split(". ")[0]  # torch adds paragraphs of advice
+        set_aside(path, f"{type(exc).__name__}: {first}")
         return None
     missing = [k for k in required if not (isinstance(ckpt, dict) and k in ckpt)]
     if missing:
@@ -121,8 +124,8 @@ def resume_point(last: str | Path, best: str | Path,
     if latest is not None and (latest["state"].get("best_step") is None or fallback is not None):
         return latest, last
     if latest is not None:
-        warnings.warn(f"checkpoint {last} refers to best weights that are lost ({best.name}); the run starts again",
-                      RuntimeWarning, stacklevel=2)
+        log.warning("checkpoint %s refers to best weights that are lost (%s); removed, the run starts again",
+                    last, best.name)
         last.unlink()
     if fallback is not None and all(k in fallback for k in RESUMABLE_KEYS):
         return fallback, best

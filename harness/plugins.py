@@ -194,6 +194,25 @@ def plugins_from_overrides(overrides: Sequence[str]) -> list[str]:
     return []
 
 
+def add_absent_keys(argv: Sequence[str], config: Path) -> list[str]:
+    """``argv`` with every plain ``key=value`` override whose key the flat app config ``config``
+    (``conf/bench.yaml``) lacks written as ``++key=value``. The app's own settings check then takes it: a valid
+    one (``params.performer.num_features=128``) is used, a mistyped one (``seed=abc`` in arena-bench) is one line
+    naming the valid keys, exit 2. Hydra would stop with a hint to add it with ``+``, which for a mistyped key
+    only moves the error. Flags, ``+``/``~`` overrides, config groups and ``hydra.*`` are left as they are."""
+    from omegaconf import OmegaConf
+
+    node, absent = OmegaConf.load(config), object()
+    out = []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        plain = "=" in arg and not arg.startswith(("-", "+", "~")) and not key.startswith("hydra")
+        if plain and "/" not in key and "@" not in key and OmegaConf.select(node, key, default=absent) is absent:
+            arg = f"++{arg}"
+        out.append(arg)
+    return out
+
+
 def register_config_nodes(conf: Path | None = None) -> list[str]:
     """A Hydra ConfigStore node ``attention/<name>`` (``task/<name>``) for every registered mechanism (task)
     without a YAML file in ``conf``: its config dataclass gives the defaults, so ``params`` starts empty.
