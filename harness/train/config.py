@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,8 @@ from harness.plugins import conf_dir
 from harness.settings import as_float, as_int, close_match
 from harness.store import NON_SEMANTIC_KEYS
 from harness.train.settings import OptimizerSettings, TrainSettings, resolve_device, resolve_precision
+
+log = logging.getLogger("arena-train")
 
 
 def abs_path(path: str) -> Path:
@@ -333,3 +336,10 @@ def time_estimate(settings: TrainSettings, model: ModelConfig, steps: int) -> di
                f"at the {rate / 1e9:.0f} GFLOP/s {str(dtype).removeprefix('torch.')} matmul rate measured here with "
                f"{threads} thread(s); data, evaluation and the rest come on top)")
     return {"seconds": seconds, "step_flops": step, "flops_per_s": rate, "message": message}
+
+
+def log_time_estimate(cfg: DictConfig, settings: TrainSettings, task, steps: int) -> None:
+    """On a CPU, log :func:`time_estimate`'s line for ``steps`` steps of this run (the task need not be prepared:
+    its sizes are known before its data are made). Elsewhere nothing: a GPU's rate is not a matmul of this kind."""
+    if settings.device.type == "cpu":
+        log.info(time_estimate(settings, model_config_for(cfg, task), steps)["message"])

@@ -28,7 +28,7 @@ from harness.checkpoint import load_checkpoint, resume_point, rng_state, save_ch
 from harness.measure import device_info, measure_peak_memory, synchronize
 from harness.model import ArenaModel, build_model
 from harness.schedules import build_scheduler
-from harness.train.config import make_task, model_config_for, schedule_lengths, time_estimate
+from harness.train.config import log_time_estimate, make_task, model_config_for, schedule_lengths
 from harness.train.settings import TrainSettings, autocast_context
 from tasks.base import IGNORE_INDEX
 
@@ -215,8 +215,6 @@ def train(cfg: DictConfig, run_id: str, checkpoint_dir: Path, out: dict[str, Any
     settings = TrainSettings.from_cfg(cfg)
     run = set_up(cfg, settings, checkpoint_dir, out)
     resume(run, run_id, out)
-    if settings.device.type == "cpu":  # a word on how long it will take, before it does
-        log.info(time_estimate(settings, run.model.config, run.max_steps - run.state["step"])["message"])
     out["stage"] = "train"
     progress = Progress(settings, run.max_steps, run.state["step"])
     run.model.train()
@@ -237,8 +235,13 @@ def set_up(cfg: DictConfig, settings: TrainSettings, checkpoint_dir: Path, out: 
     device = settings.device
     out.update(device=dict(device_info(device)), precision=settings.precision)
     task = make_task(cfg)
+    counts_steps = cfg.train.get("epochs") is None
+    if counts_steps:  # on a CPU, a word on how long it will take before the data are even made
+        log_time_estimate(cfg, settings, task, int(cfg.train.max_steps))
     task.prepare()
     steps_per_epoch, max_steps, warmup = schedule_lengths(cfg, int(task.num_examples("train")))
+    if not counts_steps:  # epochs: the steps are known once the training split is
+        log_time_estimate(cfg, settings, task, max_steps)
     model_cfg = model_config_for(cfg, task)
     # Model init, dropout and anything else drawing from the global RNGs start from the seed.
     torch.manual_seed(settings.seed)
