@@ -30,6 +30,9 @@ author runs in one line from their own pytest. The checks, in order (:data:`CHEC
                     family but ``exact``): the CPU allocator peak of a forward + backward grows at most
                     :data:`LINEAR_LIMIT` x per doubling of ``n`` (a quadratic buffer grows 4x).
 
+:func:`check_output` is the cheap part of ``shapes`` (output shape, dtype, finiteness at two lengths, default
+parameters): the apps run it on every plug-in mechanism as the plug-in is loaded.
+
 Sizes are small (2 heads of 8 dims; lengths up to 64, 2048 for the memory check): give ``params`` with
 budgets (windows, features, blocks, buckets) below them so every real code path runs. CPU only.
 
@@ -150,17 +153,57 @@ def _check_state_size(s: _Subject) -> None:
                 raise s.fail("metadata", f"state size at n={n}, causal={causal}: {exc}") from None
 
 
+def _output_problem(out: Any, q: torch.Tensor) -> str | None:
+    """What is wrong with ``out`` as the output for query ``q`` (shape, dtype, finiteness), or None."""
+    if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        return f"output {got}, expected {tuple(q.shape)} {q.dtype}"
+    if not torch.isfinite(out).all():
+        return "non-finite output"
+    return None
+
+
 def check_shapes(s: _Subject) -> None:
     attn = s.build().eval()
     for batch in (1, 3):
         for seq in LENGTHS:
             q, k, v = s.qkv(batch, seq, seed=seq)
-            out = attn(q, k, v)
-            if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype:
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise s.fail("shapes", f"batch {batch}, seq {seq}: output {got}, expected {tuple(q.shape)} {q.dtype}")
-            if not torch.isfinite(out).all():
-                raise s.fail("shapes", f"batch {batch}, seq {seq}: non-finite output")
+            problem = _output_problem(attn(q, k, v), q)
+            if problem:
+                raise s.fail("shapes", f"batch {batch}, seq {seq}: {problem}")
+
+
+# The load-time check: a length that is no power of two (where a reshape goes wrong) and one that divides
+# into the usual block sizes; batch 2 with the second row padded.
+LOAD_CHECK_LENGTHS = (33, 64)
+
+
+def check_output(name: str, params: Mapping[str, Any] | None = None) -> bool:
+    """The cheap part of the contract, run when a plug-in is loaded (milliseconds): at its default parameters
+    (heads 2, head_dim 8), a forward at the first length of :data:`LOAD_CHECK_LENGTHS` the mechanism takes
+    (batch 2, the second row right-padded by 3) returns a finite tensor of the query's shape and dtype. The
+    global RNG is left as it was.
+
+    Returns True when checked, False when the mechanism declined every length with a ValueError (its declared
+    limits; :func:`check_mechanism` with test-size ``params`` is the full check). Raises
+    :class:`ContractViolation` (check ``shapes``) for a wrong output, or any other exception at build or forward.
+    """
+    subject = _Subject(name, get_attention_info(name), dict(params or {}))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for seq in LOAD_CHECK_LENGTHS:
+            q, k, v = subject.qkv(2, seq, seed=seq)
+            mask = right_padding_mask([seq, max(1, seq - 3)], seq)
+            try:
+                out = subject.build(max_seq_len=max(LOAD_CHECK_LENGTHS)).eval()(q, k, v, key_padding_mask=mask)
+            except ValueError:
+                continue  # a declared limit at this size (a window or block that does not fit): not judged here
+            except Exception as exc:
+                raise subject.fail("shapes", f"batch 2, seq {seq}: raised {type(exc).__name__}: {exc}") from None
+            problem = _output_problem(out, q)
+            if problem:
+                raise subject.fail("shapes", f"batch 2, seq {seq}: {problem}")
+            return True  # one length that runs is enough here
+    return False
 
 
 def check_bad_inputs(s: _Subject) -> None:

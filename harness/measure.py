@@ -138,6 +138,33 @@ def time_fn(
     }
 
 
+def matmul_flops_per_s(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
+    """This machine's sustained matrix-multiply rate in FLOP/s: the fastest of 3 timed products of two
+    1024 x 1024 matrices of ``dtype`` on ``device`` (after an untimed one), with torch's current number of
+    threads. What a training estimate divides its FLOPs by (``arena-train`` on a CPU, ``arena-suite size=lra``).
+
+    Raises ValueError for a device that is not ``cpu`` or ``cuda[:i]``."""
+    size = 1024
+    device = _as_device(device)
+    gen = torch.Generator().manual_seed(0)  # never the global RNG: measuring must not move a run's random state
+    a = torch.rand(size, size, generator=gen).to(device=device, dtype=dtype)
+    stats = time_fn(lambda: a @ a, device, warmup=1, repeats=3)
+    return 2 * size**3 / min(stats["times_s"])
+
+
+def transformer_step_flops(*, embed_dim: int, qkv_dim: int, mlp_dim: int, num_layers: int, length: int,
+                           sequences: int, attention_scores: bool = True) -> float:
+    """A lower bound on the FLOPs of one training step of the backbone: 3x the forward's matrix multiplies
+    (a backward costs about two forwards). Per layer and token: the q, k, v and output projections
+    (4 embed x qkv multiply-adds) and the feed-forward (2 embed x mlp); with ``attention_scores``, full
+    attention's scores and weighted sum (2 length x qkv). Embeddings, norms, softmax and heads are left out;
+    2 FLOPs per multiply-add. ``sequences``: sequences per step (batch, twice the batch for a two-sequence task)."""
+    per_token = 2 * (4 * embed_dim * qkv_dim + 2 * embed_dim * mlp_dim)
+    if attention_scores:
+        per_token += 4 * length * qkv_dim
+    return 3.0 * num_layers * per_token * length * sequences
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default) of a non-empty list, ``q`` in [0, 100]."""
     if not values:

@@ -24,9 +24,11 @@ May import ``attentions`` and ``tasks`` (their registries); nothing in the harne
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -54,40 +56,117 @@ def _working_dirs() -> list[str]:
 
 
 def import_plugin(module: str) -> None:
-    """Import one plug-in module by name; a ValueError says which one failed and why."""
-    for folder in reversed(_working_dirs()):
+    """Import one plug-in module by name; a ValueError (one line) says which one failed and why: not found
+    (with the folders searched, a close name and how ``plugins=`` works), a package it needs that is missing,
+    or the exception its own code raised (with the file and line)."""
+    folders = _working_dirs()
+    for folder in reversed(folders):
         if folder not in sys.path:
             sys.path.insert(0, folder)
     try:
         importlib.import_module(module)
-    except ImportError as exc:
-        raise ValueError(f"plug-in module {module!r} could not be imported ({exc}); a plug-in is a module "
-                         f"name importable from the working directory or the installed packages, e.g. "
-                         f"plugins=[my_attention] for ./my_attention.py") from exc
+    except ModuleNotFoundError as exc:
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+            raise ValueError(_not_found_message(module, folders)) from None
+        raise ValueError(f"plug-in module {module!r} could not be imported: it imports {exc.name!r}, which is not "
+                         f"installed ({exc}{_raised_at(exc)})") from None
+    except Exception as exc:  # the plug-in's own code failed: one line naming it, where and why
+        raise ValueError(f"plug-in module {module!r} could not be imported: {type(exc).__name__}: {exc}"
+                         f"{_raised_at(exc)}") from None
+
+
+PLUGINS_HOW = ("plugins=[...] lists modules to import before anything else: plugins=[my_attention] for "
+               "./my_attention.py in the folder the command runs from, plugins=[my_pkg.my_attention] for a module "
+               "of an installed package")
+
+
+def _not_found_message(module: str, folders: Sequence[str]) -> str:
+    """A module that is nowhere: the file it would be, where it was looked for, a close name if one is there."""
+    relative = module.replace(".", "/")
+    nearby = sorted({p.stem for f in folders for p in Path(f).glob("*.py")}
+                    | {p.parent.name for f in folders for p in Path(f).glob("*/__init__.py")})
+    close = difflib.get_close_matches(module, nearby, n=1, cutoff=0.6)
+    hint = f" Did you mean plugins=[{close[0]}]?" if close else ""
+    return (f"plug-in module {module!r} could not be imported: there is no {relative}.py (nor package "
+            f"{relative}/) in {' or '.join(folders)}, and no installed module of that name.{hint} {PLUGINS_HOW}.")
+
+
+def _raised_at(exc: BaseException) -> str:
+    """`` (at file:line)`` of the innermost frame of ``exc``'s traceback (a SyntaxError names its own), or ''."""
+    if isinstance(exc, SyntaxError) or exc.__traceback__ is None:
+        return ""
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return f" (at {frame.filename}:{frame.lineno})"
+
+
+def _mechanisms_of(modules: Iterable[str], before: set[str]) -> list[str]:
+    """The registered mechanisms that ``modules`` brought: new since ``before``, or defined in one of them."""
+    from attentions import available_attentions, get_attention_info
+
+    def defined_in(name: str) -> bool:
+        home = getattr(get_attention_info(name).cls, "__module__", "")
+        return any(home == m or home.startswith(m + ".") for m in modules)
+
+    return [n for n in available_attentions() if n not in before or defined_in(n)]
+
+
+_CHECKED: set[tuple[str, type]] = set()  # (name, class) already held to the contract in this process
+
+
+def check_plugin_mechanisms(source: str, names: Iterable[str]) -> None:
+    """The load-time contract check (:func:`attentions.testing.check_output`: output shape, dtype and
+    finiteness on a tiny input, milliseconds) of each mechanism in ``names``, once per class and process.
+
+    Raises ValueError naming ``source`` (the plug-in), the mechanism and what was wrong."""
+    from attentions import get_attention_info
+    from attentions.testing import ContractViolation, check_output
+
+    for name in names:
+        key = (name, get_attention_info(name).cls)
+        if key in _CHECKED:
+            continue
+        try:
+            check_output(name)
+        except ContractViolation as exc:
+            raise ValueError(f"{source}: {exc}; attentions.testing.check_mechanism({name!r}) runs the whole "
+                             "contract") from None
+        _CHECKED.add(key)
 
 
 def load_entry_points(groups: Iterable[str] = GROUPS) -> list[str]:
-    """Import every installed entry point of ``groups``; returns their ``group:name`` labels."""
+    """Import every installed entry point of ``groups`` (the mechanisms they register held to the load-time
+    contract check); returns their ``group:name`` labels."""
+    from attentions import available_attentions
+
     loaded = []
     for group in groups:
         for ep in entry_points(group=group):
+            package = getattr(ep.dist, "name", "?")
+            source = f"entry point {ep.name!r} = {ep.value!r} in group {group!r} (package {package})"
+            before = set(available_attentions())
             try:
                 ep.load()
             except Exception as exc:
-                raise ValueError(f"entry point {ep.name!r} = {ep.value!r} in group {group!r} (package "
-                                 f"{getattr(ep.dist, 'name', '?')}) failed to load: {exc}") from exc
+                raise ValueError(f"{source} failed to load: {exc}") from exc
+            check_plugin_mechanisms(source, _mechanisms_of([ep.module], before))
             loaded.append(f"{group}:{ep.name}")
     return loaded
 
 
 def load_plugins(modules: Sequence[str] | str | None = ()) -> list[str]:
-    """Import the named plug-in modules, then every installed entry point. Returns the module names.
+    """Import the named plug-in modules, then every installed entry point; the mechanisms each registers are
+    held to the load-time contract check (:func:`check_plugin_mechanisms`). Returns the module names.
 
-    Importing twice is harmless (Python caches modules), so each process may call it again.
+    Importing twice is harmless (Python caches modules, a class is checked once), so each process may call it
+    again. Raises ValueError (one line) naming a plug-in that cannot be imported or breaks the contract.
     """
+    from attentions import available_attentions
+
     names = [modules] if isinstance(modules, str) else [str(m) for m in modules or ()]
     for name in names:
+        before = set(available_attentions())
         import_plugin(name)
+        check_plugin_mechanisms(f"plug-in module {name!r}", _mechanisms_of([name], before))
     load_entry_points()
     return names
 
@@ -113,6 +192,25 @@ def plugins_from_overrides(overrides: Sequence[str]) -> list[str]:
         raise ValueError(f"plugins takes a list of module names, e.g. plugins=[my_attention,my_pkg.mod]; got {text!r}"
                          " (a sweep over plug-ins is not supported: list them all)")
     return []
+
+
+def add_absent_keys(argv: Sequence[str], config: Path) -> list[str]:
+    """``argv`` with every plain ``key=value`` override whose key the flat app config ``config``
+    (``conf/bench.yaml``) lacks written as ``++key=value``. The app's own settings check then takes it: a valid
+    one (``params.performer.num_features=128``) is used, a mistyped one (``seed=abc`` in arena-bench) is one line
+    naming the valid keys, exit 2. Hydra would stop with a hint to add it with ``+``, which for a mistyped key
+    only moves the error. Flags, ``+``/``~`` overrides, config groups and ``hydra.*`` are left as they are."""
+    from omegaconf import OmegaConf
+
+    node, absent = OmegaConf.load(config), object()
+    out = []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        plain = "=" in arg and not arg.startswith(("-", "+", "~")) and not key.startswith("hydra")
+        if plain and "/" not in key and "@" not in key and OmegaConf.select(node, key, default=absent) is absent:
+            arg = f"++{arg}"
+        out.append(arg)
+    return out
 
 
 def register_config_nodes(conf: Path | None = None) -> list[str]:
@@ -176,10 +274,14 @@ def unknown_experiment_message(overrides: Sequence[str]) -> str | None:
     return f"unknown experiment {', '.join(map(repr, unknown))}: available are {', '.join(available)}"
 
 
-def prepare(argv: Sequence[str] | None = None) -> list[str]:
+def prepare(argv: Sequence[str] | None = None, app: str | None = None) -> list[str]:
     """Before an app's Hydra main: load the plug-ins named on the command line (``sys.argv``) and the
-    installed ones, and register their config nodes. Returns the plug-in module names."""
-    modules = load_plugins(plugins_from_overrides(sys.argv[1:] if argv is None else argv))
+    installed ones, and register their config nodes. Returns the plug-in module names.
+
+    With ``app`` (``"arena-train"``), a plug-in that cannot be loaded is one line on stderr and exit 2
+    (:func:`exit_on_settings_error`); without it, the ValueError is raised."""
+    with exit_on_settings_error(app) if app else contextlib.nullcontext():
+        modules = load_plugins(plugins_from_overrides(sys.argv[1:] if argv is None else argv))
     register_config_nodes()
     return modules
 

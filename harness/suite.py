@@ -46,8 +46,16 @@ import torch
 from attentions import available_attentions, get_attention_info
 from harness import bench, report
 from harness.display import WORKDIR_ENV, one_line_interrupt, shown_path
-from harness.plugins import available_experiments, conf_dir, exit_on_settings_error, load_plugins, prepare
-from harness.settings import Settings, merge_settings
+from harness.measure import matmul_flops_per_s, transformer_step_flops
+from harness.plugins import (
+    add_absent_keys,
+    available_experiments,
+    conf_dir,
+    exit_on_settings_error,
+    load_plugins,
+    prepare,
+)
+from harness.settings import Settings, as_float, as_int, check_known, merge_settings
 
 # The folder holding the harness package (the clone, or site-packages): on the training processes' path.
 REPO = Path(__file__).resolve().parents[1]
@@ -166,8 +174,35 @@ def resolve_suite(cfg: dict | None = None) -> SuiteSettings:
     if unknown_train:
         raise ValueError(f"unknown suite setting(s) {[f'train.{k}' for k in unknown_train]}; "
                          f"allowed: {sorted(TrainSweep.__dataclass_fields__)}")
+    check_sections(s)
     check_experiments(s["train"])
     return SuiteSettings.of(s)
+
+
+def check_sections(s: Mapping) -> None:
+    """ValueError (one line) for a nested key nothing reads (``smoke.trian``, ``train.ladder.pointz``,
+    ``bench.seq_lenz`` even when the benchmark is not a stage) or a count that is no integer
+    (``train.seeds=[abc]``), naming the key and what is allowed."""
+    bench_keys, train_keys = list(bench.DEFAULTS), list(TrainSweep.__dataclass_fields__)
+    for section, keys in (("bench", bench_keys), ("cuda_bench", bench_keys), ("smoke", ["results_dir", "bench",
+                                                                                         "train"]),
+                          ("smoke.bench", bench_keys), ("smoke.train", train_keys), ("lra", ["train"]),
+                          ("lra.train", train_keys), ("train.ladder", ["experiment", "points", "seeds"])):
+        node: Any = s
+        for part in section.split("."):
+            node = (node or {}).get(part) if isinstance(node, Mapping) else None
+        check_known(dict(node or {}), keys, section)
+    train, ladder = s["train"], dict(s["train"].get("ladder") or {})
+    for i, seed in enumerate([*train["seeds"], *(ladder.get("seeds") or [])]):
+        as_int(seed, "train.seeds" if i < len(train["seeds"]) else "train.ladder.seeds", minimum=0)
+    for point in ladder.get("points") or []:
+        if not (isinstance(point, list | tuple) and len(point) == 2):
+            raise ValueError(f"invalid 'train.ladder.points': each point is [seq_len, num_kv_pairs], got {point!r}")
+        for value in point:
+            as_int(value, "train.ladder.points", minimum=1)
+    as_int(train["workers"], "train.workers", minimum=1)
+    as_int(train["threads_per_worker"], "train.threads_per_worker", minimum=1)
+    as_float(s["time_budget_min"], "time_budget_min", minimum=0, strict=True)
 
 
 def _suite_device(requested: str, stages: list) -> str:
@@ -495,17 +530,6 @@ LRA_NUM_TRAIN = {"listops": 96_000, "text": 25_000, "retrieval": 147_086, "image
 LRA_LENGTH = {"listops": 2000, "text": 1000, "retrieval": 4000, "image": 1024, "pathfinder": 1024, "pathx": 16384}
 
 
-def matmul_flops_per_s(size: int = 1024, repeats: int = 3) -> float:
-    """This machine's sustained fp32 matmul rate (FLOP/s, torch's threads): the best of ``repeats``."""
-    a = torch.randn(size, size)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best
-
-
 def recipe_step_flops(experiment: str) -> tuple[int, float]:
     """(training steps, FLOPs of one training step with ``full`` attention) of an LRA recipe: 3x the forward's
     matmuls (projections, feed-forward, scores and weighted sum; embeddings and heads left out), so a
@@ -523,10 +547,9 @@ def recipe_step_flops(experiment: str) -> tuple[int, float]:
     task, m, t = experiment.split("/")[-1], cfg.model, cfg.train
     steps = int(t.max_steps) if t.get("epochs") is None else int(float(t.epochs) * (LRA_NUM_TRAIN[task] //
                                                                                   int(t.batch_size)))
-    length = LRA_LENGTH[task]
     sequences = int(t.batch_size) * (2 if task == "retrieval" else 1)
-    per_token = 2 * (4 * m.embed_dim * m.qkv_dim + 2 * m.embed_dim * m.mlp_dim) + 4 * length * m.qkv_dim
-    return steps, 3.0 * m.num_layers * per_token * length * sequences
+    return steps, transformer_step_flops(embed_dim=m.embed_dim, qkv_dim=m.qkv_dim, mlp_dim=m.mlp_dim,
+                                         num_layers=m.num_layers, length=LRA_LENGTH[task], sequences=sequences)
 
 
 # The suite's training as SLURM jobs from a machine without a GPU (the benchmark stage needs one here). The
@@ -596,7 +619,8 @@ def main() -> None:
         if result.get("train_returncode"):  # the report was still built; the exit status says a stage failed
             sys.exit(1)
 
-    prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
+    prepare(app="arena-suite")  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
+    sys.argv[1:] = add_absent_keys(sys.argv[1:], CONF_DIR / "suite.yaml")  # unknown keys: our one-line error
     with one_line_interrupt("arena-suite", "what was recorded is kept; the same command continues from there"):
         _app()
 

@@ -36,13 +36,14 @@ ALLOWED: dict[str, set[str]] = {
     "harness.plugins": {"attentions", "tasks"},
     "harness.overhead": {"tasks", "harness.model"},
     "harness.precision": {"attentions"},
-    "harness.train": {"tasks", "harness.model", "harness.schedules", "harness.checkpoint", "harness.measure",
-                      "harness.store", "harness.display", "harness.settings", "harness.plugins"},
+    "harness.train": {"attentions", "tasks", "harness.model", "harness.schedules", "harness.checkpoint",
+                      "harness.measure", "harness.store", "harness.display", "harness.settings", "harness.plugins"},
     "harness.bench": {"attentions", "harness.measure", "harness.allocator", "harness.store", "harness.analysis",
                       "harness.display", "harness.settings", "harness.plugins"},
-    "harness.report": {"attentions", "harness.store", "harness.analysis", "harness.display", "harness.plugins"},
-    "harness.suite": {"attentions", "harness.bench", "harness.report", "harness.display", "harness.settings",
-                      "harness.plugins"},
+    "harness.report": {"attentions", "harness.store", "harness.analysis", "harness.display", "harness.plugins",
+                       "harness.settings"},
+    "harness.suite": {"attentions", "harness.bench", "harness.report", "harness.display", "harness.measure",
+                      "harness.settings", "harness.plugins"},
 }
 
 

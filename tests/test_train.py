@@ -237,8 +237,9 @@ def test_epochs_and_warmup_epochs_convert_to_steps(tmp_path):
 
 
 def test_single_run_exits_nonzero_after_recording(tmp_path, monkeypatch):
+    # A run that fails while training (a config error is exit 2 before any record: tests/test_guards.py).
     argv = ["arena-train", *FAKE, f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/out",
-            "+attention.params.no_such=1"]
+            "fault.raise_at_step=1"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         train_mod.main()

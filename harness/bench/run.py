@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,7 +35,7 @@ from harness.bench.cells import (
 from harness.bench.settings import BenchSettings, resolve_settings
 from harness.display import analysis_note, derived_display, format_cell, one_line_interrupt
 from harness.measure import command_line, device_info, jsonable_params, progress_bar
-from harness.plugins import conf_dir, exit_on_settings_error, load_plugins, prepare
+from harness.plugins import add_absent_keys, conf_dir, exit_on_settings_error, load_plugins, prepare
 from harness.store import find_record, now_iso, write_record
 
 
@@ -293,7 +294,8 @@ def main() -> None:
             settings, _ = prepare_benchmark(OmegaConf.to_container(cfg, resolve=True))
         run_benchmark(settings)
 
-    prepare()  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
+    prepare(app="arena-bench")  # plugins=[...] and installed plug-ins, before mechanisms=[...] is resolved
+    sys.argv[1:] = add_absent_keys(sys.argv[1:], conf_dir() / "bench.yaml")  # unknown keys: our one-line error
     with one_line_interrupt("arena-bench", "the cells measured so far are kept; the same command measures "
                                            "only the missing ones"):
         _app()

@@ -31,7 +31,7 @@ from harness.display import (
     one_line_interrupt,
     shown_path,
 )
-from harness.plugins import conf_dir, prepare
+from harness.plugins import add_absent_keys, conf_dir, exit_on_settings_error, prepare
 from harness.report.average import average_section
 from harness.report.groups import Comparison, Setting, comparisons, is_smoke, settings
 from harness.report.lra import published_section
@@ -48,6 +48,7 @@ from harness.report.tables import (
     pivot_cells,
     relative_table,
 )
+from harness.settings import check_known
 from harness.store import KINDS, load_records
 
 
@@ -352,10 +353,12 @@ def main() -> None:
     """``arena-report``: Hydra app over conf/report.yaml. A missing store exits 2 with one line naming it;
     Ctrl-C exits 130 with one line."""
     import hydra
-    from omegaconf import DictConfig
+    from omegaconf import DictConfig, OmegaConf
 
     @hydra.main(config_path=str(conf_dir()), config_name="report", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
+        with exit_on_settings_error("arena-report"):  # a key nothing reads: one line naming the valid ones
+            check_known(cfg, [k for k in OmegaConf.load(conf_dir() / "report.yaml") if k != "hydra"])
         slope = tuple(cfg.slope_range) if cfg.get("slope_range") is not None else None
         try:
             result = build_report(cfg.results_dir, cfg.out, memory_budget_gb=cfg.memory_budget_gb,
@@ -365,7 +368,8 @@ def main() -> None:
             sys.exit(2)
         print(f"report written in {result['build_s']:.1f} s: {shown_path(Path(result['out']) / 'report.html')}")
 
-    prepare()  # plug-ins' mechanisms (family, complexity) for the tables
+    prepare(app="arena-report")  # plug-ins' mechanisms (family, complexity) for the tables
+    sys.argv[1:] = add_absent_keys(sys.argv[1:], conf_dir() / "report.yaml")  # unknown keys: our one-line error
     with one_line_interrupt("arena-report", "nothing in the store was changed"):
         _app()
 

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from harness.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from harness.checkpoint import load_checkpoint, resume_point, rng_state, save_checkpoint, set_rng_state
 from harness.measure import device_info, measure_peak_memory, synchronize
 from harness.model import ArenaModel, build_model
 from harness.schedules import build_scheduler
-from harness.train.config import make_task, model_config_for, schedule_lengths
+from harness.train.config import log_time_estimate, make_task, model_config_for, schedule_lengths
 from harness.train.settings import TrainSettings, autocast_context
 from tasks.base import IGNORE_INDEX
 
@@ -235,8 +235,13 @@ def set_up(cfg: DictConfig, settings: TrainSettings, checkpoint_dir: Path, out: 
     device = settings.device
     out.update(device=dict(device_info(device)), precision=settings.precision)
     task = make_task(cfg)
+    counts_steps = cfg.train.get("epochs") is None
+    if counts_steps:  # on a CPU, a word on how long it will take before the data are even made
+        log_time_estimate(cfg, settings, task, int(cfg.train.max_steps))
     task.prepare()
     steps_per_epoch, max_steps, warmup = schedule_lengths(cfg, int(task.num_examples("train")))
+    if not counts_steps:  # epochs: the steps are known once the training split is
+        log_time_estimate(cfg, settings, task, max_steps)
     model_cfg = model_config_for(cfg, task)
     # Model init, dropout and anything else drawing from the global RNGs start from the seed.
     torch.manual_seed(settings.seed)
@@ -269,24 +274,30 @@ def preflight(model: ArenaModel, task, settings: TrainSettings) -> None:
 
 
 def resume(run: Run, run_id: str, out: dict[str, Any]) -> None:
-    """Load the last checkpoint (model, optimizer, scheduler, loop state, RNG states) when there is one."""
+    """Load the checkpoint :func:`harness.checkpoint.resume_point` picks (the last one, else the best one; an
+    unreadable one is moved aside with a warning): model, optimizer, scheduler, loop state, RNG states."""
     out["resumed_from_step"] = None
-    if not run.last_path.exists():
+    ckpt, path = resume_point(run.last_path, run.best_path, map_location=run.settings.device)
+    if ckpt is None:
         return
-    ckpt = load_checkpoint(run.last_path, map_location=run.settings.device)
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.state = ckpt["state"]
     set_rng_state(ckpt["rng"])
     out["resumed_from_step"] = run.state["step"]
-    log.info("run %s: resuming from step %d (%s)", run_id, run.state["step"], run.last_path)
+    log.info("run %s: resuming from step %d (%s)", run_id, run.state["step"], path)
+
+
+def resumable_state(run: Run) -> dict[str, Any]:
+    """Everything :func:`resume` loads (last.pt, and best.pt, which is then a resume point too)."""
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "state": run.state, "rng": rng_state()}
 
 
 def save_last(run: Run) -> None:
-    """The resumable checkpoint: everything :func:`resume` loads."""
-    save_checkpoint({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                     "scheduler": run.scheduler.state_dict(), "state": run.state, "rng": rng_state()}, run.last_path)
+    """The resumable checkpoint."""
+    save_checkpoint(resumable_state(run), run.last_path)
 
 
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -377,7 +388,9 @@ def validate(run: Run) -> None:
     state["val_history"].append([step, val_acc])
     if state["best_val_acc"] is None or val_acc > state["best_val_acc"]:
         state["best_val_acc"], state["best_step"] = val_acc, step
-        save_checkpoint({"model": run.model.state_dict(), "step": step, "val_acc": val_acc}, run.best_path)
+        # The whole resumable state (evaluation draws no random numbers, so it equals the state saved after
+        # this step): a run whose last.pt is lost resumes from here to the same result.
+        save_checkpoint({**resumable_state(run), "step": step, "val_acc": val_acc}, run.best_path)
 
 
 def results(run: Run) -> dict[str, Any]:

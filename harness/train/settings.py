@@ -14,10 +14,10 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from harness.measure import check_device
-from harness.settings import Settings
+from harness.settings import Settings, as_bool, as_float, as_int
 
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw",)
@@ -81,28 +81,41 @@ class TrainSettings(Settings):
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> TrainSettings:
-        """Validated settings of ``cfg``; ValueError names an invalid device, precision or optimizer."""
+        """Validated settings of ``cfg``. Raises ValueError (one line) naming a value of the wrong type or range
+        (``seed=abc``, ``train.eval_every=0``), an invalid device, precision or optimizer."""
         device = resolve_device(str(cfg.device))
         opt = cfg.optimizer
         if opt.name not in OPTIMIZERS:
             raise ValueError(f"invalid 'optimizer.name': {opt.name!r}; allowed: {', '.join(OPTIMIZERS)}")
-        fault_step, fault_seeds = cfg.fault.get("raise_at_step"), cfg.fault.get("seeds")
-        fault_active = fault_step is not None and (fault_seeds is None or int(cfg.seed) in list(fault_seeds))
+        seed = as_int(cfg.seed, "seed", minimum=0)
+        fault_step = as_int(cfg.fault.get("raise_at_step"), "fault.raise_at_step", minimum=1, optional=True)
+        fault_seeds = cfg.fault.get("seeds")
+        fault_active = fault_step is not None and (fault_seeds is None or seed in list(fault_seeds))
         t = cfg.train
-        eval_every = int(t.eval_every)
+        batch_size = as_int(t.batch_size, "train.batch_size", minimum=1)
+        eval_every = as_int(t.eval_every, "train.eval_every", minimum=1)
+        betas = list(opt.betas) if OmegaConf.is_list(opt.betas) or isinstance(opt.betas, list | tuple) else None
+        if betas is None or len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid 'optimizer.betas': must be two numbers in [0, 1), got {opt.betas!r}")
         return cls(
-            label=f"{cfg.attention.name}/{cfg.task.name}/seed{cfg.seed}", seed=int(cfg.seed), device=device,
+            label=f"{cfg.attention.name}/{cfg.task.name}/seed{seed}", seed=seed, device=device,
             precision=resolve_precision(str(cfg.precision), device.type),
-            num_threads=int(cfg.num_threads) if cfg.get("num_threads") else None,
-            batch_size=int(t.batch_size), eval_batch_size=int(t.eval_batch_size or t.batch_size),
+            num_threads=as_int(cfg.get("num_threads"), "num_threads", minimum=1, optional=True),
+            batch_size=batch_size,
+            eval_batch_size=as_int(t.eval_batch_size, "train.eval_batch_size", minimum=1, optional=True) or batch_size,
             eval_every=eval_every,
-            eval_max_batches=int(t.eval_max_batches) if t.get("eval_max_batches") is not None else None,
-            checkpoint_every=int(t.checkpoint_every or eval_every),
-            grad_clip=float(t.grad_clip) if t.grad_clip is not None else None,
-            throughput_warmup=int(t.throughput_warmup), loss_window=int(t.loss_window),
-            quiet=bool(cfg.quiet), log_every=int(cfg.log_every),
-            fault_step=int(fault_step) if fault_active else None,
-            optimizer=OptimizerSettings(name=str(opt.name), lr=float(opt.lr), betas=tuple(opt.betas),
-                                        eps=float(opt.eps), weight_decay=float(opt.weight_decay)),
-            scheduler=str(cfg.scheduler.name), scheduler_min_ratio=float(cfg.scheduler.get("min_ratio") or 0.0),
+            eval_max_batches=as_int(t.get("eval_max_batches"), "train.eval_max_batches", minimum=1, optional=True),
+            checkpoint_every=as_int(t.checkpoint_every, "train.checkpoint_every", minimum=1, optional=True)
+            or eval_every,
+            grad_clip=as_float(t.grad_clip, "train.grad_clip", minimum=0, strict=True, optional=True),
+            throughput_warmup=as_int(t.throughput_warmup, "train.throughput_warmup", minimum=0),
+            loss_window=as_int(t.loss_window, "train.loss_window", minimum=1),
+            quiet=as_bool(cfg.quiet, "quiet"), log_every=as_int(cfg.log_every, "log_every", minimum=1),
+            fault_step=fault_step if fault_active else None,
+            optimizer=OptimizerSettings(name=str(opt.name), lr=as_float(opt.lr, "optimizer.lr", minimum=0, strict=True),
+                                        betas=tuple(float(b) for b in betas),
+                                        eps=as_float(opt.eps, "optimizer.eps", minimum=0, strict=True),
+                                        weight_decay=as_float(opt.weight_decay, "optimizer.weight_decay", minimum=0)),
+            scheduler=str(cfg.scheduler.name),
+            scheduler_min_ratio=as_float(cfg.scheduler.get("min_ratio") or 0.0, "scheduler.min_ratio", minimum=0),
         )
