@@ -110,7 +110,7 @@ def read_record(path: str | Path) -> dict:
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
     if not isinstance(record, dict):
-        raise ValueError(f"{path}: a record must be a JSON object, got {type(record).__name__}")
+        raise ValueError(f"not a record: a JSON {type(record).__name__}, not an object")
     return record
 
 
@@ -144,8 +144,8 @@ def load_records(root: str | Path = "results", kind: str | None = None) -> pd.Da
 
     Nested dicts are flattened with ``.`` separators (``config.model.embed_dim``). Files
     that cannot be read (truncated by a killed process, not JSON) are reported with one
-    ``warnings.warn`` each and listed in ``df.attrs["unreadable"]``; they never hide
-    the readable ones.
+    ``warnings.warn`` each, listed in ``df.attrs["unreadable"]`` (paths) with the reason of each in
+    ``df.attrs["unreadable_why"]`` (path -> :func:`unreadable_reason`); they never hide the readable ones.
     """
     root = Path(root)
     if kind is not None:
@@ -154,12 +154,13 @@ def load_records(root: str | Path = "results", kind: str | None = None) -> pd.Da
         kinds = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     # Only <root>/<kind>/*.json: a store nested inside this one (results/smoke in results) is another store.
     files = sorted(p for k in kinds for p in (root / k).glob("*.json") if not p.name.startswith("."))
-    rows, unreadable = [], []
+    rows, unreadable, why = [], [], {}
     for path in files:
         try:
             record = read_record(path)
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            warnings.warn(f"unreadable record file {path}: {exc}", stacklevel=2)
+            why[str(path)] = unreadable_reason(exc)
+            warnings.warn(f"unreadable record file {path}: {why[str(path)]}", stacklevel=2)
             unreadable.append(str(path))
             continue
         if record.get("kind") != path.parent.name:
@@ -169,7 +170,33 @@ def load_records(root: str | Path = "results", kind: str | None = None) -> pd.Da
         rows.append(row)
     df = pd.DataFrame(rows)
     df.attrs["unreadable"] = unreadable
+    df.attrs["unreadable_why"] = why
     return df
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why a record file could not be read, in words: ``truncated JSON (ends after 25 bytes)`` for a file cut
+    short (a copy or a writer killed mid-file), else what the parser or the system said."""
+    if isinstance(exc, json.JSONDecodeError):
+        # The parser ran out of text (a string left open counts): the file was cut short.
+        if exc.pos >= len(exc.doc.rstrip()) or exc.msg.startswith("Unterminated string"):
+            return f"truncated JSON (ends after {len(exc.doc)} characters)"
+        return f"not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno})"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.start})"
+    if isinstance(exc, OSError):
+        return f"cannot be read ({exc.strerror or exc})"
+    return str(exc)
+
+
+def nested_stores(root: str | Path) -> list[Path]:
+    """The folders directly inside ``root`` that hold records of their own (``results/smoke`` in ``results``):
+    another store, read only when named, so a report of ``root`` does not include them."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and d.name not in KINDS
+                  and any(next((d / k).glob("*.json"), None) for k in KINDS if (d / k).is_dir()))
 
 
 def export_records(root: str | Path, path: str | Path, kind: str) -> Path:

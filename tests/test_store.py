@@ -153,3 +153,30 @@ def test_concurrent_writers_never_leave_a_torn_file(tmp_path):
     record = json.loads((tmp_path / "train" / "shared.json").read_text())
     assert record["i"] == 19 and len(record["payload"]) == 2000
     assert [p.name for p in (tmp_path / "train").iterdir()] == ["shared.json"]
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('{"kind": "train", "stat', "truncated JSON (ends after 23 characters)"),
+    ('{"kind": "train", "status": "ok",', "truncated JSON (ends after 33 characters)"),
+    ('{"kind": "train"} trailing', "not valid JSON (Extra data: line 1, column 19)"),
+    ('[1, 2]', "not a record: a JSON list, not an object"),
+])
+def test_each_unreadable_file_says_why(tmp_path, text, reason):
+    write_record(_record("good"), root=tmp_path)
+    (tmp_path / "train" / "bad.json").write_text(text)
+    with pytest.warns(UserWarning, match=r"unreadable record file .*bad\.json: " + reason.replace("(", r"\(")
+                      .replace(")", r"\)")):
+        df = load_records(tmp_path)
+    assert list(df["record_id"]) == ["good"]
+    assert df.attrs["unreadable_why"] == {str(tmp_path / "train" / "bad.json"): reason}
+
+
+def test_nested_stores_are_found_but_not_read(tmp_path):
+    from harness.store import nested_stores
+
+    write_record(_record("smoke"), root=tmp_path / "smoke")
+    (tmp_path / "report").mkdir()  # a built report: no records
+    (tmp_path / "report" / "report.md").write_text("# report")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert nested_stores(tmp_path) == [tmp_path / "smoke"]
+    assert load_records(tmp_path).empty
