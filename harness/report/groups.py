@@ -11,17 +11,20 @@ n, its measurement and bookkeeping): batch, heads, head_dim, dtype, device, CPU 
 any field a later benchmark adds (a ``causal`` flag, a sparsity ``pattern``) without changes here.
 Each setting is its own section; cells of two settings never share a table, a slope or a plot.
 
-Owns: the grouping and the names of the groups. Imports: :mod:`harness.store` (the recipe columns).
+Owns: the grouping and the names of the groups. Imports: :mod:`harness.store` (the recipe columns),
+:mod:`harness.report.recipe_files` (which comparison has its recipe file's own settings).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from harness.report.recipe_files import recipe_as_file
 from harness.store import config_hash, recipe_columns, recipe_of
 
 # Fields of a bench record that belong to the cell (or to how it was stored), not to its setting. ``plugins``
@@ -81,7 +84,12 @@ def comparisons(train: pd.DataFrame) -> list[Comparison]:
     titles = comparison_titles(train, keys, by_key)
     out = [Comparison(key=k, task=str(train.loc[keys == k, "task"].iloc[0]), title=titles[k], recipe=by_key[k],
                       runs=train[keys == k]) for k in dict.fromkeys(keys)]
-    return sorted(out, key=lambda c: (_task_rank(c.task), c.title))
+    return sorted(out, key=lambda c: (_task_rank(c.task), natural_key(c.title)))
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key reading the numbers in ``text`` as numbers: ``k8`` before ``k16``, ``=8`` before ``=16``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(text)))
 
 
 TASK_ORDER = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
@@ -95,10 +103,13 @@ def comparison_titles(train: pd.DataFrame, keys: pd.Series, recipes: dict[str, d
     """``<task> (<recipe file>)`` and, where another recipe of the same task and file exists, the keys that
     differ (``listops (quick/listops): train.max_steps=100``); a recipe alone needs no more.
 
-    The keys that name a comparison with an ok run are those that differ among the comparisons with an ok
-    run: a failed run with a misspelt parameter does not rename the tables of good ones. A comparison whose
-    runs all failed is named by what differs from its nearest comparison with an ok run (fewest differing
-    keys), or, with none, from its failed peers."""
+    Where exactly one of them has the settings its recipe file fixes (:func:`recipe_as_file`: the recipe as
+    the file sets it), that one is titled by the file alone and each other by what differs from it (a ladder
+    rung: ``mqar (quick/mqar): task.params.num_kv_pairs=16``, never the file's own ``=8``). Otherwise the keys
+    that name a comparison with an ok run are those that differ among the comparisons with an ok run: a
+    failed run with a misspelt parameter does not rename the tables of good ones. A comparison whose runs
+    all failed is named by what differs from its nearest comparison with an ok run (fewest differing keys),
+    or, with none, from its failed peers."""
     experiment = train.get("experiment", pd.Series(index=train.index, dtype=object))
     status = train["status"] if "status" in train else pd.Series("ok", index=train.index)
     names, has_ok = {}, {}
@@ -107,11 +118,15 @@ def comparison_titles(train: pd.DataFrame, keys: pd.Series, recipes: dict[str, d
         exp = next((str(e) for e in experiment[keys == key] if not _missing(e)), None)
         names[key] = (str(rows["task"].iloc[0]), exp)
         has_ok[key] = bool((status[keys == key] == "ok").any())
+    as_file = {key: has_ok[key] and recipe_as_file(recipes[key], exp) for key, (_, exp) in names.items()}
     titles = {}
     for key, (task, exp) in names.items():
         peers = [k for k, v in names.items() if v == (task, exp) and k != key]
         ok_peers = [k for k in peers if has_ok[k]]
-        if has_ok[key]:
+        by_file = [k for k in [key, *ok_peers] if as_file[k]]
+        if len(by_file) == 1 and has_ok[key]:
+            peers = [] if by_file[0] == key else by_file  # the file's own recipe: no difference to name
+        elif has_ok[key]:
             peers = ok_peers
         elif ok_peers:
             peers = [min(ok_peers, key=lambda k: len(_differing_keys(recipes[key], [recipes[k]])))]

@@ -14,7 +14,8 @@
   reads from. Computed here from each record's ``attention`` and ``attention_config``.
 
 Owns: this section only (kept apart from :mod:`harness.report.build`'s other sections). Imports: pandas,
-numpy, matplotlib, adjustText, :mod:`harness.display`, :mod:`harness.report.page`, :mod:`harness.report.plots`
+numpy, matplotlib, adjustText, :mod:`harness.display`, :mod:`harness.report.groups` (the numeric order of
+names), :mod:`harness.report.page`, :mod:`harness.report.plots`
 (the mechanism styles), :mod:`harness.report.tables` (record parameters and state sizes, the learned margin).
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from harness.display import MISSING
+from harness.report.groups import natural_key
 from harness.report.page import Page
 from harness.report.plots import mechanism_style
 from harness.report.tables import LEARNED_MARGIN, record_state_size
@@ -145,7 +147,7 @@ def spread_table(stats: pd.DataFrame) -> pd.DataFrame:
             cells.setdefault(row["attention"], {})[header] = text
     table = pd.DataFrame(cells).T.fillna(MISSING)
     table.index.name = "mechanism"
-    return table.reindex(sorted(table.columns), axis=1)
+    return table.reindex(sorted(table.columns, key=natural_key), axis=1)  # k8 before k16
 
 
 def recall_points(stats: pd.DataFrame) -> pd.DataFrame:

@@ -4,7 +4,9 @@ published numbers beside them) and by the average over recipes (on a tie, the co
 stands for the recipe file).
 
 Owns: reading recipe files for the report. Imports: omegaconf, :mod:`harness.plugins` (the config folder),
-:mod:`harness.report.groups` (the comparison).
+:mod:`harness.store` (the keys that are no setting).
+A comparison (:class:`harness.report.groups.Comparison`) is taken by its ``runs`` and ``recipe`` only, so that
+:mod:`harness.report.groups` can name comparisons by their recipe file without an import cycle.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.plugins import conf_dir
-from harness.report.groups import Comparison
+from harness.store import NON_SEMANTIC_KEYS
 
 
-def experiment_of(comp: Comparison) -> str | None:
+def experiment_of(comp: Any) -> str | None:
     """The recipe file the comparison's runs were started with (``lra/listops``), None when not recorded."""
     if "experiment" not in comp.runs:
         return None
@@ -29,7 +31,8 @@ def experiment_of(comp: Comparison) -> str | None:
 def recipe_file_values(experiment: str, conf: Path | None = None) -> dict[str, Any] | None:
     """The settings the recipe file ``conf/experiment/<experiment>.yaml`` fixes, as flat ``section.key`` ->
     value: its own keys over those of the config groups its ``defaults`` select. None when the file does not
-    exist. Interpolations (``${...}``) are left out (they are resolved per run)."""
+    exist. Interpolations (``${...}``) are left out (they are resolved per run), and so are the keys that say
+    where things go (:data:`harness.store.NON_SEMANTIC_KEYS`), which no record's recipe holds."""
     from omegaconf import OmegaConf
 
     conf = Path(conf) if conf is not None else conf_dir()
@@ -45,7 +48,9 @@ def recipe_file_values(experiment: str, conf: Path | None = None) -> dict[str, A
             if group and group_file.is_file():
                 merged = OmegaConf.merge(merged, {group: OmegaConf.load(group_file)})
     merged = OmegaConf.to_container(OmegaConf.merge(merged, own), resolve=False)
-    return {k: v for k, v in _flatten(merged).items() if not (isinstance(v, str) and "${" in v)}
+    # Where things go (a smoke recipe's results_dir) is no setting of the recipe: records leave it out too.
+    return {k: v for k, v in _flatten(merged).items() if not (isinstance(v, str) and "${" in v)
+            and k.split(".")[0] not in NON_SEMANTIC_KEYS}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -70,13 +75,19 @@ def _same(expected: Any, actual: Any) -> bool:
     return str(expected) == str(actual)
 
 
-def recipe_differences(comp: Comparison, expected: dict[str, Any]) -> list[str]:
+def recipe_differences(comp: Any, expected: dict[str, Any]) -> list[str]:
     """``key=value (recipe file: value)`` for every key of ``expected`` the comparison's runs changed."""
     return [f"{key}={comp.recipe.get(key, '(unset)')} (recipe file: {value})" for key, value in sorted(expected.items())
             if not _same(value, comp.recipe.get(key))]
 
 
-def matches_recipe_file(comp: Comparison, experiment: str | None, conf: Path | None = None) -> bool:
+def matches_recipe_file(comp: Any, experiment: str | None, conf: Path | None = None) -> bool:
     """Whether the comparison's runs have every setting its recipe file fixes (False without a file)."""
+    return recipe_as_file(comp.recipe, experiment, conf)
+
+
+def recipe_as_file(recipe: dict[str, Any], experiment: str | None, conf: Path | None = None) -> bool:
+    """Whether ``recipe`` (a comparison's flat settings) has every setting the recipe file ``experiment`` fixes
+    (False without a file)."""
     expected = recipe_file_values(experiment, conf) if experiment else None
-    return expected is not None and not recipe_differences(comp, expected)
+    return expected is not None and all(_same(value, recipe.get(key)) for key, value in expected.items())
