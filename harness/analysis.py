@@ -228,6 +228,10 @@ def derived_table(df: pd.DataFrame, slope_range: Sequence[float] | None = None,
     return pd.DataFrame(rows)
 
 
+# What calling full through the registry may cost over torch SDPA called directly (a fraction of its time).
+SDPA_OVERHEAD_TARGET = 0.05
+
+
 def full_overhead(df: pd.DataFrame) -> pd.DataFrame:
     """Per pass and n: t(full through the registry) / t(sdpa_direct) - 1 (clean cells only)."""
     ok = clean_cells(df)

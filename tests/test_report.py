@@ -117,7 +117,7 @@ def test_missing_cells_show_as_missing_never_zero(store, tmp_path):
     assert f"{MISSING} (over budget: memory, predicted peak 9.00 GB > budget 6.00 GB)" in md
     lin_eff = [line for line in md.splitlines() if line.startswith("| linformer |") and "over budget" in line]
     assert lin_eff and all(f"{MISSING} (oom)" not in line for line in lin_eff)
-    assert "unreadable record file" in md
+    assert "unreadable record file(s)" in md and "train/broken.json" in md
     # Peers and approximation tables.
     assert "0.80 / 1.10" in md
     assert f"{MISSING} (error)" in md
@@ -157,12 +157,76 @@ def test_html_is_self_contained(store, tmp_path):
     assert "<table" in page and "majority class" in page
 
 
-def test_empty_store_builds_a_report_that_says_so(tmp_path):
+def _arena_report(monkeypatch, cwd, *overrides):
+    """Run ``arena-report`` (its Hydra main) in ``cwd``; returns its exit code (0 when it returned)."""
+    import sys
+
+    from harness.report import build
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["arena-report", *overrides, "hydra.run.dir=.", "hydra/job_logging=none",
+                                      "hydra/hydra_logging=none"])
+    try:
+        build.main()
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def test_an_empty_results_folder_is_nothing_to_report_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    from harness.report import NothingToReport
+
     (tmp_path / "nothing").mkdir()
-    result = build_report(tmp_path / "nothing", tmp_path / "r")
-    md = (tmp_path / "r" / "report.md").read_text()
-    assert "no training records" in md and "no benchmark records" in md and "no approximation records" in md
-    assert {p.name for p in result["files"]} == {"report.md", "report.html"}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NothingToReport, match="nothing to report: 'nothing' holds no readable records"):
+        build_report("nothing", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    assert _arena_report(monkeypatch, tmp_path, "results_dir=nothing") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("arena-report: nothing to report: 'nothing' holds no readable records")
+    assert len(err.splitlines()) == 1 and "Run arena-suite, arena-bench or arena-train first" in err
+    assert not (tmp_path / "nothing" / "report").exists()
+
+
+def test_the_reference_folder_holds_a_report_not_records_and_says_so(monkeypatch, tmp_path, capsys):
+    """``arena-report results_dir=results/reference`` (the committed report, no records): exit 2, no report."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / "results" / "reference" / "report.md").is_file()
+    code = _arena_report(monkeypatch, repo, "results_dir=results/reference", f"out={tmp_path / 'r'}")
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "r").exists()
+    assert "nothing to report: 'results/reference' holds no readable records" in err
+    assert "it holds a built report (report.md), not the records it was built from" in err
+
+
+def test_nothing_to_report_names_unreadable_files_and_nested_stores(tmp_path):
+    from harness.report import NothingToReport
+
+    root = tmp_path / "results"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "cut.json").write_text('{"kind": "train", "stat')
+    write_record(train_record("full", "listops", 0, acc=0.3), root / "smoke")
+    with pytest.raises(NothingToReport) as info:
+        build_report(root, tmp_path / "r")
+    message = str(info.value)
+    assert "1 unreadable record file(s) skipped:" in message and "cut.json (truncated JSON" in message
+    assert "stores inside it: arena-report results_dir=" in message and message.count("smoke") == 1
+
+
+def test_a_truncated_record_is_named_on_the_console_and_in_the_summary(monkeypatch, store, capsys):
+    """The fixture store holds train/broken.json, cut short: the report is built (exit 0), the console names
+    the file and why, and the page's summary says it was skipped."""
+    assert _arena_report(monkeypatch, store.parent, "results_dir=results", "slope_range=[1024,4096]") == 0
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if "broken.json" in line]
+    assert skipped == ["arena-report: skipped unreadable record file results/train/broken.json: truncated JSON "
+                       "(ends after 23 characters); its record is left out of the report"]
+    summary = (store / "report" / "report.md").read_text().split("## Figures")[0]
+    assert ("SKIPPED 1 unreadable record file(s) in results, left out of every table and plot (a mechanism may "
+            "show fewer seeds than were run): train/broken.json (truncated JSON (ends after 23 characters))"
+            in summary)
 
 
 def test_missing_results_dir_is_an_error_naming_it(tmp_path):
@@ -266,16 +330,7 @@ def test_every_mechanism_has_one_distinct_style_in_every_plot(monkeypatch, tmp_p
 
 
 def test_arena_report_on_a_missing_store_exits_non_zero_naming_it(monkeypatch, tmp_path, capsys):
-    import sys
-
-    from harness.report import build
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["arena-report", "results_dir=no_such_results", "hydra.run.dir=.",
-                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
-    with pytest.raises(SystemExit) as exit_info:
-        build.main()
-    assert exit_info.value.code == 2
+    assert _arena_report(monkeypatch, tmp_path, "results_dir=no_such_results") == 2
     assert "no_such_results" in capsys.readouterr().err
     assert not (tmp_path / "no_such_results").exists()
 
@@ -383,8 +438,9 @@ def test_approximation_cells_of_one_seed_show_the_value_without_a_spread(tmp_pat
 
 
 @pytest.mark.parametrize("speed, expected", [
-    (0.6, "no mechanism is faster than full; the closest, performer, takes 1.7x full's time; 0 of 1 mechanisms"),
-    (2.0, "fastest performer, 2.0x full's speed (0.50x full's time); 1 of 1 mechanisms"),
+    (0.6, "no mechanism is faster than full; the closest, performer (213.3 ms), takes 1.7x full's time; 0 of 1 "
+          "mechanisms"),
+    (2.0, "fastest performer (64.0 ms), 2.0x full's speed (0.50x full's time); 1 of 1 mechanisms"),
 ])
 def test_speed_finding_says_plainly_whether_anything_beats_full(tmp_path, speed, expected):
     from harness.report import settings as report_settings
@@ -449,3 +505,142 @@ def test_smoke_cells_give_no_speed_or_noise_finding(tmp_path):
     assert "fastest" not in summary and "cells were clean" not in summary
     detail = (tmp_path / "report" / "report.md").read_text().split("## Detailed tables")[1]
     assert "SMOKE SETTINGS (one repeat at tiny n)" in detail  # the efficiency tables say so too
+
+
+def _cells_at(rows, n=4096):
+    """Bench cells (the frame of harness.report.tables.bench_cells) from (mechanism, median ms, p10 ms, p90 ms,
+    peak MiB, noisy) at one n, plus full's cell at n / 2 (so a length with a clean full is not the only one)."""
+    cells = [{"mechanism": m, "pass": "fwd+bwd", "n": n, "outcome": "ok", "median_s": t / 1e3, "p10_s": lo / 1e3,
+              "p90_s": hi / 1e3, "peak_bytes": mib * 2**20, "noisy": noisy} for m, t, lo, hi, mib, noisy in rows]
+    return pd.DataFrame(cells)
+
+
+def _setting():
+    from harness.report.groups import Setting
+
+    return Setting(key="k", values={}, label="batch 2, cpu, n = 4096", records=pd.DataFrame())
+
+
+def test_the_fastest_headline_names_the_cells_tied_with_it():
+    """sliding_window 84.9 ms leads; aft (p10-p90 overlaps) and clustered (within 5%) are ties; bigbird is
+    not (its range starts above the leader's and its median is 10% slower)."""
+    from harness.report.summary import speed_finding
+
+    cells = _cells_at([("full", 456.0, 455.0, 458.0, 22, False), ("sliding_window", 84.9, 84.0, 86.0, 172, False),
+                       ("aft", 85.4, 85.5, 90.0, 72, False), ("clustered", 88.9, 88.5, 89.5, 12, False),
+                       ("bigbird", 93.5, 92.0, 95.0, 280, False)])
+    finding = speed_finding(cells, _setting())
+    assert "fastest sliding_window (84.9 ms), 5.4x full's speed" in finding
+    assert ("tied with aft (85.4 ms), clustered (88.9 ms) (p10–p90 ranges overlap or medians within 5%)"
+            in finding)
+    assert "bigbird" not in finding
+
+
+def test_a_noisy_cell_never_leads_a_headline_and_is_named():
+    from harness.report.summary import memory_finding, speed_finding
+
+    cells = _cells_at([("full", 456.0, 455.0, 458.0, 22, False), ("linformer", 40.0, 20.0, 102.0, 10, True),
+                       ("sliding_window", 84.9, 84.0, 86.0, 172, False), ("clustered", 120.0, 119.0, 121.0, 12.4,
+                                                                          False)])
+    finding = speed_finding(cells, _setting())
+    assert "fastest sliding_window (84.9 ms)" in finding and "(not ranked, cell noisy: linformer)" in finding
+    memory = memory_finding(cells)
+    assert "smallest clustered (12.4 MiB" in memory and "(not ranked, cell noisy: linformer)" in memory
+
+
+def test_the_smallest_memory_headline_names_the_cells_tied_with_it():
+    from harness.report.summary import memory_finding
+
+    cells = _cells_at([("full", 456.0, 455.0, 458.0, 22.1, False), ("clustered", 90.0, 89.0, 91.0, 12.4, False),
+                       ("linformer", 60.0, 59.0, 61.0, 12.9, False), ("aft", 70.0, 69.0, 71.0, 13.5, False)])
+    memory = memory_finding(cells)
+    assert "smallest clustered (12.4 MiB, 0.56x full's 22.1 MiB), tied with linformer (12.9 MiB) (within 5%)" in memory
+    assert "aft" not in memory  # 8.9% above: not a tie
+
+
+def test_the_accuracy_finding_names_the_mechanisms_tied_with_the_best(tmp_path):
+    """The reference's ListOps: aft 33.2 leads, full 32.5 / performer 32.2 / longformer 32.0 are within the seed
+    spread (as the ties table marks them); linformer 24.1 is not."""
+    from harness.report.summary import accuracy_finding
+
+    root = tmp_path / "results"
+    for name, accs in (("aft", (0.326, 0.338)), ("full", (0.32, 0.33)), ("performer", (0.312, 0.332)),
+                       ("longformer", (0.302, 0.338)), ("linformer", (0.228, 0.254))):
+        for seed, acc in enumerate(accs):
+            write_record(train_record(name, "listops", seed, acc=acc), root)
+    finding = accuracy_finding(comparisons(load_records(root, kind="train"))[0])
+    assert ("best aft 33.2%; tied with it within the seed spread: full 32.5%, performer 32.2%, longformer 32.0%; "
+            "spread 9.1 points") in finding
+
+
+def test_what_was_run_shows_no_machine_paths(monkeypatch, tmp_path):
+    """A worker's command recorded with absolute paths reads relative to the results folder / working folder;
+    a path elsewhere (a data folder) is kept."""
+    from harness.report.summary import relative_command
+
+    monkeypatch.chdir(tmp_path)
+    here = str(tmp_path)
+    command = (f"python -m harness.train -m experiment=quick/listops results_dir={here}/results device=cpu "
+               f"hydra.sweep.dir={here}/results/multirun/w1 cache_dir={here}/.arena_cache data_root=/data/lra")
+    assert relative_command(command, tmp_path / "results") == (
+        "python -m harness.train -m experiment=quick/listops results_dir=results device=cpu "
+        "hydra.sweep.dir=results/multirun/w1 cache_dir=.arena_cache data_root=/data/lra")
+    # The store moved (built elsewhere): the recorded root maps onto the folder the report reads.
+    (tmp_path / "copy").mkdir()
+    command = "x results_dir=/old/machine/results hydra.sweep.dir=/old/machine/results/multirun/w2"
+    assert relative_command(command, tmp_path / "copy") == "x results_dir=copy hydra.sweep.dir=copy/multirun/w2"
+
+
+def test_the_page_shows_the_commands_without_machine_paths(monkeypatch, store, tmp_path):
+    monkeypatch.chdir(store.parent)
+    record = train_record("full", "listops", 5, acc=0.37)
+    record["command"] = f"python -m harness.train results_dir={store} hydra.sweep.dir={store}/multirun/w1"
+    write_record(record, store)
+    md = (build_report("results", tmp_path / "r", slope_range=(1024, 4096))["out"] / "report.md").read_text()
+    assert "`python -m harness.train results_dir=results hydra.sweep.dir=results/multirun/w1`" in md
+    assert str(store) not in md
+
+
+def test_the_sdpa_overhead_table_marks_values_over_the_target():
+    from harness.report.build import overhead_section
+    from harness.report.page import Page
+
+    cells = pd.DataFrame([{"mechanism": m, "pass": "fwd+bwd", "n": n, "outcome": "ok", "median_s": t, "noisy": False}
+                          for n, full, direct in ((1024, 1.146, 1.0), (2048, 1.04, 1.0), (4096, 1.105, 1.0))
+                          for m, t in (("full", full), ("sdpa_direct", direct))])
+    page = Page("t")
+    overhead_section(page, cells)
+    md = page.markdown()
+    assert "(target <= +5%; clean cells only; 2 of 3 over the target, marked):" in md
+    assert "| fwd+bwd | 1024 | +14.6% (over target) |" in md and "| fwd+bwd | 2048 | +4.0% |" in md
+    assert "| fwd+bwd | 4096 | +10.5% (over target) |" in md
+
+
+def test_the_recipe_as_its_file_sets_it_is_titled_by_the_file_and_a_rung_by_what_differs(tmp_path):
+    """quick/mqar run as its file sets it (8 pairs) and a ladder rung (16 pairs): the first is titled by the file
+    alone, never 'num_kv_pairs=8'; the rung by its pairs."""
+    from harness.report.recipe_files import recipe_file_values
+
+    def nested(flat):
+        tree = {}
+        for key, value in flat.items():
+            node = tree
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        return tree
+
+    root = tmp_path / "results"
+    recipe = recipe_file_values("quick/mqar")
+    for pairs in (8, 16):
+        for name in ("full", "performer"):
+            record = train_record(name, "mqar", 0, acc=0.9)
+            record["record_id"] += f".k{pairs}"
+            record["experiment"] = "quick/mqar"
+            record["config"] = nested({**recipe, "task.params.num_kv_pairs": pairs, "device": "cpu",
+                                       "attention.name": name, "seed": 0})
+            write_record(record, root)
+    titles = [c.title for c in comparisons(load_records(root, kind="train"))]
+    assert recipe["task.params.num_kv_pairs"] == 8
+    assert titles == ["mqar (quick/mqar)", "mqar (quick/mqar): task.params.num_kv_pairs=16"]

@@ -37,8 +37,9 @@ Owns: presenting what is in the store. May import ``attentions`` (mechanism fact
 """
 
 from harness.display import MISSING, markdown_table
-from harness.report.build import build_report, main
+from harness.report.build import NothingToReport, build_report, main
 from harness.report.groups import comparisons, settings
 from harness.report.tables import comparison_table
 
-__all__ = ["MISSING", "build_report", "comparison_table", "comparisons", "main", "markdown_table", "settings"]
+__all__ = ["MISSING", "NothingToReport", "build_report", "comparison_table", "comparisons", "main", "markdown_table",
+           "settings"]

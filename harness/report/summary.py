@@ -11,15 +11,19 @@ Owns: the summary's sentences. Imports: :mod:`harness.analysis`, :mod:`harness.d
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from harness.analysis import clean_cells, crossover_length
-from harness.display import format_bytes
+from harness.analysis import SDPA_DIRECT, clean_cells, crossover_length
+from harness.display import format_bytes, shown_path
 from harness.report.groups import Comparison, Setting, is_smoke
 from harness.report.page import Page
+from harness.report.recall import is_tie
 from harness.report.tables import bench_cells, comparison_table, learned
 
 MAX_COMMANDS = 6
@@ -50,9 +54,10 @@ SMOKE_FINDING = ("{label}: smoke settings (one repeat, tiny n): a check that eve
 
 
 def what_was_run(store, comps: list[Comparison], groups: list[Setting]) -> list[str]:
-    """Commands, training recipes, benchmark settings, the machine and its load."""
-    lines = []
-    commands = [c for frame in (store.bench, store.train) if "command" in frame
+    """Commands, training recipes, benchmark settings, the machine and its load; first, the record files
+    that could not be read (left out of every table and plot)."""
+    lines = [skipped_line(store.unreadable, store.root)] if store.unreadable else []
+    commands = [relative_command(c, store.root) for frame in (store.bench, store.train) if "command" in frame
                 for c in frame.sort_values("created_at")["command"].dropna()]
     if commands:
         unique = list(dict.fromkeys(commands))
@@ -67,6 +72,41 @@ def what_was_run(store, comps: list[Comparison], groups: list[Setting]) -> list[
         lines.append(f"benchmark: {len(s.records)} cells, {s.label}")
     lines += machine_lines(store)
     return lines
+
+
+def skipped_line(unreadable: dict[str, str], root: Path) -> str:
+    """The summary's line naming every record file that could not be read (paths inside the results folder)."""
+    names = [f"{_inside(path, root)} ({why})" for path, why in unreadable.items()]
+    return (f"SKIPPED {len(names)} unreadable record file(s) in {shown_path(root)}, left out of every table and "
+            "plot (a mechanism may show fewer seeds than were run): " + "; ".join(names))
+
+
+def _inside(path: str, root: Path) -> str:
+    relative = os.path.relpath(Path(path).resolve(), Path(root).resolve())
+    return shown_path(path) if relative.startswith("..") else relative
+
+
+# An absolute path in a recorded command: after a space, '=', a quote, '[' or ',' (or at the start).
+_ABSOLUTE = re.compile(r"(?:(?<=[\s='\"\[,])|^)/[^\s'\",\]]*")
+_RESULTS_DIR = re.compile(r"(?:^|\s)\+*results_dir=(/[^\s'\",\]]+)")
+
+
+def relative_command(command: str, results_dir: Path) -> str:
+    """``command`` without machine paths: the recorded ``results_dir=/abs/results`` (and every path under it)
+    as the results folder is shown now (``results``), another absolute path under the working folder relative
+    to it; other absolute paths (a data folder elsewhere) are kept, they say where the data came from."""
+    recorded = _RESULTS_DIR.search(command)
+    root = recorded.group(1).rstrip("/") if recorded else None
+    shown_root = shown_path(results_dir)
+
+    def relative(match: re.Match) -> str:
+        path = match.group(0)
+        if root and (path == root or path.startswith(root + "/")):
+            return shown_root + path[len(root):]
+        shown = shown_path(path)
+        return shown if not shown.startswith("..") else path
+
+    return _ABSOLUTE.sub(relative, command)
 
 
 def machine_lines(store) -> list[str]:
@@ -103,7 +143,8 @@ def _first(series) -> str:
 
 
 def accuracy_finding(comp: Comparison) -> str:
-    """Whether anything beat the majority class in this recipe, and which mechanism led."""
+    """Whether anything beat the majority class in this recipe, which mechanism led, and which are tied with
+    it (within the larger seed spread, as the "Seeds, ties and recall" table marks them)."""
     _, numeric = comparison_table(comp)
     numeric = numeric[np.isfinite(numeric["accuracy"])]
     if numeric.empty:
@@ -114,57 +155,108 @@ def accuracy_finding(comp: Comparison) -> str:
         return (f"{comp.title}: no mechanism beat the majority class ({majority:.1f}%) by more than 1 point: "
                 "not learned in this recipe, so its accuracies are no ranking.")
     spread = numeric["accuracy"].max() - numeric["accuracy"].min()
+    top = numeric.loc[best]
+    tied = [name for name, r in numeric.sort_values("accuracy", ascending=False).iterrows() if name != best
+            and (r["accuracy"] == top["accuracy"] or is_tie(top["accuracy"], top["std"], r["accuracy"], r["std"]))]
+    ties = ("; tied with it within the seed spread: " + ", ".join(
+        f"{name} {numeric.loc[name, 'accuracy']:.1f}%" for name in tied)) if tied else ""
     return (f"{comp.title}: {int(learned(numeric).sum())} of {len(numeric)} mechanisms beat the majority class "
-            f"({majority:.1f}%) by more than 1 point; best {best} {numeric.loc[best, 'accuracy']:.1f}%, "
+            f"({majority:.1f}%) by more than 1 point; best {best} {top['accuracy']:.1f}%{ties}; "
             f"spread {spread:.1f} points "
             f"(seeds: {int(numeric['seeds'].min())}–{int(numeric['seeds'].max())}).")
 
 
-def _largest_common_n(cells: pd.DataFrame, pass_: str) -> tuple[pd.DataFrame, int | None]:
-    ok = clean_cells(cells[cells["pass"] == pass_])
-    ok = ok[ok["mechanism"] != "sdpa_direct"]
-    if ok.empty or "full" not in set(ok["mechanism"]):
+# A headline cell is tied with the leader when their p10-p90 time ranges overlap, or when its value is within
+# this fraction of the leader's: repeats of one cell understate how much a time moves from run to run (a quiet
+# re-run moves CPU times by a few percent), and memory has no spread at all.
+TIE_TOLERANCE = 0.05
+
+
+def _at_largest_common_n(cells: pd.DataFrame, pass_: str) -> tuple[pd.DataFrame, int | None]:
+    """The ok cells of ``pass_`` at the largest n where the most mechanisms ran and ``full``'s cell is clean
+    (noisy cells included: they decide the length, they are not ranked), indexed by mechanism."""
+    ok = cells[(cells["pass"] == pass_) & (cells["outcome"] == "ok") & (cells["mechanism"] != SDPA_DIRECT)]
+    full = clean_cells(ok[ok["mechanism"] == "full"])
+    ok = ok[ok["n"].isin(set(full["n"]))]  # every ratio is to a clean full
+    if ok.empty:
         return ok, None
     counts = ok.groupby("n")["mechanism"].nunique()
     n = int(counts[counts == counts.max()].index.max())
-    return ok[ok["n"] == n].set_index("mechanism"), n
+    at = ok[ok["n"] == n].set_index("mechanism")
+    return at.assign(noisy=at["noisy"].fillna(False).astype(bool) if "noisy" in at else False), n
+
+
+def tied_with_leader(at: pd.DataFrame, leader: str, value: str, spread: bool) -> list[str]:
+    """The mechanisms of ``at`` (clean cells at one n) tied with ``leader`` on ``value``: within
+    :data:`TIE_TOLERANCE` of the leader's value or, with ``spread``, p10-p90 ranges that overlap the leader's."""
+    lead = at.loc[leader]
+    tied = []
+    for name, r in at.drop(leader).sort_values(value).iterrows():
+        close = abs(float(r[value]) - float(lead[value])) <= TIE_TOLERANCE * float(lead[value])
+        overlap = spread and float(r["p10_s"]) <= float(lead["p90_s"]) and float(lead["p10_s"]) <= float(r["p90_s"])
+        if close or overlap:
+            tied.append(str(name))
+    return tied
+
+
+def _unranked(at: pd.DataFrame) -> str:
+    noisy = sorted(at.index[at["noisy"]])
+    return f" (not ranked, cell noisy: {', '.join(noisy)})" if noisy else ""
 
 
 def speed_finding(cells: pd.DataFrame, setting: Setting) -> str | None:
-    """The fastest mechanism vs full at the largest n most mechanisms ran, and how many cross over."""
-    at, n = _largest_common_n(cells, "fwd+bwd")
-    if n is None or len(at) < 2:
+    """The fastest mechanism vs full at the largest n most mechanisms ran, the mechanisms tied with it
+    (:func:`tied_with_leader`), and how many cross over. Noisy cells never lead: they are named, not ranked."""
+    at, n = _at_largest_common_n(cells, "fwd+bwd")
+    ranked = at[~at["noisy"]] if n is not None else at
+    if n is None or len(ranked.drop("full", errors="ignore")) < 1:
         return None
-    speedup = at.loc["full", "median_s"] / at["median_s"].drop("full")
-    best = speedup.idxmax()
+    full_s = float(at.loc["full", "median_s"])
+    others = ranked.drop("full", errors="ignore")
+    best = others["median_s"].astype(float).idxmin()
+    speedup = full_s / float(others.loc[best, "median_s"])
+    where = f"fwd+bwd at n = {n} ({setting.label.split(', n =')[0]})"
+    best_ms = f"{float(others.loc[best, 'median_s']) * 1e3:.1f} ms"
+    if speedup > 1:
+        lead = f"{where}: fastest {best} ({best_ms}), {speedup:.1f}x full's speed ({1 / speedup:.2f}x full's time)"
+    else:
+        lead = (f"{where}: no mechanism is faster than full; the closest, {best} ({best_ms}), takes "
+                f"{1 / speedup:.1f}x full's time")
+    tied = tied_with_leader(ranked, best, "median_s", spread=True)  # full too: "as fast as full" is a tie
+    if tied:
+        times = [f"{m} ({float(ranked.loc[m, 'median_s']) * 1e3:.1f} ms)" for m in tied]
+        lead += f", tied with {', '.join(times)} (p10–p90 ranges overlap or medians within {TIE_TOLERANCE:.0%})"
+    return f"{lead}{_unranked(at)}; {_crossings(cells)} within the measured lengths."
+
+
+def _crossings(cells: pd.DataFrame) -> str:
+    """``k of m mechanisms become faster than full`` over every clean fwd+bwd cell."""
     ok = clean_cells(cells[cells["pass"] == "fwd+bwd"])
     full = ok[ok["mechanism"] == "full"].set_index("n")["median_s"]
     crossings = []
-    for _, g in ok[~ok["mechanism"].isin(["full", "sdpa_direct"])].groupby("mechanism"):
+    for _, g in ok[~ok["mechanism"].isin(["full", SDPA_DIRECT])].groupby("mechanism"):
         g = g.sort_values("n")
         x, _note = crossover_length(list(g["n"]), list(g["median_s"]), [full.get(v) for v in g["n"]])
         crossings.append(np.isfinite(x))
-    where = f"fwd+bwd at n = {n} ({setting.label.split(', n =')[0]})"
-    time_ratio = 1.0 / speedup[best]  # the fastest's time over full's
-    if speedup[best] > 1:
-        lead = f"{where}: fastest {best}, {speedup[best]:.1f}x full's speed ({time_ratio:.2f}x full's time)"
-    else:
-        lead = (f"{where}: no mechanism is faster than full; the closest, {best}, takes {time_ratio:.1f}x "
-                "full's time")
-    return (f"{lead}; {sum(crossings)} of {len(crossings)} mechanisms become faster than full within the measured "
-            "lengths.")
+    return f"{sum(crossings)} of {len(crossings)} mechanisms become faster than full"
 
 
 def memory_finding(cells: pd.DataFrame) -> str | None:
-    """The smallest peak memory at the largest n most mechanisms ran, against full's."""
-    at, n = _largest_common_n(cells, "fwd+bwd")
+    """The smallest peak memory at the largest n most mechanisms ran, against full's, and the mechanisms
+    within :data:`TIE_TOLERANCE` of it. Noisy cells are named, not ranked (as in :func:`speed_finding`)."""
+    at, n = _at_largest_common_n(cells, "fwd+bwd")
     if n is None or len(at) < 2:
         return None
-    peaks = at["peak_bytes"].astype(float)
+    ranked = at[~at["noisy"]]  # full's cell is clean (_at_largest_common_n)
+    peaks = ranked["peak_bytes"].astype(float)
     low = peaks.idxmin()
     rank = int((peaks < peaks["full"]).sum())
+    tied = tied_with_leader(ranked.assign(peak_bytes=peaks), low, "peak_bytes", spread=False)
+    sizes = [f"{m} ({format_bytes(peaks[m])})" for m in tied]
+    ties = f", tied with {', '.join(sizes)} (within {TIE_TOLERANCE:.0%})" if tied else ""
     return (f"peak memory, fwd+bwd at n = {n}: smallest {low} ({format_bytes(peaks[low])}, "
-            f"{peaks[low] / peaks['full']:.2f}x full's {format_bytes(peaks['full'])}); {rank} mechanism(s) below full.")
+            f"{peaks[low] / peaks['full']:.2f}x full's {format_bytes(peaks['full'])}){ties}{_unranked(at)}; "
+            f"{rank} mechanism(s) below full.")
 
 
 def noise_finding(cells: pd.DataFrame) -> str:
