@@ -156,3 +156,27 @@ def test_a_variant_with_fewer_runs_is_named_as_such(store):
     write_record(record, store)
     avg = recipe_average(comparisons(load_records(store, kind="train")))
     assert avg.why == {avg.variants[0]: "fewer runs"} and "(fewer runs)" in average_caption(avg)
+
+
+def test_the_average_plot_draws_each_seeds_mean_over_recipes_beside_the_mean(tmp_path, monkeypatch):
+    """Seeds 0 and 1 of every recipe: seed s's point is its accuracy averaged over the recipes (performer: seed 0
+    (20 + 12.5) / 2, seed 1 (30 + 87.3) / 2), drawn beside the mean; no std bar from two seeds."""
+    from test_report_recall import drawn_values, saved_figures
+
+    root = tmp_path / "results"
+    for experiment, accs in (("quick/listops", {"full": (0.30, 0.32), "performer": (0.20, 0.30)}),
+                             ("quick/mqar", {"full": (0.98, 0.99), "performer": (0.125, 0.873)})):
+        for attention, (a0, a1) in accs.items():
+            for seed, acc in ((0, a0), (1, a1)):
+                write_record(_run(experiment, attention, seed, acc, 100.0, 1e8), root)
+    avg = recipe_average(comparisons(load_records(root, kind="train")))
+    assert avg.points.loc["performer", "by_seed"] == pytest.approx({0: 16.25, 1: 58.65})
+    figures = saved_figures(monkeypatch)
+    build_report(root, tmp_path / "r")
+    average = next(f for f in figures if "mean over 2 recipes" in f.axes[0].get_title())
+    drawn = drawn_values(average.axes[0])
+    assert {16.25, 58.65} <= {round(y, 2) for y in drawn["points"]} and drawn["bars"] == []
+    assert all(0 <= y <= 100 for values in drawn.values() for y in values)
+    per_recipe = next(f for f in figures if f.axes[0].get_title().startswith("listops"))
+    mqar = next(ax for ax in per_recipe.axes if ax.get_title().startswith("mqar"))
+    assert {12.5, 87.3} <= {round(y, 2) for y in drawn_values(mqar)["points"]}  # accuracy_vs_speed.png too

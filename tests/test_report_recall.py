@@ -196,7 +196,8 @@ def test_recall_panels_are_recipe_families_and_a_ladder_stays_one_panel(tmp_path
     assert titles == {("encoder", 64, families[(500,)]): "train.max_steps=500",
                       ("encoder", 64, families[(100,)]): "train.max_steps=100"}
     drawn, original = [], recall._recall_panel
-    monkeypatch.setattr(recall, "_recall_panel", lambda ax, panel: drawn.append(panel) or original(ax, panel))
+    monkeypatch.setattr(recall, "_recall_panel",
+                        lambda ax, panel, seeds: drawn.append(panel) or original(ax, panel, seeds))
     page, files = Page("t"), []
     recall_section(page, train, tmp_path, files)
     assert len(drawn) == 2
@@ -231,3 +232,81 @@ def test_a_column_at_the_majority_class_gets_no_best_and_says_not_learned():
     assert table.loc["full", "mqar decoder L64 k4"] == "95.0 (1) best"
     train.loc[train["attention"] == "sliding_window", "test_acc"] = [0.023, 0.30]  # 1.1 points above: learned
     assert spread_table(seed_stats(train)).loc["sliding_window", "mqar decoder L64 k8"] == "2.3 (1) best"
+
+
+# ------------------------------------------------------------------------------- seeds in the plots
+
+def saved_figures(monkeypatch) -> list:
+    """Every matplotlib figure saved from now on (still written to its file)."""
+    import matplotlib.figure
+
+    figures, original = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: figures.append(self) or original(self, *a, **k))
+    return figures
+
+
+def drawn_values(ax) -> dict[str, list]:
+    """What an accuracy panel draws: y of every scatter point ('points'), of every line vertex ('lines') and of
+    every error-bar end ('bars'); the majority line (an axhline) left out."""
+    from matplotlib.collections import LineCollection, PathCollection
+
+    points = [float(y) for c in ax.collections if isinstance(c, PathCollection) for y in c.get_offsets()[:, 1]]
+    bars = [float(y) for c in ax.collections if isinstance(c, LineCollection) for seg in c.get_segments()
+            for y in seg[:, 1]]
+    lines = [float(y) for line in ax.lines if line.get_label() != "majority class" for y in line.get_ydata()]
+    return {"points": points, "lines": lines, "bars": bars}
+
+
+def _performer_and_full(seeds_performer, seeds_full=(0.98, 0.99)):
+    return _runs([(m, "mqar", "encoder", 64, 8, s, acc) for m, accs in (("performer", seeds_performer),
+                                                                        ("full", seeds_full))
+                  for s, acc in enumerate(accs)])
+
+
+@pytest.mark.parametrize("plot", ["pairs", "state"])
+def test_two_seeds_are_drawn_as_themselves_never_as_a_bar_past_0_or_100(tmp_path, monkeypatch, plot):
+    """Performer's seeds 12.5% and 87.3% (49.9 ± 52.9): the two values drawn beside the mean, no ± std bar
+    (which would run from -3% to 103%), and nothing outside 0-100%."""
+    from harness.report.recall import plot_recall, plot_recall_vs_state
+
+    figures = saved_figures(monkeypatch)
+    train = _performer_and_full((0.125, 0.873))
+    stats = seed_stats(train)
+    if plot == "pairs":
+        plot_recall(recall_points(stats), tmp_path / "p.png")
+    else:
+        points = recall_points(stats).assign(state=[2048.0, 1088.0])
+        plot_recall_vs_state(points, tmp_path / "p.png")
+    ax = figures[-1].axes[0]
+    drawn = drawn_values(ax)
+    assert sorted(drawn["points"]) == pytest.approx([12.5, 87.3, 98.0, 99.0])  # each seed, both mechanisms
+    assert drawn["bars"] == []
+    assert all(0 <= y <= 100 for values in drawn.values() for y in values)
+    assert "its seeds (2 to 4 seeds)" in " ".join(t.get_text() for t in figures[-1].texts)
+
+
+def test_five_seeds_are_a_std_bar_cut_at_0_and_100(tmp_path, monkeypatch):
+    from harness.report.recall import plot_recall
+
+    figures = saved_figures(monkeypatch)
+    train = _performer_and_full((0.0, 0.0, 0.0, 1.0, 1.0), seeds_full=(0.99, 1.0, 1.0, 0.98, 1.0))
+    plot_recall(recall_points(seed_stats(train)), tmp_path / "p.png")
+    drawn = drawn_values(figures[-1].axes[0])
+    assert drawn["points"] == []  # no seed markers from five seeds on
+    assert min(drawn["bars"]) == 0.0 and max(drawn["bars"]) == 100.0  # 40 ± 54.8 and 99.4 ± 0.9, cut
+    assert all(0 <= y <= 100 for values in drawn.values() for y in values)
+    assert "Bars: ± 1 sample std over 5 or more seeds" in " ".join(t.get_text() for t in figures[-1].texts)
+
+
+def test_the_recall_figures_have_their_own_headings_and_captions(tmp_path):
+    train = _store(tmp_path, pairs=(8,))
+    page, files = Page("t"), []
+    recall_section(page, train, tmp_path, files)
+    figures = page.parts["figures"]
+    headings = [value for kind, value in figures if kind == "h3"]
+    assert headings == ["MQAR recall vs number of key-value pairs", "MQAR recall vs state size"]
+    kinds = [kind for kind, _ in figures]
+    assert kinds[:6] == ["h3", "p", "img", "h3", "p", "img"]  # heading, caption, image: each plot its own
+    captions = [value for kind, value in figures[:6] if kind == "p"]
+    assert all("With 2 to 4 seeds each seed is a small marker beside the mean" in c for c in captions)

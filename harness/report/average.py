@@ -31,7 +31,7 @@ import pandas as pd
 from harness.display import not_run
 from harness.report.groups import Comparison
 from harness.report.page import Page
-from harness.report.plots import plot_accuracy_speed
+from harness.report.plots import SEEDS_NOTE, plot_accuracy_speed
 from harness.report.recipe_files import experiment_of, matches_recipe_file
 from harness.report.tables import comparison_table
 
@@ -41,7 +41,8 @@ AVERAGE_PNG = "accuracy_vs_speed_average.png"
 @dataclass(frozen=True)
 class RecipeAverage:
     """``points``: index mechanism; columns accuracy, majority, speed (= speed_vs_full), memory_vs_full,
-    recipes, seeds_min, seeds_max. ``recipes``: the titles averaged; ``left_out``: mechanism -> the
+    recipes, seeds_min, seeds_max, by_seed (seed -> accuracy averaged over the recipes, for the seeds all of
+    them ran). ``recipes``: the titles averaged; ``left_out``: mechanism -> the
     titles of the averaged recipes it has no ok run in; ``variants``: comparisons not averaged because another
     comparison of the same recipe file stands for it; ``why``: variant title -> why it is not the one averaged
     (``fewer runs``, ``other settings than the file's``)."""
@@ -81,18 +82,25 @@ def recipe_average(comps: list[Comparison], mechanisms: list[str] | None = None,
             left_out[name] = missing
             continue
         mine = pd.DataFrame([frame.loc[name] for frame in per_recipe.values()])
-        rows[name] = {"accuracy": float(mine["accuracy"].mean()),
+        rows[name] = {"accuracy": float(mine["accuracy"].astype(float).mean()),
                       "majority": float(np.mean([f["majority"].iloc[0] for f in per_recipe.values()])),
                       "speed": _geometric_mean(mine["speed_vs_full"]),
                       "memory_vs_full": _geometric_mean(mine["memory_vs_full"]),
                       "recipes": len(mine), "seeds_min": int(mine["seeds"].min()),
-                      "seeds_max": int(mine["seeds"].max())}
+                      "seeds_max": int(mine["seeds"].max()), "by_seed": _seed_means(list(mine["by_seed"]))}
     points = pd.DataFrame.from_dict(rows, orient="index",
                                     columns=["accuracy", "majority", "speed", "memory_vs_full", "recipes",
-                                             "seeds_min", "seeds_max"])
+                                             "seeds_min", "seeds_max", "by_seed"])
     points.index.name = "mechanism"
     return RecipeAverage(points=points, recipes=list(per_recipe), left_out=left_out, variants=variants,
                          why=why)
+
+
+def _seed_means(per_recipe: list[dict[int, float]]) -> dict[int, float]:
+    """Seed -> its accuracy averaged over the recipes, for the seeds every recipe ran (what one suite run with
+    that seed scored on average); empty where the recipes share no seed."""
+    shared = set.intersection(*(set(d) for d in per_recipe)) if per_recipe else set()
+    return {seed: float(np.mean([d[seed] for d in per_recipe])) for seed in sorted(shared)}
 
 
 def _one_per_recipe_file(comps: list[Comparison], variants: list[str], why: dict[str, str],
@@ -184,7 +192,8 @@ def average_section(page: Page, comps: list[Comparison], out: Path, files: list[
                                                     "recipes)"))
         page.heading("Accuracy vs training speed, averaged over recipes", place="figures")
         page.note(caption + " y: mean test accuracy; x: geometric mean of the speed relative to full; bubble: "
-                  "geometric mean of the peak memory relative to full.", place="figures")
+                  "geometric mean of the peak memory relative to full. Seeds: each seed's accuracy averaged over the "
+                  f"recipes (the seeds every recipe ran). {SEEDS_NOTE}", place="figures")
         page.image(files[-1], AVERAGE_PNG)
     page.heading("Accuracy, speed and memory averaged over recipes")
     page.note(caption + " Speed and memory: geometric means of the ratios to full in each recipe. A mean over "

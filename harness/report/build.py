@@ -36,7 +36,7 @@ from harness.report.average import average_section
 from harness.report.groups import Comparison, Setting, comparisons, is_smoke, settings
 from harness.report.lra import published_section
 from harness.report.page import Page
-from harness.report.plots import plot_accuracy_speed, plot_approx, plot_scaling
+from harness.report.plots import SEEDS_NOTE, plot_accuracy_speed, plot_approx, plot_scaling
 from harness.report.recall import recall_section
 from harness.report.summary import summary_section
 from harness.report.tables import (
@@ -194,7 +194,8 @@ def accuracy_section(page: Page, train: pd.DataFrame, comps: list[Comparison], o
         page.heading("Accuracy vs training speed, one panel per recipe", place="figures")
         page.note("y: test accuracy from 0, the dashed line is the majority class (a mechanism on it learned "
                   "nothing); x: training examples/s relative to full in the same recipe; bubble area: peak memory "
-                  "of a training step relative to full.", place="figures")
+                  f"of a training step relative to full; the bubble's centre is the mean over seeds. {SEEDS_NOTE}",
+                  place="figures")
         page.image(files[-1], "accuracy_vs_speed.png")
 
 

@@ -205,6 +205,48 @@ def plot_approx(approx: pd.DataFrame, path: Path, setting: str = "") -> Path:
     return _save(fig, path)
 
 
+# Below this many seeds a mean ± std says little (two seeds at 12.5% and 87.3% give 49.9 ± 52.9, a bar from -3% to
+# 103%): the seeds themselves are drawn. From this many on, the mean ± sample std, cut at 0% and 100%.
+FEW_SEEDS = 5
+SEEDS_NOTE = (f"With 2 to {FEW_SEEDS - 1} seeds each seed is a small marker beside the mean, joined by a thin line "
+              f"(their range); with {FEW_SEEDS} or more, a bar of ± one sample std, cut at 0% and 100%; one seed: the "
+              "value alone.")
+
+
+def seeds_caption(drawn: set[str | None]) -> str:
+    """What the seed marks of a figure are (the kinds :func:`draw_seeds` returned), for the figure itself: the
+    README shows the PNGs without the page's captions."""
+    parts = []
+    if "seeds" in drawn:
+        parts.append(f"Small markers beside a mean, joined by a thin line: its seeds (2 to {FEW_SEEDS - 1} seeds).")
+    if "std" in drawn:
+        parts.append(f"Bars: ± 1 sample std over {FEW_SEEDS} or more seeds, cut at 0% and 100%.")
+    return " ".join(parts)
+
+
+def draw_seeds(ax, x: float, mean: float, values, name: str, offset: float = 1.0) -> str | None:
+    """The seed spread of one mean accuracy (%) at ``x``: with fewer than :data:`FEW_SEEDS` seeds each seed's
+    value as a small marker at ``x * offset`` (beside the mean on a log axis), joined by a thin line; with more,
+    an error bar of one sample std cut to [0, 100]. Returns ``"seeds"``, ``"std"`` or None (one seed: nothing
+    to draw), so a caption can say what is drawn."""
+    values = [float(v) for v in (values or []) if v is not None and np.isfinite(float(v))]
+    if len(values) < 2 or not np.isfinite(mean):
+        return None
+    style = mechanism_style(name)
+    if len(values) < FEW_SEEDS:
+        at = x * offset
+        ax.plot([at, at], [min(values), max(values)], color=style["color"], lw=0.9, alpha=0.8,
+                zorder=style["zorder"] + 0.5, solid_capstyle="butt")
+        ax.scatter([at] * len(values), values, s=26, marker=style["marker"] or "o", color=style["color"],
+                   edgecolor="white", linewidth=0.3, alpha=0.9, zorder=style["zorder"] + 1)
+        return "seeds"
+    std = float(np.std(values, ddof=1))
+    below, above = min(std, mean), min(std, 100.0 - mean)  # a bar never leaves 0-100%
+    ax.errorbar([x], [mean], yerr=[[max(below, 0.0)], [max(above, 0.0)]], color=style["color"], lw=0, elinewidth=1,
+                capsize=2, zorder=style["zorder"] + 0.5)
+    return "std"
+
+
 SIZE_LABEL = "bubble area = training step peak memory vs full"
 
 
@@ -213,7 +255,8 @@ def plot_accuracy_speed(panels: list[tuple[str, pd.DataFrame]], path: Path, capt
     """LRA Figure 3 per comparison: test accuracy (y, from 0) vs training speed (x), bubble area ~ peak
     memory, the majority class as a dashed line, labels placed apart (adjustText).
 
-    ``panels``: (title, frame) with index mechanism and columns accuracy, majority, speed, memory_vs_full;
+    ``panels``: (title, frame) with index mechanism and columns accuracy, majority, speed, memory_vs_full, and
+    optionally by_seed (seed -> accuracy %: the seeds drawn beside the mean, :func:`draw_seeds`);
     ``frame.attrs``: ``speed_label`` (x axis), ``accuracy_label`` (y axis), ``relative`` (x ticks as
     ``2x``), ``majority_label`` (the dashed line's legend text). ``caption``: wrapped text under the
     figure; ``size_label``: the title of the bubble-size key.
@@ -222,8 +265,10 @@ def plot_accuracy_speed(panels: list[tuple[str, pd.DataFrame]], path: Path, capt
     cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 5.0 * rows), squeeze=False)
+    drawn: set[str] = set()
     for ax, (title, points) in zip(axes.flat, panels):
-        _accuracy_panel(ax, title, points)
+        drawn |= _accuracy_panel(ax, title, points)
+    caption = " ".join(filter(None, [seeds_caption(drawn), caption]))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     _size_key(fig, size_label)
@@ -235,20 +280,22 @@ def plot_accuracy_speed(panels: list[tuple[str, pd.DataFrame]], path: Path, capt
     return _save(fig, path)
 
 
-def _accuracy_panel(ax, title: str, points: pd.DataFrame) -> None:
+def _accuracy_panel(ax, title: str, points: pd.DataFrame) -> set[str]:
     from adjustText import adjust_text
     from matplotlib.ticker import FuncFormatter, NullLocator
 
-    texts = []
+    texts, drawn = [], set()
     for name, r in points.iterrows():
         style = mechanism_style(str(name))
         size = 400 * float(r["memory_vs_full"]) if np.isfinite(r["memory_vs_full"]) else 60
         ax.scatter([r["speed"]], [r["accuracy"]], s=size, alpha=0.45, color=style["color"], edgecolor="k",
                    marker="o", zorder=3)
         ax.scatter([r["speed"]], [r["accuracy"]], s=18, color=style["color"], marker=style["marker"], zorder=4)
+        drawn.add(draw_seeds(ax, float(r["speed"]), float(r["accuracy"]), _seed_values(r), str(name)))
         texts.append(ax.text(r["speed"], r["accuracy"], str(name), fontsize=8, zorder=5))
     majority = float(points["majority"].iloc[0]) if "majority" in points and len(points) else float("nan")
-    top = max([float(points["accuracy"].max()), majority if np.isfinite(majority) else 0.0]) * 1.15 + 2
+    seeds = [v for _, r in points.iterrows() for v in _seed_values(r)]
+    top = max([float(points["accuracy"].max()), *seeds, majority if np.isfinite(majority) else 0.0]) * 1.15 + 2
     ax.set_ylim(0, min(106.0, top))  # a little above 100: a bubble at 100% is drawn whole, not cut in half
     if np.isfinite(majority):
         # In the legend, not beside the line: a label on the line would sit under the bubbles near it.
@@ -267,6 +314,12 @@ def _accuracy_panel(ax, title: str, points: pd.DataFrame) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     adjust_text(texts, ax=ax, arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.6})
+    return drawn - {None}
+
+
+def _seed_values(row: pd.Series) -> list[float]:
+    by_seed = row.get("by_seed")
+    return list(by_seed.values()) if isinstance(by_seed, dict) else []
 
 
 def _size_key(fig, label: str = SIZE_LABEL) -> None:

@@ -6,7 +6,8 @@
   is ``(not learned)`` and unmarked. MQAR variants are named by form, length and pairs.
 * :func:`plot_recall`: test accuracy vs ``num_kv_pairs``, one panel per (form, seq_len, recipe family: the
   recipe without the ladder's own pairs and length, :func:`recipe_families`), one line per mechanism (mean over
-  seeds, bars = std), the majority class dashed, the Zoology Figure 2 reading: where a mechanism's recall breaks.
+  seeds, the seeds beside it: :func:`harness.report.plots.draw_seeds`), the majority class dashed, the Zoology
+  Figure 2 reading: where a mechanism's recall breaks.
   Runs of another recipe (another step count) get their own panel, never a second point at one x.
 * :func:`state_points` / :func:`plot_recall_vs_state`: MQAR test accuracy vs the mechanism's state size
   (floats per head and per layer that one query's output is read from, ``AttentionInfo.state_size``; docs/MQAR.md),
@@ -31,7 +32,7 @@ import pandas as pd
 from harness.display import MISSING
 from harness.report.groups import natural_key
 from harness.report.page import Page
-from harness.report.plots import mechanism_style
+from harness.report.plots import SEEDS_NOTE, draw_seeds, mechanism_style, seeds_caption
 from harness.report.tables import LEARNED_MARGIN, record_state_size
 
 RECIPE_PREFIXES = ("config.task.", "config.model.", "config.train.", "config.optimizer.", "config.scheduler.")
@@ -100,12 +101,13 @@ def _plain(value) -> str:
 
 
 def seed_stats(train: pd.DataFrame) -> pd.DataFrame:
-    """One row per (mechanism, variant) with ok runs: mean, std (sample; NaN for one seed), n (seeds), in %;
+    """One row per (mechanism, variant) with ok runs: mean, std (sample; NaN for one seed), n (seeds), values
+    (each seed's accuracy, for the plots), in %;
     ``family`` (:func:`recipe_families`) and ``majority`` (the majority class's test accuracy %, mean over the
     runs that record it; NaN when none does)."""
     ok = train[(train["status"] == "ok") & train["test_acc"].notna()].copy()
     if ok.empty:
-        return pd.DataFrame(columns=["attention", "variant", "mean", "std", "n", "family", "majority"])
+        return pd.DataFrame(columns=["attention", "variant", "mean", "std", "n", "values", "family", "majority"])
     ok["variant"] = variant_labels(ok)
     ok["family"] = recipe_families(ok)
     ok["acc"] = ok["test_acc"].astype(float) * 100
@@ -113,6 +115,7 @@ def seed_stats(train: pd.DataFrame) -> pd.DataFrame:
     ok["majority"] = pd.to_numeric(majority, errors="coerce") * 100
     groups = ok.groupby(["attention", "variant"])
     stats = groups["acc"].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
+    stats["values"] = groups["acc"].agg(list)
     stats["family"] = groups["family"].first()
     stats["majority"] = groups["majority"].mean()
     return stats.reset_index()
@@ -175,9 +178,10 @@ def plot_recall(points: pd.DataFrame, path: Path, titles: dict[tuple[str, int, s
     panels = sorted(points.groupby(["form", "seq_len", "family"]).groups)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.6, 4.5), squeeze=False)
     handles: dict[str, object] = {}
+    drawn: set = set()
     for ax, (form, length, family) in zip(axes[0], panels):
         panel = points[(points["form"] == form) & (points["seq_len"] == length) & (points["family"] == family)]
-        handles.update(_recall_panel(ax, panel))
+        handles.update(_recall_panel(ax, panel, drawn))
         extra = titles.get((str(form), int(length), family), "")
         ax.set_title(f"MQAR {form}, {length} tokens" + (f"\n{extra}" if extra else ""), fontsize=9)
     # Beside the panels, not on them (with eleven lines any spot inside covers some); every panel's names.
@@ -185,6 +189,7 @@ def plot_recall(points: pd.DataFrame, path: Path, titles: dict[tuple[str, int, s
     fig.legend([handles[n] for n in names], names, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95),
                borderaxespad=0)
     fig.tight_layout()
+    _seeds_note(fig, drawn)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -194,25 +199,37 @@ MAJORITY_LABEL = "majority class"
 MAJORITY_STYLE = {"color": "#555555", "ls": "--", "lw": 1, "zorder": 1, "label": MAJORITY_LABEL}
 
 
-def _recall_panel(ax, panel: pd.DataFrame) -> dict[str, object]:
-    """One (form, seq_len, family): a line per mechanism (mean over seeds, bars = std), the majority class
+def _seeds_note(fig, drawn: set) -> None:
+    """Under the panels: what the seed marks are (:func:`harness.report.plots.seeds_caption`)."""
+    text = seeds_caption(drawn)
+    if text:
+        fig.text(0.01, 0.0, text, ha="left", va="top", fontsize=8)
+
+
+def _recall_panel(ax, panel: pd.DataFrame, drawn: set) -> dict[str, object]:
+    """One (form, seq_len, family): a line per mechanism (mean over seeds, the seeds beside it), the majority class
     dashed; returns label -> legend handle."""
     import matplotlib.ticker
 
     handles = {}
-    for name, line in panel.groupby("attention"):
+    for k, (name, line) in enumerate(panel.groupby("attention")):
         line = line.sort_values("num_kv_pairs")
         style = mechanism_style(name)  # the same colour and marker as in every other plot
-        handles[name] = ax.errorbar(line["num_kv_pairs"], line["mean"], yerr=line["std"].fillna(0), ms=5,
-                                    capsize=2, label=name, color=style["color"], marker=style["marker"],
-                                    ls=style["linestyle"], lw=style["lw"], zorder=style["zorder"])
+        (handles[name],) = ax.plot(line["num_kv_pairs"], line["mean"], ms=5, label=name, color=style["color"],
+                                   marker=style["marker"], ls=style["linestyle"], lw=style["lw"],
+                                   zorder=style["zorder"])
+        for _, r in line.iterrows():  # the seeds right of the mean, each mechanism a step further (log x)
+            drawn.add(draw_seeds(ax, float(r["num_kv_pairs"]), float(r["mean"]), r.get("values"), str(name),
+                                 offset=1.05 + 0.025 * k))
     majority = panel.groupby("num_kv_pairs")["majority"].mean().dropna() if "majority" in panel else pd.Series()
     if len(majority) == 1:  # one rung: a line across the panel (a line through one point would not show)
         handles[MAJORITY_LABEL] = ax.axhline(float(majority.iloc[0]), **MAJORITY_STYLE)
     elif len(majority):
         (handles[MAJORITY_LABEL],) = ax.plot(majority.index, majority.values, **MAJORITY_STYLE)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(panel["num_kv_pairs"].unique()))  # the pairs measured, written as numbers
+    pairs = sorted(panel["num_kv_pairs"].unique())
+    ax.set_xticks(pairs)  # the pairs measured, written as numbers
+    ax.set_xlim(pairs[0] / 1.4, pairs[-1] * 1.4)  # room for the seeds beside the last rung; one rung centred
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_ylim(0, 102)
@@ -259,12 +276,12 @@ def plot_recall_vs_state(points: pd.DataFrame, path: Path) -> Path:
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.6 * rows), squeeze=False)
-    labels = []
+    labels, drawn = [], set()
     for ax, (form, length, pairs, variant) in zip(axes.flat, panels):
         recipe = variant.partition(" (")[2].rstrip(")")
         title = f"MQAR {form}, {length} tokens, {pairs} pairs" + (f" (recipe {recipe})" if recipe else "")
         panel = points[points["variant"] == variant].sort_values("state")
-        labels.append((ax, panel, _state_panel(ax, panel, title)))
+        labels.append((ax, panel, _state_panel(ax, panel, title, drawn)))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
@@ -273,21 +290,24 @@ def plot_recall_vs_state(points: pd.DataFrame, path: Path) -> Path:
         adjust_text(texts, x=list(panel["state"]), y=list(panel["mean"]), ax=ax,
                     target_x=list(panel["state"]), target_y=list(panel["mean"]), expand=(1.3, 1.8),
                     arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.5})
-    fig.savefig(path, dpi=110)
+    _seeds_note(fig, drawn)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def _state_panel(ax, panel: pd.DataFrame, title: str) -> list:
-    """One variant: a point per mechanism (mean over seeds, bars = std) in its fixed style; returns the names'
+def _state_panel(ax, panel: pd.DataFrame, title: str, drawn: set) -> list:
+    """One variant: a point per mechanism (mean over seeds, the seeds beside it) in its fixed style; returns the names'
     text objects, which the caller places apart."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     texts = []
     for _, r in panel.iterrows():
         style = mechanism_style(r["attention"])
-        ax.errorbar([r["state"]], [r["mean"]], yerr=[0 if math.isnan(r["std"]) else r["std"]], ms=6, capsize=2,
-                    color=style["color"], marker=style["marker"], ls="none", zorder=style["zorder"])
+        ax.plot([r["state"]], [r["mean"]], ms=6, color=style["color"], marker=style["marker"], ls="none",
+                zorder=style["zorder"])
+        drawn.add(draw_seeds(ax, float(r["state"]), float(r["mean"]), r.get("values"), str(r["attention"]),
+                             offset=1.06))
         # Started a little right of the point (log axis: x 1.1) and kept off every point by the caller.
         texts.append(ax.text(r["state"] * 1.1, r["mean"], r["attention"], fontsize=7, color=style["color"],
                              va="center", zorder=5))
@@ -330,25 +350,30 @@ def recall_section(page: Page, train: pd.DataFrame, out: Path, files: list[Path]
     if points.empty:
         return
     files.append(plot_recall(points, out / "recall_vs_pairs.png", family_titles(train)))
-    page.note("Recall: MQAR test accuracy vs number of key-value pairs (Zoology Figure 2 layout); each "
+    page.heading("MQAR recall vs number of key-value pairs", place="figures")
+    page.note("MQAR test accuracy (mean over seeds) vs number of key-value pairs (Zoology Figure 2 layout); each "
               "mechanism keeps the budget its recipe gives it (window, features, buckets) while the pairs grow. "
               "One panel per recipe: runs that differ in more than the pairs (another step count) get their "
-              "own panel, titled by what differs. Dashed: the majority class (a constant predictor).")
+              f"own panel, titled by what differs. Dashed: the majority class (a constant predictor). {SEEDS_NOTE}",
+              place="figures")
     page.image(files[-1], "recall_vs_pairs.png")
+    page.note("The MQAR recall plots (vs key-value pairs, vs state size) are under Figures.")
     _state_figure(page, stats, train, out, files)
 
 
 def _state_figure(page: Page, stats: pd.DataFrame, train: pd.DataFrame, out: Path, files: list[Path]) -> None:
-    """The recall-vs-state-size plot, its caption, and the note naming mechanisms without a state size."""
+    """The recall-vs-state-size plot under its own heading with its caption, and the note naming mechanisms
+    without a state size."""
     points, missing = state_points(stats, train)
     if not points.empty:
         files.append(plot_recall_vs_state(points, out / "recall_vs_state.png"))
-        page.note("Recall vs state size: MQAR test accuracy (mean over seeds, bars = sample std; none for one "
-                  "seed) against the "
-                  "number of floats, per head and per layer, that one query's output is computed from after the "
-                  "mechanism's own compression (full attention: its KV cache, 2 x length x head_dim; a kernel "
-                  "mechanism: its fixed feature sums; docs/MQAR.md gives each formula). Log x axis; dashed: the "
-                  "majority class.")
+        page.heading("MQAR recall vs state size", place="figures")
+        page.note("MQAR test accuracy (mean over seeds) against the number of floats, per head and per layer, that "
+                  "one query's output is computed from after the mechanism's own compression (full attention: its "
+                  "KV cache, 2 x length x head_dim; a kernel mechanism: its fixed feature sums; docs/MQAR.md gives "
+                  f"each formula). One panel per MQAR variant; log x axis; dashed: the majority class. {SEEDS_NOTE}",
+                  place="figures")
         page.image(files[-1], "recall_vs_state.png")
     if missing:
-        page.note("no fixed state: " + "; ".join(f"{name} ({why})" for name, why in sorted(missing.items())))
+        page.note("no fixed state: " + "; ".join(f"{name} ({why})" for name, why in sorted(missing.items())),
+                  place="figures" if not points.empty else "tables")

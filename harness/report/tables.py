@@ -27,7 +27,8 @@ def comparison_table(comp: Comparison, mechanisms: Sequence[str] | None = None) 
     majority class. Seeds are averaged (mean ± sample std, k seeds); failed runs are counted beside them;
     a mechanism with no ok run is ``— (statuses)``. Throughput and step memory are given with their ratio
     to ``full`` of the same comparison. Numeric columns: accuracy, std, seeds, best_val, majority,
-    examples_per_s, peak_bytes, speed_vs_full, memory_vs_full (NaN where unknown)."""
+    examples_per_s, peak_bytes, speed_vs_full, memory_vs_full (NaN where unknown); ``by_seed``: seed -> test
+    accuracy % of each ok run (what the plots draw when there are few seeds)."""
     runs = comp.runs
     ran = list(dict.fromkeys(runs["attention"].dropna()))
     names = [m for m in (mechanisms or []) if m in ran] + [m for m in ran if m not in (mechanisms or [])]
@@ -52,10 +53,13 @@ def _mean(values: pd.Series | None) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
-def _mechanism_numbers(runs: pd.DataFrame, majority: float) -> dict[str, float]:
+def _mechanism_numbers(runs: pd.DataFrame, majority: float) -> dict[str, Any]:
     ok = runs[runs["status"] == "ok"]
     acc = pd.to_numeric(ok.get("test_acc"), errors="coerce").dropna() * 100
+    seeds = pd.to_numeric(ok["seed"], errors="coerce") if "seed" in ok else pd.Series(range(len(ok)), index=ok.index)
     return {
+        "by_seed": {int(seeds[i]) if np.isfinite(seeds[i]) else k: float(a)
+                    for k, (i, a) in enumerate(acc.items())},  # the seeds themselves, for the plots
         "accuracy": float(acc.mean()) if len(acc) else float("nan"),
         "std": float(acc.std(ddof=1)) if len(acc) > 1 else float("nan"),
         "seeds": len(acc), "majority": majority,
