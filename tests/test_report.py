@@ -329,6 +329,74 @@ def test_every_mechanism_has_one_distinct_style_in_every_plot(monkeypatch, tmp_p
     assert "head dim 32" in fig._suptitle.get_text()
 
 
+def _lab(colour: str) -> tuple[float, float, float]:
+    """CIELAB (D65) of a '#rrggbb' sRGB colour."""
+    import numpy as np
+
+    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)]) / 255
+    rgb = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ rgb
+    f = [v ** (1 / 3) if v > (6 / 29) ** 3 else v / (3 * (6 / 29) ** 2) + 4 / 29
+         for v in xyz / np.array([0.95047, 1.0, 1.08883])]
+    return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+
+def ciede2000(c1: str, c2: str) -> float:
+    """The CIEDE2000 colour difference of two '#rrggbb' colours: about 2 is just noticeable."""
+    return ciede2000_lab(_lab(c1), _lab(c2))
+
+
+def ciede2000_lab(lab1, lab2) -> float:
+    """CIEDE2000 of two CIELAB colours (Sharma, Wu and Dalal 2005, the formula as published)."""
+    import math
+
+    (l1, a1, b1), (l2, a2, b2) = lab1, lab2
+    c_bar = (math.hypot(a1, b1) + math.hypot(a2, b2)) / 2
+    g = 0.5 * (1 - math.sqrt(c_bar**7 / (c_bar**7 + 25**7)))
+    a1, a2 = a1 * (1 + g), a2 * (1 + g)
+    c1p, c2p = math.hypot(a1, b1), math.hypot(a2, b2)
+    h1, h2 = math.degrees(math.atan2(b1, a1)) % 360, math.degrees(math.atan2(b2, a2)) % 360
+    dh = 0.0 if c1p * c2p == 0 else (h2 - h1 + 180) % 360 - 180
+    d_l, d_c, d_h = l2 - l1, c2p - c1p, 2 * math.sqrt(c1p * c2p) * math.sin(math.radians(dh / 2))
+    l_bar, cp_bar = (l1 + l2) / 2, (c1p + c2p) / 2
+    h_bar = h1 + h2 if c1p * c2p == 0 else ((h1 + h2 + (360 if abs(h1 - h2) > 180 else 0)) / 2) % 360
+    t = (1 - 0.17 * math.cos(math.radians(h_bar - 30)) + 0.24 * math.cos(math.radians(2 * h_bar))
+         + 0.32 * math.cos(math.radians(3 * h_bar + 6)) - 0.20 * math.cos(math.radians(4 * h_bar - 63)))
+    s_l = 1 + 0.015 * (l_bar - 50) ** 2 / math.sqrt(20 + (l_bar - 50) ** 2)
+    s_c, s_h = 1 + 0.045 * cp_bar, 1 + 0.015 * cp_bar * t
+    r_t = (-math.sin(math.radians(60 * math.exp(-(((h_bar - 275) / 25) ** 2))))
+           * 2 * math.sqrt(cp_bar**7 / (cp_bar**7 + 25**7)))
+    return math.sqrt((d_l / s_l) ** 2 + (d_c / s_c) ** 2 + (d_h / s_h) ** 2 + r_t * (d_c / s_c) * (d_h / s_h))
+
+
+@pytest.mark.parametrize("lab1, lab2, expected", [  # Sharma, Wu and Dalal (2005), Table 1: pairs 1, 7, 17, 25
+    ((50, 2.6772, -79.7751), (50, 0, -82.7485), 2.0425), ((50, 0, 0), (50, -1, 2), 2.3669),
+    ((50, 2.5, 0), (73, 25, -18), 27.1492), ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644),
+])
+def test_ciede2000_matches_the_published_test_data(lab1, lab2, expected):
+    assert ciede2000_lab(lab1, lab2) == pytest.approx(expected, abs=1e-4)
+    assert ciede2000("#000000", "#ffffff") == pytest.approx(100.0, abs=0.1)
+
+
+def test_every_mechanism_colour_is_distinct_from_every_other_and_from_the_reference():
+    """Eleven mechanisms and the SDPA reference: every pair at least 15 CIEDE2000 apart, and no mechanism but
+    full grey (a grey one read as the dotted grey reference); the two pairs a new user confused (aft vs
+    sdpa_direct, clustered vs bigbird) now far apart."""
+    import itertools
+    import math
+
+    from attentions import available_attentions
+    from harness.report import plots
+
+    colours = {n: plots.mechanism_style(n)["color"] for n in [*available_attentions(), "sdpa_direct"]}
+    closest = min((ciede2000(colours[a], colours[b]), a, b) for a, b in itertools.combinations(colours, 2))
+    assert closest[0] >= 15, closest
+    grey = [n for n, c in colours.items() if n not in ("full", "sdpa_direct") and math.hypot(*_lab(c)[1:]) < 25]
+    assert grey == []
+    assert ciede2000(colours["aft"], colours["sdpa_direct"]) > 28  # was 9 (grey on grey)
+    assert ciede2000(colours["clustered"], colours["bigbird"]) > 28  # was 23 (olive by green)
+
+
 def test_arena_report_on_a_missing_store_exits_non_zero_naming_it(monkeypatch, tmp_path, capsys):
     assert _arena_report(monkeypatch, tmp_path, "results_dir=no_such_results") == 2
     assert "no_such_results" in capsys.readouterr().err
@@ -644,3 +712,47 @@ def test_the_recipe_as_its_file_sets_it_is_titled_by_the_file_and_a_rung_by_what
     titles = [c.title for c in comparisons(load_records(root, kind="train"))]
     assert recipe["task.params.num_kv_pairs"] == 8
     assert titles == ["mqar (quick/mqar)", "mqar (quick/mqar): task.params.num_kv_pairs=16"]
+
+
+def _approx_frame(rows):
+    """Approximation records (mechanism, param, value, error_mean) at n = 1024, head dim 32, iid inputs."""
+    return pd.DataFrame([{"mechanism": m, "param": p, "value": v, "variant": "iid", "error_mean": e, "error_std": 0.01,
+                          "status": "ok", "reference": "softmax", "n": 1024, "head_dim": 32, "errors": [e, e]}
+                         for m, p, v, e in rows])
+
+
+def test_the_approximation_plot_labels_its_log_axis_and_says_which_budget_runs_backwards(monkeypatch, tmp_path):
+    """The reference's span (0.03 to 6.9): every decade and its 2 and 5 labelled, not only 0.1 and 1;
+    memory_compressed's compression grows as its budget shrinks, and its panel says so."""
+    from harness.report import plots
+    from harness.report.tables import shrinking_budgets
+
+    approx = _approx_frame([("bigbird", "block_size", v, e) for v, e in ((8, 3.6), (32, 1.6), (128, 0.03))]
+                           + [("sliding_window", "window", v, e) for v, e in ((16, 6.9), (512, 1.2))]
+                           + [("memory_compressed", "compression", v, e) for v, e in ((2, 1.8), (16, 3.9))]
+                           + [("clustered", "num_clusters", v, e) for v, e in ((8, 0.8), (256, 0.6))])
+    assert shrinking_budgets(approx) == {"memory_compressed"}  # clustered's state does not change: not in it
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plots.plot_approx(approx, tmp_path / "a.png", shrinking=shrinking_budgets(approx))
+    fig = figures[-1]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text() and low <= t.get_position()[1] <= high]
+    assert {"0.05", "0.1", "0.2", "0.5", "1", "2", "5"} <= set(labels)  # not only 0.1 and 1
+    xlabels = {a.get_title(): a.get_xlabel() for a in fig.axes if a.get_title()}
+    assert xlabels["memory_compressed vs softmax"] == "compression (larger compression = smaller budget)"
+    assert xlabels["bigbird vs softmax"] == "block_size"
+
+
+def test_the_approximation_caption_explains_the_backwards_budget(tmp_path):
+    from harness.report.build import approx_section
+    from harness.report.page import Page
+
+    approx = _approx_frame([("memory_compressed", "compression", v, e) for v, e in ((2, 1.8), (16, 3.9))]
+                           + [("linformer", "proj_dim", v, e) for v, e in ((16, 6.8), (512, 1.4))])
+    page, files = Page("t"), []
+    approx_section(page, approx, tmp_path, files)
+    figure_notes = [value for kind, value in page.parts["figures"] if kind == "p"]
+    assert any("memory_compressed (compression: larger compression = smaller budget)" in n for n in figure_notes)

@@ -47,6 +47,7 @@ from harness.report.tables import (
     peer_table,
     pivot_cells,
     relative_table,
+    shrinking_budgets,
 )
 from harness.settings import check_known
 from harness.store import KINDS, load_records, nested_stores
@@ -339,8 +340,11 @@ def approx_section(page: Page, approx: pd.DataFrame, out: Path, files: list[Path
         return
     approx = comparable_approx(approx)
     setting = _approx_setting(approx)
-    files.append(plot_approx(approx, out / "approx_error.png", setting))
+    shrinking = shrinking_budgets(approx)
+    files.append(plot_approx(approx, out / "approx_error.png", setting, shrinking))
     page.heading("Approximation error vs budget", place="figures")
+    page.note("Relative error against what each mechanism approximates (panel title) vs its budget parameter, one "
+              "line per input kind, one shared log y axis. " + _shrinking_note(approx, shrinking), place="figures")
     page.image(files[-1], "approx_error.png")
     inputs = approx.drop_duplicates("variant").set_index("variant").get("inputs", pd.Series(dtype=str))
     references = approx.drop_duplicates("mechanism").set_index("mechanism")["reference"]
@@ -348,8 +352,19 @@ def approx_section(page: Page, approx: pd.DataFrame, out: Path, files: list[Path
               "is what the mechanism approximates: " + "; ".join(f"{m}: {r}" for m, r in references.items())
               + ". AFT approximates no attention function and is left out. Inputs: "
               + "; ".join(f"{v}: {d}" for v, d in inputs.items())
-              + ". Linformer's E/F and the memory-compressed convolution are untrained. " + PERFORMER_VARIANCE)
+              + ". Linformer's E/F and the memory-compressed convolution are untrained. "
+              + _shrinking_note(approx, shrinking) + PERFORMER_VARIANCE)
     page.table(approx_table(approx))
+
+
+def _shrinking_note(approx: pd.DataFrame, shrinking: set[str]) -> str:
+    """Which panels read the other way round: their parameter grows as their budget shrinks."""
+    if not shrinking:
+        return ""
+    params = approx.drop_duplicates("mechanism").set_index("mechanism")["param"]
+    named = ", ".join(f"{m} ({params[m]}: larger {params[m]} = smaller budget)" for m in sorted(shrinking))
+    return (f"In every panel but {named} the budget grows to the right and the error should fall; in those it "
+            "shrinks to the right, so their error rises. ")
 
 
 def _approx_seed_text(approx: pd.DataFrame) -> str:

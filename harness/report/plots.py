@@ -21,12 +21,14 @@ import numpy as np
 import pandas as pd
 
 # The registry's mechanisms in a fixed order: colour i and marker i of the tables below. `full`, the exact
-# reference every ratio is taken against, is black; the others take the ten tab10 colours.
+# reference every ratio is taken against, is black; the others take matplotlib's tab10 colours, except two:
+# tab10's grey (aft) read as the grey sdpa_direct reference and its olive (clustered) as bigbird's green, so
+# those two are gold and navy. Every pair differs by a CIEDE2000 distance of at least 15 (red/brown and
+# purple/pink, tab10's own, are the closest: 16 and 17; tests/test_report.py checks it).
 MECHANISM_ORDER = ("full", "sliding_window", "longformer", "bigbird", "reformer", "linformer", "performer", "rfa",
                    "aft", "clustered", "memory_compressed")
-TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-         "#17becf")
-COLOURS = ("#000000", *TAB10)
+COLOURS = ("#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#e6b800",
+           "#000080", "#17becf")
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p", "d", "H", "8")
 # Mechanisms registered later (plug-ins) get a style from their name: stable across plots and runs.
 EXTRA_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
@@ -74,14 +76,19 @@ def _length_axis(ax, ns: Sequence[float]) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
 
 
+# Up to this span (max / min) a log axis labels 1, 2 and 5 of every decade; beyond it, every decade only.
+LOG_LABEL_SPAN = 1000
+
+
 def _plain_log_y(ax, values=None) -> None:
-    """Log y axis with plain labels: 1, 2, 5 per decade (so an axis spanning less than a decade still gets
-    labelled ticks), or decades only when ``values`` span more than two decades (readable, not crowded)."""
+    """Log y axis with plain labels: every decade and its 2 and 5 (so an axis spanning less than a decade still
+    gets labelled ticks, and one from 0.03 to 7 reads 0.05 ... 5, not only 0.1 and 1), or every decade only when
+    ``values`` span more than three decades (readable, not crowded)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_yscale("log")
     positive = [float(v) for v in (values if values is not None else []) if v > 0]
-    wide = bool(positive) and max(positive) / min(positive) > 100
+    wide = bool(positive) and max(positive) / min(positive) > LOG_LABEL_SPAN
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(_number))
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -169,9 +176,11 @@ def _mark_failed(ax, sub: pd.DataFrame) -> set[str]:
     return outcomes
 
 
-def plot_approx(approx: pd.DataFrame, path: Path, setting: str = "") -> Path:
+def plot_approx(approx: pd.DataFrame, path: Path, setting: str = "", shrinking: set[str] = frozenset()) -> Path:
     """Relative error vs budget parameter: one panel per mechanism, titled by what it is compared to, one
-    line per input variant, all panels on one shared log y axis."""
+    line per input variant, all panels on one shared log y axis. ``shrinking``: the mechanisms whose parameter
+    gives a smaller budget as it grows (memory_compressed's compression): their x label says so, since their
+    error rises to the right where the others' falls."""
     plt = _pyplot()
     ok = approx[approx["status"] == "ok"]
     names = _ordered(ok["mechanism"])
@@ -191,7 +200,8 @@ def plot_approx(approx: pd.DataFrame, path: Path, setting: str = "") -> Path:
         _plain_log_y(ax, ok["error_mean"].astype(float))  # the whole shared axis decides the tick density
         reference = str(sub["reference"].iloc[0]) if "reference" in sub else "softmax"
         ax.set_title(f"{name} vs {reference.split(',')[0]}", fontsize=9)
-        ax.set_xlabel(str(sub["param"].iloc[0]), fontsize=8)
+        param = str(sub["param"].iloc[0])
+        ax.set_xlabel(f"{param} (larger {param} = smaller budget)" if name in shrinking else param, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)

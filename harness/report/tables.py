@@ -287,6 +287,30 @@ def approx_seeds(approx: pd.DataFrame) -> pd.Series:
     return approx.apply(count, axis=1) if len(approx) else pd.Series(dtype=float)
 
 
+def shrinking_budgets(approx: pd.DataFrame) -> set[str]:
+    """The mechanisms of an approximation study whose budget parameter gives a *smaller* state as it grows
+    (memory_compressed's ``compression``: more tokens per slot, fewer slots), so their error rises to the right
+    where every other panel's falls. Read from the registry's state size at the study's n and head dim; a
+    mechanism that declares none, or whose state does not change (clustered), is not in it."""
+    shrinking = set()
+    needed = {"mechanism", "param", "value", "n", "head_dim"}
+    if not needed <= set(approx.columns):
+        return shrinking
+    for (name, param), group in approx.groupby(["mechanism", "param"]):
+        values = sorted(pd.to_numeric(group["value"], errors="coerce").dropna().unique())
+        if name not in available_attentions() or len(values) < 2:
+            continue
+        n, head_dim = int(group["n"].iloc[0]), int(group["head_dim"].iloc[0])
+        try:
+            low, high = (get_attention_info(name).state_size({"head_dim": head_dim, "max_seq_len": n,
+                                                              param: _plain(v)}, n) for v in (values[0], values[-1]))
+        except (ValueError, TypeError):
+            continue  # a budget the registry does not accept at this n tells nothing
+        if low is not None and high is not None and high < low:
+            shrinking.add(str(name))
+    return shrinking
+
+
 def approx_table(approx: pd.DataFrame) -> pd.DataFrame:
     """Mechanism x budget rows, one column per input variant: the relative error, ``mean ± std`` over seeds, or
     the value alone for one seed (a std of one seed is not a zero spread)."""
