@@ -27,7 +27,12 @@ def test_paths_are_shown_relative_to_the_working_directory(tmp_path, monkeypatch
 def test_the_report_page_does_not_print_the_machine_path_of_the_store(tmp_path, monkeypatch):
     monkeypatch.delenv(WORKDIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "results").mkdir()
+    from harness.store import now_iso, write_record
+
+    # One record: a folder without any is "nothing to report" (no page at all).
+    write_record({"kind": "train", "record_id": "t", "status": "ok", "created_at": now_iso(), "attention": "full",
+                  "task": "listops", "seed": 0, "test_acc": 0.3, "majority_test_acc": 0.2,
+                  "config": {"task": {"name": "listops"}}}, tmp_path / "results")
     built = build_report("results")
     md = (built["out"] / "report.md").read_text()
     assert "Results store: results." in md and str(tmp_path) not in md
