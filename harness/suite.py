@@ -589,8 +589,14 @@ def _bench_stage(s: SuiteSettings, mechanisms: list[str]) -> float:
 def _report_stage(s: SuiteSettings) -> tuple[str, float]:
     """(the report page's path relative to the working directory, seconds to build it).
 
-    The slope range and memory budget come from the benchmark's records, as for ``arena-report``."""
-    built = report.build_report(s.results_dir, s.report_dir)
+    The slope range and memory budget come from the benchmark's records, as for ``arena-report``. A store that
+    is missing or holds no readable record (``stages=[report]`` on a fresh folder) ends the suite as it ends
+    ``arena-report``: one line naming it, exit 2."""
+    try:
+        built = report.build_report(s.results_dir, s.report_dir)
+    except (FileNotFoundError, report.NothingToReport) as exc:
+        print(f"arena-suite: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     return shown_path(Path(built["out"]) / "report.html"), built["build_s"]
 
 

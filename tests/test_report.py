@@ -756,3 +756,14 @@ def test_the_approximation_caption_explains_the_backwards_budget(tmp_path):
     approx_section(page, approx, tmp_path, files)
     figure_notes = [value for kind, value in page.parts["figures"] if kind == "p"]
     assert any("memory_compressed (compression: larger compression = smaller budget)" in n for n in figure_notes)
+
+
+def test_the_suites_report_stage_on_a_folder_without_records_is_one_line_and_exit_2(tmp_path, capsys):
+    from harness import suite
+
+    (tmp_path / "results").mkdir()
+    with pytest.raises(SystemExit) as info:
+        suite.run_suite({"stages": ["report"], "results_dir": str(tmp_path / "results")})
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arena-suite: nothing to report: ")
