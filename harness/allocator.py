@@ -24,6 +24,9 @@ MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHO
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int
+_REUSE = "reuse:mallopt(M_MMAP_MAX=0,M_TRIM_THRESHOLD=2^31-1)"
+# ``reuse`` cannot be undone in-process: once applied, every later run of the process measures under it.
+_applied: list[str] = []
 
 
 def describe_cpu_allocator(env: dict[str, str] | None = None) -> str:
@@ -36,11 +39,14 @@ def describe_cpu_allocator(env: dict[str, str] | None = None) -> str:
 def configure_cpu_allocator(mode: str) -> str:
     """Apply ``mode`` to this process and return the description recorded with the results.
 
-    ``default`` changes nothing (it returns the malloc environment, if any). ``reuse`` needs glibc (Linux);
-    elsewhere it raises ``ValueError`` rather than measuring something other than what was asked for.
+    ``default`` changes nothing (it returns the malloc environment, if any, or ``reuse``'s description when an
+    earlier call in this process applied it: the policy in force is what gets recorded). ``reuse`` needs glibc
+    (Linux); elsewhere it raises ``ValueError`` rather than measuring something other than what was asked for.
     """
     if mode not in CPU_ALLOCATORS:
         raise ValueError(f"cpu_allocator must be one of {CPU_ALLOCATORS}, got {mode!r}")
+    if _applied:
+        return _applied[0]
     if mode == "default":
         return describe_cpu_allocator()
     mallopt = _glibc_mallopt()
@@ -49,7 +55,8 @@ def configure_cpu_allocator(mode: str) -> str:
                          "Use cpu_allocator=default (timings then include the OS allocator's page faults).")
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)):
         raise RuntimeError("cpu_allocator=reuse: glibc's mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD")
-    return "reuse:mallopt(M_MMAP_MAX=0,M_TRIM_THRESHOLD=2^31-1)"
+    _applied.append(_REUSE)
+    return _REUSE
 
 
 def _glibc_mallopt():

@@ -34,7 +34,7 @@ KINDS = ("train", "bench", "approx", "peer")
 # ``plugins`` only says where a mechanism came from (its name is hashed): a suite run with a plug-in keeps
 # the hashes and the recipe of the built-in mechanisms' runs.
 NON_SEMANTIC_KEYS = ("results_dir", "cache_dir", "checkpoint_dir", "keep_checkpoints", "force", "quiet",
-                     "log_every", "fault", "num_threads", "plugins")
+                     "log_every", "fault", "num_threads", "cpu_allocator", "plugins")
 # What varies inside one comparison (recipe): the mechanism and the seed. Everything else, the mechanism's
 # command-line parameters included, makes another recipe.
 WITHIN_RECIPE_KEYS = ("seed", "attention.name")

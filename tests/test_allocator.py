@@ -27,3 +27,11 @@ def test_reuse_applies_mallopt_in_a_fresh_process():
     code = "from harness.allocator import configure_cpu_allocator as c; print(c('reuse'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().startswith("reuse:mallopt(M_MMAP_MAX=0")
+
+
+@pytest.mark.skipif(_glibc_mallopt() is None, reason="needs glibc")
+def test_default_after_reuse_records_reuse():
+    # reuse cannot be undone in-process: a later run of the same process (a sweep) must record what is in force.
+    code = "from harness.allocator import configure_cpu_allocator as c; c('reuse'); print(c('default'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().startswith("reuse:mallopt(M_MMAP_MAX=0")

@@ -174,6 +174,7 @@ def test_check_known_and_typed_values_name_the_key():
     ("train.eval_every=0", "invalid 'train.eval_every': must be an integer >= 1, got 0"),
     ("quiet=yes", "invalid 'quiet': must be true or false, got 'yes'"),
     ("optimizer.lr=fast", "invalid 'optimizer.lr'"),
+    ("cpu_allocator=jemalloc", "invalid 'cpu_allocator': 'jemalloc'; allowed: default, reuse"),
 ])
 def test_arena_train_wrong_type_is_one_line_exit_2(tmp_path, monkeypatch, capsys, bad, expected):
     argv = ["arena-train", *FAKE, f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/out", bad]

@@ -70,6 +70,9 @@ def test_end_to_end_run_writes_one_complete_record(tmp_path):
     assert on_disk["attention_backend"] == "sdpa"
     assert on_disk["config"]["train"]["max_steps"] == 12 and on_disk["attention"] == "full"
     assert on_disk["device"]
+    # What a throughput is comparable by: the allocator policy and this machine's matmul rate (CPU).
+    assert on_disk["device"]["cpu_allocator"] == "default"
+    assert on_disk["matmul_flops_per_s"] > 1e8 and on_disk["estimated_min_train_s"] > 0
     task = build_fake_task("fake", num_train=100, num_val=40, num_test=40, max_length=16)
     expected_params = build_model(train_mod.model_config_for(make_cfg(tmp_path), task)).num_parameters()
     assert on_disk["num_parameters"] == expected_params

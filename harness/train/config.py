@@ -338,8 +338,12 @@ def time_estimate(settings: TrainSettings, model: ModelConfig, steps: int) -> di
     return {"seconds": seconds, "step_flops": step, "flops_per_s": rate, "message": message}
 
 
-def log_time_estimate(cfg: DictConfig, settings: TrainSettings, task, steps: int) -> None:
+def log_time_estimate(cfg: DictConfig, settings: TrainSettings, task, steps: int) -> dict[str, Any] | None:
     """On a CPU, log :func:`time_estimate`'s line for ``steps`` steps of this run (the task need not be prepared:
-    its sizes are known before its data are made). Elsewhere nothing: a GPU's rate is not a matmul of this kind."""
-    if settings.device.type == "cpu":
-        log.info(time_estimate(settings, model_config_for(cfg, task), steps)["message"])
+    its sizes are known before its data are made) and return the estimate. Elsewhere nothing (None): a GPU's
+    rate is not a matmul of this kind."""
+    if settings.device.type != "cpu":
+        return None
+    estimate = time_estimate(settings, model_config_for(cfg, task), steps)
+    log.info(estimate["message"])
+    return estimate

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from harness.allocator import configure_cpu_allocator
 from harness.checkpoint import load_checkpoint, resume_point, rng_state, save_checkpoint, set_rng_state
 from harness.measure import device_info, measure_peak_memory, synchronize
 from harness.model import ArenaModel, build_model
@@ -228,20 +229,31 @@ def train(cfg: DictConfig, run_id: str, checkpoint_dir: Path, out: dict[str, Any
     out.pop("stage")
 
 
+def _estimate_fields(estimate: dict[str, Any] | None) -> dict[str, Any]:
+    """The record's fields of a CPU time estimate: the measured matmul rate and the least time it implies."""
+    if estimate is None:
+        return {}
+    return {"matmul_flops_per_s": estimate["flops_per_s"], "estimated_min_train_s": estimate["seconds"]}
+
+
 def set_up(cfg: DictConfig, settings: TrainSettings, checkpoint_dir: Path, out: dict[str, Any]) -> Run:
     """Task, model (seeded), a preflight forward, optimizer and scheduler; the model's facts go into ``out``."""
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     device = settings.device
     out.update(device=dict(device_info(device)), precision=settings.precision)
+    if device.type == "cpu":
+        # Both change a run's times, not its numbers: recorded so throughputs from two machines or policies can
+        # be told apart (the rate is this machine's, measured once per process, docs/DESIGN.md "Measuring").
+        out["device"]["cpu_allocator"] = configure_cpu_allocator(settings.cpu_allocator)
     task = make_task(cfg)
     counts_steps = cfg.train.get("epochs") is None
     if counts_steps:  # on a CPU, a word on how long it will take before the data are even made
-        log_time_estimate(cfg, settings, task, int(cfg.train.max_steps))
+        out.update(_estimate_fields(log_time_estimate(cfg, settings, task, int(cfg.train.max_steps))))
     task.prepare()
     steps_per_epoch, max_steps, warmup = schedule_lengths(cfg, int(task.num_examples("train")))
     if not counts_steps:  # epochs: the steps are known once the training split is
-        log_time_estimate(cfg, settings, task, max_steps)
+        out.update(_estimate_fields(log_time_estimate(cfg, settings, task, max_steps)))
     model_cfg = model_config_for(cfg, task)
     # Model init, dropout and anything else drawing from the global RNGs start from the seed.
     torch.manual_seed(settings.seed)

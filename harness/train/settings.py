@@ -16,11 +16,18 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from harness.allocator import CPU_ALLOCATORS
 from harness.measure import check_device
 from harness.settings import Settings, as_bool, as_float, as_int
 
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw",)
+
+
+def _cpu_allocator(value) -> str:
+    if value not in CPU_ALLOCATORS:
+        raise ValueError(f"invalid 'cpu_allocator': {value!r}; allowed: {', '.join(CPU_ALLOCATORS)}")
+    return str(value)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -64,6 +71,7 @@ class TrainSettings(Settings):
     device: torch.device
     precision: str
     num_threads: int | None
+    cpu_allocator: str  # default | reuse (harness.allocator); CPU only
     batch_size: int
     eval_batch_size: int
     eval_every: int
@@ -101,6 +109,7 @@ class TrainSettings(Settings):
             label=f"{cfg.attention.name}/{cfg.task.name}/seed{seed}", seed=seed, device=device,
             precision=resolve_precision(str(cfg.precision), device.type),
             num_threads=as_int(cfg.get("num_threads"), "num_threads", minimum=1, optional=True),
+            cpu_allocator=_cpu_allocator(cfg.get("cpu_allocator", "default")),
             batch_size=batch_size,
             eval_batch_size=as_int(t.eval_batch_size, "train.eval_batch_size", minimum=1, optional=True) or batch_size,
             eval_every=eval_every,
