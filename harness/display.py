@@ -4,7 +4,7 @@ A cell without a number is never written as zero: in the report it is ``— (why
 (:func:`missing_cell`), in the benchmark's console table the bare outcome (:func:`format_cell`).
 Both take their wording from :data:`OUTCOME_LABELS`.
 
-Owns: the formatting of cells, sizes, derived figures and Markdown tables; the one line a
+Owns: the formatting of cells, sizes, durations, derived figures and Markdown tables; the one line a
 training run ends with (:func:`run_done_line`, written by ``arena-train`` and read back by ``arena-suite``
 with :func:`parse_run_done`).
 Imports: :mod:`harness.analysis` (to format the derived figures), numpy, pandas.
@@ -61,6 +61,16 @@ def format_bytes(value: float) -> str:
     if value >= 2**20:
         return f"{value / 2**20:.1f} MiB"
     return f"{value / 2**10:.1f} KiB"
+
+
+def format_duration(seconds: float) -> str:
+    """A wall time as a reader wants it: ``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = max(0, int(round(float(seconds))))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def format_time_spread(row: pd.Series) -> str:
