@@ -6,7 +6,7 @@ Both take their wording from :data:`OUTCOME_LABELS`.
 
 Owns: the formatting of cells, sizes, durations, derived figures and Markdown tables; the one line a
 training run ends with (:func:`run_done_line`, written by ``arena-train`` and read back by ``arena-suite``
-with :func:`parse_run_done`).
+with :func:`parse_run_done`); how an app ends on Ctrl-C (:func:`one_line_interrupt`).
 Imports: :mod:`harness.analysis` (to format the derived figures), numpy, pandas.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -216,9 +217,15 @@ def parse_run_done(line: str) -> dict | None:
 @contextlib.contextmanager
 def one_line_interrupt(app: str, kept: str) -> Iterator[None]:
     """Ctrl-C inside the block: one line on stderr (``<app>: interrupted (Ctrl-C); <kept>``), exit 130, no
-    traceback. Records are written one file at a time, atomically, so what was recorded is kept as is."""
+    traceback. Records are written one file at a time, atomically, so what was recorded is kept as is.
+
+    After that line a second Ctrl-C ends the process at once, silently (SIGINT back to the system's default):
+    without this, one pressed while the interpreter shuts down (an atexit handler still joining a pool's
+    processes, flushing logs) printed "Exception ignored in atexit callback ... KeyboardInterrupt"."""
     try:
         yield
     except KeyboardInterrupt:
         print(f"\n{app}: interrupted (Ctrl-C); {kept}", file=sys.stderr, flush=True)
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to change there
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         raise SystemExit(130) from None

@@ -32,9 +32,11 @@ imports it (it is the top of the harness). Training runs in subprocesses (``pyth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -341,6 +343,9 @@ def sweep_parts(s: SuiteSettings, mechanisms: list[str],
 # ("[<time>][<logger>][INFO] - ..."). Shown with train.verbose=true only; every other line (warnings, errors,
 # tracebacks, a process's own messages) always shows.
 INFO_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+\]\[(?:HYDRA\]|[^\]]+\]\[(?:INFO|DEBUG)\] - )")
+# On Ctrl-C: seconds the training processes get to stop on the terminal's own SIGINT, then on one sent to
+# them (the suite alone may have been interrupted), before they are killed.
+STOP_GRACE_S = (2.0, 5.0)
 
 
 @dataclass
@@ -468,12 +473,32 @@ class _JobPool:
             elif self.verbose or not INFO_LINE.match(line):
                 self.out(f"[{label}] {line}")
 
-    def terminate(self) -> None:
+    def stop_all(self) -> None:
+        """Ctrl-C: no new job; the jobs' output dropped (each prints its own interrupt line); the running
+        processes stopped by the SIGINT the terminal sent them, else by one sent now, else killed, so that
+        none outlives the suite. A second Ctrl-C meanwhile kills them at once."""
         self.stop.set()
         with self.lock:
             procs = list(self.running.values())
-        for proc in procs:
-            proc.terminate()
+        try:
+            alive = _wait_for(procs, STOP_GRACE_S[0])
+            for proc in alive:
+                proc.send_signal(signal.SIGINT)
+            alive = _wait_for(alive, STOP_GRACE_S[1])
+        except KeyboardInterrupt:
+            alive = procs
+        for proc in alive:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for(procs: list[subprocess.Popen], seconds: float) -> list[subprocess.Popen]:
+    """The processes of ``procs`` still running after waiting up to ``seconds`` for them all."""
+    deadline = time.monotonic() + seconds
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    return [proc for proc in procs if proc.poll() is None]
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None = None, cwd: str | None = None,
@@ -483,7 +508,8 @@ def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None =
     job's output lines prefixed by ``[<label>]``. With ``progress``, the line a run ends with becomes the
     progress line (count, result, time left); ``verbose=False`` leaves out the jobs' INFO lines (warnings,
     errors and anything else still show) and the exit of a job that succeeded. Returns 0 when every job
-    exited 0, else the first non-zero exit code. Ctrl-C terminates the running jobs (by their pid)."""
+    exited 0, else the first non-zero exit code. Ctrl-C stops the running jobs (:meth:`_JobPool.stop_all`),
+    then raises KeyboardInterrupt."""
     pool = _JobPool(jobs, env, cwd, echo or (lambda line: print(line, flush=True)), progress, verbose)
     threads = [threading.Thread(target=pool.worker, args=(w + 1,), daemon=True) for w in range(max(1, workers))]
     for t in threads:
@@ -493,7 +519,9 @@ def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None =
             while t.is_alive():
                 t.join(timeout=0.5)
     except KeyboardInterrupt:
-        pool.terminate()
+        pool.stop_all()
+        for t in threads:  # their processes are gone: the pipes end, the threads return
+            t.join(timeout=5)
         raise
     return next((c for c in pool.codes if c), 0)
 

@@ -389,6 +389,67 @@ def test_suite_exits_1_when_any_run_failed_whatever_its_stage_and_shows_a_line_p
     assert (tmp_path / "r" / "report" / "report.html").exists()
 
 
+def test_ctrl_c_stops_the_suite_and_its_workers_with_one_line_and_keeps_the_records(tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole process group) while both workers train: exit 130,
+    exactly the suite's one line on stderr, nothing from the workers after it, no process of the group
+    left, and the records written before it kept. Deterministic: each worker's first run (seed 1) crashes at
+    step 2 and is recorded; its second (seed 2) would run for a very long time."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = _suite_cli(tmp_path, "stages=[train]", "mechanisms=[full,aft]", "train.experiments=[smoke/mqar]",
+                      "train.ladder.points=[]", "train.seeds=[1,2]",
+                      'train.overrides=["train.max_steps=1000000","fault.raise_at_step=2","fault.seeds=[1]"]',
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("run 1/4 "):
+                break
+        assert lines and lines[-1].startswith("run 1/4 ") and "seed 1  error (during training)" in lines[-1], (
+            "".join(lines) + proc.stderr.read())
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err == ("\narena-suite: interrupted (Ctrl-C); what was recorded is kept; the same command continues "
+                   "from there\n"), err
+    assert out.strip() == "", out  # nothing from the workers after the interrupt
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the whole group is gone (its processes were waited for, or are exiting)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of the suite's group outlived it")
+    records = load_records(tmp_path / "r", kind="train")
+    assert len(records) >= 1 and set(records["status"]) == {"error"} and set(records["seed"]) == {1}
+
+
+def test_after_the_interrupt_line_a_second_ctrl_c_ends_the_process_silently(capsys):
+    """The interpreter's shutdown (atexit handlers) runs after the line: a Ctrl-C there must not print
+    "Exception ignored in atexit callback ... KeyboardInterrupt", so SIGINT goes back to the default."""
+    import signal
+
+    from harness.display import one_line_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info, one_line_interrupt("arena-x", "kept"):
+            raise KeyboardInterrupt
+        assert exit_info.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err == "\narena-x: interrupted (Ctrl-C); kept\n"
+
+
 def test_arena_bench_settings_errors_are_one_line_exit_2(tmp_path):
     import subprocess
     import sys
