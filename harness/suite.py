@@ -569,7 +569,10 @@ def _training_summary(progress: RunProgress, code: int) -> None:
     """The training stage's last line: how many runs finished, which failed; a worker's failure is said even
     when none of its runs said so (it failed before or between runs)."""
     failed = f"; {len(progress.failed)} failed: {'; '.join(progress.failed)}" if progress.failed else ""
-    print(f"training: {progress.done}/{progress.total} runs finished{failed}", flush=True)
+    # Fewer: a worker stopped early, or a launcher (train.overrides=[hydra/launcher=...]) ran the jobs elsewhere.
+    unseen = ("" if progress.done >= progress.total else
+              " (the others did not report here: a worker stopped early, or a launcher ran them and has their logs)")
+    print(f"training: {progress.done}/{progress.total} runs finished here{unseen}{failed}", flush=True)
     if code:
         print(f"training: a worker process exited with code {code} (its lines above say why); the report "
               "shows what finished", flush=True)

@@ -380,7 +380,7 @@ def test_suite_exits_1_when_any_run_failed_whatever_its_stage_and_shows_a_line_p
                in line for line in runs) == 2
     assert any(" full " in line and "seed 2  error (during training) (" in line for line in runs)
     assert any(" full " in line and "seed 1  test " in line for line in runs)
-    assert "training: 4/4 runs finished; 3 failed: " in proc.stdout
+    assert "training: 4/4 runs finished here; 3 failed: " in proc.stdout
     assert "full smoke/listops seed 2: error (during training)" in proc.stdout
     assert not re.search(r"step \d+/\d+", proc.stdout) and "[INFO]" not in proc.stdout and "[HYDRA]" not in proc.stdout
     records = load_records(tmp_path / "r", kind="train")
