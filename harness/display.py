@@ -4,7 +4,9 @@ A cell without a number is never written as zero: in the report it is ``— (why
 (:func:`missing_cell`), in the benchmark's console table the bare outcome (:func:`format_cell`).
 Both take their wording from :data:`OUTCOME_LABELS`.
 
-Owns: the formatting of cells, sizes, derived figures and Markdown tables.
+Owns: the formatting of cells, sizes, durations, derived figures and Markdown tables; the one line a
+training run ends with (:func:`run_done_line`, written by ``arena-train`` and read back by ``arena-suite``
+with :func:`parse_run_done`); how an app ends on Ctrl-C (:func:`one_line_interrupt`).
 Imports: :mod:`harness.analysis` (to format the derived figures), numpy, pandas.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -59,6 +62,16 @@ def format_bytes(value: float) -> str:
     if value >= 2**20:
         return f"{value / 2**20:.1f} MiB"
     return f"{value / 2**10:.1f} KiB"
+
+
+def format_duration(seconds: float) -> str:
+    """A wall time as a reader wants it: ``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = max(0, int(round(float(seconds))))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def format_time_spread(row: pd.Series) -> str:
@@ -171,12 +184,48 @@ def shown_path(path: str | Path) -> str:
         return str(path)
 
 
+# The line each arena-train run ends with, in every mode (single run, sweep, suite worker):
+#   <attention>/<task>/seed<N> [<recipe>]: <outcome> after <wall> s[, test@best <acc>]; <details>
+# arena-suite reads it back (parse_run_done) to show its own line per finished run; free text only after "; ".
+RUN_DONE = re.compile(r"(?P<label>(?P<attention>[\w.-]+)/(?P<task>[\w.-]+)/seed(?P<seed>-?\d+)) "
+                      r"\[(?P<recipe>[^\]\s]*)\]: (?P<outcome>[^;]+?) after (?P<wall>\d+(?:\.\d+)?) s"
+                      r"(?:, test@best (?P<test_acc>\d+(?:\.\d+)?|nan))?(?:; (?P<details>.*))?$")
+
+
+def run_done_line(label: str, recipe: str | None, outcome: str, wall_s: float, test_acc: float | None = None,
+                  details: str = "") -> str:
+    """The line a finished run is logged with (:data:`RUN_DONE`). ``label`` is ``<attention>/<task>/seed<N>``,
+    ``recipe`` the experiment file (None: ``-``), ``outcome`` e.g. ``ok``, ``skipped``, ``error (during
+    training)``, ``not started``; ``wall_s`` in seconds; ``test_acc`` a fraction (0..1)."""
+    test = "" if test_acc is None else f", test@best {float(test_acc):.4f}"
+    line = f"{label} [{recipe or '-'}]: {outcome} after {float(wall_s):.0f} s{test}"
+    return f"{line}; {details}" if details else line
+
+
+def parse_run_done(line: str) -> dict | None:
+    """The fields of a :func:`run_done_line` found in ``line`` (a log line around it is fine), else None:
+    attention, task, seed (int), recipe, outcome, wall_s (float), test_acc (float or None), details (the free
+    text, or None), label."""
+    match = RUN_DONE.search(line)
+    if match is None:
+        return None
+    fields = match.groupdict()
+    return {**fields, "seed": int(fields["seed"]), "wall_s": float(fields["wall"]),
+            "test_acc": None if fields["test_acc"] is None else float(fields["test_acc"])}
+
+
 @contextlib.contextmanager
 def one_line_interrupt(app: str, kept: str) -> Iterator[None]:
     """Ctrl-C inside the block: one line on stderr (``<app>: interrupted (Ctrl-C); <kept>``), exit 130, no
-    traceback. Records are written one file at a time, atomically, so what was recorded is kept as is."""
+    traceback. Records are written one file at a time, atomically, so what was recorded is kept as is.
+
+    After that line a second Ctrl-C ends the process at once, silently (SIGINT back to the system's default):
+    without this, one pressed while the interpreter shuts down (an atexit handler still joining a pool's
+    processes, flushing logs) printed "Exception ignored in atexit callback ... KeyboardInterrupt"."""
     try:
         yield
     except KeyboardInterrupt:
         print(f"\n{app}: interrupted (Ctrl-C); {kept}", file=sys.stderr, flush=True)
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to change there
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         raise SystemExit(130) from None

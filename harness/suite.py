@@ -16,9 +16,12 @@ Stages (each reuses what the store already holds, so a re-run finishes only what
    other ``(seq_len, num_kv_pairs)`` points. On CPU, ``train.workers`` processes
    (default 2) with ``train.threads_per_worker`` torch threads each (default 1) share the sweep: the
    mechanisms are dealt round-robin into one group per worker, each group one multirun with its own
-   ``hydra.sweep.dir``; their log lines are streamed prefixed by the worker id. Small models train
-   faster as two one-thread processes than as one two-thread process, and the store's one-file-per-run
-   atomic writes make concurrent runs safe. On CUDA (one GPU) it is a single multirun process.
+   ``hydra.sweep.dir``. Small models train faster as two one-thread processes than as one two-thread
+   process, and the store's one-file-per-run atomic writes make concurrent runs safe. On CUDA (one GPU) it
+   is a single multirun process. The suite shows a line per finished run (count, result, an estimate of the
+   time left: :class:`RunProgress`, from the line each run ends with) and the workers' warnings and errors;
+   ``train.verbose=true`` streams everything they log. Its exit status comes from the workers' (each
+   ``arena-train`` process exits 1 when one of its runs failed, whether it wrote a record or not).
 3. ``report``: :func:`harness.report.build_report`; the suite ends by printing where it is.
 
 Owns: the order of the stages, :class:`SuiteSettings` (built once by :func:`resolve_suite`), the
@@ -29,15 +32,17 @@ imports it (it is the top of the harness). Training runs in subprocesses (``pyth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +50,7 @@ import torch
 
 from attentions import available_attentions, get_attention_info
 from harness import bench, report
-from harness.display import WORKDIR_ENV, one_line_interrupt, shown_path
+from harness.display import WORKDIR_ENV, format_duration, one_line_interrupt, parse_run_done, shown_path
 from harness.measure import matmul_flops_per_s, transformer_step_flops
 from harness.plugins import (
     add_absent_keys,
@@ -84,7 +89,7 @@ DEFAULTS: dict[str, Any] = {
     # quick/pathfinder (chance on a CPU) is left out of the default CPU suite; name it in train.experiments to run
     # it. quick/mqar_causal (the decoder form, nine mechanisms) is not in it either: quick/mqar runs all eleven.
     "train": {"experiments": ["quick/listops", "quick/mqar"], "seeds": [0, 1],
-              "overrides": [], "workers": 2, "threads_per_worker": 1,
+              "overrides": [], "workers": 2, "threads_per_worker": 1, "verbose": False,
               # Per-recipe overrides: quick ListOps shortened to fit two seeds of everything in the budget.
               "recipe_overrides": {"quick/listops": ["train.max_steps=500"]},
               # Recall ladder (Zoology Figure 2 layout): the recipe again at each [seq_len, num_kv_pairs].
@@ -113,6 +118,7 @@ class TrainSweep(Settings):
     overrides: list
     workers: int
     threads_per_worker: int
+    verbose: bool  # the worker commands and every run's own log lines (per-step lines), not only a line per run
     recipe_overrides: dict
     ladder: dict
 
@@ -308,16 +314,19 @@ def training_jobs(s: SuiteSettings, mechanisms: list[str], experiments: list[str
                   workers: int, tag: str = "", extra: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """(label, command) per worker process. One worker: the whole sweep as one multirun. Several: the
     mechanisms split into ``workers`` groups, one multirun each over all recipes and seeds, with
-    ``num_threads=threads_per_worker`` and quiet log lines, each in its own sweep dir. One process per
-    worker (not per run) because starting Python + torch + Hydra costs seconds; the second worker takes the
-    recipes in reverse order, so the two start by generating different task data, not the same twice.
+    ``num_threads=threads_per_worker``, each in its own sweep dir; every worker logs plain lines
+    (``quiet=true``). One process per worker (not per run) because starting Python + torch + Hydra costs
+    seconds; the second worker takes the recipes in reverse order, so the two start by generating different
+    task data, not the same twice.
     ``tag`` names this part of the sweep (labels and sweep dirs); ``extra`` are overrides for it."""
     s = SuiteSettings.of(s)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     base = Path(s.results_dir) / "multirun" / stamp / tag if tag else Path(s.results_dir) / "multirun" / stamp
     prefix = f"{tag}:" if tag else ""
+    # quiet: the suite reads its workers' output line by line (a progress bar would be one endless line).
     if workers <= 1:
-        return [(prefix + "all", train_command(s, mechanisms, experiments, sweep_dir=base, extra=extra))]
+        return [(prefix + "all", train_command(s, mechanisms, experiments, sweep_dir=base,
+                                               extra=["quiet=true", *(extra or [])]))]
     threads = max(1, int(s.train.threads_per_worker or 1))
     jobs = []
     for i, group in enumerate(split_mechanisms(mechanisms, workers)):
@@ -365,24 +374,93 @@ def sweep_parts(s: SuiteSettings, mechanisms: list[str],
     return parts
 
 
-# A finished (or skipped) arena-train run's log line: "<attention>/<task>/seed<N>: <status> ...".
-RUN_DONE = re.compile(r"\] - (skipping )?[\w.-]+/[\w.-]+/seed\d+: ")
+# An INFO line of a training process: Hydra's own ("[<time>][HYDRA] ...") or a logger's at INFO/DEBUG
+# ("[<time>][<logger>][INFO] - ..."). Shown with train.verbose=true only; every other line (warnings, errors,
+# tracebacks, a process's own messages) always shows.
+INFO_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+\]\[(?:HYDRA\]|[^\]]+\]\[(?:INFO|DEBUG)\] - )")
+# On Ctrl-C: seconds the training processes get to stop on the terminal's own SIGINT, then on one sent to
+# them (the suite alone may have been interrupted), before they are killed.
+STOP_GRACE_S = (2.0, 5.0)
+
+
+@dataclass
+class RunProgress:
+    """The training stage's progress, read from the line each run ends with
+    (:func:`harness.display.parse_run_done`): a line per finished run with the count, failures, and an
+    estimate of the time left from the finished runs' wall times (per recipe, divided among the workers).
+
+    ``planned``: runs per (recipe, part tag), the sweep's plan."""
+
+    planned: dict[tuple[str, str], int]
+    workers: int = 1
+    widths: tuple[int, int] = (0, 0)
+    done: int = 0
+    done_by: dict[tuple[str, str], int] = field(default_factory=dict)
+    times: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.planned.values())
+
+    def finished(self, run: dict, tag: str) -> str:
+        """Count one finished run (:func:`parse_run_done`'s fields) of the part ``tag``; its line."""
+        key = (run["recipe"], tag)
+        self.done += 1
+        self.done_by[key] = self.done_by.get(key, 0) + 1
+        outcome = run["outcome"]
+        if outcome == "ok":  # the estimate counts whole runs only (a failed one stopped early)
+            self.times.setdefault(key, []).append(run["wall_s"])
+        recipe = run["recipe"] + (f" ({tag})" if tag.startswith("ladder") else "")
+        name = f"{run['attention']} {recipe} seed {run['seed']}"
+        if outcome not in ("ok", "skipped"):
+            self.failed.append(f"{name}: {outcome}")
+        line = (f"run {self.done:>{len(str(self.total))}}/{self.total}  {run['attention']:<{self.widths[0]}}  "
+                f"{recipe:<{self.widths[1]}}  seed {run['seed']}  {self._result(run)}")
+        left = self.time_left()
+        if left is not None and self.done < self.total:
+            line += f"; training left: about {format_duration(left)} (estimate)"
+        return line
+
+    @staticmethod
+    def _result(run: dict) -> str:
+        test = "" if run["test_acc"] is None else f"test {100 * run['test_acc']:.1f}%"
+        if run["outcome"] == "skipped":
+            return f"already recorded{', ' + test if test else ''}"
+        if run["outcome"] == "ok":
+            return f"{test} ({format_duration(run['wall_s'])})"
+        why = (run.get("details") or "").strip()
+        return f"{run['outcome']} ({format_duration(run['wall_s'])})" + (f": {why}" if why else "")
+
+    def time_left(self) -> float | None:
+        """Seconds the runs not finished yet would take: each recipe's mean run time so far (a recipe with
+        none finished: the mean of all), divided among the workers. None before a run was timed."""
+        timed = [t for ts in self.times.values() for t in ts]
+        if not timed:
+            return None
+        overall = sum(timed) / len(timed)
+        left = 0.0
+        for key, count in self.planned.items():
+            mine = self.times.get(key)
+            left += max(0, count - self.done_by.get(key, 0)) * (sum(mine) / len(mine) if mine else overall)
+        return left / max(1, self.workers)
 
 
 class _JobPool:
-    """``workers`` threads, each taking the next job, streaming its lines prefixed by its label."""
+    """``workers`` threads, each taking the next job and streaming its lines: prefixed by its label, a run's
+    last line replaced by the ``progress`` line, INFO lines only when ``verbose``."""
 
     def __init__(self, jobs: list[tuple[str, list[str]]], env: dict | None, cwd: str | None,
-                 echo: Callable[[str], None], total_runs: int | None) -> None:
-        self.jobs, self.env, self.cwd, self.out, self.total_runs = jobs, env, cwd, echo, total_runs
+                 echo: Callable[[str], None], progress: RunProgress | None, verbose: bool) -> None:
+        self.jobs, self.env, self.cwd, self.out = jobs, env, cwd, echo
+        self.progress, self.verbose = progress, verbose
         self.lock = threading.Lock()
         self.todo: queue.Queue = queue.Queue()
         for job in jobs:
             self.todo.put(job)
         self.codes: list[int] = []
-        self.finished_runs = 0
         self.running: dict[int, subprocess.Popen] = {}
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # Ctrl-C: no new job, and the jobs' output is dropped
 
     def worker(self, wid: int) -> None:
         while not self.stop.is_set():
@@ -390,54 +468,84 @@ class _JobPool:
                 label, cmd = self.todo.get_nowait()
             except queue.Empty:
                 return
-            self.run_one(wid, f"[{label}]", cmd)
+            self.run_one(wid, label, cmd)
 
-    def run_one(self, wid: int, prefix: str, cmd: list[str]) -> None:
-        t0 = time.time()
-        try:
-            proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
-        except OSError as exc:
-            with self.lock:
+    def run_one(self, wid: int, label: str, cmd: list[str]) -> None:
+        t0, prefix = time.time(), f"[{label}]"
+        with self.lock:  # started under the lock: a Ctrl-C (stop_all) sees every process that runs
+            if self.stop.is_set():
+                return
+            try:
+                proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
+            except OSError as exc:
                 self.codes.append(1)
                 self.out(f"{prefix} could not start: {exc}")
-            return
-        with self.lock:
+                return
             self.running[wid] = proc
         assert proc.stdout is not None
         for line in proc.stdout:
-            self.echo_line(prefix, line.rstrip())
+            self.echo_line(label, line.rstrip())
         code = proc.wait()
         with self.lock:
             self.running.pop(wid, None)
             self.codes.append(code)
-            self.out(f"{prefix} finished (exit {code}, {time.time() - t0:.0f} s); "
-                     f"{len(self.codes)}/{len(self.jobs)} jobs done")
+            if self.stop.is_set():
+                return
+            if code or self.verbose:
+                self.out(f"{prefix} arena-train exited with code {code} after {format_duration(time.time() - t0)}"
+                         f"; {len(self.codes)}/{len(self.jobs)} training processes done")
 
-    def echo_line(self, prefix: str, line: str) -> None:
-        if not line:
-            return
+    def echo_line(self, label: str, line: str) -> None:
+        run = parse_run_done(line)
         with self.lock:
-            if self.total_runs and RUN_DONE.search(line):
-                self.finished_runs += 1
-                line += f"  ({self.finished_runs}/{self.total_runs} runs)"
-            self.out(f"{prefix} {line}")
+            if self.stop.is_set() or not line:
+                return
+            if run is not None and self.progress is not None:
+                if self.verbose:
+                    self.out(f"[{label}] {line}")
+                self.out(self.progress.finished(run, label.rsplit(":", 1)[0] if ":" in label else ""))
+            elif self.verbose or not INFO_LINE.match(line):
+                self.out(f"[{label}] {line}")
 
-    def terminate(self) -> None:
+    def stop_all(self) -> None:
+        """Ctrl-C: no new job; the jobs' output dropped (each prints its own interrupt line); the running
+        processes stopped by the SIGINT the terminal sent them, else by one sent now, else killed, so that
+        none outlives the suite. A second Ctrl-C meanwhile kills them at once."""
         self.stop.set()
         with self.lock:
             procs = list(self.running.values())
-        for proc in procs:
-            proc.terminate()
+        try:
+            alive = _wait_for(procs, STOP_GRACE_S[0])
+            for proc in alive:
+                proc.send_signal(signal.SIGINT)
+            alive = _wait_for(alive, STOP_GRACE_S[1])
+        except KeyboardInterrupt:
+            alive = procs
+        for proc in alive:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for(procs: list[subprocess.Popen], seconds: float) -> list[subprocess.Popen]:
+    """The processes of ``procs`` still running after waiting up to ``seconds`` for them all."""
+    deadline = time.monotonic() + seconds
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    return [proc for proc in procs if proc.poll() is None]
 
 
 def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None = None, cwd: str | None = None,
-             echo: Callable[[str], None] | None = None, total_runs: int | None = None) -> int:
+             echo: Callable[[str], None] | None = None, progress: RunProgress | None = None,
+             verbose: bool = True) -> int:
     """Run ``jobs`` with at most ``workers`` at a time (a free worker takes the next job), streaming each
-    job's output lines prefixed by ``[<label>]``; with ``total_runs``, a line that ends a run gets
-    ``(k/total runs)`` appended. Returns 0 when every job exited 0, else the first non-zero exit code.
-    Ctrl-C terminates the running jobs (by their pid)."""
-    pool = _JobPool(jobs, env, cwd, echo or (lambda line: print(line, flush=True)), total_runs)
+    job's output lines prefixed by ``[<label>]``. With ``progress``, the line a run ends with becomes the
+    progress line (count, result, time left); ``verbose=False`` leaves out the jobs' INFO lines (warnings,
+    errors and anything else still show) and the exit of a job that succeeded. Returns 0 when every job
+    exited 0, else the first non-zero exit code. Ctrl-C stops the running jobs (:meth:`_JobPool.stop_all`),
+    then raises KeyboardInterrupt."""
+    pool = _JobPool(jobs, env, cwd, echo or (lambda line: print(line, flush=True)), progress, verbose)
     threads = [threading.Thread(target=pool.worker, args=(w + 1,), daemon=True) for w in range(max(1, workers))]
     for t in threads:
         t.start()
@@ -446,13 +554,16 @@ def run_jobs(jobs: list[tuple[str, list[str]]], workers: int, env: dict | None =
             while t.is_alive():
                 t.join(timeout=0.5)
     except KeyboardInterrupt:
-        pool.terminate()
+        pool.stop_all()
+        for t in threads:  # their processes are gone: the pipes end, the threads return
+            t.join(timeout=5)
         raise
     return next((c for c in pool.codes if c), 0)
 
 
 def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
-    """Run the sweep in a subprocess, its progress streamed to this terminal; returns its exit code."""
+    """Run the sweep in worker processes, a line per finished run on this terminal; returns 0 when every
+    worker exited 0 (each ``arena-train`` exits 1 when one of its runs failed), else the first non-zero code."""
     s = SuiteSettings.of(s)
     experiments = list(s.train.experiments)  # checked by resolve_suite: every one has a recipe
     if not experiments:
@@ -460,24 +571,46 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     # Every registered mechanism trains: one without a conf/attention YAML gets a generated config node.
     trainable = list(mechanisms)
     workers = min(train_workers(s), len(trainable))
-    jobs, total = [], 0
+    jobs, planned = [], {}
     for tag, mechs, exps, extra, seeds in sweep_parts(s, trainable, experiments):
         part = SuiteSettings.of({**s, "train": TrainSweep(**{**s.train, "seeds": seeds})})
         jobs += training_jobs(part, mechs, exps, min(workers, len(mechs)), tag=tag, extra=extra)
-        total += len(mechs) * len(exps) * len(seeds)
+        for exp in exps:
+            planned[(exp, tag)] = len(mechs) * len(seeds)
         left_out = [m for m in trainable if m not in mechs]  # a causal recipe: mechanisms without a causal form
         print(f"training [{tag}]: {len(mechs)} mechanisms x {exps}{' ' + ' '.join(extra) if extra else ''} "
               f"x seeds {seeds}" + (f" (no causal form, left out: {', '.join(left_out)})" if left_out else ""),
               flush=True)
-    print(f"training: {total} runs in all; runs with an ok record are skipped", flush=True)
+    widths = (max(map(len, trainable)), max(len(e) + (len(t) + 3 if t.startswith("ladder") else 0)
+                                            for e, t in planned))
+    progress = RunProgress(planned, workers=workers, widths=widths)
+    print(f"training: {progress.total} runs in all (runs with an ok record are skipped), {workers} worker "
+          f"process(es) x {int(s.train.threads_per_worker or 1)} torch thread(s); a line per finished run"
+          + ("" if s.train.verbose else " (train.verbose=true: the commands and every run's own log lines too)"),
+          flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env[WORKDIR_ENV] = os.getcwd()  # the runs' log lines show paths relative to where the suite was started
+    if s.train.verbose:
+        for label, cmd in jobs:
+            print(f"  [{label}] $ " + " ".join(cmd), flush=True)
     # The runs start where the suite was started: caches, Hydra's outputs and plug-in files are found there.
-    print(f"  {workers} worker process(es) x {int(s.train.threads_per_worker or 1)} torch thread(s):", flush=True)
-    for label, cmd in jobs:
-        print(f"  [{label}] $ " + " ".join(cmd), flush=True)
-    return run_jobs(jobs, workers, env=env, cwd=os.getcwd(), total_runs=total)
+    code = run_jobs(jobs, workers, env=env, cwd=os.getcwd(), progress=progress, verbose=bool(s.train.verbose))
+    _training_summary(progress, code)
+    return code
+
+
+def _training_summary(progress: RunProgress, code: int) -> None:
+    """The training stage's last line: how many runs finished, which failed; a worker's failure is said even
+    when none of its runs said so (it failed before or between runs)."""
+    failed = f"; {len(progress.failed)} failed: {'; '.join(progress.failed)}" if progress.failed else ""
+    # Fewer: a worker stopped early, or a launcher (train.overrides=[hydra/launcher=...]) ran the jobs elsewhere.
+    unseen = ("" if progress.done >= progress.total else
+              " (the others did not report here: a worker stopped early, or a launcher ran them and has their logs)")
+    print(f"training: {progress.done}/{progress.total} runs finished here{unseen}{failed}", flush=True)
+    if code:
+        print(f"training: a worker process exited with code {code} (its lines above say why); the report "
+              "shows what finished", flush=True)
 
 
 def prepare_suite(cfg: dict | None = None) -> tuple[SuiteSettings, list[str]]:
@@ -514,9 +647,6 @@ def run_suite(cfg: dict | None = None, prepared: tuple[SuiteSettings, list[str]]
         t = time.time()
         result["train_returncode"] = run_training(s, mechanisms)
         timings["train_s"] = time.time() - t
-        if result["train_returncode"]:
-            print(f"training sweep exited with code {result['train_returncode']}; the report shows what finished",
-                  flush=True)
     if "report" in s.stages:
         _banner("stage 3/3: report", started)
         result["report"], timings["report_s"] = _report_stage(s)
@@ -610,6 +740,8 @@ def _summary(s: SuiteSettings, result: dict[str, Any], started: float) -> None:
         print(f"  note: took {total / 60:.1f} min, over the {s.time_budget_min} min target", flush=True)
     if "report" in result:
         print(f"  report: {result['report']}\n          {Path(result['report']).with_suffix('.md')}", flush=True)
+    if result.get("train_returncode"):
+        print("  training runs failed (named above): exit status 1", flush=True)
 
 
 def main() -> None:

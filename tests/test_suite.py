@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,30 +137,105 @@ def test_lra_size_on_a_cpu_estimates_and_starts_nothing(tmp_path, capsys, monkey
     assert steps == 5000 and flops == 3.0 * 4 * per_token * 2000 * 32
 
 
-def test_run_jobs_runs_every_job_with_at_most_n_at_once_and_prefixes_lines():
+JOB = """
+import pathlib, sys, time
+name, code, folder = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3])
+me = folder / "running" / name
+me.write_text("")
+print("hello", name, "with", len(list(me.parent.iterdir())), "running", flush=True)
+partner = {"j0": "j1", "j1": "j0"}.get(name)  # j0 and j1 wait for each other: two must run at once
+start = time.time()
+while partner and not (folder / "running" / partner).exists() and not (folder / ("done-" + partner)).exists():
+    if time.time() - start > 60:
+        print(name, "waited in vain for", partner, flush=True)
+        sys.exit(7)
+    time.sleep(0.05)
+(folder / ("done-" + name)).write_text("")
+me.unlink()
+sys.exit(code)
+"""
+
+
+def test_run_jobs_runs_every_job_with_at_most_n_at_once_and_prefixes_lines(tmp_path):
+    """Two at a time, proved without a clock: j0 and j1 wait for each other (one at a time, they would exit 7),
+    and every job counts the jobs running when it starts (never more than two)."""
     import sys
-    import time
 
-    code = "import sys, time; print('hello', sys.argv[1]); time.sleep(0.8); sys.exit(int(sys.argv[2]))"
-    jobs = [(f"j{i}", [sys.executable, "-c", code, f"j{i}", "3" if i == 2 else "0"]) for i in range(4)]
+    (tmp_path / "running").mkdir()
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    jobs = [(f"j{i}", [sys.executable, str(script), f"j{i}", "3" if i == 2 else "0", str(tmp_path)])
+            for i in range(4)]
     lines: list[str] = []
-    t0 = time.time()
     rc = suite.run_jobs(jobs, 2, echo=lines.append)
-    wall = time.time() - t0
-    assert rc == 3  # a failing job's code comes back; the others still ran
-    for i in range(4):
-        assert f"[j{i}] hello j{i}" in lines, lines
-    assert sum("jobs done" in line for line in lines) == 4 and any("4/4 jobs done" in line for line in lines)
-    assert 1.6 <= wall < 3.0  # two at a time: two rounds of 0.8 s, not four (3.2 s), not one
+    assert rc == 3, lines  # the failing job's code comes back (no 7: j0 and j1 ran together); the others ran
+    hello = {line.split()[2]: int(line.split()[4]) for line in lines if " hello " in line}
+    assert sorted(hello) == ["j0", "j1", "j2", "j3"] and max(hello.values()) <= 2, lines
+    assert "[j0] hello j0 with 1 running" in lines or "[j0] hello j0 with 2 running" in lines  # prefixed
+    assert sum("training processes done" in line for line in lines) == 4  # verbose: every exit
+    assert any(line.startswith("[j2] arena-train exited with code 3") for line in lines)
 
 
-def test_run_done_lines_are_counted():
-    ok = "[2026-01-01 00:00:00,000][arena-train][INFO] - aft/listops/seed0: ok  best val 0.1 (step 5) -> x"
-    skip = "[2026-01-01 00:00:00,000][arena-train][INFO] - skipping full/pathfinder/seed1: config abc already"
-    start = "[2026-01-01 00:00:00,000][arena-train][INFO] - run aft/listops/seed0 (abc): checkpoints in x"
-    step = "[2026-01-01 00:00:00,000][arena-train][INFO] - aft/listops/seed0 step 50/1500 loss 2.1"
-    assert suite.RUN_DONE.search(ok) and suite.RUN_DONE.search(skip)
-    assert not suite.RUN_DONE.search(start) and not suite.RUN_DONE.search(step)
+def _run_line(attention, recipe, outcome, wall, test=None, details=""):
+    from harness.display import run_done_line
+
+    return ("[2026-01-01 00:00:00,000][arena-train][INFO] - "
+            + run_done_line(f"{attention}/listops/seed0", recipe, outcome, wall, test, details))
+
+
+def test_progress_shows_a_line_per_finished_run_and_hides_info_lines(tmp_path):
+    """A fake worker prints what arena-train prints: INFO lines (hidden unless verbose), run lines (replaced
+    by the count, result and time left), a warning and an error (always shown)."""
+    import sys
+
+    printed = [
+        "[2026-01-01 00:00:00,000][HYDRA] Launching 3 jobs locally",
+        "[2026-01-01 00:00:00,000][arena-train][INFO] - run full/listops/seed0 (abc): checkpoints in x",
+        "[2026-01-01 00:00:00,000][arena-train][INFO] - full/listops/seed0 step 50/500 loss 2.1",
+        _run_line("full", "quick/listops", "ok", 120, 0.325, "best val 0.33 (step 500) -> x.json"),
+        "/x/y.py:3: UserWarning: something to see",
+        _run_line("aft", "quick/listops", "skipped", 0, 0.31),
+        "[2026-01-01 00:00:00,000][arena-train][WARNING] - a warning line",
+        _run_line("performer", "quick/listops", "not started", 1, None, "unknown parameter(s) 'x' (nothing recorded)"),
+    ]
+    script = tmp_path / "worker.py"
+    script.write_text("import sys\nprint(" + repr("\n".join(printed)) + ")\nsys.exit(1)\n")
+    for verbose in (False, True):
+        progress = suite.RunProgress({("quick/listops", "bidir"): 4}, workers=2, widths=(9, 13))
+        lines: list[str] = []
+        rc = suite.run_jobs([("bidir:w1", [sys.executable, str(script)])], 1, echo=lines.append, progress=progress,
+                            verbose=verbose)
+        assert rc == 1
+        runs = [line for line in lines if line.startswith("run ")]
+        assert runs == [
+            "run 1/4  full       quick/listops  seed 0  test 32.5% (2 min 00 s); training left: about 3 min 00 s "
+            "(estimate)",
+            "run 2/4  aft        quick/listops  seed 0  already recorded, test 31.0%; training left: about 2 min 00 s "
+            "(estimate)",
+            "run 3/4  performer  quick/listops  seed 0  not started (1 s): unknown parameter(s) 'x' (nothing "
+            "recorded); training left: about 1 min 00 s (estimate)",
+        ]
+        shown = "\n".join(lines)
+        assert "[bidir:w1] /x/y.py:3: UserWarning: something to see" in lines
+        assert "[bidir:w1] [2026-01-01 00:00:00,000][arena-train][WARNING] - a warning line" in lines
+        assert ("step 50/500" in shown) == verbose and ("[HYDRA]" in shown) == verbose
+        assert any(line.startswith("[bidir:w1] arena-train exited with code 1 after") for line in lines)
+        assert progress.failed == ["performer quick/listops seed 0: not started"]
+
+
+def test_time_left_comes_from_the_finished_runs_of_each_recipe():
+    progress = suite.RunProgress({("a", "p"): 3, ("b", "q"): 2}, workers=2)
+    assert progress.time_left() is None  # nothing timed yet: no estimate
+    run = {"attention": "full", "seed": 0, "test_acc": 0.5, "details": None}
+    progress.finished({**run, "recipe": "a", "outcome": "ok", "wall_s": 10.0}, "p")
+    assert progress.time_left() == (2 * 10 + 2 * 10) / 2  # b has no run yet: the mean of all
+    progress.finished({**run, "recipe": "b", "outcome": "ok", "wall_s": 30.0}, "q")
+    assert progress.time_left() == (2 * 10 + 1 * 30) / 2
+    # A failed or skipped run is counted as done but does not move the means (it did not train fully).
+    progress.finished({**run, "recipe": "a", "outcome": "error (during training)", "wall_s": 1.0}, "p")
+    progress.finished({**run, "recipe": "a", "outcome": "skipped", "wall_s": 0.0}, "p")
+    assert progress.time_left() == (0 + 1 * 30) / 2 and progress.done == 4
+    assert "training left" not in progress.finished({**run, "recipe": "b", "outcome": "ok", "wall_s": 30.0}, "q")
 
 
 def test_unknown_experiment_is_an_error_before_anything_runs(tmp_path):
@@ -255,6 +332,126 @@ def test_cli_settings_errors_are_one_line_exit_2(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"arena-suite: {message}") and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+BROKEN_PLUGIN = """
+from dataclasses import dataclass
+
+from attentions import Attention, AttentionConfig, register_attention
+
+
+@dataclass(frozen=True)
+class BrokenConfig(AttentionConfig):
+    pass
+
+
+@register_attention("broken", config=BrokenConfig, family="kernel", time_complexity="O(n)",
+                    memory_complexity="O(n)")
+class Broken(Attention):
+    def attend(self, q, k, v, key_padding_mask):
+        # Passes the load-time contract check (seed 0), so the failure reaches the run's set-up (the model seeds
+        # its layers' mechanisms from the run's seed, 1 and 2 here).
+        if self.config.seed != 0:
+            raise RuntimeError("broken attention fails in a model")
+        return v
+"""
+
+
+def _suite_cli(tmp_path: Path, *args: str, **popen: Any):
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "harness.suite", "size=smoke", "device=cpu", f"results_dir={tmp_path}/r", *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(suite.REPO))}
+    if popen:
+        return subprocess.Popen(command, cwd=tmp_path, env=env, text=True, **popen)
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+
+
+def test_suite_exits_1_when_any_run_failed_whatever_its_stage_and_shows_a_line_per_run(tmp_path):
+    """A plug-in whose forward raises (its runs fail before training and write no record) and a crash during
+    training (fault injection, seed 2 of full): the workers exit 1, so does the suite, with the report built.
+    The console shows a line per finished run and no per-step lines."""
+    (tmp_path / "broken.py").write_text(BROKEN_PLUGIN)
+    proc = _suite_cli(tmp_path, "stages=[train,report]", "mechanisms=[full,broken]", "plugins=[broken]",
+                      "train.experiments=[smoke/listops]", "train.seeds=[1,2]",
+                      'train.overrides=["fault.raise_at_step=2","fault.seeds=[2]"]')
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [line for line in proc.stdout.splitlines() if line.startswith("run ")]
+    assert [line.split()[1] for line in runs] == ["1/4", "2/4", "3/4", "4/4"], proc.stdout
+    assert sum(" broken " in line and "not started (" in line and "RuntimeError: broken attention fails in a model"
+               in line for line in runs) == 2
+    assert any(" full " in line and "seed 2  error (during training) (" in line for line in runs)
+    assert any(" full " in line and "seed 1  test " in line for line in runs)
+    assert "training: 4/4 runs finished here; 3 failed: " in proc.stdout
+    assert "full smoke/listops seed 2: error (during training)" in proc.stdout
+    assert not re.search(r"step \d+/\d+", proc.stdout) and "[INFO]" not in proc.stdout and "[HYDRA]" not in proc.stdout
+    records = load_records(tmp_path / "r", kind="train")
+    assert sorted(zip(records["attention"], records["seed"], records["status"])) == [("full", 1, "ok"),
+                                                                                     ("full", 2, "error")]
+    assert (tmp_path / "r" / "report" / "report.html").exists()
+
+
+def test_ctrl_c_stops_the_suite_and_its_workers_with_one_line_and_keeps_the_records(tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole process group) while both workers train: exit 130,
+    exactly the suite's one line on stderr, nothing from the workers after it, no process of the group
+    left, and the records written before it kept. Deterministic: each worker's first run (seed 1) crashes at
+    step 2 and is recorded; its second (seed 2) would run for a very long time."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = _suite_cli(tmp_path, "stages=[train]", "mechanisms=[full,aft]", "train.experiments=[smoke/mqar]",
+                      "train.ladder.points=[]", "train.seeds=[1,2]",
+                      'train.overrides=["train.max_steps=1000000","fault.raise_at_step=2","fault.seeds=[1]"]',
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("run 1/4 "):
+                break
+        assert lines and lines[-1].startswith("run 1/4 ") and "seed 1  error (during training)" in lines[-1], (
+            "".join(lines) + proc.stderr.read())
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert err == ("\narena-suite: interrupted (Ctrl-C); what was recorded is kept; the same command continues "
+                   "from there\n"), err
+    assert out.strip() == "", out  # nothing from the workers after the interrupt
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the whole group is gone (its processes were waited for, or are exiting)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of the suite's group outlived it")
+    records = load_records(tmp_path / "r", kind="train")
+    assert len(records) >= 1 and set(records["status"]) == {"error"} and set(records["seed"]) == {1}
+
+
+def test_after_the_interrupt_line_a_second_ctrl_c_ends_the_process_silently(capsys):
+    """The interpreter's shutdown (atexit handlers) runs after the line: a Ctrl-C there must not print
+    "Exception ignored in atexit callback ... KeyboardInterrupt", so SIGINT goes back to the default."""
+    import signal
+
+    from harness.display import one_line_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info, one_line_interrupt("arena-x", "kept"):
+            raise KeyboardInterrupt
+        assert exit_info.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err == "\narena-x: interrupted (Ctrl-C); kept\n"
 
 
 def test_arena_bench_settings_errors_are_one_line_exit_2(tmp_path):

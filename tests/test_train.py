@@ -21,6 +21,7 @@ from harness.model import build_model
 from harness.schedules import cosine_factor, rsqrt_factor, schedule_factor
 from harness.store import load_records
 from harness.train import CONF_DIR, autocast_context, is_oom, resolve_device, resolve_precision, run
+from harness.train.app import RunNotStarted
 
 from fake_task import build_fake_task
 
@@ -161,7 +162,8 @@ def test_rerun_skips_ok_records_and_force_reruns(tmp_path, caplog):
         again = run(make_cfg(tmp_path))
     assert again["skipped"] and again["record_id"] == first["record_id"]
     assert path.stat().st_mtime_ns == mtime
-    assert "skipping" in caplog.text and first["record_id"] in caplog.text
+    assert "skipped after" in caplog.text and "already has an ok record" in caplog.text
+    assert first["record_id"] in caplog.text
     # Paths and verbosity are not part of the hash: moving the cache or going quiet still skips.
     assert run(make_cfg(tmp_path, "quiet=false", "log_every=3")).get("skipped")
     forced = run(make_cfg(tmp_path, "force=true"))
@@ -198,14 +200,51 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_config_that_cannot_work_fails_before_training(tmp_path):
-    record = run(make_cfg(tmp_path, "+attention.params.max_seq_len=8"))
-    assert record["status"] == "error" and record["stage"] == "setup"
-    assert "max_seq_len" in record["error"]["message"] and "shorter" in record["error"]["message"]
-    record = run(make_cfg(tmp_path, "+attention.params.no_such=1"))
-    assert record["stage"] == "setup" and "'no_such'" in record["error"]["message"]
-    assert "allowed" in record["error"]["message"]
-    assert not (tmp_path / "results" / "checkpoints" / record["record_id"] / "last.pt").exists()
+def _no_records(root: Path) -> bool:
+    return not list((root / "results" / "train").glob("*.json")) if (root / "results" / "train").exists() else True
+
+
+def test_config_that_cannot_work_fails_before_training_and_records_nothing(tmp_path):
+    """A run that cannot start (an invalid or unknown mechanism parameter) raises RunNotStarted naming it, and
+    writes no record: a mistyped command must not add an error table to the report."""
+    with pytest.raises(RunNotStarted, match=r"^full/fake/seed0 cannot start: .*max_seq_len.*shorter") as info:
+        run(make_cfg(tmp_path, "+attention.params.max_seq_len=8"))
+    assert info.value.is_settings_error and isinstance(info.value.cause, ValueError)
+    with pytest.raises(RunNotStarted, match=r"'no_such'.*allowed.*\(nothing recorded\)$"):
+        run(make_cfg(tmp_path, "+attention.params.no_such=1"))
+    with pytest.raises(RunNotStarted, match="invalid 'precision'"):  # the loop's own settings: the same
+        run(make_cfg(tmp_path, "precision=fp8"))
+    assert _no_records(tmp_path)
+    assert not list((tmp_path / "results").rglob("*.pt"))
+
+
+def test_a_crash_before_training_records_nothing_and_keeps_its_traceback(tmp_path, monkeypatch):
+    """A crash of the set-up (here the task's data; a plug-in's forward alike) is not a settings error: it
+    records nothing either, and keeps the cause and its frames for the caller to show."""
+    def unreadable(cfg):
+        raise OSError("data file is unreadable")
+
+    monkeypatch.setattr(train_loop, "make_task", unreadable)
+    with pytest.raises(RunNotStarted, match="^full/fake/seed0 cannot start: OSError: data file is unreadable") as info:
+        run(make_cfg(tmp_path))
+    assert not info.value.is_settings_error
+    assert "in unreadable: raise OSError" in info.value.last_frames()
+    assert _no_records(tmp_path)
+
+
+def test_a_failure_after_set_up_is_recorded_with_its_stage(tmp_path, monkeypatch, caplog):
+    """Before training ends when set-up does: a failure while resuming, training or testing is recorded."""
+    def broken(*args):
+        raise RuntimeError("checkpoint cannot be read")
+
+    monkeypatch.setattr(train_loop, "resume", broken)
+    with caplog.at_level(logging.INFO, logger="arena-train"):
+        record = run(make_cfg(tmp_path))
+    assert record["status"] == "error" and record["stage"] == "resume" and record_file(tmp_path, record).exists()
+    assert "full/fake/seed0 [-]: error (while resuming) after " in caplog.text
+    monkeypatch.undo()
+    crashed = run(make_cfg(tmp_path / "b", "fault.raise_at_step=2"))
+    assert crashed["stage"] == "train" and record_file(tmp_path / "b", crashed).exists()
 
 
 def test_divergence_is_recorded(tmp_path, monkeypatch):
@@ -239,35 +278,97 @@ def test_epochs_and_warmup_epochs_convert_to_steps(tmp_path):
         train_mod.schedule_lengths(make_cfg(tmp_path, "train.batch_size=500"), num_train=100)
 
 
-def test_single_run_exits_nonzero_after_recording(tmp_path, monkeypatch):
-    # A run that fails while training (a config error is exit 2 before any record: tests/test_guards.py).
-    argv = ["arena-train", *FAKE, f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/out",
-            "fault.raise_at_step=1"]
-    monkeypatch.setattr(sys, "argv", argv)
+def test_single_run_exit_status(tmp_path, monkeypatch, capsys):
+    """A single run that cannot start: one line on stderr, exit 2, nothing recorded. One that fails during
+    training: exit 1 after recording."""
+    argv = ["arena-train", *FAKE, f"results_dir={tmp_path}/results", f"hydra.run.dir={tmp_path}/out"]
+    # A key nothing reads is refused before Hydra runs (tests/test_guards.py); an invalid value of a real parameter
+    # is found when the run builds its mechanism.
+    monkeypatch.setattr(sys, "argv", [*argv, "+attention.params.backend=nonsense"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_mod.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("arena-train: full/fake/seed0 cannot start: ") and "backend" in err, err
+    assert err.endswith(" (nothing recorded)\n") and err.count("\n") == 1, err
+    assert _no_records(tmp_path)
+    monkeypatch.setattr(sys, "argv", [*argv, "fault.raise_at_step=2"])
     with pytest.raises(SystemExit) as exit_info:
         train_mod.main()
     assert exit_info.value.code == 1
-    records = load_records(tmp_path / "results", kind="train")
-    assert list(records["status"]) == ["error"]
+    assert list(load_records(tmp_path / "results", kind="train")["status"]) == ["error"]
 
 
-def test_sweep_records_a_failing_run_and_goes_on_then_skips(tmp_path, monkeypatch):
+def test_sweep_records_a_failing_run_and_goes_on_then_skips(tmp_path, monkeypatch, capsys):
     """A real Hydra multirun (basic launcher, in-process): seed 1 crashes, seeds 0 and 2 finish."""
     base = ["arena-train", "-m", *FAKE, "train.max_steps=4", "train.eval_every=2",
             f"results_dir={tmp_path}/results", f"hydra.sweep.dir={tmp_path}/multirun", "seed=0,1,2"]
     monkeypatch.setattr(sys, "argv", [*base, "fault.raise_at_step=2", "fault.seeds=[1]"])
-    train_mod.main()  # returns normally: failures in a sweep are recorded, not raised
+    with pytest.raises(SystemExit) as exit_info:  # the sweep goes on, then its exit status says a run failed
+        train_mod.main()
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith("arena-train: 1 of 3 runs failed: full/fake/seed1 (error); ")
     df = load_records(tmp_path / "results", kind="train").set_index("seed")
     assert df.loc[0, "status"] == "ok" and df.loc[2, "status"] == "ok"
     assert df.loc[1, "status"] == "error" and df.loc[1, "error.type"] == "SimulatedCrash"
     mtimes = {seed: os.stat(df.loc[seed, "_path"]).st_mtime_ns for seed in (0, 2)}
     # Repeat the sweep: finished runs are skipped; the failed one resumes from its checkpoint and finishes.
     monkeypatch.setattr(sys, "argv", base)
-    train_mod.main()
+    train_mod.main()  # every run ok (two skipped): returns, exit status 0
     df = load_records(tmp_path / "results", kind="train").set_index("seed")
     assert list(df.sort_index()["status"]) == ["ok", "ok", "ok"]
     assert df.loc[1, "resumed_from_step"] == 2
     assert {seed: os.stat(df.loc[seed, "_path"]).st_mtime_ns for seed in (0, 2)} == mtimes
+
+
+def test_sweep_with_a_run_that_cannot_start_exits_1_naming_it_and_records_only_the_others(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The exit status comes from the runs' outcomes, not from records: a run that cannot start writes none."""
+    monkeypatch.setattr(sys, "argv", ["arena-train", "-m", *FAKE, "train.max_steps=2",
+                                      f"results_dir={tmp_path}/results", f"hydra.sweep.dir={tmp_path}/multirun",
+                                      "train.batch_size=16,500"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_mod.main()
+    assert exit_info.value.code == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("arena-train: 1 of 2 runs failed: full/fake/seed0 (not started); ")
+    assert "full/fake/seed0 [-]: not started after " in out and "larger than the training split" in out
+    assert list(load_records(tmp_path / "results", kind="train")["status"]) == ["ok"]
+
+
+def test_a_failed_run_in_a_launcher_process_fails_the_sweep(tmp_path, monkeypatch):
+    """A job run by a launcher in a process of its own (joblib, submitit) cannot add to this process's count:
+    it raises a compact Hydra error, which Hydra's sweep re-raises in the launching process (exit 1)."""
+    from hydra.errors import CompactHydraException
+
+    from harness.train import app
+
+    monkeypatch.setattr(app, "SWEEP", app.SweepTally(pid=-1))  # as in a launcher's worker process
+    with pytest.raises(CompactHydraException, match=r"^arena-train: run full/fake/seed0 \(not started\) failed"):
+        app.job(make_cfg(tmp_path, "+attention.params.no_such=1"), multirun=True)
+    with pytest.raises(CompactHydraException, match=r"run full/fake/seed0 \(error\) failed"):
+        app.job(make_cfg(tmp_path, "fault.raise_at_step=2"), multirun=True)
+    assert app.job(make_cfg(tmp_path / "b"), multirun=True)["status"] == "ok"
+    assert app.SWEEP.failed == [] and app.SWEEP.runs == 0
+
+
+def test_the_line_each_run_ends_with_reads_back(tmp_path, caplog):
+    """arena-suite reads arena-train's last line of a run (harness.display.parse_run_done): the lines really
+    logged for an ok, a skipped and a failed run, with their fields."""
+    from harness.display import parse_run_done
+
+    with caplog.at_level(logging.INFO, logger="arena-train"):
+        ok = run(make_cfg(tmp_path, "seed=3"))
+        run(make_cfg(tmp_path, "seed=3"))
+        run(make_cfg(tmp_path, "fault.raise_at_step=2"))
+    parsed = [parse_run_done(r.getMessage()) for r in caplog.records]
+    done = [p for p in parsed if p is not None]
+    assert [d["outcome"] for d in done] == ["ok", "skipped", "error (during training)"]
+    assert all(d["attention"] == "full" and d["task"] == "fake" and d["recipe"] == "-" for d in done)
+    assert [d["seed"] for d in done] == [3, 3, 0]
+    assert done[0]["test_acc"] == pytest.approx(ok["test_acc"], abs=5e-5) == done[1]["test_acc"]
+    assert done[0]["wall_s"] == pytest.approx(ok["wall_time_s"], abs=0.5) and done[2]["test_acc"] is None
+    assert "fault injection: simulated crash after step 2" in done[2]["details"]
 
 
 # ----------------------------------------------------------------------------- dispatch, schedules, checkpoints
@@ -388,9 +489,8 @@ def test_quick_mqar_recipes_are_learned_by_full_attention(tmp_path, experiment):
 
 
 def test_mqar_decoder_form_needs_a_causal_model(tmp_path):
-    record = run(_mqar_cfg(tmp_path, "task.params.form=decoder"))
-    assert record["status"] == "error" and record["stage"] == "setup"
-    assert "needs model.causal=true" in record["error"]["message"]
+    with pytest.raises(RunNotStarted, match="needs model.causal=true"):
+        run(_mqar_cfg(tmp_path, "task.params.form=decoder"))
 
 
 def test_token_loss_ignores_unlabelled_positions():

@@ -11,7 +11,9 @@ resolved config. A run never loses work: a config hash with an ``ok`` record is 
 (``force=true`` reruns it), and a run killed mid-training resumes from its last
 checkpoint (model, optimizer, scheduler, RNG states, epoch and position in the epoch) to
 the same result as an uninterrupted run. A failing run of a sweep is recorded and the
-sweep goes on; a failing single run exits non-zero after recording.
+sweep goes on; a failing single run exits 1 after recording, a sweep with a failed run exits 1 at its end
+naming them. A run that fails before training (its settings, data or model; see :mod:`~harness.train.app`)
+records nothing: a single run prints one line and exits 2 (an invalid setting) or 1 (a crash).
 
 The package's rooms, in the order a run goes through them: :mod:`~harness.train.settings` (the loop's
 typed settings, device and precision), :mod:`~harness.train.config` (config -> task, backbone config,
@@ -45,7 +47,7 @@ from harness.plugins import (
     unknown_attention_message,
     unknown_experiment_message,
 )
-from harness.train.app import run
+from harness.train.app import exit_if_runs_failed, job, run, start_sweep
 from harness.train.config import (
     attention_params,
     check_config,
@@ -79,16 +81,13 @@ def _is_multirun() -> bool:
 
 # Defined here, in ``harness.train``, so Hydra names the job ``train`` (its log file train.log) as before.
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
+def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     # Every job of a sweep, in whatever process a launcher runs it: a config that cannot work is one line and
     # exit 2 before its task is built, never a record.
     with exit_on_settings_error("arena-train"):
         load_plugins(list(cfg.get("plugins") or []))
         check_config(cfg)
-    record = run(cfg)
-    if record["status"] != "ok" and not _is_multirun():
-        sys.exit(1)
-    return record
+    return job(cfg, multirun=_is_multirun())  # a failed run: exit status (single) or counted (sweep)
 
 
 # Hydra's own command-line flags that ask for something other than a run (help, printing the config, ...).
@@ -165,4 +164,6 @@ def main() -> None:
         check_command_line(sys.argv[1:])
     with one_line_interrupt("arena-train", "finished runs keep their records; the same command resumes the "
                                            "interrupted run from its last checkpoint"):
+        start_sweep()
         _hydra_main()
+    exit_if_runs_failed()  # a sweep: exit 1 naming its failed runs (a single run has exited already)

@@ -5,8 +5,8 @@ typed :class:`~harness.train.settings.TrainSettings`.
 
 Owns: the training loop, its resumable state and its measurements (throughput, a step's peak memory).
 Imports: :mod:`harness.model`, :mod:`harness.schedules`, :mod:`harness.checkpoint`,
-:mod:`harness.measure`, :mod:`harness.train.config`, :mod:`harness.train.settings`, ``tasks.base`` (the
-ignore index of unlabelled positions).
+:mod:`harness.measure`, :mod:`harness.display` (paths in log lines), :mod:`harness.train.config`,
+:mod:`harness.train.settings`, ``tasks.base`` (the ignore index of unlabelled positions).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from harness.allocator import configure_cpu_allocator
 from harness.checkpoint import load_checkpoint, resume_point, rng_state, save_checkpoint, set_rng_state
+from harness.display import shown_path
 from harness.measure import device_info, measure_peak_memory, synchronize
 from harness.model import ArenaModel, build_model
 from harness.schedules import build_scheduler
@@ -208,13 +209,17 @@ class Run:
 def train(cfg: DictConfig, run_id: str, checkpoint_dir: Path, out: dict[str, Any]) -> None:
     """Train and evaluate one run, filling ``out`` with the result fields of its record.
 
-    ``out`` is filled as the run goes (``stage``: setup, train, test), so a failure still
-    records what was known. Raises on failure (the caller records it): ValueError for a config
-    that cannot work (before any training step), Diverged, SimulatedCrash, OOM errors.
+    ``out`` is filled as the run goes (``stage``: setup, resume, train, test), so a failure still
+    records what was known. Raises on failure: ValueError for a config that cannot work, or any other
+    exception of the set-up, with ``stage`` still ``setup`` ("before training": settings, data, model and a
+    preflight forward; the caller records no run for it, see :mod:`harness.train.app`); Diverged,
+    SimulatedCrash, OOM errors later (the caller records them).
     """
     out["stage"] = "setup"
     settings = TrainSettings.from_cfg(cfg)
     run = set_up(cfg, settings, checkpoint_dir, out)
+    out["stage"] = "resume"  # before training ends here: what follows fails a run that could start
+    log.info("run %s (%s): checkpoints in %s", settings.label, run_id, shown_path(checkpoint_dir))
     resume(run, run_id, out)
     out["stage"] = "train"
     progress = Progress(settings, run.max_steps, run.state["step"])
