@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import multiprocessing
 import os
+import signal
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -333,3 +335,16 @@ def subset_rows(n: int, k: int | None, seed: int) -> np.ndarray:
     if k is None or k >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng([seed, n, k]).permutation(n)[:k])
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def process_pool(num_workers: int):
+    """A ``multiprocessing`` pool of ``num_workers`` processes (fork where available: no re-import, works from any
+    entry point; spawn elsewhere) for data generators. Its workers ignore SIGINT: a Ctrl-C in the terminal reaches
+    every process of the group, and the parent alone must handle it (it terminates the pool), or each worker prints
+    its own traceback and a worker stopped mid-task can leave the pool hanging."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(num_workers, initializer=_ignore_sigint)

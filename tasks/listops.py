@@ -30,13 +30,12 @@ are unused.
 from __future__ import annotations
 
 import csv
-import multiprocessing
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.base import Arrays, Task, TaskConfig, register_task, require
+from tasks.base import Arrays, Task, TaskConfig, process_pool, register_task, require
 from tasks.cache import file_identity
 
 VOCAB = ("<pad>", "[MIN", "[MAX", "[MED", "[SM", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "]")
@@ -201,8 +200,7 @@ def generate_listops(num_examples: int, seed: int, min_length: int = 500, max_le
     lengths = np.zeros(num_examples, dtype=np.int32)
     labels = np.zeros(num_examples, dtype=np.int64)
     filled, next_chunk = 0, 0
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(num_workers) if num_workers > 1 and num_examples > CHUNK else None
+    pool = process_pool(num_workers) if num_workers > 1 and num_examples > CHUNK else None
     try:
         while filled < num_examples:
             # Duplicates are rare, so ask for what is missing; chunks are fixed-size so the set does not depend

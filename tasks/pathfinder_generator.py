@@ -30,10 +30,11 @@ contour_length)`` and its label, independent of ``num_workers``.
 
 from __future__ import annotations
 
-import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
+
+from tasks.base import process_pool
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parameters
@@ -482,9 +483,7 @@ def generate_pathfinder(num_images: int, image_size: int, contour_length: int, s
         for start, part in results:
             images[start:start + len(part)] = part
     else:
-        # fork where available: no re-import, works from any entry point; spawn elsewhere.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(num_workers) as pool:
+        with process_pool(num_workers) as pool:
             for start, part in pool.imap_unordered(_render_range, jobs):  # filled in place: no 2x peak memory
                 images[start:start + len(part)] = part
     return images, labels

@@ -96,3 +96,16 @@ def test_data_root_must_be_a_directory_and_data_dir_wins(tmp_path):
         (tmp_path / "mine" / f).write_text("Source\tTarget\r\n")
     task = build_task("listops", data_root=str(tmp_path), data_dir=str(tmp_path / "mine"))
     assert task.config.data_dir == str(tmp_path / "mine")
+
+
+def test_generator_pool_workers_leave_ctrl_c_to_the_parent():
+    # A Ctrl-C reaches the whole process group: workers that handled it would each print a traceback (and could
+    # hang the pool); the parent terminates them instead.
+    import signal
+
+    from tasks.base import process_pool
+
+    with process_pool(2) as pool:
+        handlers = pool.map(signal.getsignal, [signal.SIGINT] * 2)
+    assert handlers == [signal.SIG_IGN] * 2
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the parent keeps its own handler
