@@ -10,7 +10,8 @@ pages and other threads, and it does not go down when tensors are freed.
     stats = time_fn(lambda: attn(q, k, v), "cpu", warmup=2, repeats=5)
 
 It also owns the failure vocabulary every runner records (:func:`is_out_of_memory`,
-:func:`failure_outcome`), the measured step of one callable (:func:`measure_step`) and the small
+:func:`failure_outcome`), the measured step of one callable (:func:`make_step`, :func:`measure_step`), several
+steps timed in interleaved rounds (:func:`time_rounds`) and the small
 helpers the benchmark and the peers share (:data:`DTYPES`, :func:`random_inputs`,
 :func:`jsonable_params`, :func:`progress_bar`).
 
@@ -115,27 +116,73 @@ def time_fn(
     The device is synchronised before each start and end clock read. Returns
     ``{"median_s", "p10_s", "p90_s", "times_s"}`` (percentiles interpolated linearly).
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    _check_counts(warmup, repeats)
     device = _as_device(device)
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
+    return timing_stats([_timed_call(fn, device) for _ in range(repeats)])
+
+
+def time_rounds(steps: Sequence[Callable[[], Any]], device: torch.device | str, warmup: int = 2,
+                repeats: int = 5) -> list[dict[str, Any] | Exception]:
+    """Wall time of several steps measured in interleaved rounds (round-robin).
+
+    Each step gets its ``warmup`` untimed calls, then come ``repeats`` rounds, and in each round every step
+    is timed once, in turn. A burst of load from another process then slows the same round of every step
+    instead of every repeat of one step: the rounds of a cell disagree, which shows (a cell measured in
+    one contiguous block through the burst would look steady and slow). ``times_s`` is in round order.
+
+    Returns one entry per step: the :func:`time_fn` dict, or the exception the step raised (a failing
+    step is left out of the later rounds; the others go on). Raises ValueError for ``repeats < 1`` or
+    ``warmup < 0``.
+    """
+    _check_counts(warmup, repeats)
+    device = _as_device(device)
+    failed: dict[int, Exception] = {}
+    times: list[list[float]] = [[] for _ in steps]
+
+    def run(i: int, timed: bool) -> None:
+        if i in failed:
+            return
+        try:
+            if timed:
+                times[i].append(_timed_call(steps[i], device))
+            else:
+                steps[i]()
+        except Exception as exc:  # noqa: BLE001 - one step's failure is its result, not the others'
+            failed[i] = exc
+
+    for i in range(len(steps)):
+        for _ in range(warmup):
+            run(i, timed=False)
+    synchronize(device)
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return {
-        "median_s": statistics.median(times),
-        "p10_s": percentile(times, 10),
-        "p90_s": percentile(times, 90),
-        "times_s": times,
-    }
+        for i in range(len(steps)):
+            run(i, timed=True)
+    return [failed[i] if i in failed else timing_stats(times[i]) for i in range(len(steps))]
+
+
+def timing_stats(times: list[float]) -> dict[str, Any]:
+    """``{"median_s", "p10_s", "p90_s", "times_s"}`` of a non-empty list of times in seconds."""
+    return {"median_s": statistics.median(times), "p10_s": percentile(times, 10),
+            "p90_s": percentile(times, 90), "times_s": list(times)}
+
+
+def _check_counts(warmup: int, repeats: int) -> None:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+
+
+def _timed_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of ``fn``, the device synchronised before each clock read."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def matmul_flops_per_s(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
@@ -271,6 +318,48 @@ def random_inputs(shape: tuple[int, ...], device: str, dtype: str, seed: int,
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
+def make_step(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor],
+              pass_: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(step, clear_grads): the measured step of ``forward`` (``fwd``: under no_grad; ``fwd+bwd``: plus
+    ``out.sum().backward()``) and the function that drops the gradients of ``leaves``.
+
+    ``leaves`` are the tensors whose gradients the step creates (inputs, parameters): a ``fwd+bwd`` step
+    clears them first, so every step allocates its gradients afresh."""
+
+    def clear_grads() -> None:
+        for t in leaves:
+            t.grad = None
+
+    def backward_step() -> None:
+        clear_grads()
+        forward().sum().backward()
+
+    def forward_step() -> None:
+        with torch.no_grad():
+            forward()
+
+    return (backward_step if pass_ == "fwd+bwd" else forward_step), clear_grads
+
+
+def step_peak(step: Callable[[], Any], clear_grads: Callable[[], None], device: str) -> MemoryReading:
+    """The allocator peak of one call of ``step`` (:func:`measure_peak_memory`), the gradients cleared before
+    it, outside the measurement (the CPU profiler cannot see frees of memory allocated before it starts),
+    and after it; on CUDA the cache is emptied afterwards. Raises what the step raises."""
+    clear_grads()
+    try:
+        _, reading = measure_peak_memory(step, device)
+    finally:
+        release(clear_grads, device)
+    return reading
+
+
+def release(clear_grads: Callable[[], None], device: str) -> None:
+    """After a measured step (or its failure): its gradients dropped, on CUDA the allocator's cache emptied."""
+    clear_grads()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def measure_step(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], pass_: str,
                  device: str, warmup: int, repeats: int) -> dict[str, Any]:
     """Time and peak memory of ``forward()`` (``fwd``, under no_grad) or of it plus ``out.sum().backward()``.
@@ -280,33 +369,13 @@ def measure_step(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Ten
     every measured step allocates its gradients afresh. Returns ``{"time": {median_s, p10_s,
     p90_s, times_s}, "memory": {peak_bytes, method}}``. Raises what the step raises.
     """
-
-    def clear_grads() -> None:
-        for t in leaves:
-            t.grad = None
-
-    if pass_ == "fwd+bwd":
-
-        def step():
-            clear_grads()
-            forward().sum().backward()
-
-    else:
-
-        def step():
-            with torch.no_grad():
-                forward()
-
+    step, clear_grads = make_step(forward, leaves, pass_)
     try:
         timing = time_fn(step, device, warmup=warmup, repeats=repeats)
-        # Freed here, outside the measured step: the CPU profiler cannot see frees of memory
-        # allocated before it starts.
-        clear_grads()
-        _, reading = measure_peak_memory(step, device)
-    finally:
-        clear_grads()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+    except BaseException:
+        release(clear_grads, device)
+        raise
+    reading = step_peak(step, clear_grads, device)
     return {
         "time": {k: timing[k] for k in ("median_s", "p10_s", "p90_s", "times_s")},
         "memory": {"peak_bytes": reading.peak_bytes, "method": reading.method},

@@ -9,9 +9,12 @@ from harness.measure import (
     CPU_METHOD,
     MemoryReading,
     device_info,
+    make_step,
     measure_peak_memory,
+    measure_step,
     percentile,
     time_fn,
+    time_rounds,
 )
 
 MB = 1_000_000
@@ -125,6 +128,47 @@ def test_time_fn_measures_sleep():
 def test_time_fn_rejects_zero_repeats():
     with pytest.raises(ValueError, match="repeats"):
         time_fn(lambda: None, "cpu", repeats=0)
+
+
+def test_time_rounds_interleaves_the_steps_round_by_round():
+    calls = []
+    stats = time_rounds([lambda: calls.append("a"), lambda: calls.append("b")], "cpu", warmup=2, repeats=3)
+    # Each step's warm-up first, then every round times each step once, in turn.
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert [len(s["times_s"]) for s in stats] == [3, 3]
+    assert all(s["p10_s"] <= s["median_s"] <= s["p90_s"] for s in stats)
+
+
+def test_time_rounds_leaves_a_failing_step_out_and_goes_on_with_the_others():
+    calls = []
+
+    def flaky():
+        calls.append("b")
+        if len([c for c in calls if c == "b"]) == 2:  # the first timed call fails
+            raise RuntimeError("boom")
+
+    stats = time_rounds([lambda: calls.append("a"), flaky], "cpu", warmup=1, repeats=3)
+    assert isinstance(stats[1], RuntimeError) and len(stats[0]["times_s"]) == 3
+    assert calls == ["a", "b", "a", "b", "a", "a"]  # no call of the failed step after its failure
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        time_rounds([lambda: None], "cpu", repeats=0)
+    assert time_rounds([], "cpu") == []
+
+
+def test_make_step_clears_gradients_before_each_backward_and_measure_step_reads_a_peak():
+    x = torch.randn(64, 64, requires_grad=True)
+    step, clear_grads = make_step(lambda: (x @ x).relu(), [x], "fwd+bwd")
+    step()
+    first = x.grad.clone()
+    step()  # cleared first: the gradient is the step's own, not accumulated
+    torch.testing.assert_close(x.grad, first)
+    clear_grads()
+    assert x.grad is None
+    out = measure_step(lambda: (x @ x).relu(), [x], "fwd+bwd", "cpu", warmup=1, repeats=2)
+    assert len(out["time"]["times_s"]) == 2 and out["memory"]["peak_bytes"] >= 64 * 64 * 4 and x.grad is None
+    fwd_step, _ = make_step(lambda: (x @ x).relu(), [x], "fwd")
+    fwd_step()
+    assert x.grad is None  # forward only, under no_grad
 
 
 def test_percentile_matches_numpy_linear():
