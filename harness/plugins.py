@@ -251,9 +251,15 @@ def unknown_attention_message(overrides: Sequence[str]) -> str | None:
     unknown = [n for n in _override_names(overrides, "attention") if n not in available_attentions()]
     if not unknown:
         return None
+    return (f"unknown attention {', '.join(map(repr, unknown))}: registered are {', '.join(available_attentions())}. "
+            + plugin_hint(unknown))
+
+
+def plugin_hint(unknown: Sequence[str]) -> str:
+    """The sentence after an unknown mechanism's name: how a mechanism of one's own gets registered
+    (``plugins=[<module>]``, naming the module when ``<name>.py`` is in the working directory)."""
     here = [n for n in unknown if Path(f"{n}.py").is_file()]
-    return (f"unknown attention {', '.join(map(repr, unknown))}: registered are {', '.join(available_attentions())}."
-            " A mechanism of your own is registered by importing its module first: add plugins=[<module>]"
+    return ("A mechanism of your own is registered by importing its module first: add plugins=[<module>]"
             + (f" (plugins=[{here[0]}] for ./{here[0]}.py in this folder)" if here else "")
             + ", or install it as a package with an 'attention_arena.attentions' entry point.")
 

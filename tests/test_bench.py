@@ -27,8 +27,70 @@ TINY = {
     "peers": {"enabled": False},
     "progress": False,
     "print_table": False,
-    "max_spread": 1e9,  # tiny cells on a shared machine: only the noise tests ask for re-measuring
 }
+
+
+class VirtualClock:
+    """The benchmark's clock in these tests: ``harness.measure``'s ``time.perf_counter`` reads a counter that
+    only the measured steps advance, by :meth:`cost_s` each (a steady 2 ms per 16 tokens, twice that for
+    fwd+bwd), so every noise judgement (rounds' spread, trends, pass inversions) is the test's decision, never
+    the load of the machine running it. (A tiny cell really measured on a loaded machine can take 20 ms for
+    fwd and 0.2 ms for fwd+bwd: flagged noisy, it is measured again by the next run, and
+    test_rerun_reuses_ok_records failed so.) :meth:`disturb` adds time to chosen calls; :meth:`use_real`
+    restores the real clock. Memory is measured for real."""
+
+    def __init__(self):
+        import types
+
+        from harness import measure as measure_mod
+        from harness.bench import cells as bench_cells
+
+        self.now = 0.0
+        self.patch = pytest.MonkeyPatch()
+        self.disturb(0)
+        self.patch.setattr(measure_mod, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+        real = measure_mod.make_step
+        for module in (measure_mod, bench_cells):
+            self.patch.setattr(module, "make_step", lambda f, leaves, pass_: self._steady(real, f, leaves, pass_))
+
+    @staticmethod
+    def cost_s(n: int, pass_: str) -> float:
+        return 2e-3 * n / 16 * (2 if pass_ == "fwd+bwd" else 1)
+
+    def disturb(self, measurements: int, n: int = 32, calls=(2,), extra_s: float = 0.3) -> dict:
+        """The first ``measurements`` measurements of the cells at ``n`` take ``extra_s`` more in their ``calls``
+        (numbered from 1, warm-up calls counted: with warmup=0, call 2 is the second timed round), as another
+        process taking the core would cause. Returns the state whose ``"measurements"`` counts the
+        measurements at ``n``."""
+        self.plan = {"n": n, "disturbed": measurements, "calls": set(calls), "extra_s": extra_s}
+        self.state = {"measurements": 0}
+        return self.state
+
+    def use_real(self) -> None:
+        self.patch.undo()
+
+    def _steady(self, real, forward, leaves, pass_):
+        step, clear_grads = real(forward, leaves, pass_)
+        n = leaves[0].shape[-2]
+        disturbed = n == self.plan["n"] and self.state["measurements"] < self.plan["disturbed"]
+        self.state["measurements"] += n == self.plan["n"]
+        calls = {"k": 0}
+
+        def timed():
+            calls["k"] += 1
+            burst = disturbed and calls["k"] in self.plan["calls"]
+            self.now += self.cost_s(n, pass_) + (self.plan["extra_s"] if burst else 0.0)
+            step()
+
+        return timed, clear_grads
+
+
+@pytest.fixture(autouse=True)
+def clock():
+    """Every test here runs on the :class:`VirtualClock`."""
+    c = VirtualClock()
+    yield c
+    c.use_real()
 
 
 def run(tmp_path: Path, **overrides) -> pd.DataFrame:
@@ -78,19 +140,54 @@ def test_backward_peak_exceeds_forward_peak(tmp_path):
     assert peak["fwd+bwd"] > peak["fwd"] > 0
 
 
+def _fail_attend(monkeypatch, mechanism: str, exc: Exception, when=lambda n: True) -> None:
+    """``mechanism`` raises ``exc`` for inputs of ``n`` tokens where ``when(n)``."""
+    cls = get_attention_info(mechanism).cls
+    real = cls.attend
+
+    def attend(self, q, k, v, key_padding_mask):
+        if when(q.shape[-2]):
+            raise exc
+        return real(self, q, k, v, key_padding_mask)
+
+    monkeypatch.setattr(cls, "attend", attend)
+
+
+OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+
 def test_out_of_memory_is_recorded_as_oom_and_larger_n_not_run(tmp_path, monkeypatch):
-    cls = get_attention_info("performer").cls
-
-    def boom(self, q, k, v, key_padding_mask):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-
-    monkeypatch.setattr(cls, "attend", boom)
+    # The probes (n = 4, 8) fit; the cell at 16 runs out of memory, so 32 is not run.
+    _fail_attend(monkeypatch, "performer", OOM, when=lambda n: n >= 16)
     df = run(tmp_path, mechanisms=["performer"], include_sdpa_direct=False, seq_lens=[16, 32], passes=["fwd"])
     records = {r["n"]: r for r in read_bench_records(tmp_path)}
     assert records[16]["status"] == "oom"
     assert "out of memory" in records[16]["reason"]
     assert records[32]["status"] == "oom" and "n=16" in records[32]["reason"]
     assert list(df["outcome"]) == ["oom", "oom"]
+
+
+def test_a_probe_out_of_memory_stops_the_row_before_its_first_cell(tmp_path, monkeypatch):
+    _fail_attend(monkeypatch, "performer", OOM)
+    measured = []
+    monkeypatch.setattr(bench_run, "measure_cells", lambda *a, **k: measured.append(a) or {})
+    run(tmp_path, mechanisms=["performer"], include_sdpa_direct=False, seq_lens=[16, 32], passes=["fwd"])
+    records = {r["n"]: r for r in read_bench_records(tmp_path)}
+    assert measured == []  # no cell measured: the probe at n = 4 already ran out of memory
+    for n in (16, 32):
+        assert records[n]["status"] == "oom" and "probe n=4" in records[n]["reason"]
+
+
+def test_a_failed_probe_leaves_the_cell_measured_and_says_it_was_not_guarded(tmp_path, monkeypatch):
+    # A mechanism refusing short inputs (a plug-in may): no prediction, the cell is measured, the console says so.
+    _fail_attend(monkeypatch, "performer", ValueError("needs at least 16 tokens"), when=lambda n: n < 16)
+    lines = []
+    bench.run_benchmark({**TINY, "results_dir": str(tmp_path), "mechanisms": ["performer"], "seq_lens": [16],
+                         "passes": ["fwd"]}, log=lines.append)
+    record = read_bench_records(tmp_path)[0]
+    assert record["status"] == "ok" and "predicted_step_s" not in record["time"]
+    assert lines == ["bench: performer fwd n=16: measured without a prediction "
+                     "(probe n=4: unsupported: needs at least 16 tokens)"]
 
 
 def test_cpu_allocator_failure_counts_as_oom_other_errors_as_error():
@@ -102,17 +199,121 @@ def test_cpu_allocator_failure_counts_as_oom_other_errors_as_error():
     assert failure_outcome(KeyError("x"))["outcome"] == "error"
 
 
-def test_memory_budget_skips_n_predicted_to_exceed_it(tmp_path):
-    # 1 KB budget: the first two lengths run (a prediction needs two points), the third is skipped.
-    run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16, 32, 64], passes=["fwd+bwd"],
-        memory_budget_gb=1e-6)
+def test_memory_budget_guards_the_first_length_from_two_probes(tmp_path, monkeypatch):
+    # 1 KB budget: even the first length is predicted over it, from the probes at n = 4 and 8; nothing is measured.
+    measured = []
+    monkeypatch.setattr(bench_run, "measure_cells", lambda *a, **k: measured.append(a) or {})
+    lines = []
+    bench.run_benchmark({**TINY, "results_dir": str(tmp_path), "mechanisms": ["full"], "include_sdpa_direct": False,
+                         "seq_lens": [16, 32], "passes": ["fwd+bwd"], "memory_budget_gb": 1e-6}, log=lines.append)
+    assert measured == []
+    records = {r["n"]: r for r in read_bench_records(tmp_path)}
+    first = records[16]
+    # Stored with its own status (no stand-in "oom" + "outcome" field), the reason naming the budget first.
+    assert first["status"] == "skipped_budget" and "outcome" not in first and first["budget"] == "memory"
+    assert first["reason"].startswith("memory, predicted peak") and "n=4 (probe)" in first["reason"]
+    # The prediction and the probes it came from are in the record.
+    assert first["predicted_peak_bytes"] == first["memory"]["predicted_peak_bytes"] > 1000
+    assert [n for n, _ in first["memory"]["probes"]] == [4, 8] and first["time"]["predicted_from_n"] == [4, 8]
+    assert [n for n, _ in first["time"]["probes"]] == [4, 8] and first["time"]["predicted_cell_s"] > 0
+    assert records[32]["status"] == "skipped_budget"
+    assert lines[0].startswith("bench: full fwd+bwd n=16 not measured: over budget: memory, predicted peak")
+
+
+def test_memory_budget_skips_a_longer_n_from_the_measured_lengths(tmp_path):
+    settings = {"mechanisms": ["full"], "include_sdpa_direct": False, "seq_lens": [16, 32, 64], "passes": ["fwd+bwd"]}
+    run(tmp_path / "free", **settings, memory_budget_gb=None)
+    predicted = {r["n"]: r["memory"]["predicted_peak_bytes"] for r in read_bench_records(tmp_path / "free")}
+    assert predicted[32] < predicted[64]
+    # A budget between the predictions at 32 (from 8 and 16) and at 64 (from 16 and 32): 64 alone is skipped.
+    run(tmp_path, **settings, memory_budget_gb=(predicted[32] + predicted[64]) / 2e9)
     records = {r["n"]: r for r in read_bench_records(tmp_path)}
     assert records[16]["status"] == records[32]["status"] == "ok"
-    skipped = records[64]
-    # Stored with its own status (no stand-in "oom" + "outcome" field), the reason naming the budget.
-    assert skipped["status"] == "skipped_budget" and "outcome" not in skipped
-    assert skipped["budget"] == "memory" and skipped["reason"].startswith("memory")
-    assert skipped["predicted_peak_bytes"] > 1000
+    assert records[32]["time"]["predicted_from_n"] == [8, 16]  # a probe and a measured length
+    assert records[64]["status"] == "skipped_budget" and records[64]["memory"]["predicted_peak_bytes"] == pytest.approx(
+        predicted[64])
+    assert "probes" not in records[64]["memory"] and "n=16: " in records[64]["reason"]
+
+
+def test_the_issue_s_million_token_performer_is_skipped_without_being_run(tmp_path, monkeypatch):
+    """`arena-bench mechanisms=[performer] seq_lens=[1048576]` grew to 21.9 GB before it was killed: the probes
+    at 256 and 512 tokens predict the peak, far beyond the default 6 GB budget, and the cell is not run."""
+    measured = []
+    monkeypatch.setattr(bench_run, "measure_cells", lambda *a, **k: measured.append(a) or {})
+    run(tmp_path, smoke=False, mechanisms=["performer"], seq_lens=[1048576], passes=["fwd+bwd"], repeats=1)
+    record = read_bench_records(tmp_path)[0]
+    assert measured == [] and record["status"] == "skipped_budget" and record["budget"] == "memory"
+    assert record["memory"]["predicted_peak_bytes"] > 6e9 and record["time"]["predicted_from_n"] == [256, 512]
+
+
+def test_guard_prediction_is_a_power_law_through_the_two_nearest_points_below():
+    from harness.bench import guard
+
+    settings = bench.resolve_settings({**TINY, "repeats": 3, "warmup": 1})
+    row = guard.Row()
+    for n, t, m in ((256, 1e-3, 1e5), (1024, 0.01, 1e6), (2048, 0.04, 2e6)):
+        row.add(guard.Point(n, t, m))
+    pred = guard.predict(row, 8192, settings)
+    assert [p.n for p in pred.basis] == [1024, 2048]
+    assert pred.step_s == pytest.approx(0.04 * 16) and pred.peak_bytes == pytest.approx(8e6)  # slopes 2 and 1
+    assert pred.cell_s == pytest.approx(0.04 * 16 * 5)  # warm-up + repeats + the memory step
+    assert guard.predict(guard.Row([guard.Point(16, 1.0, 1.0)]), 32, settings) is None
+    # Probes: 256 and 512 before a long first length, a quarter and a half of a short one, none for a tiny one.
+    assert guard.probe_lengths(1048576, []) == [256, 512]
+    assert guard.probe_lengths(256, []) == [64, 128]
+    assert guard.probe_lengths(4096, [guard.Point(1024, 1.0, 1.0)]) == [256, 512]  # below the one point known
+    assert guard.probe_lengths(2, []) == [] and guard.probe_lengths(4096, list(row.points[:2])) == []
+
+
+def test_probes_run_on_one_cpu_thread_and_restore_the_thread_count(monkeypatch):
+    """Tiny probe steps with two threads on a busy machine took 5-15x longer; on one they cost 0.7 s for all the
+    default suite's rows. The benchmark's own thread count is restored afterwards."""
+    from harness.bench import guard
+
+    seen = []
+    real = guard.measure_cells
+    monkeypatch.setattr(guard, "measure_cells", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        row = guard.Row()
+        assert guard.probe("full", [4, 8], "fwd", bench.resolve_settings(dict(TINY)), row) is None
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        assert [(p.n, p.probe) for p in row.points] == [(4, True), (8, True)]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_time_limit_skip_names_the_estimate_and_a_long_cell_is_announced(tmp_path, clock, monkeypatch):
+    from harness.bench import guard
+
+    lines = []
+    base = {**TINY, "results_dir": str(tmp_path), "mechanisms": ["full", "performer"], "include_sdpa_direct": False,
+            "passes": ["fwd"], "seq_lens": [16, 64], "repeats": 3, "warmup": 1}
+    # The virtual clock: 2 ms per 16 tokens per step; at 64 tokens a cell of 5 steps is predicted at 40 ms.
+    monkeypatch.setattr(bench_run, "LONG_CELL_S", 0.05)
+    bench.run_benchmark({**base, "max_cell_s": 0.03}, log=lines.append)
+    records = {(r["mechanism"], r["n"]): r for r in read_bench_records(tmp_path)}
+    assert records[("full", 16)]["status"] == "ok"
+    skipped = records[("full", 64)]
+    assert skipped["status"] == "skipped_budget" and skipped["budget"] == "time"
+    assert skipped["time"]["predicted_cell_s"] == pytest.approx(5 * clock.cost_s(64, "fwd"))
+    assert skipped["reason"].startswith("time, predicted cell time 40.0 ms > max_cell_s 0.03 s (power law through "
+                                        "n=8 (probe): 1.0 ms, ")
+    assert " and n=16: 2.0 ms, " in skipped["reason"] and skipped["time"]["predicted_from_n"] == [8, 16]
+    assert [line.split(":")[1] for line in lines] == [" full fwd n=64 not measured", " performer fwd n=64 not measured"]
+    lines.clear()
+    bench.run_benchmark({**base, "results_dir": str(tmp_path / "b"), "max_cell_s": None}, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith(
+        "bench: n=64 fwd: measuring 2 mechanisms in 3 interleaved rounds, about 80.0 ms in all; longest: full about "
+        "40.0 ms, peak about ")
+    assert "performer about 40.0 ms, peak about " in lines[0]
+    lines.clear()
+    monkeypatch.setattr(bench_run, "LONG_CELL_S", 0.03)
+    bench.run_benchmark({**base, "results_dir": str(tmp_path / "c"), "max_cell_s": None, "mechanisms": ["full"]},
+                        log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("bench: n=64 fwd: measuring full, about 40.0 ms, peak about ")
+    assert guard.LONG_CELL_S == 10.0
 
 
 def test_time_budget_skip_is_stored_as_skipped_budget_saying_time(tmp_path):
@@ -137,7 +338,7 @@ def test_rerun_reuses_ok_records(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("measured again although the store had the cell")
 
-    monkeypatch.setattr(bench_run, "measure_cell", fail)
+    monkeypatch.setattr(bench_run, "measure_cells", fail)
     df = run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16])
     assert list(df["outcome"]) == ["ok", "ok"]
     # A different setting is a different cell.
@@ -152,7 +353,7 @@ def test_cells_of_another_cpu_allocator_policy_are_not_reused(tmp_path, monkeypa
     def fail(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(bench_run, "measure_cell", fail)
+    monkeypatch.setattr(bench_run, "measure_cells", fail)
     # mallopt is process-wide, so the test process pretends: only the recorded description matters here.
     monkeypatch.setattr(bench_run, "configure_cpu_allocator", lambda mode: "reuse:fake")
     with pytest.raises(AssertionError, match="measured again"):
@@ -312,6 +513,119 @@ def test_unknown_setting_and_mechanism_are_rejected():
             bench.resolve_settings({"seq_lens": bad})
 
 
+# Every numeric setting (and every flag, list and name): the value, the exact one-line message.
+BAD_SETTINGS = [
+    ({"batch": 0}, "batch must be an integer >= 1, got 0"),
+    ({"batch": 2.5}, "batch must be an integer >= 1, got 2.5"),
+    ({"batch": "two"}, "batch must be an integer >= 1, got 'two'"),
+    ({"batch": True}, "batch must be an integer >= 1, got True"),
+    ({"heads": 0}, "heads must be an integer >= 1, got 0"),
+    ({"head_dim": -4}, "head_dim must be an integer >= 1, got -4"),
+    ({"repeats": 0}, "repeats must be an integer >= 1 (timed calls per cell), got 0"),
+    ({"warmup": -1}, "warmup must be an integer >= 0 (untimed calls per cell), got -1"),
+    ({"remeasure": -1}, "remeasure must be an integer >= 0 (extra measurements of a disturbed cell), got -1"),
+    ({"max_spread": 0.5}, "max_spread must be a number >= 1 (p90/p10 ratio), got 0.5"),
+    ({"max_spread": None}, "max_spread must be a number >= 1 (p90/p10 ratio), got None"),
+    ({"memory_budget_gb": 0}, "memory_budget_gb must be a number > 0 (GB), or null for no limit, got 0"),
+    ({"memory_budget_gb": -6}, "memory_budget_gb must be a number > 0 (GB), or null for no limit, got -6"),
+    ({"max_cell_s": 0}, "max_cell_s must be a number > 0 (seconds), or null for no limit, got 0"),
+    ({"max_cell_s": float("inf")}, "max_cell_s must be a number > 0 (seconds), or null for no limit, got inf"),
+    ({"max_cell_s": "1m"}, "max_cell_s must be a number > 0 (seconds), or null for no limit, got '1m'"),
+    ({"approx": {"n": 0}}, "approx.n must be an integer >= 1 (tokens), got 0"),
+    ({"approx": {"seeds": 0}}, "approx.seeds must be an integer >= 1, got 0"),
+    ({"approx": {"batch": -1}}, "approx.batch must be an integer >= 1, got -1"),
+    ({"seq_lens": [0, 256]}, "seq_lens must be a non-empty list of positive lengths, got [0, 256]"),
+    ({"seq_lens": [1024.5]}, "seq_lens must be a non-empty list of positive lengths, got [1024.5]"),
+    ({"seq_lens": 1024}, "seq_lens must be a non-empty list of positive lengths, got 1024"),
+    ({"peers": {"seq_lens": [-1]}}, "peers.seq_lens must be a list of positive lengths, got [-1]"),
+    ({"slope_range": [4096, 1024]}, "slope_range must be null or [low, high] with 0 < low < high, got [4096, 1024]"),
+    ({"slope_range": [1024]}, "slope_range must be null or [low, high] with 0 < low < high, got [1024]"),
+    ({"causal": "yes"}, "causal must be true or false, got 'yes'"),
+    ({"progress": 1}, "progress must be true or false, got 1"),
+    ({"reuse": "true"}, "reuse must be true or false, got 'true'"),
+    ({"include_sdpa_direct": 0}, "include_sdpa_direct must be true or false, got 0"),
+    ({"smoke": "yes"}, "smoke must be true or false, got 'yes'"),
+    ({"force": None}, "force must be true or false, got None"),
+    ({"print_table": "off"}, "print_table must be true or false, got 'off'"),
+    ({"approx": {"enabled": "no"}}, "approx.enabled must be true or false, got 'no'"),
+    ({"peers": {"enabled": None}}, "peers.enabled must be true or false, got None"),
+    ({"dtype": "float8"}, "dtype must be one of float32, float16, bfloat16, float64, got 'float8'"),
+    ({"passes": []}, "passes must be a non-empty list among fwd, fwd+bwd, got []"),
+    ({"approx": {"variants": ["gauss"]}}, "approx.variants must be a non-empty list among iid, smooth, got ['gauss']"),
+    ({"approx": {"budgets": "tiny"}}, "approx.budgets must be one of default, smoke, got 'tiny'"),
+    ({"approx": 3}, "approx must be a mapping of ['batch', 'budgets', 'enabled', 'n', 'seeds', 'variants'], got 3"),
+]
+
+
+@pytest.mark.parametrize(("given", "message"), BAD_SETTINGS)
+def test_every_bad_setting_is_one_error_naming_it_and_what_is_allowed(given, message):
+    import re
+
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        bench.resolve_settings(given)
+
+
+def test_the_bad_settings_table_covers_every_numeric_setting_and_flag():
+    """A numeric field or flag added to BenchSettings (or a section) must get a rule, and a bad-value row."""
+    from dataclasses import fields
+
+    from harness.bench import settings as bench_settings
+
+    def names(cls, prefix, types):
+        return {prefix + f.name for f in fields(cls) if str(f.type).replace(" | None", "") in types}
+
+    numeric = names(bench.BenchSettings, "", {"int", "float"}) | names(bench_settings.ApproxSettings, "approx.",
+                                                                      {"int", "float"})
+    numeric |= names(bench_settings.PeerSettings, "peers.", {"int", "float"})
+    assert numeric == set(bench_settings.NUMBERS)
+    flags = (names(bench.BenchSettings, "", {"bool"}) | names(bench_settings.ApproxSettings, "approx.", {"bool"})
+             | names(bench_settings.PeerSettings, "peers.", {"bool"}))
+    assert flags == set(bench_settings.FLAGS)
+    tested = {next(f"{k}.{kk}" if isinstance(v, dict) else k for kk in (v if isinstance(v, dict) else [None]))
+              for given, _ in BAD_SETTINGS for k, v in given.items()}
+    assert numeric | flags | {"seq_lens", "peers.seq_lens", "slope_range"} <= tested
+
+
+def test_good_numbers_are_normalised_and_null_means_no_limit():
+    s = bench.resolve_settings({"batch": 2.0, "seq_lens": [2048, 1024.0], "memory_budget_gb": None,
+                                "max_cell_s": None, "max_spread": 1, "slope_range": [1024, 4096]})
+    assert s.batch == 2 and isinstance(s.batch, int) and s.seq_lens == [1024, 2048]
+    assert s.budget_bytes is None and s.max_cell_s is None and s.max_spread == 1.0
+    assert bench.resolve_settings({}).max_cell_s == 120.0  # the default time limit
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["batch=0"], "batch must be an integer >= 1, got 0"),
+    (["repeats=0"], "repeats must be an integer >= 1 (timed calls per cell), got 0"),
+    (["head_dim=-4"], "head_dim must be an integer >= 1, got -4"),
+    (["mechanisms=[my_attentoin]"], "unknown mechanism(s) ['my_attentoin']; registered: aft, bigbird, "),
+])
+def test_arena_bench_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["arena-bench", f"results_dir={tmp_path}/r", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"arena-bench: {message}") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_mechanism_says_how_to_load_a_plugin(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"add plugins=\[<module>\], or install it as a package"):
+        bench.select_mechanisms(["my_attentoin"])
+    (tmp_path / "my_attention.py").write_text("")
+    with pytest.raises(ValueError, match=r"unknown mechanism\(s\) \['my_attention'\]; registered: .*full.*"
+                                         r"\(plugins=\[my_attention\] for ./my_attention.py in this folder\)"):
+        bench.select_mechanisms(["full", "my_attention"])
+    with pytest.raises(ValueError, match=r"params: unknown mechanism\(s\) \['my_attention'\].*"
+                                         r"plugins=\[my_attention\]"):
+        bench.prepare_benchmark({**TINY, "mechanisms": ["full"], "params": {"my_attention": {}}})
+
+
 def test_smoke_replaces_defaults_but_keeps_user_values():
     s = bench.resolve_settings({**bench.DEFAULTS, "smoke": True, "batch": 3})
     assert s["seq_lens"] == bench.SMOKE_OVERRIDES["seq_lens"]
@@ -337,6 +651,7 @@ def test_conf_bench_yaml_matches_the_code_defaults():
     resolved = bench.resolve_settings(cfg)
     assert resolved["seq_lens"] == [1024, 2048, 4096, 8192, 16384]
     assert resolved["batch"] == 2 and resolved["heads"] == 4 and resolved["head_dim"] == 32
+    assert resolved == bench.resolve_settings({})  # every value of the file is the code's default
 
 
 def test_format_cell_never_shows_zero_for_a_missing_cell():
@@ -419,61 +734,27 @@ def test_exact_reference_of_shared_qk_mechanism_excludes_self_and_normalises_key
     assert torch.diagonal(softmax[0, 0]).min() > 0
 
 
-def _sleepy_forward(monkeypatch, disturbed_measurements: int, n_disturbed: int = 32):
-    """Inject a 300 ms sleep into one timed repeat of the first ``disturbed_measurements`` measurements of
-    the n = ``n_disturbed`` cells (a disturbance, as another process taking the core would cause).
-
-    The benchmark's clock is a virtual one that only the steps advance (2 ms each, the disturbed one
-    302 ms), so the test is deterministic on a loaded machine."""
-    import types
-
-    from harness import measure as measure_mod
-    from harness.bench import cells as bench_cells
-
-    clock = {"now": 0.0}
-    monkeypatch.setattr(measure_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
-    real = bench_cells.measure_step
-    state = {"measurements": 0}
-
-    def measure_step(forward, leaves, pass_, device, warmup, repeats):
-        n = forward().shape[-2]
-        disturbed = n == n_disturbed and state["measurements"] < disturbed_measurements
-        if n == n_disturbed:
-            state["measurements"] += 1
-        calls = {"k": 0}
-
-        def sleepy():
-            calls["k"] += 1
-            clock["now"] += 0.302 if disturbed and calls["k"] == warmup + 2 else 0.002  # the second timed repeat
-            return forward()
-
-        return real(sleepy, leaves, pass_, device, warmup, repeats)
-
-    monkeypatch.setattr(bench_cells, "measure_step", measure_step)
-    return state
-
-
-def test_disturbed_cell_is_measured_again_and_kept_clean(tmp_path, monkeypatch):
-    state = _sleepy_forward(monkeypatch, disturbed_measurements=1)
+def test_disturbed_cell_is_measured_again_and_kept_clean(tmp_path, clock):
+    state = clock.disturb(measurements=1, n=32)
     df = run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, passes=["fwd"], seq_lens=[16, 32, 64],
              repeats=3, warmup=0, max_spread=3.0, remeasure=2)
     assert state["measurements"] >= 2  # the disturbed n = 32 cell was measured again
     cell = df.set_index("n").loc[32]
-    assert not cell["noisy"] and cell["median_s"] == pytest.approx(0.002)
+    assert not cell["noisy"] and cell["median_s"] == pytest.approx(clock.cost_s(32, "fwd"))
     record = next(r for r in read_bench_records(tmp_path) if r["n"] == 32)
     assert not record["noise"]["noisy"] and record["noise"]["spread"] <= 3.0 and "load_before" in record["noise"]
+    assert record["noise"]["attempts"] == 2 and record["noise"]["rounds"] == 3
     # The cell alone: the disturbed first attempt is followed by a quiet one, which is kept.
-    monkeypatch.undo()
-    state = _sleepy_forward(monkeypatch, disturbed_measurements=1)
+    state = clock.disturb(measurements=1, n=32)
     settings = bench.resolve_settings({**TINY, "results_dir": str(tmp_path), "repeats": 3, "warmup": 0,
                                        "max_spread": 3.0, "remeasure": 2})
     cell = bench_run.measure_quietly("full", 32, "fwd", settings)
     assert cell["noise"]["attempts"] == 2 and not cell["noise"]["noisy"]
-    assert cell["time"]["p90_s"] == pytest.approx(0.002)
+    assert cell["time"]["p90_s"] == pytest.approx(clock.cost_s(32, "fwd"))
 
 
-def test_cell_still_noisy_is_flagged_shown_and_left_out_of_slopes(tmp_path, monkeypatch):
-    _sleepy_forward(monkeypatch, disturbed_measurements=100)
+def test_cell_still_noisy_is_flagged_shown_and_left_out_of_slopes(tmp_path, clock, monkeypatch):
+    clock.disturb(measurements=100, n=32)
     df = run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, passes=["fwd"], seq_lens=[16, 32, 64],
              repeats=3, warmup=0, max_spread=3.0, remeasure=1)
     cell = df.set_index("n").loc[32]
@@ -487,14 +768,45 @@ def test_cell_still_noisy_is_flagged_shown_and_left_out_of_slopes(tmp_path, monk
     derived = analysis.derived_table(df).iloc[0]
     assert derived["time_slope"] == pytest.approx(expected)
     # A re-run measures the noisy cell again (the machine may be quiet now); the clean ones are reused.
-    monkeypatch.undo()
-    _sleepy_forward(monkeypatch, disturbed_measurements=0)
+    clock.disturb(measurements=0)
     measured = []
-    real = bench_run.measure_cell
-    monkeypatch.setattr(bench_run, "measure_cell", lambda *a, **k: measured.append(a[1]) or real(*a, **k))
+    real = bench_run.measure_cells
+    monkeypatch.setattr(bench_run, "measure_cells", lambda *a, **k: measured.append(a[1]) or real(*a, **k))
     run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, passes=["fwd"], seq_lens=[16, 32, 64],
         repeats=3, warmup=0, max_spread=3.0, remeasure=1)
     assert set(measured) == {32}
+
+
+def test_a_burst_hits_the_same_round_of_every_mechanism_and_they_are_measured_again(tmp_path, clock):
+    """Round-robin: each round times every mechanism once, so a burst of load slows one round of each (here round 2
+    of the three at n = 32), every cell's rounds disagree, and the three are measured again together."""
+    state = clock.disturb(measurements=3, n=32, calls=(2,), extra_s=0.3)
+    mechanisms = ["full", "performer", "linformer"]
+    run(tmp_path, mechanisms=mechanisms, include_sdpa_direct=False, passes=["fwd"], seq_lens=[16, 32], repeats=3,
+        warmup=0, max_spread=1.5, remeasure=2)
+    assert state["measurements"] == 6  # three cells, measured twice
+    cells = {r["mechanism"]: r for r in read_bench_records(tmp_path) if r["n"] == 32}
+    for m in mechanisms:
+        noise = cells[m]["noise"]
+        assert not noise["noisy"] and noise["attempts"] == 2 and noise["interleaved"] == 3 and noise["rounds"] == 3
+        assert cells[m]["time"]["times_s"] == pytest.approx([clock.cost_s(32, "fwd")] * 3)
+
+
+def test_a_median_slowed_in_most_rounds_is_caught_though_the_spread_looks_fine(tmp_path, clock):
+    """linformer's 4K cell: 102 ms recorded and marked clean, 61-64 ms straight after. Two of three rounds slowed
+    by 65% give a p90/p10 spread of 1.46 (under 1.5) but a median 1.65 x the fastest round."""
+    c = clock.cost_s(32, "fwd")
+    clock.disturb(measurements=1, n=32, calls=(2, 3), extra_s=0.65 * c)
+    settings = bench.resolve_settings({**TINY, "results_dir": str(tmp_path), "repeats": 3, "warmup": 0,
+                                       "max_spread": 1.5, "remeasure": 0})
+    cell = bench_run.measure_quietly("full", 32, "fwd", settings)
+    spread, over_fastest, why = bench_run.disturbance(cell["time"], 1.5)
+    assert spread == pytest.approx(1.65 / 1.13) and spread < 1.5 and over_fastest == pytest.approx(1.65)
+    assert cell["noise"]["noisy"] and why.startswith("median 1.65 x the fastest round > 1.5")
+    assert cell["noise"]["why"] == "median 1.65 x the fastest round > 1.5 in every attempt"
+    # Under the noise floor nothing is judged: fixed overheads dominate.
+    tiny = {"median_s": 1e-4, "p10_s": 1e-5, "p90_s": 1e-3, "times_s": [1e-5, 1e-4, 1e-3]}
+    assert bench_run.disturbance(tiny, 1.5)[2] is None
 
 
 def test_fwd_bwd_faster_than_fwd_flags_both_cells(tmp_path):
@@ -536,8 +848,8 @@ def test_trend_suspects_name_the_cell_out_of_line():
 def test_force_measures_every_cell_again(tmp_path, monkeypatch):
     run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16])
     calls = []
-    real = bench_run.measure_cell
-    monkeypatch.setattr(bench_run, "measure_cell", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = bench_run.measure_cells
+    monkeypatch.setattr(bench_run, "measure_cells", lambda *a, **k: calls.append(a) or real(*a, **k))
     run(tmp_path, mechanisms=["full"], include_sdpa_direct=False, seq_lens=[16], force=True)
     assert len(calls) >= 2  # both passes measured again
 
@@ -596,7 +908,7 @@ def test_causal_and_bidirectional_cells_are_different_cells(tmp_path, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(bench_run, "measure_cell", fail)
+    monkeypatch.setattr(bench_run, "measure_cells", fail)
     for causal in (False, True):  # each pattern reuses its own cells
         assert list(run(tmp_path, mechanisms=["full"], seq_lens=[16], passes=["fwd"], causal=causal)["outcome"]) \
             == ["ok", "ok"]
@@ -666,7 +978,7 @@ def test_pass_inversion_under_the_noise_floor_is_not_judged(tmp_path):
 
 def test_params_are_checked_before_anything_is_measured(tmp_path, monkeypatch):
     measured = []
-    monkeypatch.setattr(bench_run, "measure_cell", lambda *a, **k: measured.append(a) or {})
+    monkeypatch.setattr(bench_run, "measure_cells", lambda *a, **k: measured.append(a) or {})
     base = {**TINY, "results_dir": str(tmp_path), "mechanisms": ["sliding_window"]}
     with pytest.raises(ValueError, match=r"params.sliding_window .*unknown parameter\(s\) 'windw'.*allowed: .*window"):
         bench.run_benchmark({**base, "params": {"sliding_window": {"windw": 8}}})

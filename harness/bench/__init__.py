@@ -11,8 +11,13 @@ to show what the registry's ``full`` costs on top of the kernel.
 Cells that cannot run say why (the record's ``status``, with a ``reason``): ``oom`` (the allocator
 ran out), ``unsupported`` (the mechanism raised a ValueError for these inputs, e.g.
 ``n > max_seq_len``), ``error`` (anything else, message kept), ``skipped_budget`` (not run: the
-peak predicted from smaller ``n`` exceeds ``memory_budget_gb``, or the predicted time exceeds
-``max_cell_s``; ``budget`` says which, ``memory`` or ``time``, and ``reason`` starts with it).
+peak predicted from shorter lengths exceeds ``memory_budget_gb``, or the predicted time exceeds
+``max_cell_s``; ``budget`` says which, ``memory`` or ``time``, and ``reason`` starts with it). Every length is
+predicted before it runs, the first one of a row from two short probes (:mod:`~harness.bench.guard`).
+
+The mechanisms of one (n, pass) are measured together in interleaved rounds (each repeat of each mechanism
+in turn), so a burst of load slows the same round of each instead of every repeat of one; a cell whose
+rounds disagree is measured again (its ``noise`` says what was done).
 
 It also measures each non-``full`` mechanism's approximation error against exact softmax
 attention as a function of its budget parameter (:func:`harness.bench.approx.approximation_errors`), and, when
@@ -26,7 +31,8 @@ Records go to the results store: kind ``bench`` (one per mechanism, n, pass, set
     arena-bench smoke=true results_dir=/tmp/r     # tiny shapes, seconds
 
 The package's rooms, in the order the data flows: :mod:`~harness.bench.settings` (what can be asked,
-:class:`BenchSettings` built once), :mod:`~harness.bench.cells` (one cell measured),
+:class:`BenchSettings` built once and every value checked), :mod:`~harness.bench.cells` (the cells of one
+length measured in interleaved rounds), :mod:`~harness.bench.guard` (each cell predicted before it runs),
 :mod:`~harness.bench.approx` (the approximation-error study), :mod:`~harness.bench.peers` (public
 implementations side by side), :mod:`~harness.bench.run` (the scan, records to the store, the console
 summary through :mod:`harness.analysis` and :mod:`harness.display`).
@@ -42,6 +48,7 @@ from harness.bench.cells import (
     OUTCOMES,
     check_params,
     measure_cell,
+    measure_cells,
     mechanism_params,
     record_outcome,
     select_mechanisms,
@@ -60,6 +67,6 @@ from harness.bench.settings import (
 __all__ = [
     "DEFAULTS", "OUTCOMES", "PASSES", "SMOKE_OVERRIDES", "BenchSettings", "apply_preset", "approx_inputs",
     "approximation_errors", "check_device", "check_params",
-    "exact_reference", "format_derived", "format_table", "main", "mechanism_params", "measure_cell",
+    "exact_reference", "format_derived", "format_table", "main", "mechanism_params", "measure_cell", "measure_cells",
     "prepare_benchmark", "record_outcome", "relative_error", "resolve_settings", "run_benchmark", "select_mechanisms",
 ]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from attentions import available_attentions, build_attention, get_attention_info
 from attentions.rfa import kernel_reference
 from harness.bench.cells import family, mechanism_params
-from harness.bench.settings import BenchSettings
+from harness.bench.settings import APPROX_VARIANTS, BenchSettings
 from harness.measure import failure_outcome, jsonable_params, progress_bar
 from harness.store import config_hash, find_record, now_iso, write_record
 
@@ -50,7 +50,6 @@ APPROX_SMOKE_BUDGETS: dict[str, tuple[str, list]] = {
     "longformer": ("window", [8, 128]),
     "bigbird": ("block_size", [4, 8]),
 }
-APPROX_VARIANTS = ("iid", "smooth")
 APPROX_INPUT_DOC = {
     "iid": "q, k, v ~ N(0, 1) per entry (logits ~ N(0, 1): flat attention)",
     "smooth": "trained-like: AR(1) channels (rho 0.95), k = q + 0.3 noise; self logit ~ sqrt(d), distant ~ N(0, 1)",

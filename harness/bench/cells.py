@@ -4,15 +4,18 @@ The mechanism alone is measured on already projected ``q, k, v`` of shape
 ``(batch, heads, n, head_dim)``; ``sdpa_direct`` calls ``torch.nn.functional.scaled_dot_product_attention``
 directly, to show what the registry's ``full`` costs on top of the kernel.
 
-Owns: a cell's constructor keywords, its measurement, its record id and key, its flat row.
+Owns: a cell's constructor keywords, its measurement (the cells of one length and pass together, in
+interleaved rounds), its record id and key, its flat row.
 Imports: ``attentions`` (the registry), :mod:`harness.measure`, :mod:`harness.store` (the key hash),
-:mod:`harness.analysis` (the ``sdpa_direct`` name), :mod:`harness.bench.settings`.
+:mod:`harness.analysis` (the ``sdpa_direct`` name), :mod:`harness.bench.settings`, :mod:`harness.plugins`
+(how an unknown mechanism is registered).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
@@ -21,7 +24,18 @@ from attentions import available_attentions, build_attention, causal_attentions,
 from attentions.registry import check_causal
 from harness.analysis import SDPA_DIRECT
 from harness.bench.settings import BENCH_SETTINGS, SMOKE_SETTINGS, BenchSettings
-from harness.measure import DTYPES, failure_outcome, jsonable_params, measure_step, random_inputs
+from harness.measure import (
+    DTYPES,
+    failure_outcome,
+    jsonable_params,
+    make_step,
+    measure_step,
+    random_inputs,
+    release,
+    step_peak,
+    time_rounds,
+)
+from harness.plugins import plugin_hint
 from harness.store import config_hash
 
 OUTCOMES = ("ok", "oom", "unsupported", "error", "skipped_budget")
@@ -40,7 +54,8 @@ def select_mechanisms(requested: str | Sequence[str], causal: bool = False) -> l
         requested = [requested]
     unknown = [m for m in requested if m not in registered and m != SDPA_DIRECT]
     if unknown:
-        raise ValueError(f"unknown mechanism(s) {unknown}; registered: {', '.join(registered)}")
+        raise ValueError(f"unknown mechanism(s) {unknown}; registered: {', '.join(registered)}. "
+                         + plugin_hint(unknown))
     return list(requested)
 
 
@@ -69,7 +84,8 @@ def check_params(settings: BenchSettings) -> None:
     registered = available_attentions()
     unknown = sorted(str(m) for m in set(params) - set(registered))
     if unknown:
-        raise ValueError(f"params: unknown mechanism(s) {unknown}; registered: {', '.join(registered)}")
+        raise ValueError(f"params: unknown mechanism(s) {unknown}; registered: {', '.join(registered)}. "
+                         + plugin_hint(unknown))
     for name, given in params.items():
         if not isinstance(given, dict):
             raise ValueError(f"params.{name} must map parameter names to values, e.g. "
@@ -95,16 +111,75 @@ def measure_forward(forward, leaves, pass_: str, settings: BenchSettings) -> dic
 
 def measure_cell(name: str, n: int, pass_: str, settings: BenchSettings) -> dict[str, Any]:
     """Time and peak memory of one (mechanism, n, pass); never raises for a mechanism's failure."""
-    params = mechanism_params(name, n, settings)
-    result: dict[str, Any] = {"outcome": "ok", "reason": None, "params": jsonable_params(params)}
+    return measure_cells([name], n, pass_, settings)[name]
+
+
+@dataclass
+class _Ready:
+    """A cell built and ready to run: its result so far, its step, what clears the step's gradients, and its
+    module (None for ``sdpa_direct``), whose ``backend`` is known once it has run."""
+
+    result: dict[str, Any]
+    step: Callable[[], None]
+    clear_grads: Callable[[], None]
+    module: Any
+
+    @property
+    def backend(self) -> str:
+        return getattr(self.module, "backend", "torch") if self.module is not None else "sdpa"
+
+
+def measure_cells(names: Sequence[str], n: int, pass_: str, settings: BenchSettings) -> dict[str, dict[str, Any]]:
+    """Time and peak memory of several mechanisms at one (n, pass), timed in interleaved rounds
+    (:func:`harness.measure.time_rounds`: each repeat of each mechanism in turn, so a burst of load hits the
+    same round of every mechanism), then each one's memory step. Every mechanism gets the same inputs.
+
+    Returns ``{name: cell}`` in the order of ``names``; a cell is ``{"outcome": "ok", "reason": None,
+    "params", "time", "memory", "backend"}`` or a failure outcome with its reason. Never raises for a
+    mechanism's failure."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        shape = (settings.batch, settings.heads, n, settings.head_dim)
+        inputs = make_inputs(shape, settings, seed=1234 + n, requires_grad=pass_ == "fwd+bwd")
+    except Exception as exc:  # noqa: BLE001 - the inputs alone do not fit: every cell says so
+        inputs, out = None, {m: {"outcome": "ok", "reason": None, "params": _params(m, n, settings),
+                                 **failure_outcome(exc)} for m in names}
+    ready: dict[str, _Ready] = {}
+    for name in names if inputs is not None else ():
+        cell = _prepare(name, n, pass_, settings, inputs)
+        if isinstance(cell, _Ready):
+            ready[name] = cell
+        else:
+            out[name] = cell
+    timings = time_rounds([r.step for r in ready.values()], settings.device, settings.warmup, settings.repeats)
+    for (name, cell), timing in zip(ready.items(), timings):
+        out[name] = _finish(cell, timing, settings.device)
+    return {name: out[name] for name in names}
+
+
+def _params(name: str, n: int, settings: BenchSettings) -> dict[str, Any]:
+    return jsonable_params(mechanism_params(name, n, settings))
+
+
+def unsupported_reason(name: str, settings: BenchSettings) -> str | None:
+    """Why ``name`` cannot run in this benchmark's pattern at any length (no causal form), else None."""
     if settings.causal and name != SDPA_DIRECT:
         try:
             check_causal(name, True)
         except ValueError as exc:
-            return {**result, "outcome": "unsupported", "reason": str(exc)}
-    shape = (settings.batch, settings.heads, n, settings.head_dim)
+            return str(exc)
+    return None
+
+
+def _prepare(name: str, n: int, pass_: str, settings: BenchSettings, inputs: list) -> _Ready | dict[str, Any]:
+    """The cell's module and step, or its failure outcome (no causal form, constructor refused, ...)."""
+    params = mechanism_params(name, n, settings)
+    result: dict[str, Any] = {"outcome": "ok", "reason": None, "params": jsonable_params(params)}
+    why = unsupported_reason(name, settings)
+    if why is not None:
+        return {**result, "outcome": "unsupported", "reason": why}
+    q, k, v = inputs
     try:
-        q, k, v = make_inputs(shape, settings, seed=1234 + n, requires_grad=pass_ == "fwd+bwd")
         if name == SDPA_DIRECT:
             module, attend = None, functools.partial(F.scaled_dot_product_attention, is_causal=settings.causal)
         else:
@@ -115,12 +190,21 @@ def measure_cell(name: str, n: int, pass_: str, settings: BenchSettings) -> dict
     except Exception as exc:  # noqa: BLE001 - any failure is recorded, not raised
         return {**result, **failure_outcome(exc)}
     leaves = [q, k, v] + ([p for p in module.parameters() if p.requires_grad] if module is not None else [])
+    step, clear_grads = make_step(lambda: attend(q, k, v), leaves, pass_)
+    return _Ready(result, step, clear_grads, module)
+
+
+def _finish(cell: _Ready, timing: dict[str, Any] | Exception, device: str) -> dict[str, Any]:
+    """The measured cell: its round times and then its memory step, or the outcome of its failure."""
+    if isinstance(timing, Exception):
+        release(cell.clear_grads, device)
+        return {**cell.result, **failure_outcome(timing)}
     try:
-        measured = measure_forward(lambda: attend(q, k, v), leaves, pass_, settings)
+        reading = step_peak(cell.step, cell.clear_grads, device)
     except Exception as exc:  # noqa: BLE001
-        return {**result, **failure_outcome(exc)}
-    backend = getattr(module, "backend", "torch") if module is not None else "sdpa"
-    return {**result, **measured, "backend": backend}
+        return {**cell.result, **failure_outcome(exc)}
+    return {**cell.result, "time": {k: timing[k] for k in ("median_s", "p10_s", "p90_s", "times_s")},
+            "memory": {"peak_bytes": reading.peak_bytes, "method": reading.method}, "backend": cell.backend}
 
 
 def record_outcome(record: dict) -> str:

@@ -7,17 +7,16 @@ Imports: the other :mod:`harness.bench` modules, :mod:`harness.allocator`, :mod:
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
 
 from harness.allocator import configure_cpu_allocator
-from harness.analysis import NOISE_FLOOR_S, SDPA_DIRECT, full_overhead, predict_at, trend_suspects
+from harness.analysis import NOISE_FLOOR_S, SDPA_DIRECT, full_overhead, trend_suspects
 from harness.bench import peers
 from harness.bench.approx import approximation_errors
 from harness.bench.cells import (
@@ -27,35 +26,17 @@ from harness.bench.cells import (
     check_params,
     family,
     flat_cell,
-    measure_cell,
+    measure_cells,
     mechanism_params,
     record_outcome,
     select_mechanisms,
 )
+from harness.bench.guard import LONG_CELL_S, Plan, Prediction, Row, plan, seconds
 from harness.bench.settings import BenchSettings, resolve_settings
 from harness.display import analysis_note, derived_display, format_cell, one_line_interrupt
 from harness.measure import command_line, device_info, jsonable_params, progress_bar
 from harness.plugins import add_absent_keys, conf_dir, exit_on_settings_error, load_plugins, prepare
 from harness.store import find_record, now_iso, write_record
-
-
-@dataclass
-class _Row:
-    """What one (mechanism, pass) row of the scan has learnt so far: measured points and a stop reason."""
-
-    ns: list[int] = field(default_factory=list)
-    peak_bytes: list[float] = field(default_factory=list)
-    median_s: list[float] = field(default_factory=list)
-    stop_reason: str | None = None
-
-    def learn(self, n: int, record: dict) -> None:
-        outcome = record_outcome(record)
-        if outcome == "ok":
-            self.ns.append(n)
-            self.peak_bytes.append(float(record["memory"]["peak_bytes"]))
-            self.median_s.append(float(record["time"]["median_s"]))
-        elif outcome == "oom" and self.stop_reason is None:
-            self.stop_reason = f"not run: out of memory already at n={n}"
 
 
 def run_benchmark(cfg: dict | BenchSettings | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
@@ -67,7 +48,7 @@ def run_benchmark(cfg: dict | BenchSettings | None = None, log: Callable[[str], 
     """
     settings, mechanisms = prepare_benchmark(cfg)
     settings = replace(settings, cpu_allocator_used=configure_cpu_allocator(settings.cpu_allocator))
-    df = pd.DataFrame(_scan(settings, mechanisms))
+    df = pd.DataFrame(_scan(settings, mechanisms, log))
     if settings.approx.enabled and settings.causal:
         log("approximation errors: measured for the bidirectional pattern only (run without causal=true)")
     elif settings.approx.enabled:
@@ -99,22 +80,72 @@ def _mechanisms(settings: BenchSettings) -> list[str]:
     return mechanisms
 
 
-def _scan(settings: BenchSettings, mechanisms: list[str]) -> list[dict[str, Any]]:
+def _scan(settings: BenchSettings, mechanisms: list[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every cell, length by length (shortest first) and pass by pass: at each (n, pass) the mechanisms are
+    measured together in interleaved rounds (:func:`measure_group`), after the guard has planned each
+    row's cell (:mod:`harness.bench.guard`). Returns the flat cells, row by row (mechanism, pass, n)."""
     info = device_info(settings.device)
-    cells = [(m, p) for m in mechanisms for p in settings.passes]
-    bar = progress_bar(len(cells) * len(settings.seq_lens), "bench", settings.progress)
-    measured = []
-    for name, pass_ in cells:
-        row, records = _Row(), []
-        for n in settings.seq_lens:
-            bar.set_postfix_str(f"{name} {pass_} n={n}")
-            record = _cell_record(name, n, pass_, settings, row, info)
-            row.learn(n, record)
-            records.append(record)
-            bar.update(1)
-        measured += recheck_trend(records, settings)
+    rows = {(m, p): Row() for m in mechanisms for p in settings.passes}
+    records: dict[tuple[str, str], list[dict]] = {key: [] for key in rows}
+    bar = progress_bar(len(rows) * len(settings.seq_lens), "bench", settings.progress)
+
+    def say(line: str) -> None:
+        with bar.external_write_mode():  # a line printed under a live bar would break it
+            log(line)
+
+    for n in settings.seq_lens:
+        for pass_ in settings.passes:
+            bar.set_postfix_str(f"n={n} {pass_}")
+            for name, record in _length_records(mechanisms, n, pass_, settings, rows, info, say).items():
+                rows[(name, pass_)].learn(n, record)
+                records[(name, pass_)].append(record)
+            bar.update(len(mechanisms))
     bar.close()
+    measured = [r for key in rows for r in recheck_trend(records[key], settings)]
     return [flat_cell(r) for r in flag_pass_inversions(measured, settings)]
+
+
+def _length_records(mechanisms: list[str], n: int, pass_: str, settings: BenchSettings,
+                    rows: dict[tuple[str, str], Row], info: dict, say: Callable[[str], None]) -> dict[str, dict]:
+    """The records of every mechanism at one (n, pass): reused from the store, planned away by the guard
+    (a budget skip, a stopped row), or measured together in interleaved rounds, then written."""
+    out: dict[str, dict] = {}
+    todo: dict[str, Plan] = {}
+    for name in mechanisms:
+        old = _reusable(name, n, pass_, settings)
+        if old is not None:
+            out[name] = old
+            continue
+        decided = plan(name, n, pass_, settings, rows[(name, pass_)])
+        if decided.outcome is None:
+            todo[name] = decided
+            if decided.unguarded:
+                say(f"bench: {name} {pass_} n={n}: measured without a prediction ({decided.unguarded})")
+            continue
+        out[name] = _write_cell(name, n, pass_, settings, info, dict(decided.outcome), decided.prediction)
+        if decided.outcome["outcome"] == "skipped_budget":
+            say(f"bench: {name} {pass_} n={n} not measured: over budget: {decided.outcome['reason']}")
+    _announce(todo, n, pass_, settings, say)
+    for name, cell in (measure_group(list(todo), n, pass_, settings) if todo else {}).items():
+        out[name] = _write_cell(name, n, pass_, settings, info, cell, todo[name].prediction)
+    return {name: out[name] for name in mechanisms}
+
+
+def _announce(todo: dict[str, Plan], n: int, pass_: str, settings: BenchSettings, say: Callable[[str], None]) -> None:
+    """Before a long measurement (predicted at least :data:`~harness.bench.guard.LONG_CELL_S` in all): what
+    is measured and the estimate, the longest cells named, so a long wait is never silent."""
+    preds = {m: p.prediction for m, p in todo.items() if p.prediction is not None and p.prediction.cell_s is not None}
+    total = sum(p.cell_s for p in preds.values())
+    if total < LONG_CELL_S:
+        return
+    if len(todo) == 1:
+        name, pred = next(iter(preds.items()))
+        say(f"bench: n={n} {pass_}: measuring {name}, {pred.estimate_text()}")
+        return
+    longest = sorted(preds.items(), key=lambda item: -item[1].cell_s)[:3]
+    unknown = f" ({len(todo) - len(preds)} without an estimate)" if len(preds) < len(todo) else ""
+    say(f"bench: n={n} {pass_}: measuring {len(todo)} mechanisms{unknown} in {settings.repeats} interleaved rounds, "
+        f"about {seconds(total)} in all; longest: " + ", ".join(f"{m} {p.estimate_text()}" for m, p in longest))
 
 
 def flag_pass_inversions(records: list[dict], settings: BenchSettings) -> list[dict]:
@@ -152,7 +183,8 @@ def recheck_trend(records: list[dict], settings: BenchSettings) -> list[dict]:
         for i in todo:
             again = measure_quietly(ok[i]["mechanism"], ok[i]["n"], ok[i]["pass"], settings)
             if again["outcome"] == "ok" and again["time"]["median_s"] < ok[i]["time"]["median_s"]:
-                ok[i].update({k: v for k, v in again.items() if k != "outcome"}, created_at=now_iso())
+                ok[i].update({k: v for k, v in again.items() if k != "outcome"}, created_at=now_iso(),
+                             **_guard_fields(ok[i], again))
                 write_record(ok[i], settings.results_dir)
     for i in suspects():
         ok[i]["noise"] = {**(ok[i].get("noise") or {}), "noisy": True,
@@ -161,29 +193,76 @@ def recheck_trend(records: list[dict], settings: BenchSettings) -> list[dict]:
     return records
 
 
-def measure_quietly(name: str, n: int, pass_: str, settings: BenchSettings) -> dict[str, Any]:
-    """:func:`measure_cell`, repeated (at most ``remeasure`` extra times) while the p90/p10 spread of its
-    repeats exceeds ``max_spread`` (steps under :data:`~harness.analysis.NOISE_FLOOR_S` excepted); keeps
-    the quiet attempt, or the fastest when none was quiet (a disturbance only adds time). The cell's
-    ``noise`` says the machine's load before and after, the spread, the attempts, and ``noisy`` when no
-    attempt was quiet enough."""
-    attempts = []
+def _guard_fields(old: dict, new: dict) -> dict[str, dict]:
+    """``new``'s time and memory with the guard's prediction of ``old`` kept (what was predicted before the
+    cell was first measured)."""
+    def guard(values: dict) -> dict:
+        return {k: v for k, v in values.items() if k.startswith("predicted") or k == "probes"}
+
+    return {section: {**guard(old.get(section) or {}), **new[section]} for section in ("time", "memory")}
+
+
+def measure_group(names: list[str], n: int, pass_: str, settings: BenchSettings) -> dict[str, dict[str, Any]]:
+    """The cells of one (n, pass), measured together in interleaved rounds (:func:`measure_cells`); a cell
+    whose rounds disagree (:func:`disturbance`) is measured again, with the other disturbed ones, at most
+    ``remeasure`` extra times. Keeps each cell's quiet attempt, or its fastest when none was quiet (a
+    disturbance only adds time). Each cell's ``noise`` says what was done: the machine's load before and
+    after, its rounds' spread, how many mechanisms shared its rounds, its attempts, and ``noisy`` (with
+    ``why``) when no attempt was quiet enough."""
+    attempts: dict[str, list[dict]] = {m: [] for m in names}
+    failed: dict[str, dict] = {}
+    todo = list(names)
     for _ in range(settings.remeasure + 1):
         load_before = _load()
-        cell = measure_cell(name, n, pass_, settings)
-        if cell["outcome"] != "ok":
-            return cell
-        spread = cell["time"]["p90_s"] / max(cell["time"]["p10_s"], 1e-12)
-        disturbed = spread > settings.max_spread and cell["time"]["median_s"] >= NOISE_FLOOR_S
-        attempts.append((cell["time"]["median_s"], spread, load_before, _load(), cell, disturbed))
-        if not disturbed:
+        cells = measure_cells(todo, n, pass_, settings)
+        loads = {"load_before": load_before, "load_after": _load(), "cpus": os.cpu_count()}
+        for name, cell in cells.items():
+            if cell["outcome"] == "ok":
+                attempts[name].append(_judged(cell, settings, loads, interleaved=len(todo)))
+            elif not attempts[name]:
+                failed[name] = cell  # failed at once: its outcome; a failed re-measurement keeps the earlier one
+        todo = [m for m in todo if attempts[m] and attempts[m][-1]["noise"]["why"] is not None]
+        if not todo:
             break
-    noisy = all(a[5] for a in attempts)
-    # A quiet attempt if there is one, else the fastest (a disturbance only adds time).
-    median, spread, load_before, load_after, cell, _ = min(attempts, key=lambda a: (a[5], a[0]))
-    why = f"p90/p10 spread {spread:.2f} > {settings.max_spread:g} in every attempt" if noisy else None
-    cell["noise"] = {"spread": spread, "attempts": len(attempts), "load_before": load_before,
-                     "load_after": load_after, "cpus": os.cpu_count(), "noisy": noisy, "why": why}
+    return {m: failed[m] if m in failed else _kept(attempts[m], settings) for m in names}
+
+
+def measure_quietly(name: str, n: int, pass_: str, settings: BenchSettings) -> dict[str, Any]:
+    """:func:`measure_group` of one cell."""
+    return measure_group([name], n, pass_, settings)[name]
+
+
+def disturbance(times: dict[str, Any], max_spread: float) -> tuple[float, float, str | None]:
+    """(p90/p10 spread, median / fastest round, why the rounds disagree or None) of a cell's ``time``.
+
+    The rounds disagree when the spread exceeds ``max_spread`` or the median is more than ``max_spread``
+    times the fastest round (half the rounds or more slowed together: the median itself is disturbed,
+    which a spread of three rounds can hide). Steps under :data:`~harness.analysis.NOISE_FLOOR_S` are not
+    judged: their fixed overheads dominate."""
+    spread = times["p90_s"] / max(times["p10_s"], 1e-12)
+    over_fastest = times["median_s"] / max(min(times["times_s"]), 1e-12)
+    if times["median_s"] < NOISE_FLOOR_S:
+        return spread, over_fastest, None
+    if spread > max_spread:
+        return spread, over_fastest, f"p90/p10 spread {spread:.2f} > {max_spread:g}"
+    if over_fastest > max_spread:
+        return spread, over_fastest, f"median {over_fastest:.2f} x the fastest round > {max_spread:g}"
+    return spread, over_fastest, None
+
+
+def _judged(cell: dict, settings: BenchSettings, loads: dict, interleaved: int) -> dict:
+    spread, over_fastest, why = disturbance(cell["time"], settings.max_spread)
+    cell["noise"] = {"spread": spread, "median_over_fastest": over_fastest, "rounds": len(cell["time"]["times_s"]),
+                     "interleaved": interleaved, **loads, "why": why}
+    return cell
+
+
+def _kept(attempts: list[dict], settings: BenchSettings) -> dict:
+    """The quiet attempt if there is one, else the fastest; ``noisy`` when none was quiet."""
+    cell = min(attempts, key=lambda c: (c["noise"]["why"] is not None, c["time"]["median_s"]))
+    noisy = all(c["noise"]["why"] is not None for c in attempts)
+    why = f"{cell['noise']['why']} in every attempt" if noisy else None
+    cell["noise"] = {**cell["noise"], "attempts": len(attempts), "noisy": noisy, "why": why}
     return cell
 
 
@@ -195,17 +274,30 @@ def _load() -> float | None:
         return None
 
 
-def _cell_record(name: str, n: int, pass_: str, settings: BenchSettings, row: _Row, info: dict) -> dict:
-    """The stored record of one cell: reused when reusable, else planned or measured and written."""
+def _reusable(name: str, n: int, pass_: str, settings: BenchSettings) -> dict | None:
+    """The stored record of this cell when ``reuse`` is on and it may be reused (not noisy: the machine may
+    be quiet now; not an error or a budget skip: those are tried or planned again)."""
+    if not settings.reuse:
+        return None
+    params = mechanism_params(name, n, settings)
+    old = find_record(settings.results_dir, "bench", cell_record_id(name, n, pass_,
+                                                                    cell_key(name, n, pass_, settings, params)))
+    if old is not None and record_outcome(old) in REUSABLE and not (old.get("noise") or {}).get("noisy"):
+        return old
+    return None
+
+
+def _write_cell(name: str, n: int, pass_: str, settings: BenchSettings, info: dict, cell: dict,
+                prediction: Prediction | None) -> dict:
+    """The record of a measured or planned cell (with the guard's prediction when there was one), written."""
     params = mechanism_params(name, n, settings)
     key = cell_key(name, n, pass_, settings, params)
-    record_id = cell_record_id(name, n, pass_, key)
-    old = find_record(settings.results_dir, "bench", record_id) if settings.reuse else None
-    if old is not None and record_outcome(old) in REUSABLE and not (old.get("noise") or {}).get("noisy"):
-        return old  # a noisy cell is measured again: the machine may be quiet now
-    cell = _plan_or_measure(name, n, pass_, settings, row)
+    cell.setdefault("params", jsonable_params(params))
+    if prediction is not None and cell["outcome"] in ("ok", "skipped_budget"):  # a failed cell has no figures
+        for section, values in prediction.fields().items():
+            cell[section] = {**values, **(cell.get(section) or {})}
     record = {
-        "kind": "bench", "record_id": record_id, "status": cell.pop("outcome"),
+        "kind": "bench", "record_id": cell_record_id(name, n, pass_, key), "status": cell.pop("outcome"),
         "created_at": now_iso(), "mechanism": name, "family": family(name), "pattern": settings.pattern,
         "pass": pass_, "n": n,
         "batch": settings.batch, "heads": settings.heads, "head_dim": settings.head_dim,
@@ -218,35 +310,6 @@ def _cell_record(name: str, n: int, pass_: str, settings: BenchSettings, row: _R
     }
     write_record(record, settings.results_dir)
     return record
-
-
-def _plan_or_measure(name: str, n: int, pass_: str, settings: BenchSettings, row: _Row) -> dict[str, Any]:
-    """A budget skip when the smaller n predict this one would not fit, else the measured cell."""
-    params = jsonable_params(mechanism_params(name, n, settings))
-    if row.stop_reason is not None:
-        return {"outcome": "oom", "reason": row.stop_reason, "params": params}
-    budget_bytes = settings.budget_bytes or math.inf
-    predicted_mem = predict_at(row.ns, row.peak_bytes, n)
-    if predicted_mem is not None and predicted_mem > budget_bytes:
-        return {
-            "outcome": "skipped_budget",
-            "budget": "memory",
-            "reason": f"memory, predicted peak {predicted_mem / 1e9:.2f} GB > budget {budget_bytes / 1e9:.2f} GB",
-            "predicted_peak_bytes": predicted_mem,
-            "params": params,
-        }
-    max_s = settings.max_cell_s
-    predicted_time = predict_at(row.ns, row.median_s, n)
-    if max_s and predicted_time is not None:
-        cell_s = predicted_time * (settings.warmup + settings.repeats + 1)
-        if cell_s > float(max_s):
-            return {
-                "outcome": "skipped_budget",
-                "budget": "time",
-                "reason": f"time, predicted cell time {cell_s:.0f} s > max_cell_s {float(max_s):.0f} s",
-                "params": params,
-            }
-    return measure_quietly(name, n, pass_, settings)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Imports: :mod:`harness.settings`, :mod:`harness.measure` (dtype names, the devic
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -16,6 +17,8 @@ from harness.measure import DTYPES, check_device
 from harness.settings import Settings, merge_settings
 
 PASSES = ("fwd", "fwd+bwd")
+APPROX_VARIANTS = ("iid", "smooth")  # the approximation study's inputs (harness.bench.approx.approx_inputs)
+APPROX_BUDGET_TABLES = ("default", "smoke")
 
 # The benchmark's documented settings (issue 2): every other parameter keeps its registry default.
 # Linformer's projection is sized to the sequence: max_seq_len = n for each cell.
@@ -52,6 +55,12 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "results_dir": "results/smoke",
 }
 
+# A cell predicted to take longer than this (warm-up + repeats + the memory step, seconds) is skipped. Long
+# enough for every default cell of `arena-bench` on a 2-core CPU (the slowest, `full` fwd+bwd at 16K, takes
+# about a minute), short enough that a mistyped length does not hold the machine for hours; `arena-suite` uses
+# 20 s on CPU (its lengths stop at 4K) and 60 s on CUDA. null: no limit.
+DEFAULT_MAX_CELL_S = 120.0
+
 DEFAULTS: dict[str, Any] = {
     "plugins": [],
     "mechanisms": "all",
@@ -68,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "repeats": 5,
     "warmup": 2,
     "memory_budget_gb": DEFAULT_MEMORY_BUDGET_GB,
-    "max_cell_s": None,
+    "max_cell_s": DEFAULT_MAX_CELL_S,
     "params": {},
     "slope_range": None,
     "max_spread": 1.5,
@@ -154,9 +163,9 @@ class BenchSettings(Settings):
 def resolve_settings(cfg: dict | BenchSettings | None = None) -> BenchSettings:
     """Defaults, then the user's ``cfg``; with ``smoke`` set, tiny sizes replace every value left at its default.
 
-    Raises ValueError naming an unknown setting, dtype, allocator policy or pass, or a device not available
-    here. The mechanisms and their ``params`` are checked by :func:`harness.bench.cells.check_params`, once the
-    plug-ins are loaded.
+    Raises ValueError naming an unknown setting, a value out of range (:func:`check_values`: every number,
+    flag and list), or a device not available here. The mechanisms and their ``params`` are checked by
+    :func:`harness.bench.cells.check_params`, once the plug-ins are loaded.
     """
     if isinstance(cfg, BenchSettings):
         return cfg
@@ -165,37 +174,152 @@ def resolve_settings(cfg: dict | BenchSettings | None = None) -> BenchSettings:
     if unknown:
         raise ValueError(f"unknown benchmark setting(s) {unknown}; allowed: {sorted(DEFAULTS)}")
     s = merge_settings(DEFAULTS, user)
-    if s["smoke"]:
+    if s.get("smoke") is True:
         s = apply_preset(s, user, DEFAULTS, SMOKE_OVERRIDES)
-    if s["dtype"] not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s['dtype']!r}")
-    if s["cpu_allocator"] not in CPU_ALLOCATORS:
-        raise ValueError(f"cpu_allocator must be one of {CPU_ALLOCATORS}, got {s['cpu_allocator']!r}")
-    bad = [p for p in s["passes"] if p not in PASSES]
-    if bad:
-        raise ValueError(f"passes must be among {PASSES}, got {bad}")
+    s["approx"] = _section(ApproxSettings, "approx", s["approx"])
+    s["peers"] = _section(PeerSettings, "peers", s["peers"])
+    s = check_values(s)
     s["device"] = check_device(s["device"])
-    s["seq_lens"] = sorted(int(n) for n in s["seq_lens"])
-    if not s["seq_lens"] or s["seq_lens"][0] < 1:
-        raise ValueError(f"seq_lens must be a non-empty list of positive lengths, got {s['seq_lens']}")
-    if s["slope_range"] is not None and len(s["slope_range"]) != 2:
-        raise ValueError(f"slope_range must be null or [low, high], got {s['slope_range']!r}")
-    if float(s["max_spread"]) < 1 or int(s["remeasure"]) < 0:
-        raise ValueError(f"max_spread must be >= 1 and remeasure >= 0, got {s['max_spread']}, {s['remeasure']}")
     if s["force"]:
         s["reuse"] = False  # every cell measured again, its record replaced
     s["params"] = dict(s["params"] or {})
-    s["approx"] = _section(ApproxSettings, "approx", s["approx"])
-    s["peers"] = _section(PeerSettings, "peers", s["peers"])
+    s["approx"] = ApproxSettings(**s["approx"])
+    s["peers"] = PeerSettings(**s["peers"])
     return BenchSettings(**s)
 
 
-def _section(cls, name: str, values: dict):
+# ----------------------------------------------------------------------------------------------
+# Every value checked in one place: a bad one is a ValueError "<setting> must be <what is allowed>, got <value>"
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Number:
+    """A numeric setting: an integer or a (finite) number, at least ``low`` (above it when ``strict``), and
+    null (None) when ``nullable`` (``null_means`` says what null does)."""
+
+    integer: bool
+    low: float
+    strict: bool = False
+    nullable: bool = False
+    unit: str = ""
+    null_means: str = "no limit"
+
+    def allowed(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        text = f"{kind} {'>' if self.strict else '>='} {self.low:g}{f' ({self.unit})' if self.unit else ''}"
+        return text + (f", or null for {self.null_means}" if self.nullable else "")
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None and self.nullable:
+            return None
+        number = _number(value)
+        ok = number is not None and (number > self.low if self.strict else number >= self.low)
+        if not ok or (self.integer and not float(number).is_integer()):
+            raise ValueError(f"{name} must be {self.allowed()}, got {value!r}")
+        return int(number) if self.integer else float(number)
+
+
+# The numeric settings (dotted: a section's field). tests/test_bench.py checks that every int or float field of
+# BenchSettings and its sections is here.
+NUMBERS: dict[str, Number] = {
+    "batch": Number(True, 1),
+    "heads": Number(True, 1),
+    "head_dim": Number(True, 1),
+    "repeats": Number(True, 1, unit="timed calls per cell"),
+    "warmup": Number(True, 0, unit="untimed calls per cell"),
+    "remeasure": Number(True, 0, unit="extra measurements of a disturbed cell"),
+    "max_spread": Number(False, 1, unit="p90/p10 ratio"),
+    "memory_budget_gb": Number(False, 0, strict=True, nullable=True, unit="GB"),
+    "max_cell_s": Number(False, 0, strict=True, nullable=True, unit="seconds"),
+    "approx.n": Number(True, 1, unit="tokens"),
+    "approx.seeds": Number(True, 1),
+    "approx.batch": Number(True, 1),
+}
+FLAGS = ("causal", "include_sdpa_direct", "reuse", "force", "smoke", "progress", "print_table", "approx.enabled",
+         "peers.enabled")
+
+
+def check_values(s: dict[str, Any]) -> dict[str, Any]:
+    """``s`` (the merged settings, sections as dicts) with every value checked and numbers normalised (an
+    integral ``2.0`` becomes ``2``, lengths are sorted). Raises ValueError ``<setting> must be <what is
+    allowed>, got <value>`` for the first bad one: a number out of range or of the wrong type
+    (:data:`NUMBERS`), a flag that is not true/false, a bad length list, slope range, name or pass."""
+    for name, rule in NUMBERS.items():
+        _set(s, name, rule.check(name, _get(s, name)))
+    for name in FLAGS:
+        if not isinstance(_get(s, name), bool):
+            raise ValueError(f"{name} must be true or false, got {_get(s, name)!r}")
+    s["seq_lens"] = _lengths("seq_lens", s["seq_lens"], empty_ok=False)
+    s["peers"]["seq_lens"] = _lengths("peers.seq_lens", s["peers"]["seq_lens"], empty_ok=True)
+    s["slope_range"] = _slope_range(s["slope_range"])
+    _choices(s, "dtype", DTYPES, one=True)
+    _choices(s, "cpu_allocator", CPU_ALLOCATORS, one=True)
+    _choices(s, "approx.budgets", APPROX_BUDGET_TABLES, one=True)
+    _choices(s, "passes", PASSES, one=False)
+    _choices(s, "approx.variants", APPROX_VARIANTS, one=False)
+    return s
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite number, None for anything else (a bool, a string, NaN, infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _get(s: dict, name: str) -> Any:
+    section, _, key = name.rpartition(".")
+    return (s[section] if section else s)[key]
+
+
+def _set(s: dict, name: str, value: Any) -> None:
+    section, _, key = name.rpartition(".")
+    (s[section] if section else s)[key] = value
+
+
+def _lengths(name: str, values: Any, empty_ok: bool) -> list[int]:
+    """Sorted sequence lengths: integers >= 1 (an integral float is taken)."""
+    rule = Number(True, 1)
+    what = "a list" if empty_ok else "a non-empty list"
+    try:
+        if not isinstance(values, (list, tuple)) or (not values and not empty_ok):
+            raise ValueError
+        return sorted(rule.check(name, n) for n in values)
+    except ValueError:
+        raise ValueError(f"{name} must be {what} of positive lengths, got {values!r}") from None
+
+
+def _slope_range(value: Any) -> list[float] | None:
+    """null, or [low, high] with 0 < low < high."""
+    if value is None:
+        return None
+    pair = list(value) if isinstance(value, (list, tuple)) else []
+    numbers = [_number(v) for v in pair]
+    if len(pair) != 2 or None in numbers or not 0 < numbers[0] < numbers[1]:
+        raise ValueError(f"slope_range must be null or [low, high] with 0 < low < high, got {value!r}")
+    return [float(v) for v in numbers]
+
+
+def _choices(s: dict, name: str, allowed, one: bool) -> None:
+    """One of ``allowed`` (``one``), or a non-empty list of them."""
+    value = _get(s, name)
+    allowed = tuple(allowed)
+    if one and value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if not one and (not isinstance(value, (list, tuple)) or not value or any(v not in allowed for v in value)):
+        raise ValueError(f"{name} must be a non-empty list among {', '.join(allowed)}, got {value!r}")
+
+
+def _section(cls, name: str, values: Any) -> dict[str, Any]:
+    """A section's values (a mapping of ``cls``'s fields, the defaults filling the ones not given)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{name} must be a mapping of {sorted(f.name for f in fields(cls))}, got {values!r}")
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ValueError(f"unknown benchmark setting(s) {[f'{name}.{k}' for k in unknown]}; allowed: {sorted(allowed)}")
-    return cls(**{k: values.get(k, DEFAULTS[name].get(k)) for k in allowed})
+    return {k: values.get(k, DEFAULTS[name].get(k)) for k in allowed}
 
 
 def apply_preset(settings: dict, user: dict, defaults: dict, preset: dict) -> dict:
