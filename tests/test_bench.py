@@ -792,6 +792,20 @@ def test_a_burst_hits_the_same_round_of_every_mechanism_and_they_are_measured_ag
         assert cells[m]["time"]["times_s"] == pytest.approx([clock.cost_s(32, "fwd")] * 3)
 
 
+def test_cells_measured_together_have_the_peaks_and_outcomes_they_have_alone():
+    """Interleaving changes when each step runs, not what it allocates: each peak is its own step's."""
+    settings = bench.resolve_settings(dict(TINY))
+    names = ["full", "sdpa_direct", "performer", "linformer"]
+    together = bench.measure_cells(names, 32, "fwd+bwd", settings)
+    assert list(together) == names
+    for name in names:
+        alone = bench.measure_cell(name, 32, "fwd+bwd", settings)
+        assert together[name]["outcome"] == alone["outcome"] == "ok"
+        assert together[name]["memory"]["peak_bytes"] == alone["memory"]["peak_bytes"] > 0
+        assert len(together[name]["time"]["times_s"]) == settings.repeats
+    assert together["full"]["backend"] == "sdpa" and together["sdpa_direct"]["backend"] == "sdpa"
+
+
 def test_a_median_slowed_in_most_rounds_is_caught_though_the_spread_looks_fine(tmp_path, clock):
     """linformer's 4K cell: 102 ms recorded and marked clean, 61-64 ms straight after. Two of three rounds slowed
     by 65% give a p90/p10 spread of 1.46 (under 1.5) but a median 1.65 x the fastest round."""

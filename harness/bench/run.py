@@ -1,6 +1,8 @@
-"""The benchmark's scan: every (mechanism, pass, n) cell measured or reused, planned against the budgets.
+"""The benchmark's scan: every (mechanism, pass, n) cell reused, planned away by the guard, or measured.
 
-Owns: the order of the scan, budget skips, the ``bench`` records, the console summary and ``main``.
+Owns: the order of the scan (length by length; the mechanisms of one length and pass measured together in
+interleaved rounds), the judgement of disturbed cells and their re-measuring, the ``bench`` records, the
+console summary and ``main``. The budget decisions are :mod:`harness.bench.guard`'s.
 Imports: the other :mod:`harness.bench` modules, :mod:`harness.allocator`, :mod:`harness.measure`,
 :mod:`harness.store`, :mod:`harness.analysis`, :mod:`harness.display`, :mod:`harness.plugins`.
 """
