@@ -637,8 +637,8 @@ def test_the_accuracy_finding_names_the_mechanisms_tied_with_the_best(tmp_path):
         for seed, acc in enumerate(accs):
             write_record(train_record(name, "listops", seed, acc=acc), root)
     finding = accuracy_finding(comparisons(load_records(root, kind="train"))[0])
-    assert ("best aft 33.2%; tied with it within the seed spread: full 32.5%, performer 32.2%, longformer 32.0%; "
-            "spread 9.1 points") in finding
+    assert ("best aft 33.2%; tied with it (the seeds cannot tell them apart): full 32.5%, performer 32.2%, "
+            "longformer 32.0%; spread 9.1 points") in finding
 
 
 def test_what_was_run_shows_no_machine_paths(monkeypatch, tmp_path):

@@ -32,7 +32,7 @@ import pandas as pd
 from harness.display import MISSING
 from harness.report.groups import natural_key
 from harness.report.page import Page
-from harness.report.plots import SEEDS_NOTE, draw_seeds, mechanism_style, seeds_caption
+from harness.report.plots import FEW_SEEDS, SEEDS_NOTE, draw_seeds, mechanism_style, seeds_caption
 from harness.report.tables import LEARNED_MARGIN, record_state_size
 
 RECIPE_PREFIXES = ("config.task.", "config.model.", "config.train.", "config.optimizer.", "config.scheduler.")
@@ -121,10 +121,22 @@ def seed_stats(train: pd.DataFrame) -> pd.DataFrame:
     return stats.reset_index()
 
 
-def is_tie(best_mean: float, best_std: float, mean: float, std: float) -> bool:
-    """Whether ``mean`` is within the larger seed spread of the best (a spread of one seed is unknown: no tie)."""
-    spread = np.nanmax([best_std, std]) if not (math.isnan(best_std) and math.isnan(std)) else float("nan")
-    return bool(not math.isnan(spread) and best_mean - mean <= spread)
+def is_tie(best: list[float], other: list[float]) -> bool:
+    """Whether the seeds cannot tell ``other`` (its accuracies, one per seed) from the best's.
+
+    With fewer than :data:`~harness.report.plots.FEW_SEEDS` seeds on either side the seeds themselves decide,
+    as the plots draw them: a tie when the two ranges of seeds overlap (one seed: its value must lie in the
+    other's range). A sample std of two seeds is no spread to judge by: seeds at 12.5% and 87.3% give
+    ±52.9 and would tie a 49.9% mean with a 99.8% one. From that many seeds on both sides: the difference of
+    the means within the larger sample std. One seed on each side: no spread known, no tie claimed."""
+    best = [float(v) for v in best if np.isfinite(v)]
+    other = [float(v) for v in other if np.isfinite(v)]
+    if not best or not other or (len(best) == 1 and len(other) == 1):
+        return False
+    if min(len(best), len(other)) < FEW_SEEDS:
+        return max(other) >= min(best) and max(best) >= min(other)
+    spread = max(float(np.std(best, ddof=1)), float(np.std(other, ddof=1)))
+    return float(np.mean(best)) - float(np.mean(other)) <= spread
 
 
 def spread_table(stats: pd.DataFrame) -> pd.DataFrame:
@@ -145,7 +157,7 @@ def spread_table(stats: pd.DataFrame) -> pd.DataFrame:
                 pass
             elif row["attention"] == best["attention"] and sole_best:
                 text += " best"
-            elif row["mean"] == best["mean"] or is_tie(best["mean"], best["std"], row["mean"], row["std"]):
+            elif row["mean"] == best["mean"] or is_tie(best["values"], row["values"]):
                 text += " ≈"
             cells.setdefault(row["attention"], {})[header] = text
     table = pd.DataFrame(cells).T.fillna(MISSING)
@@ -340,7 +352,8 @@ def recall_section(page: Page, train: pd.DataFrame, out: Path, files: list[Path]
         page.note(f"{MISSING} no ok training runs.")
         return
     page.note("Test accuracy %: mean ± sample std (number of seeds). 'best' = the column's highest mean; "
-              "'≈' = within the larger seed spread of the best (a tie: the seeds cannot tell them apart); "
+              "'≈' = a tie with the best: the seeds cannot tell them apart (with fewer than 5 seeds: their ranges of "
+              "seeds overlap; from 5: the means differ by less than the larger std); "
               f"a column marked '(not learned)': its best is not more than {LEARNED_MARGIN:g} point above the "
               "majority class, so no mechanism is called best there. "
               "MQAR columns: form (encoder = bidirectional, decoder = causal next-token), sequence length L "

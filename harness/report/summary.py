@@ -142,9 +142,16 @@ def _first(series) -> str:
     return str(values.iloc[0]) if len(values) else "None"
 
 
+def _seeds(row: pd.Series) -> list[float]:
+    """A comparison row's accuracies, one per seed (its mean when the seeds are not known)."""
+    by_seed = row.get("by_seed")
+    return list(by_seed.values()) if isinstance(by_seed, dict) and by_seed else [float(row["accuracy"])]
+
+
 def accuracy_finding(comp: Comparison) -> str:
     """Whether anything beat the majority class in this recipe, which mechanism led, and which are tied with
-    it (within the larger seed spread, as the "Seeds, ties and recall" table marks them)."""
+    it (the seeds cannot tell them apart: :func:`harness.report.recall.is_tie`, as the "Seeds, ties and recall"
+    table marks them)."""
     _, numeric = comparison_table(comp)
     numeric = numeric[np.isfinite(numeric["accuracy"])]
     if numeric.empty:
@@ -157,8 +164,8 @@ def accuracy_finding(comp: Comparison) -> str:
     spread = numeric["accuracy"].max() - numeric["accuracy"].min()
     top = numeric.loc[best]
     tied = [name for name, r in numeric.sort_values("accuracy", ascending=False).iterrows() if name != best
-            and (r["accuracy"] == top["accuracy"] or is_tie(top["accuracy"], top["std"], r["accuracy"], r["std"]))]
-    ties = ("; tied with it within the seed spread: " + ", ".join(
+            and (r["accuracy"] == top["accuracy"] or is_tie(_seeds(top), _seeds(r)))]
+    ties = ("; tied with it (the seeds cannot tell them apart): " + ", ".join(
         f"{name} {numeric.loc[name, 'accuracy']:.1f}%" for name in tied)) if tied else ""
     return (f"{comp.title}: {int(learned(numeric).sum())} of {len(numeric)} mechanisms beat the majority class "
             f"({majority:.1f}%) by more than 1 point; best {best} {top['accuracy']:.1f}%{ties}; "
