@@ -9,9 +9,10 @@ import pytest
 
 
 def _help(monkeypatch, capsys, app: str) -> str:
-    from harness import bench, report, suite
+    from harness import bench, report, suite, train
 
-    main = {"arena-bench": bench.main, "arena-report": report.main, "arena-suite": suite.main}[app]
+    main = {"arena-bench": bench.main, "arena-report": report.main, "arena-suite": suite.main,
+            "arena-train": train.main}[app]
     monkeypatch.setattr(sys, "argv", [app, "--help"])
     with pytest.raises(SystemExit) as info:
         main()
@@ -45,3 +46,14 @@ def test_help_lists_no_training_config_groups(monkeypatch, capsys, app):
     assert "Configuration groups" not in text
     for group in ("attention: aft", "experiment/lra:", "optimizer: adamw", "scheduler: constant", "task: image"):
         assert group not in text
+
+
+def test_arena_train_help_says_what_it_does_then_lists_its_config_groups(monkeypatch, capsys):
+    text = _help(monkeypatch, capsys, "arena-train")
+    lines = text.splitlines()
+    assert lines[0].startswith("arena-train: train one attention mechanism on one task with one seed")
+    assert "powered by Hydra" not in text and "Exit status: 0" in text
+    # Unlike the other apps it uses the training groups: they are listed, after what the app does.
+    assert lines.index("== Configuration groups ==") > lines.index("Usage: arena-train [-m] [group=option ...] "
+                                                                   "[key=value ...]")
+    assert any(line.startswith("attention: aft, bigbird") for line in lines)

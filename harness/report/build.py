@@ -76,7 +76,8 @@ def load_store(results_dir: Path) -> StoreFrames:
     Raises FileNotFoundError naming ``results_dir`` when it is not a folder, and :class:`NothingToReport`
     when it holds no readable record (a typo or a folder of reports must not give an empty report)."""
     if not Path(results_dir).is_dir():
-        raise FileNotFoundError(f"results_dir {shown_path(results_dir)!r} does not exist or is not a folder; "
+        # As the user typed it (shown_path would turn /nonexistent into ../../nonexistent).
+        raise FileNotFoundError(f"results_dir {str(results_dir)!r} does not exist or is not a folder; "
                                 "run arena-bench / arena-train / arena-suite first, or pass results_dir=<store>")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each unreadable file is said once, by the caller, with its reason
