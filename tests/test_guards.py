@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_plugins import _forget, readme_plugin
-from test_train import FAKE, make_cfg
+from test_train import FAKE, make_cfg, one_thread  # noqa: F401 - one_thread: the autouse fixture, shared
 
 import harness.train as train_mod
 import harness.train.config as train_config
@@ -36,14 +36,6 @@ from harness.settings import as_int, check_known
 from harness.train import CONF_DIR, run
 from harness.train.config import check_keys, time_estimate
 from harness.train.settings import TrainSettings
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_app(main, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
