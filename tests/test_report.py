@@ -687,17 +687,9 @@ def test_the_sdpa_overhead_table_marks_values_over_the_target():
 def test_the_recipe_as_its_file_sets_it_is_titled_by_the_file_and_a_rung_by_what_differs(tmp_path):
     """quick/mqar run as its file sets it (8 pairs) and a ladder rung (16 pairs): the first is titled by the file
     alone, never 'num_kv_pairs=8'; the rung by its pairs."""
-    from harness.report.recipe_files import recipe_file_values
+    from test_report_published import _nested
 
-    def nested(flat):
-        tree = {}
-        for key, value in flat.items():
-            node = tree
-            *parents, last = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
-        return tree
+    from harness.report.recipe_files import recipe_file_values
 
     root = tmp_path / "results"
     recipe = recipe_file_values("quick/mqar")
@@ -706,7 +698,7 @@ def test_the_recipe_as_its_file_sets_it_is_titled_by_the_file_and_a_rung_by_what
             record = train_record(name, "mqar", 0, acc=0.9)
             record["record_id"] += f".k{pairs}"
             record["experiment"] = "quick/mqar"
-            record["config"] = nested({**recipe, "task.params.num_kv_pairs": pairs, "device": "cpu",
+            record["config"] = _nested({**recipe, "task.params.num_kv_pairs": pairs, "device": "cpu",
                                        "attention.name": name, "seed": 0})
             write_record(record, root)
     titles = [c.title for c in comparisons(load_records(root, kind="train"))]
