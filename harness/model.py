@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attentions import build_attention, get_attention_info
+from attentions import build_attention, get_attention_info, make_config
 
 POOLINGS = ("cls", "mean", "last")
 POS_EMBS = ("sinusoidal", "learned")
@@ -125,6 +125,29 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def attention_kwargs(self, layer: int) -> dict[str, Any]:
+        """The mechanism's parameters in block ``layer``: heads, head_dim, dropout, ``max_seq_len`` (the length it
+        is fed), the seed (``seed + layer``, or ``attention_params['seed'] + layer``), causal, and the
+        ``attention_params``. ValueError when ``max_seq_len`` is set shorter than the sequence fed."""
+        params = {"max_seq_len": self.seq_len, "seed": self.seed + layer, **self.attention_params}
+        if "seed" in self.attention_params:
+            params["seed"] = self.attention_params["seed"] + layer
+        max_seq_len = params["max_seq_len"]
+        if max_seq_len is not None and max_seq_len < self.seq_len:
+            raise ValueError(
+                f"invalid parameter 'max_seq_len' of attention '{self.attention}': {max_seq_len} is shorter than "
+                f"the sequence the model feeds it ({self.seq_len} = max_length {self.max_length}"
+                f"{' + 1 CLS token' if self.uses_cls else ''})"
+            )
+        if self.causal:
+            params["causal"] = True  # the registry refuses mechanisms without a causal form, naming those with one
+        return dict(params, num_heads=self.num_heads, head_dim=self.head_dim, dropout=self.attention_dropout)
+
+    def check_attention(self) -> None:
+        """Validate the mechanism's parameters as the model will build them (ValueError naming the parameter and
+        what is allowed), without building anything: so a run can refuse them before its data are made."""
+        make_config(self.attention, **self.attention_kwargs(0))
+
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     """(length, dim) fixed sin/cos position table (Vaswani et al. 2017; max timescale 1e4)."""
@@ -152,25 +175,7 @@ class MultiHeadAttention(nn.Module):
         # One fused matmul for the projections (the same parameter count as separate Linears).
         self.in_proj = nn.Linear(config.embed_dim, n_proj * config.qkv_dim)
         self.out_proj = nn.Linear(config.qkv_dim, config.embed_dim)
-        params = {"max_seq_len": config.seq_len, "seed": config.seed + layer, **config.attention_params}
-        if "seed" in config.attention_params:
-            params["seed"] = config.attention_params["seed"] + layer
-        max_seq_len = params["max_seq_len"]
-        if max_seq_len is not None and max_seq_len < config.seq_len:
-            raise ValueError(
-                f"invalid parameter 'max_seq_len' of attention '{config.attention}': {max_seq_len} is shorter than "
-                f"the sequence the model feeds it ({config.seq_len} = max_length {config.max_length}"
-                f"{' + 1 CLS token' if config.uses_cls else ''})"
-            )
-        if config.causal:
-            params["causal"] = True  # the registry refuses mechanisms without a causal form, naming those with one
-        self.attention = build_attention(
-            config.attention,
-            num_heads=config.num_heads,
-            head_dim=config.head_dim,
-            dropout=config.attention_dropout,
-            **params,
-        )
+        self.attention = build_attention(config.attention, **config.attention_kwargs(layer))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, seq, _ = x.shape

@@ -34,6 +34,7 @@ from harness.plugins import conf_dir
 from harness.report import build as report_build
 from harness.settings import as_int, check_known
 from harness.train import CONF_DIR, run
+from harness.train.app import RunNotStarted
 from harness.train.config import check_keys, time_estimate
 from harness.train.settings import TrainSettings
 
@@ -397,3 +398,10 @@ def test_arena_train_logs_the_estimate_before_training(tmp_path, caplog):
     first_step = next(i for i, line in enumerate(lines) if "step 4/12" in line)
     estimate = [i for i, line in enumerate(lines) if "12 steps will take at least" in line and "lower bound" in line]
     assert estimate and estimate[0] < first_step
+
+
+def test_invalid_mechanism_parameter_is_refused_before_the_estimate(tmp_path, caplog):
+    """An impossible mechanism parameter stops the run before the time estimate (and the data) are made."""
+    with caplog.at_level(logging.INFO, logger="arena-train"), pytest.raises(RunNotStarted, match="num_features"):
+        run(make_cfg(tmp_path, "attention=performer", "+attention.params.num_features=-3"))
+    assert not [r for r in caplog.records if "will take at least" in r.getMessage()]

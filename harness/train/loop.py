@@ -252,6 +252,8 @@ def set_up(cfg: DictConfig, settings: TrainSettings, checkpoint_dir: Path, out: 
         # be told apart (the rate is this machine's, measured once per process, docs/DESIGN.md "Measuring").
         out["device"]["cpu_allocator"] = configure_cpu_allocator(settings.cpu_allocator)
     task = make_task(cfg)
+    # The mechanism's parameters are checked first: a run they make impossible says so before any estimate or data.
+    model_config_for(cfg, task).check_attention()
     counts_steps = cfg.train.get("epochs") is None
     if counts_steps:  # on a CPU, a word on how long it will take before the data are even made
         out.update(_estimate_fields(log_time_estimate(cfg, settings, task, int(cfg.train.max_steps))))
