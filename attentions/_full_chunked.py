@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ._dropout import apply_dropout
+from ._dropout import apply_dropout, keep_mask
 
 CHUNK_ELEMENTS = 1 << 20  # scores per chunk: (batch, heads, rows, n) ~ 1M numbers, 4 MiB in float32
 
@@ -54,6 +54,20 @@ def _scores(q_c: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, sc
     if allowed is not None:
         scores = scores.masked_fill_(~allowed, float("-inf"))
     return scores
+
+
+class _Dropped:
+    """Applies chunk ``part``'s dropout (the mask :func:`attentions._dropout.apply_dropout` draws for
+    ``(seed, part)`` and ``like``'s shape), drawing the mask once for several tensors of that shape."""
+
+    def __init__(self, seed: int, part: int, p: float, like: torch.Tensor) -> None:
+        self.p = p
+        self.dropped = None if p == 0.0 else ~keep_mask(seed, part, like.shape, p, like.device)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dropped is None:
+            return t
+        return t.masked_fill(self.dropped, 0.0).mul_(1.0 / (1.0 - self.p))
 
 
 class ChunkedSoftmaxAttention(torch.autograd.Function):
@@ -96,9 +110,11 @@ class ChunkedSoftmaxAttention(torch.autograd.Function):
             allowed = _allowed(key_padding_mask, ctx.causal, start, stop, n_k, q.device)
             q_c, do_c = q[:, :, start:stop], grad_out[:, :, start:stop]
             probs = _scores(q_c, k, allowed, scale).sub_(lse[:, :, start:stop, None]).exp_()
-            dv += torch.matmul(apply_dropout(probs, ctx.seed, part, ctx.p).transpose(-2, -1), do_c)
+            # The forward's mask of this chunk, drawn once here for both uses (the draw is the costly part).
+            drop = _Dropped(ctx.seed, part, ctx.p, probs)
+            dv += torch.matmul(drop(probs).transpose(-2, -1), do_c)
             # dP = (dO V^T) through the same mask and 1/(1-p) scaling the forward applied.
-            dprobs = apply_dropout(torch.matmul(do_c, v.transpose(-2, -1)), ctx.seed, part, ctx.p)
+            dprobs = drop(torch.matmul(do_c, v.transpose(-2, -1)))
             dscores = probs.mul_(dprobs.sub_(delta[:, :, start:stop, None])).mul_(scale)
             dq[:, :, start:stop] = torch.matmul(dscores, k)
             dk += torch.matmul(dscores.transpose(-2, -1), q_c)
