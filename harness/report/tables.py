@@ -282,7 +282,9 @@ def published_ratio_table(cells: pd.DataFrame, pass_: str = "fwd+bwd",
                          if ours is not None and np.isfinite(ours["speedup"]) else MISSING)
             row[f"n={n}"] = f"ours {ours_text}; LRA " + (f"{theirs[0]:.2f}x / {theirs[1]:.2f}" if theirs else MISSING)
         rows[name] = row
-    return pd.DataFrame.from_dict(rows, orient="index")
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "mechanism"
+    return table
 
 
 def peer_table(peer: pd.DataFrame) -> pd.DataFrame:
