@@ -5,7 +5,14 @@ Backends (chosen in one place, :func:`select_full_backend`, and recorded in ``ba
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` on CUDA when the ``cuda``
   extra is installed and the dtype is fp16/bf16/fp32.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (CPU and CUDA).
-- ``reference``: explicit ``softmax(QK^T / sqrt(d)) V``; the tests' ground truth.
+- ``reference``: explicit ``softmax(QK^T / sqrt(d)) V``, the materialised ``n x n`` matrix: the tests' ground
+  truth and the benchmark's second exact baseline (LRA Table 2's and most papers' baseline).
+- ``chunked``: exact attention over query chunks, recomputed in backward (:mod:`attentions._full_chunked`).
+  ``auto`` picks it on a CPU in training mode with ``dropout > 0`` (and ``recompute=True``): there CPU SDPA
+  leaves its fused kernel for a math path that stores the ``n x n`` probabilities and dropout mask (4.1 GB at
+  n = 4096, batch 8, 2 heads, head dim 8), while this path keeps O(n d) for backward and draws its dropout masks
+  from :mod:`attentions._dropout` (the dropout policy of docs/FAIRNESS.md). On CUDA the fused SDPA/xformers
+  kernels apply dropout themselves and stay. It can be requested explicitly (with or without dropout).
 
 Causal (``causal=True``, Vaswani et al.'s decoder self-attention): query ``i`` attends to keys
 ``j <= i``. SDPA gets ``is_causal=True`` and xformers its ``LowerTriangularMask``, both fused kernels
@@ -26,6 +33,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ._dropout import draw_seed
+from ._full_chunked import chunked_attention
 from .base import Attention
 from .functional import causal_allowed, is_right_padded, reference_attention
 from .registry import AttentionConfig, register_attention
@@ -43,11 +52,14 @@ def xformers_available() -> bool:
 
 
 def select_full_backend(
-    requested: str, device_type: str, dtype: torch.dtype, has_xformers: bool
+    requested: str, device_type: str, dtype: torch.dtype, has_xformers: bool, cpu_train_dropout: bool = False
 ) -> str:
-    """The single decision of which exact kernel runs. Pure, so it is unit-tested on CPU."""
-    if requested == "reference":
-        return "reference"
+    """The single decision of which exact kernel runs. Pure, so it is unit-tested on CPU.
+
+    ``cpu_train_dropout``: the call applies attention dropout (training mode, ``dropout > 0``) with
+    ``recompute=True`` on a CPU, where ``auto`` takes ``chunked`` (SDPA's CPU dropout path is quadratic)."""
+    if requested in ("reference", "chunked"):
+        return requested
     xformers_ok = device_type == "cuda" and has_xformers and dtype in XFORMERS_DTYPES
     if requested == "xformers":
         if not xformers_ok:
@@ -58,12 +70,19 @@ def select_full_backend(
         return "xformers"
     if requested == "sdpa":
         return "sdpa"
+    if cpu_train_dropout and device_type == "cpu":
+        return "chunked"
     return "xformers" if xformers_ok else "sdpa"
 
 
 @dataclass(frozen=True)
 class FullConfig(AttentionConfig):
-    backend: Literal["auto", "sdpa", "xformers", "reference"] = "auto"
+    """``backend``: see the module docstring. ``recompute``: on a CPU in training mode with ``dropout > 0``,
+    ``auto`` runs the chunked recomputing path (True) or SDPA's math path, which stores the ``n x n``
+    probabilities (False). It changes memory and time, not results (both are exact attention with dropout)."""
+
+    backend: Literal["auto", "sdpa", "xformers", "reference", "chunked"] = "auto"
+    recompute: bool = True  # validated (a bool) by the registry's type check
 
 
 def full_state_size(config: FullConfig, seq_len: int) -> int:
@@ -93,18 +112,26 @@ class FullAttention(Attention):
     def backend(self) -> str:
         return self._last_backend
 
+    def _choice(self, q: torch.Tensor) -> str:
+        cfg = self.config
+        cpu_train_dropout = self.training and cfg.dropout > 0.0 and cfg.recompute
+        return select_full_backend(cfg.backend, q.device.type, q.dtype, xformers_available(), cpu_train_dropout)
+
     def compute_dtype(self, q: torch.Tensor) -> torch.dtype | None:
         """Fused kernels (SDPA, xformers) take reduced precision as given and accumulate in float32;
-        the explicit reference path follows the base policy (float32 for half inputs)."""
-        if self.config.backend != "reference":  # the only request that select_full_backend maps to "reference"
+        the explicit reference and chunked paths follow the base policy (float32 for half inputs)."""
+        if self._choice(q) not in ("reference", "chunked"):
             return None
         return super().compute_dtype(q)
 
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
-        choice = select_full_backend(cfg.backend, q.device.type, q.dtype, xformers_available())
+        choice = self._choice(q)
         self._last_backend = choice
         dropout = cfg.dropout if self.training else 0.0
+        if choice == "chunked":
+            seed = draw_seed() if dropout > 0.0 else 0
+            return chunked_attention(q, k, v, key_padding_mask, cfg.causal, dropout, seed)
         if choice == "reference":
             allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
             if cfg.causal:

@@ -28,7 +28,10 @@ author runs in one line from their own pytest. The checks, in order (:data:`CHEC
                     Comprehensive Attention Benchmarking on Long Sequence Modeling", ICML).
 ``memory_growth``   where the mechanism claims sub-quadratic memory (``linear_memory``; by default every
                     family but ``exact``): the CPU allocator peak of a forward + backward grows at most
-                    :data:`LINEAR_LIMIT` x per doubling of ``n`` (a quadratic buffer grows 4x).
+                    :data:`LINEAR_LIMIT` x per doubling of ``n`` (a quadratic buffer grows 4x), both for the
+                    plain step (eval-free, no padding) and for a training step (train mode, attention dropout
+                    :data:`TRAIN_DROPOUT` where the info says ``applies_dropout``, a padding mask): dropout must
+                    not bring back an ``n x n`` (or stored-mask) allocation (issue 23's dropout policy).
 
 :func:`check_output` is the cheap part of ``shapes`` (output shape, dtype, finiteness at two lengths, default
 parameters): the apps run it on every plug-in mechanism as the plug-in is loaded.
@@ -59,6 +62,7 @@ MEMORY_LENGTHS = (1024, 2048)
 # budgets), where a causal mask is easiest to get wrong; the middle and the ends are added per length.
 CAUSAL_POSITIONS = frozenset({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 16, 17, 23, 24, 25, 31, 32, 33})
 LINEAR_LIMIT = 2.3  # peak growth per doubling of n: 2x plus slack for fixed-size buffers
+TRAIN_DROPOUT = 0.1  # attention dropout of the memory check's training step (LRA's recipes use 0.1)
 
 
 class ContractViolation(AssertionError):
@@ -389,13 +393,37 @@ def _fwd_bwd_peak(s: _Subject, n: int) -> int:
     return cpu_peak_bytes(lambda: attn(q, k, v).sum().backward())
 
 
-def check_memory_growth(s: _Subject, lengths: tuple[int, int] = MEMORY_LENGTHS) -> None:
-    small, large = (_fwd_bwd_peak(s, n) for n in lengths)
+def train_step_peak(s: _Subject, n: int) -> int:
+    """CPU allocator peak (bytes) of a training step at length ``n``: train mode, attention dropout
+    :data:`TRAIN_DROPOUT` where the info says ``applies_dropout``, batch 2 with the second sequence right-padded
+    by a quarter, forward + backward of the output's sum."""
+    dropout = TRAIN_DROPOUT if s.info.applies_dropout else 0.0
+    attn = s.build(max_seq_len=n if s.info.needs_max_seq_len else None, dropout=dropout).train()
+    q, k, v = s.qkv(2, n, seed=0, requires_grad=True)
+    mask = right_padding_mask([n, n - n // 4], n)
+    with torch.random.fork_rng(devices=[]):  # the dropout draws leave the caller's RNG as it was
+        torch.manual_seed(0)
+        return cpu_peak_bytes(lambda: attn(q, k, v, key_padding_mask=mask).sum().backward())
+
+
+def training_step_peak(name: str, n: int, params: Mapping[str, Any] | None = None) -> int:
+    """:func:`train_step_peak` of the registered mechanism ``name`` with ``params`` (the memory check's sizes:
+    2 heads of 8 dims, batch 2), for tests that measure the training step alone."""
+    return train_step_peak(_Subject(name, get_attention_info(name), dict(params or {})), n)
+
+
+def _growth(s: _Subject, peak: Callable[[_Subject, int], int], what: str, lengths: tuple[int, int]) -> None:
+    small, large = (peak(s, n) for n in lengths)
     per_doubling = (large / max(small, 1)) ** (1 / math.log2(lengths[1] / lengths[0]))
     if small <= 0 or per_doubling > LINEAR_LIMIT:
         raise s.fail("memory_growth", f"it claims sub-quadratic memory ({s.info.memory_complexity}), but the peak "
-                     f"of a forward + backward grows x{per_doubling:.2f} per doubling of n ({small} bytes at "
+                     f"of {what} grows x{per_doubling:.2f} per doubling of n ({small} bytes at "
                      f"n={lengths[0]}, {large} at n={lengths[1]}; limit x{LINEAR_LIMIT})")
+
+
+def check_memory_growth(s: _Subject, lengths: tuple[int, int] = MEMORY_LENGTHS) -> None:
+    _growth(s, _fwd_bwd_peak, "a forward + backward", lengths)
+    _growth(s, train_step_peak, f"a training step (train mode, dropout {TRAIN_DROPOUT}, padding mask)", lengths)
 
 
 CHECKS: dict[str, Callable[[_Subject], None]] = {

@@ -20,6 +20,9 @@ import pandas as pd
 
 # The benchmark's pseudo-mechanism: torch's scaled_dot_product_attention called directly.
 SDPA_DIRECT = "sdpa_direct"
+# full on its reference backend (the materialised n x n softmax matrix): the second exact baseline of the
+# benchmark, LRA Table 2's and most papers' "Transformer" (issue 23).
+FULL_REFERENCE = "full_reference"
 # The memory budget of "longest n within budget" and of the benchmark's budget skips, when none is given:
 # one figure for the benchmark's console, the report and the suite.
 DEFAULT_MEMORY_BUDGET_GB = 6.0

@@ -27,6 +27,7 @@ TINY = {
     "peers": {"enabled": False},
     "progress": False,
     "print_table": False,
+    "include_full_reference": False,  # on by default; the tests that count rows add it where they check it
 }
 
 
@@ -44,13 +45,14 @@ class VirtualClock:
 
         from harness import measure as measure_mod
         from harness.bench import cells as bench_cells
+        from harness.bench import peers as bench_peers
 
         self.now = 0.0
         self.patch = pytest.MonkeyPatch()
         self.disturb(0)
         self.patch.setattr(measure_mod, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
         real = measure_mod.make_step
-        for module in (measure_mod, bench_cells):
+        for module in (measure_mod, bench_cells, bench_peers):  # peers times ours and the peer in rounds too
             self.patch.setattr(module, "make_step", lambda f, leaves, pass_: self._steady(real, f, leaves, pass_))
 
     @staticmethod
@@ -71,7 +73,7 @@ class VirtualClock:
 
     def _steady(self, real, forward, leaves, pass_):
         step, clear_grads = real(forward, leaves, pass_)
-        n = leaves[0].shape[-2]
+        n = leaves[0].shape[-2] if leaves else 16  # a peer's fwd step has no leaves (no gradients): cost of n=16
         disturbed = n == self.plan["n"] and self.state["measurements"] < self.plan["disturbed"]
         self.state["measurements"] += n == self.plan["n"]
         calls = {"k": 0}
@@ -103,10 +105,11 @@ def read_bench_records(root: Path) -> list[dict]:
 
 
 def test_tiny_run_writes_well_formed_records_with_an_unsupported_cell(tmp_path):
-    df = run(tmp_path, mechanisms=["full", "linformer"], params={"linformer": {"max_seq_len": 16}})
+    df = run(tmp_path, mechanisms=["full", "linformer"], params={"linformer": {"max_seq_len": 16}},
+             include_full_reference=True)
     records = read_bench_records(tmp_path)
-    # full, sdpa_direct, linformer x 2 n x 2 passes
-    assert len(records) == len(df) == 12
+    # full, full_reference, sdpa_direct, linformer x 2 n x 2 passes
+    assert len(records) == len(df) == 16
     for r in records:
         for field in REQUIRED_FIELDS:
             assert field in r
@@ -120,7 +123,7 @@ def test_tiny_run_writes_well_formed_records_with_an_unsupported_cell(tmp_path):
             assert r["memory"]["peak_bytes"] > 0
             assert r["memory"]["method"] == "torch.profiler(cpu alloc events)"
     by = {(r["mechanism"], r["pass"], r["n"]): r for r in records}
-    assert {m for m, _, _ in by} == {"full", "sdpa_direct", "linformer"}
+    assert {m for m, _, _ in by} == {"full", "full_reference", "sdpa_direct", "linformer"}
     for pass_ in bench.PASSES:
         assert by[("linformer", pass_, 16)]["status"] == "ok"
         bad = by[("linformer", pass_, 32)]
@@ -128,6 +131,12 @@ def test_tiny_run_writes_well_formed_records_with_an_unsupported_cell(tmp_path):
         assert "max_seq_len" in bad["reason"]
         assert "time" not in bad
         assert by[("full", pass_, 32)]["backend"] == "sdpa"
+        # The second exact baseline: full on its reference backend, recorded as such (issue 23).
+        reference = by[("full_reference", pass_, 32)]
+        assert reference["backend"] == "reference" and reference["params"]["backend"] == "reference"
+        assert reference["family"] == "exact" and reference["protocol"]["backend"] == "reference"
+        assert by[("full", pass_, 32)]["protocol"]["masks"].startswith("none")
+        assert {"layout", "warmup", "threads", "cpu_allocator", "dropout_policy"} <= set(reference["protocol"])
     # The store reads them back as a DataFrame with flattened columns.
     loaded = load_records(tmp_path, kind="bench")
     assert {"time.median_s", "memory.peak_bytes", "mechanism", "n", "pass"} <= set(loaded.columns)
@@ -544,6 +553,7 @@ BAD_SETTINGS = [
     ({"progress": 1}, "progress must be true or false, got 1"),
     ({"reuse": "true"}, "reuse must be true or false, got 'true'"),
     ({"include_sdpa_direct": 0}, "include_sdpa_direct must be true or false, got 0"),
+    ({"include_full_reference": "yes"}, "include_full_reference must be true or false, got 'yes'"),
     ({"smoke": "yes"}, "smoke must be true or false, got 'yes'"),
     ({"force": None}, "force must be true or false, got None"),
     ({"print_table": "off"}, "print_table must be true or false, got 'off'"),
@@ -664,16 +674,27 @@ def test_format_cell_never_shows_zero_for_a_missing_cell():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_peers_without_the_extra_say_skipped_in_one_line(tmp_path, monkeypatch):
+def test_peers_without_the_extra_give_cells_that_say_not_installed(tmp_path, monkeypatch):
+    # Issue 23: a peer that is not installed gives its cells, saying so, per pair (never a silent skip).
     from harness.bench import peers
+    from harness.report.tables import peer_table
 
     monkeypatch.setattr(peers, "installed", lambda package: False)
     lines = []
     settings = bench.resolve_settings({**TINY, "results_dir": str(tmp_path)})
     df = peers.run_peers(settings, log=lines.append)
-    assert df.empty
-    assert len(lines) == 1 and "skipped" in lines[0] and "peers" in lines[0]
-    assert not (tmp_path / "peer").exists()
+    assert set(df["status"]) == {"unsupported"}
+    assert all(r.startswith("not installed: pip install ") for r in df["reason"])
+    assert "not installed" in lines[0] and "performer-pytorch" in lines[0]
+    records = [json.loads(f.read_text()) for f in (tmp_path / "peer").glob("*.json")]
+    assert len(records) == len(df) and all(r["peer_installed"] is False for r in records)
+    assert set(peer_table(pd.DataFrame(records)).iloc[:, -1]) == {"— (not installed)"}
+    # Installed later: the same command measures them (a not-installed record is never reused).
+    monkeypatch.setattr(peers, "installed", lambda package: True)
+    calls = []
+    monkeypatch.setattr(peers, "measure_pair", lambda *a: calls.append(a) or {"time_ratio": 1.0, "memory_ratio": 1.0})
+    assert set(peers.run_peers(settings, log=lines.append)["status"]) == {"ok"}
+    assert len(calls) == len(df)
 
 
 def test_peers_with_no_peer_for_the_selection_say_so_not_missing_extra(tmp_path, monkeypatch):
@@ -712,7 +733,7 @@ def test_performer_peer_runs_at_equal_settings(tmp_path):
     settings = bench.resolve_settings({**TINY, "results_dir": str(tmp_path), "mechanisms": ["performer"],
                                        "peers": {"seq_lens": [32]}, "passes": ["fwd"]})
     df = peers.run_peers(settings, log=lambda _: None)
-    assert list(df["status"]) == ["ok"]
+    assert list(df["status"]) == ["ok"], list(df["reason"])
     assert df["time_ratio"].iloc[0] > 0 and df["memory_ratio"].iloc[0] > 0
     record = load_records(tmp_path, kind="peer").iloc[0]
     assert record["level"] == "core" and record["params.num_features"] == 16

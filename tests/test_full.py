@@ -83,14 +83,15 @@ def test_module_uses_the_single_dispatch(monkeypatch):
     """The module must route through select_full_backend (so recording and tests see one decision)."""
     calls = []
 
-    def spy(requested, device_type, dtype, has_xformers):
-        calls.append((requested, device_type, dtype))
+    def spy(requested, device_type, dtype, has_xformers, cpu_train_dropout=False):
+        calls.append((requested, device_type, dtype, cpu_train_dropout))
         return "reference"
 
     monkeypatch.setattr(full_module, "select_full_backend", spy)
     attn = build_small("full")
     attn(*make_qkv(seq=6))
-    assert calls == [("auto", "cpu", torch.float32)]
+    # compute_dtype and attend both ask it (the chunked path computes half inputs in float32).
+    assert calls and set(calls) == {("auto", "cpu", torch.float32, False)}
     assert attn.backend == "reference"
 
 

@@ -1,4 +1,5 @@
-"""Sub-quadratic memory must show in measured memory: peak growth per doubling of n, forward + backward.
+"""Sub-quadratic memory must show in measured memory: peak growth per doubling of n, forward + backward, and of
+a training step (train mode, attention dropout, padding mask; issue 23).
 
 Allocator peaks are deterministic, so the growth is asserted, not just reported. Sizes:
 batch 1, 2 heads, head_dim 8, n = 1024 -> 2048, budgets (window, block, features, clusters,
@@ -12,7 +13,7 @@ import torch
 
 from attentions import available_attentions, build_attention, get_attention_info
 from attentions.testing import LINEAR_LIMIT as CONTRACT_LIMIT
-from attentions.testing import MEMORY_LENGTHS, check_mechanism
+from attentions.testing import MEMORY_LENGTHS, check_mechanism, training_step_peak
 from harness.measure import measure_peak_memory
 
 N = 1024
@@ -35,6 +36,20 @@ GROWTH_PARAMS: dict[str, dict] = {
 }
 
 
+# The training step (train mode, attention dropout 0.1 where the mechanism applies dropout, a padding mask) is
+# part of the contract's memory_growth check (attentions.testing.train_step_peak). Mechanisms whose fix lands on
+# another branch of issue 23 are expected to fail it until then; the lead removes these marks at the merge.
+TRAIN_STEP_XFAIL = {
+    "memory_compressed": "memory_compressed: CPU SDPA with dropout leaves the fused kernel for the math path "
+                         "(n x n/c probabilities and mask stored); its recomputing path is on another branch",
+}
+
+
+def _with_train_xfail(names):
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=False, reason=TRAIN_STEP_XFAIL[n]))
+            if n in TRAIN_STEP_XFAIL else n for n in names]
+
+
 def fwd_bwd_peak(name: str, n: int, **params) -> int:
     if get_attention_info(name).needs_max_seq_len:
         params.setdefault("max_seq_len", n)
@@ -52,7 +67,7 @@ def fwd_bwd_peak(name: str, n: int, **params) -> int:
 SUBQUADRATIC = [n for n in available_attentions() if get_attention_info(n).family != "exact"]
 
 
-@pytest.mark.parametrize("name", SUBQUADRATIC)
+@pytest.mark.parametrize("name", _with_train_xfail(SUBQUADRATIC))
 def test_peak_memory_grows_at_most_linearly(name):
     # The contract's check (one definition), here with budgets nearer real use than the contract tests' ones.
     assert check_mechanism(name, GROWTH_PARAMS.get(name, {}), checks=["memory_growth"]) == ["memory_growth"]
@@ -115,3 +130,18 @@ def test_causal_kernel_attention_never_stores_per_token_states(name, params):
     per_token_states = n * heads * features * dim * 4
     assert peaks[True] <= 1.5 * peaks[False], peaks
     assert peaks[True] < per_token_states / 4, (peaks, per_token_states)
+
+
+@pytest.mark.parametrize("name", _with_train_xfail(available_attentions()))
+def test_training_step_memory_grows_at_most_linearly(name):
+    # Every registered mechanism, full included: dropout must not bring back an n x n (or stored-mask) buffer.
+    params = GROWTH_PARAMS.get(name, {})
+    small, large = (training_step_peak(name, n, params) for n in (N, 2 * N))
+    assert small > 0
+    assert large / small <= LINEAR_LIMIT, f"{name} training step: peak {small} -> {large} bytes per doubling of n"
+
+
+def test_full_training_step_with_stored_sdpa_dropout_is_quadratic():
+    # Sanity check of the training measurement: recompute=False sends CPU dropout to SDPA's math path (n x n).
+    small, large = (training_step_peak("full", n, {"recompute": False}) for n in (N, 2 * N))
+    assert 3.6 <= large / small <= 4.2

@@ -39,8 +39,18 @@ def test_unknown_name_lists_registered():
         build_attention("fulll")
 
 
-@pytest.mark.parametrize("check", list(CHECKS))
-@pytest.mark.parametrize("name", MECHANISMS)
+# memory_growth now includes a training step with dropout and padding (issue 23); a mechanism whose fix lands on
+# another branch of that issue fails it until then. The lead removes these marks at the merge.
+TRAINING_MEMORY_XFAIL = {
+    ("memory_compressed", "memory_growth"): "memory_compressed: CPU SDPA with dropout stores n x n/c in training "
+                                            "(its recomputing path is on another branch of issue 23)",
+}
+CONTRACT_CASES = [pytest.param(name, check, marks=pytest.mark.xfail(strict=False, reason=TRAINING_MEMORY_XFAIL[
+    (name, check)])) if (name, check) in TRAINING_MEMORY_XFAIL else (name, check)
+    for name in MECHANISMS for check in CHECKS]
+
+
+@pytest.mark.parametrize("name,check", CONTRACT_CASES)
 def test_contract(name, check):
     # One definition of the contract: attentions.testing.check_mechanism, run one check at a time so a
     # failure names its mechanism and check in the test id too.

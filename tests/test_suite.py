@@ -483,7 +483,7 @@ def test_bench_and_report_stages_in_smoke_size_and_rerun_reuses(tmp_path, capsys
     assert report.exists() and report.with_suffix(".md").exists()
     assert f"report: {report}" in out and "stage 1/3" in out and "stage 3/3" in out
     records = load_records(tmp_path / "r", kind="bench")
-    assert set(records["mechanism"]) == {"full", "sdpa_direct", "sliding_window"}
+    assert set(records["mechanism"]) == {"full", "full_reference", "sdpa_direct", "sliding_window"}  # both baselines
     stored = {p.name: json.loads(p.read_text()) for p in (tmp_path / "r" / "bench").glob("*.json")}
     first = {name: r["created_at"] for name, r in stored.items()}
     # Cells flagged noisy (a busy machine) are measured again by design; every clean one is reused.

@@ -2,7 +2,9 @@
 
 The mechanism alone is measured on already projected ``q, k, v`` of shape
 ``(batch, heads, n, head_dim)``; ``sdpa_direct`` calls ``torch.nn.functional.scaled_dot_product_attention``
-directly, to show what the registry's ``full`` costs on top of the kernel.
+directly, to show what the registry's ``full`` costs on top of the kernel; ``full_reference`` is the registry's
+``full`` with ``backend=reference`` (the materialised ``n x n`` softmax matrix, LRA Table 2's baseline), a named
+variant so that both exact baselines are rows of one run (a ``params`` override would replace ``full``'s row).
 
 Owns: a cell's constructor keywords, its measurement (the cells of one length and pass together, in
 interleaved rounds), its record id and key, its flat row.
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 
 from attentions import available_attentions, build_attention, causal_attentions, get_attention_info, make_config
 from attentions.registry import check_causal
-from harness.analysis import SDPA_DIRECT
+from harness.analysis import FULL_REFERENCE, SDPA_DIRECT
+from harness.bench.protocol import PROJECTED, mask_text, protocol
 from harness.bench.settings import BENCH_SETTINGS, SMOKE_SETTINGS, BenchSettings
 from harness.measure import (
     DTYPES,
@@ -52,7 +55,7 @@ def select_mechanisms(requested: str | Sequence[str], causal: bool = False) -> l
         if requested == "all":
             return causal_attentions() if causal else registered
         requested = [requested]
-    unknown = [m for m in requested if m not in registered and m != SDPA_DIRECT]
+    unknown = [m for m in requested if m not in registered and m not in (SDPA_DIRECT, FULL_REFERENCE)]
     if unknown:
         raise ValueError(f"unknown mechanism(s) {unknown}; registered: {', '.join(registered)}. "
                          + plugin_hint(unknown))
@@ -63,6 +66,8 @@ def mechanism_params(name: str, n: int, settings: BenchSettings) -> dict[str, An
     """Constructor keywords for ``name`` at length ``n``: benchmark settings, then the user's ``params``."""
     if name == SDPA_DIRECT:
         return {}
+    if name == FULL_REFERENCE:
+        return {**mechanism_params("full", n, settings), "backend": "reference"}
     table = SMOKE_SETTINGS if settings.smoke else BENCH_SETTINGS
     params = dict(table.get(name, {}))
     params.update(dict(settings.params.get(name, {}) or {}))
@@ -154,7 +159,15 @@ def measure_cells(names: Sequence[str], n: int, pass_: str, settings: BenchSetti
     timings = time_rounds([r.step for r in ready.values()], settings.device, settings.warmup, settings.repeats)
     for (name, cell), timing in zip(ready.items(), timings):
         out[name] = _finish(cell, timing, settings.device)
+        if out[name]["outcome"] == "ok":
+            out[name]["protocol"] = cell_protocol(out[name]["backend"], pass_, settings)
     return {name: out[name] for name in names}
+
+
+def cell_protocol(backend: str, pass_: str, settings: BenchSettings) -> dict[str, Any]:
+    """A cell's fairness-protocol fields (:mod:`harness.bench.protocol`, docs/FAIRNESS.md)."""
+    return protocol(layout=PROJECTED, masks=mask_text(settings.causal), backend=backend, warmup=settings.warmup,
+                    repeats=settings.repeats, cpu_allocator=settings.cpu_allocator_used, pass_=pass_)
 
 
 def _params(name: str, n: int, settings: BenchSettings) -> dict[str, Any]:
@@ -165,7 +178,7 @@ def unsupported_reason(name: str, settings: BenchSettings) -> str | None:
     """Why ``name`` cannot run in this benchmark's pattern at any length (no causal form), else None."""
     if settings.causal and name != SDPA_DIRECT:
         try:
-            check_causal(name, True)
+            check_causal(registry_name(name), True)
         except ValueError as exc:
             return str(exc)
     return None
@@ -183,7 +196,8 @@ def _prepare(name: str, n: int, pass_: str, settings: BenchSettings, inputs: lis
         if name == SDPA_DIRECT:
             module, attend = None, functools.partial(F.scaled_dot_product_attention, is_causal=settings.causal)
         else:
-            module = build_attention(name, **params).to(device=settings.device, dtype=DTYPES[settings.dtype])
+            module = build_attention(registry_name(name), **params).to(device=settings.device,
+                                                                       dtype=DTYPES[settings.dtype])
             attend = module.eval()
     except ValueError as exc:
         return {**result, "outcome": "error", "reason": f"settings rejected: {exc}"}
@@ -237,9 +251,14 @@ def cell_key(name: str, n: int, pass_: str, settings: BenchSettings, params: dic
     return config_hash(key)
 
 
+def registry_name(name: str) -> str:
+    """The registered mechanism a cell's row builds: ``full`` for ``full_reference``, else ``name``."""
+    return "full" if name == FULL_REFERENCE else name
+
+
 def family(name: str) -> str:
-    """The mechanism's family from the registry (``exact`` for ``sdpa_direct``)."""
-    return "exact" if name == SDPA_DIRECT else get_attention_info(name).family
+    """The mechanism's family from the registry (``exact`` for ``sdpa_direct`` and ``full_reference``)."""
+    return "exact" if name == SDPA_DIRECT else get_attention_info(registry_name(name)).family
 
 
 def flat_cell(record: dict) -> dict[str, Any]:

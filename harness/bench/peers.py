@@ -21,7 +21,9 @@ its ``pattern``.
 aft-pytorch's ``AFTLocal`` is not compared: it rebuilds its ``max_seqlen x max_seqlen`` bias
 with a Python double loop on every call (minutes at n = 1024), which would measure the loop.
 
-Without the extra installed, :func:`run_peers` prints one line saying the peers were skipped.
+A pair whose peer is not installed gets its cells all the same, each ``unsupported`` with the reason "not
+installed" and the pip command (``peer_installed: false``; measured once the peer is there). Ours and the peer
+are timed in interleaved rounds; every record carries the fairness-protocol fields (docs/FAIRNESS.md).
 
 Owns: the pairs, their equal settings and the ``peer`` records. Imports: ``attentions``,
 :mod:`harness.measure` (the same measured step as every cell), :mod:`harness.store`,
@@ -40,9 +42,10 @@ import torch
 from torch import nn
 
 from attentions import available_attentions, build_attention
-from harness.bench.cells import make_inputs, measure_forward, mechanism_params, select_mechanisms
+from harness.bench.cells import make_inputs, mechanism_params, select_mechanisms
+from harness.bench.protocol import LAYER, PROJECTED, mask_text, module_settings, package_version, protocol
 from harness.bench.settings import BenchSettings
-from harness.measure import DTYPES, failure_outcome, jsonable_params, progress_bar
+from harness.measure import DTYPES, failure_outcome, jsonable_params, make_step, progress_bar, step_peak, time_rounds
 from harness.store import config_hash, find_record, now_iso, write_record
 
 
@@ -82,6 +85,16 @@ class PeerPair:
     ours_params: dict | None = None
     divisor: Callable[[Any], int] | None = None  # n must be a multiple of this (peer's constraint)
     patterns: tuple[str, ...] = ("bidirectional",)  # the attention patterns (arena-bench causal=...) it runs in
+    distribution: str | None = None  # the peer's PyPI name where it is not ``package`` with '-' for '_'
+    # What the peer is handed, where it differs from ours (docs/FAIRNESS.md): its input layout, and its masks
+    # (which mask objects, whether built inside the measured step, whether materialised n x n).
+    peer_layout: str | None = None
+    peer_masks: str | None = None
+
+    @property
+    def pip_name(self) -> str:
+        """The distribution to ``pip install`` for this peer."""
+        return self.distribution or self.package.replace("_", "-")
 
 
 def _performer_peer(cfg, settings, n):
@@ -210,13 +223,50 @@ def measure_pair(pair: PeerPair, n: int, pass_: str, settings: BenchSettings) ->
     inputs = [t for t in inputs if t.requires_grad]
     ours_leaves = inputs + [p for p in ours_params if p.requires_grad]
     peer_leaves = inputs + [p for p in peer.parameters() if p.requires_grad]
-    a = measure_forward(ours_fwd, ours_leaves, pass_, settings)
-    b = measure_forward(peer_fwd, peer_leaves, pass_, settings)
+    a, b = measure_ab((ours_fwd, ours_leaves), (peer_fwd, peer_leaves), pass_, settings)
+    ours_layout = PROJECTED if pair.level == "core" else LAYER
+    masks = mask_text(settings.causal)
+    common = {"warmup": settings.warmup, "repeats": settings.repeats, "cpu_allocator": settings.cpu_allocator_used,
+              "pass_": pass_}
     return {
         "ours": a, "peer_result": b, "params": jsonable_params(params),
         "time_ratio": a["time"]["median_s"] / b["time"]["median_s"],
         "memory_ratio": a["memory"]["peak_bytes"] / max(b["memory"]["peak_bytes"], 1),
+        "protocol": protocol(layout=ours_layout, masks=masks, backend=getattr(ours, "backend", "torch"), **common),
+        "peer_protocol": protocol(layout=pair.peer_layout or ours_layout, masks=pair.peer_masks or masks,
+                                  backend=f"{pair.peer} ({pair.pip_name} {package_version(pair.pip_name)})",
+                                  **common),
+        "peer_settings": module_settings(peer), "peer_version": package_version(pair.pip_name),
     }
+
+
+def measure_ab(ours: tuple, peer: tuple, pass_: str, settings: BenchSettings) -> tuple[dict, dict]:
+    """Time and memory of ours and the peer, each ``(forward, leaves)``: timed in interleaved rounds (ours, peer,
+    ours, peer, ...: :func:`harness.measure.time_rounds`, so load hits both alike), then each one's memory step.
+    Returns ``({"time", "memory"}, {"time", "memory"})``; raises what either step raises."""
+    steps = [make_step(forward, leaves, pass_) for forward, leaves in (ours, peer)]
+    timings = time_rounds([step for step, _ in steps], settings.device, settings.warmup, settings.repeats)
+    for timing in timings:
+        if isinstance(timing, Exception):
+            raise timing
+    results = []
+    for (step, clear_grads), timing in zip(steps, timings):
+        reading = step_peak(step, clear_grads, settings.device)
+        results.append({"time": {k: timing[k] for k in ("median_s", "p10_s", "p90_s", "times_s")},
+                        "memory": {"peak_bytes": reading.peak_bytes, "method": reading.method}})
+    return results[0], results[1]
+
+
+def _pair_outcome(pair: PeerPair, n: int, pass_: str, settings: BenchSettings) -> tuple[dict, str, str | None]:
+    """(result, status, reason) of one pair cell: measured, failed, or ``unsupported`` with the reason "not
+    installed" (a cell that says so, never a silent skip)."""
+    if not installed(pair.package):
+        return {}, "unsupported", f"not installed: pip install {pair.pip_name} (README 'Peers')"
+    try:
+        return measure_pair(pair, n, pass_, settings), "ok", None
+    except Exception as exc:  # noqa: BLE001 - a peer's failure is recorded, not raised
+        failure = failure_outcome(exc)
+        return {}, failure["outcome"], failure["reason"]
 
 
 def peer_key(pair: PeerPair, n: int, pass_: str, settings: BenchSettings) -> str:
@@ -237,13 +287,9 @@ def run_peers(settings: BenchSettings, log: Callable[[str], None] = print) -> pd
     if not pairs:
         log(f"peers: none of the selected mechanisms has a public {settings.pattern} peer")
         return pd.DataFrame()
-    missing = sorted({p.package for p in pairs if not installed(p.package)})
-    pairs = [p for p in pairs if installed(p.package)]
-    if not pairs:
-        log("peers: skipped (the optional 'peers' extra is not installed: pip install -e '.[peers]')")
-        return pd.DataFrame()
+    missing = sorted({p.pip_name for p in pairs if not installed(p.package)})
     if missing:
-        log(f"peers: skipped {', '.join(missing)} (not installed)")
+        log(f"peers: not installed: {', '.join(missing)} (README 'Peers'); their cells say so")
     root = settings.results_dir
     seq_lens = [int(n) for n in settings.peers.seq_lens]
     todo = [(p, n, pass_) for p in pairs for n in seq_lens for pass_ in settings.passes]
@@ -254,12 +300,8 @@ def run_peers(settings: BenchSettings, log: Callable[[str], None] = print) -> pd
         key = peer_key(pair, n, pass_, settings)
         record_id = f"{pair.key.replace('_', '-')}.{'fwd' if pass_ == 'fwd' else 'fwdbwd'}.n{n}.{key}"
         record = find_record(root, "peer", record_id) if settings.reuse else None
-        if record is None or record["status"] == "error":
-            try:
-                result, status, reason = measure_pair(pair, n, pass_, settings), "ok", None
-            except Exception as exc:  # noqa: BLE001 - a peer's failure is recorded, not raised
-                failure = failure_outcome(exc)
-                result, status, reason = {}, failure["outcome"], failure["reason"]
+        if record is None or record["status"] == "error" or record.get("peer_installed") is False:
+            result, status, reason = _pair_outcome(pair, n, pass_, settings)
             record = {
                 "kind": "peer", "record_id": record_id, "status": status, "created_at": now_iso(),
                 "pair": pair.key, "mechanism": pair.mechanism, "peer": pair.peer, "level": pair.level,
@@ -268,7 +310,7 @@ def run_peers(settings: BenchSettings, log: Callable[[str], None] = print) -> pd
                                else "ours wrapped in the peer's Q/K/V/output projections"),
                 "n": n, "pass": pass_, "batch": settings.batch, "heads": settings.heads,
                 "head_dim": settings.head_dim, "dtype": settings.dtype, "device": settings.device,
-                "reason": reason, **result,
+                "reason": reason, "peer_installed": installed(pair.package), **result,
             }
             write_record(record, root)
         rows.append({k: record.get(k) for k in ("pair", "peer", "level", "pattern", "n", "pass", "status",

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from harness.allocator import configure_cpu_allocator
-from harness.analysis import NOISE_FLOOR_S, SDPA_DIRECT, full_overhead, trend_suspects
+from harness.analysis import FULL_REFERENCE, NOISE_FLOOR_S, SDPA_DIRECT, full_overhead, trend_suspects
 from harness.bench import peers
 from harness.bench.approx import approximation_errors
 from harness.bench.cells import (
@@ -54,7 +54,8 @@ def run_benchmark(cfg: dict | BenchSettings | None = None, log: Callable[[str], 
     if settings.approx.enabled and settings.causal:
         log("approximation errors: measured for the bidirectional pattern only (run without causal=true)")
     elif settings.approx.enabled:
-        approximation_errors(settings, mechanisms=[m for m in mechanisms if m != SDPA_DIRECT], log=log)
+        approximation_errors(settings, mechanisms=[m for m in mechanisms if m not in (SDPA_DIRECT, FULL_REFERENCE)],
+                             log=log)
     if settings.peers.enabled:
         peers.run_peers(settings, log=log)
     if settings.print_table:
@@ -79,6 +80,8 @@ def _mechanisms(settings: BenchSettings) -> list[str]:
     mechanisms = select_mechanisms(settings.mechanisms, settings.causal)
     if settings.include_sdpa_direct and "full" in mechanisms and SDPA_DIRECT not in mechanisms:
         mechanisms.insert(mechanisms.index("full") + 1, SDPA_DIRECT)
+    if settings.include_full_reference and "full" in mechanisms and FULL_REFERENCE not in mechanisms:
+        mechanisms.insert(mechanisms.index("full") + 1, FULL_REFERENCE)
     return mechanisms
 
 

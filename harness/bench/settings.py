@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "mechanisms": "all",
     "causal": False,
     "include_sdpa_direct": True,
+    "include_full_reference": True,
     "seq_lens": [1024, 2048, 4096, 8192, 16384],
     "passes": list(PASSES),
     "batch": 2,
@@ -121,6 +122,7 @@ class BenchSettings(Settings):
     mechanisms: Any
     causal: bool
     include_sdpa_direct: bool
+    include_full_reference: bool
     seq_lens: list
     passes: list
     batch: int
@@ -236,8 +238,8 @@ NUMBERS: dict[str, Number] = {
     "approx.seeds": Number(True, 1),
     "approx.batch": Number(True, 1),
 }
-FLAGS = ("causal", "include_sdpa_direct", "reuse", "force", "smoke", "progress", "print_table", "approx.enabled",
-         "peers.enabled")
+FLAGS = ("causal", "include_sdpa_direct", "include_full_reference", "reuse", "force", "smoke", "progress",
+         "print_table", "approx.enabled", "peers.enabled")
 
 
 def check_values(s: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from attentions import available_attentions, get_attention_info
-from harness.analysis import DEFAULT_MEMORY_BUDGET_GB, SDPA_OVERHEAD_TARGET, full_overhead
+from harness.analysis import DEFAULT_MEMORY_BUDGET_GB, FULL_REFERENCE, SDPA_OVERHEAD_TARGET, full_overhead
 from harness.display import (
     MISSING,
     analysis_note,
@@ -37,6 +37,7 @@ from harness.report.groups import Comparison, Setting, comparisons, is_smoke, se
 from harness.report.lra import published_section
 from harness.report.page import Page
 from harness.report.plots import SEEDS_NOTE, plot_accuracy_speed, plot_approx, plot_scaling
+from harness.report.published import LRA_TABLE_2, TABLE_2_NOTE
 from harness.report.recall import recall_section
 from harness.report.summary import summary_section
 from harness.report.tables import (
@@ -46,6 +47,7 @@ from harness.report.tables import (
     comparison_table,
     peer_table,
     pivot_cells,
+    published_ratio_table,
     relative_table,
     shrinking_budgets,
 )
@@ -291,10 +293,26 @@ def efficiency_section(page: Page, setting: Setting, out: Path, files: list[Path
             page.table(pivot_cells(cells, pass_, lambda row: format_bytes(row["peak_bytes"])))
             page.note(f"Relative to {reference}, {pass_}: speed-up x / memory ratio (LRA Table 2 layout)")
             page.table(relative_table(cells, pass_))
+            baseline_sections(page, cells, pass_)
     page.note(analysis_note(cells, slope_range, budget_gb) + ".")
     page.table(derived_display(cells, slope_range, budget_gb * 1e9 if budget_gb else None), index=False)
     overhead_section(page, cells)
     return cells
+
+
+def baseline_sections(page: Page, cells: pd.DataFrame, pass_: str) -> None:
+    """The second exact baseline (``full_reference``, the materialised ``n x n`` matrix) where it was measured:
+    every mechanism relative to it, and for ``fwd+bwd`` (a training step's pass) LRA Table 2's ratios beside ours."""
+    if FULL_REFERENCE not in set(cells[cells["pass"] == pass_]["mechanism"]):
+        return
+    page.note(f"Relative to {FULL_REFERENCE} (full with backend=reference: the materialised n x n softmax, LRA "
+              f"Table 2's baseline), {pass_}: speed-up x / memory ratio")
+    page.table(relative_table(cells, pass_, FULL_REFERENCE))
+    theirs = published_ratio_table(cells, pass_) if pass_ == "fwd+bwd" else pd.DataFrame()
+    if not theirs.empty:
+        page.note(f"Ours against {FULL_REFERENCE} beside LRA Table 2's published ratios against its Transformer "
+                  f"({LRA_TABLE_2.source}; {LRA_TABLE_2.setup}): speed-up x / memory ratio. {TABLE_2_NOTE}")
+        page.table(theirs)
 
 
 def overhead_section(page: Page, cells: pd.DataFrame) -> None:

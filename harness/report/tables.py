@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 
 from attentions import AttentionConfig, available_attentions, get_attention_info
-from harness.analysis import relative_to_full
+from harness.analysis import FULL_REFERENCE, SDPA_DIRECT, relative_to_full
 from harness.display import MISSING, format_bytes, missing_cell, not_run
 from harness.report.groups import Comparison
+from harness.report.published import LRA_TABLE_2, PublishedEfficiency
 
 
 def comparison_table(comp: Comparison, mechanisms: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -239,9 +240,10 @@ def _n_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def relative_table(cells: pd.DataFrame, pass_: str) -> pd.DataFrame:
-    """LRA Table 2 layout: ``speed-up x / memory ratio`` relative to ``full`` per n."""
-    rel = relative_to_full(cells[cells["pass"] == pass_])
+def relative_table(cells: pd.DataFrame, pass_: str, reference: str = "full") -> pd.DataFrame:
+    """LRA Table 2 layout: ``speed-up x / memory ratio`` relative to ``reference`` (``full``, or
+    ``full_reference``: the materialised ``n x n`` baseline) per n."""
+    rel = relative_to_full(cells[cells["pass"] == pass_], reference)
     if rel.empty:
         return pd.DataFrame()
     merged = rel.merge(cells[cells["pass"] == pass_][["mechanism", "n", "outcome", "reason"]], on=["mechanism", "n"])
@@ -250,7 +252,7 @@ def relative_table(cells: pd.DataFrame, pass_: str) -> pd.DataFrame:
         if r["outcome"] != "ok":
             return missing_cell(r)
         if not np.isfinite(r["speedup"]):
-            return not_run("no full")
+            return not_run(f"no {reference}")
         return f"{r['speedup']:.2f}x / {r['memory_ratio']:.2f}"
 
     merged["value"] = merged.apply(fmt, axis=1)
@@ -258,8 +260,37 @@ def relative_table(cells: pd.DataFrame, pass_: str) -> pd.DataFrame:
         not_run()))
 
 
+def published_ratio_table(cells: pd.DataFrame, pass_: str = "fwd+bwd",
+                          published: PublishedEfficiency = LRA_TABLE_2) -> pd.DataFrame:
+    """Ours beside LRA Table 2, against the same baseline (the materialised ``n x n`` softmax, our
+    ``full_reference``), at the lengths both have: per mechanism and n, ``ours s.ssx / m.mm; LRA s.ssx / m.mm``
+    (speed-up x / memory ratio). Empty when the cells have no ``full_reference`` or no shared length."""
+    sub = cells[cells["pass"] == pass_]
+    lengths = sorted(set(int(n) for n in sub["n"]) & set(published.lengths))
+    if FULL_REFERENCE not in set(sub["mechanism"]) or not lengths:
+        return pd.DataFrame()
+    rel = relative_to_full(sub[sub["n"].isin(lengths)], FULL_REFERENCE).set_index(["mechanism", "n"])
+    rows = {}
+    for name in dict.fromkeys(sub["mechanism"]):
+        if name in (SDPA_DIRECT, FULL_REFERENCE):
+            continue
+        row = {}
+        for n in lengths:
+            ours = rel.loc[(name, n)] if (name, n) in rel.index else None
+            theirs = published.ratios(name, n)
+            ours_text = (f"{ours['speedup']:.2f}x / {ours['memory_ratio']:.2f}"
+                         if ours is not None and np.isfinite(ours["speedup"]) else MISSING)
+            row[f"n={n}"] = f"ours {ours_text}; LRA " + (f"{theirs[0]:.2f}x / {theirs[1]:.2f}" if theirs else MISSING)
+        rows[name] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "mechanism"
+    return table
+
+
 def peer_table(peer: pd.DataFrame) -> pd.DataFrame:
     def fmt(r):
+        if r.get("peer_installed") is False:
+            return not_run("not installed")
         if r["status"] != "ok":
             return not_run(r["status"])
         return f"{r['time_ratio']:.2f} / {r['memory_ratio']:.2f}"
