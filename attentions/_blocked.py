@@ -424,9 +424,10 @@ def _chunk_probs(q_rows: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor
 
     ``q_rows`` ``(batch, heads, G, c, d)`` already scaled by ``1 / sqrt(d)``; ``keys`` ``(batch, heads, G | 1, K, d)``
     contiguous; ``allowed`` bool ``(batch | 1, 1, G, c, K)``. A row with no allowed key is all zeros.
-    The mask enters as a ``0 / -inf`` bias that the score product accumulates onto (one copy of a small
-    tensor, where a ``masked_fill`` of the scores costs several times more on a CPU), and the softmax is
-    the fused kernel: the same probabilities in forward and in the recomputing backward.
+    The mask enters as a ``0 / -inf`` bias copied into the score buffer, onto which the product accumulates
+    (``baddbmm``), and the softmax is the fused kernel: the same probabilities in forward and in the
+    recomputing backward. (On a CPU, ``masked_fill`` of the scores and ``exp_`` over their lowest-finite
+    entries cost several times more than the copy and the fused softmax.)
     """
     batch, heads, blocks, c, d = q_rows.shape
     keys = keys.expand(batch, heads, blocks, *keys.shape[3:])
