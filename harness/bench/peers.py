@@ -177,9 +177,11 @@ def _fast_transformers_local_peer(cfg, settings, n):
 
 class HFLongformerLayer(nn.Module):
     """Hugging Face ``LongformerSelfAttention`` on ``x`` ``(batch, n, heads * head_dim)``: its own Q/K/V (and
-    separate global Q/K/V) projections, no output projection; ``attention_window = window`` (one-sided
-    ``window // 2``, our band) and global attention at our ``global_positions``. The layer's mask
-    (0 local, +10000 global) is built once here, as ``LongformerModel`` builds it once for all its layers."""
+    separate global Q/K/V) projections, ``attention_window = window`` (one-sided ``window // 2``, our band) and
+    global attention at our ``global_positions``; then an output projection with bias, as
+    :class:`ProjectedAttention` puts around ours (Hugging Face leaves it to ``LongformerSelfOutput``, with its
+    dropout, residual and LayerNorm). The layer's mask (0 local, +10000 global) is built once here, as
+    ``LongformerModel`` builds it once for all its layers."""
 
     def __init__(self, window: int, global_positions, heads: int, head_dim: int, n: int) -> None:
         super().__init__()
@@ -189,6 +191,7 @@ class HFLongformerLayer(nn.Module):
         config = LongformerConfig(hidden_size=heads * head_dim, num_attention_heads=heads, attention_window=[window],
                                   attention_probs_dropout_prob=0.0, num_hidden_layers=1)
         self.attention = LongformerSelfAttention(config, layer_id=0)
+        self.to_out = nn.Linear(heads * head_dim, heads * head_dim)
         mask = torch.zeros(1, n)
         mask[0, [p for p in global_positions if p < n]] = 10000.0
         self.register_buffer("mask", mask, persistent=False)
@@ -196,8 +199,9 @@ class HFLongformerLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.mask.expand(x.shape[0], -1)
         is_global = mask > 0
-        return self.attention(x, attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=is_global,
-                              is_global_attn=bool(is_global.any()))[0]
+        out = self.attention(x, attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=is_global,
+                             is_global_attn=bool(is_global.any()))[0]
+        return self.to_out(out)
 
 
 def _hf_longformer_peer(cfg, settings, n):
@@ -206,7 +210,8 @@ def _hf_longformer_peer(cfg, settings, n):
 
 class HFBigBirdLayer(nn.Module):
     """Hugging Face ``BigBirdBlockSparseAttention`` on ``x`` ``(batch, n, heads * head_dim)``: its own bias-free
-    Q/K/V projections (as ours), no output projection; ``block_size`` and ``num_random_blocks`` ours, and two
+    Q/K/V projections (as ours), then an output projection with bias as around ours (Hugging Face leaves it
+    to ``BigBirdSelfOutput``); ``block_size`` and ``num_random_blocks`` ours, and two
     global blocks (the peer's fixed first and last block; ours: ``num_global_blocks = 2`` leading blocks), so
     every non-global row reads 3 band + 2 global + r random blocks in both. The peer draws its random blocks
     only in training mode (in eval it reads block 0 in their place): it is kept in training mode, which
@@ -225,6 +230,7 @@ class HFBigBirdLayer(nn.Module):
                                num_random_blocks=num_random, attention_type="block_sparse", use_bias=False,
                                max_position_embeddings=n, attention_probs_dropout_prob=0.0)
         self.attention = BigBirdBlockSparseAttention(config, seed=seed)
+        self.to_out = nn.Linear(heads * head_dim, heads * head_dim)
         blocked, band, from_mask, to_mask = BigBirdModel.create_masks_for_block_sparse_attn(torch.ones(1, n),
                                                                                             block_size)
         for name, t in (("blocked", blocked), ("band", band), ("from_mask", from_mask), ("to_mask", to_mask)):
@@ -238,10 +244,10 @@ class HFBigBirdLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         blocked = self.blocked.expand(b, -1, -1)
-        return self.attention(x, band_mask=self.band.expand(b, -1, -1, -1, -1),
-                              from_mask=self.from_mask.expand(b, -1, -1, -1),
-                              to_mask=self.to_mask.expand(b, -1, -1, -1),
-                              from_blocked_mask=blocked, to_blocked_mask=blocked)[0]
+        out = self.attention(x, band_mask=self.band.expand(b, -1, -1, -1, -1),
+                             from_mask=self.from_mask.expand(b, -1, -1, -1), to_mask=self.to_mask.expand(b, -1, -1, -1),
+                             from_blocked_mask=blocked, to_blocked_mask=blocked)[0]
+        return self.to_out(out)
 
 
 def _hf_bigbird_peer(cfg, settings, n):
