@@ -7,7 +7,8 @@ The sequence is cut into blocks of ``block_size`` tokens. Block ``i``:
 - attends to ``num_random_blocks`` random blocks.
 
 One joint softmax per row; a key block that is both in the band and global is counted once.
-Exact for this pattern: time ``O(n b (3 + g + r) d)``, memory ``O(n b (3 + g + r))``.
+Exact for this pattern: time ``O(n b (3 + g + r) d)``, memory ``O(n d)`` (``recompute=True``: chunks rebuilt in
+backward) or ``O(n b (3 + g + r))`` (``recompute=False``).
 
 The random blocks must be a fixed function of positions (or appending padding would change
 the real rows), so they are drawn once from ``seed`` for the ``ceil(max_seq_len / block_size)``
@@ -33,7 +34,6 @@ import torch
 
 from . import _blocked as blk
 from .base import Attention
-from .functional import causal_allowed
 from .registry import AttentionConfig, register_attention, require
 
 # Rows drawn at once when sampling random blocks (bounds the (rows, blocks) score table).
@@ -46,11 +46,14 @@ class BigBirdConfig(AttentionConfig):
 
     ``max_seq_len`` is required: the random blocks are drawn once for its blocks. A ``block_size``
     at or above ``max_seq_len`` is allowed and makes one block, i.e. full attention.
+    ``recompute``: as in ``sliding_window`` (True: rebuild the blocked scores in backward, O(n d) memory;
+    False: keep the blocked probabilities). Memory and time change, results do not.
     """
 
     block_size: int = 64
     num_global_blocks: int = 2
     num_random_blocks: int = 3
+    recompute: bool = True
 
     def validate(self) -> None:
         require(
@@ -128,7 +131,7 @@ def bigbird_state_size(config: BigBirdConfig, seq_len: int) -> int:
     supports_causal=True,
     causal_note="left part: blocks i-1, i (j <= i inside), global keys, random blocks among past blocks",
     time_complexity="O(n b (3 + g + r) d)",
-    memory_complexity="O(n b (3 + g + r))",
+    memory_complexity="O(n d); O(n b (3 + g + r)) with recompute=false",
     exact=True,
     state_size_fn=bigbird_state_size,
     needs_max_seq_len=True,
@@ -150,58 +153,44 @@ class BigBirdAttention(Attention):
 
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
-        batch, heads, n, d = q.shape
-        block = cfg.block_size
-        nb = blk.num_blocks(n, block)
-        g = min(cfg.num_global_blocks, nb)
-        dropout = cfg.dropout if self.training else 0.0
+        parts = bigbird_parts(q.shape[2], cfg.block_size, cfg.num_global_blocks, self.random_blocks.to(q.device),
+                              cfg.causal)
+        run = blk.attend_recompute if cfg.recompute else blk.attend_stored
+        return run(q, k, v, parts, key_padding_mask, cfg.dropout if self.training else 0.0)
 
-        # Global query rows (the first g blocks) attend to every real key: a dense (g b, n) block.
-        # Causal: to the keys up to themselves, all inside the first g b positions.
-        n_glob = min(g * block, n)
-        row_allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        glob_keys = n
-        if cfg.causal:
-            glob_keys = n_glob
-            past = causal_allowed(n_glob, q.device)
-            row_allowed = past if row_allowed is None else row_allowed[..., :n_glob] & past
-        out_glob = blk.masked_attention(
-            q[:, :, :n_glob], k[:, :, :glob_keys], v[:, :, :glob_keys], row_allowed, dropout, self.training
-        )
-        if g == nb:
-            return out_glob
 
-        # Local query blocks g .. nb-1: band blocks, random blocks, then the global keys.
-        # (g < nb here, so the global keys 0 .. g b - 1 all lie inside the sequence.)
-        right = 0 if cfg.causal else 1
-        rand = self.random_blocks[g:nb].to(q.device)
-        rand = torch.where(rand < nb, rand, torch.full_like(rand, blk.NO_KEY))  # beyond this input: no key
-        band_pos = blk.band_positions(nb, block, 1, q.device, right)[g:]
-        # The band's left block of row g is global block g-1: keep it once, in the global part.
-        if g > 0:
-            band_pos[0, :block] = blk.NO_KEY
-        glob_pos = torch.arange(g * block, device=q.device)
-        key_pos = torch.cat([band_pos, blk.block_positions(rand, block), glob_pos.expand(nb - g, -1)], dim=1)
-        allowed = blk.key_exists(key_pos, n, key_padding_mask)[:, None, :, None, :]  # same for the whole block
-        if cfg.causal:
-            # Random and global blocks are all in the past; only the own block needs j <= i.
-            query_pos = torch.arange(g * block, nb * block, device=q.device).view(nb - g, block)
-            allowed = allowed & blk.causal_keys(query_pos, key_pos)
+def bigbird_parts(n: int, block: int, num_global: int, random_blocks: torch.Tensor, causal: bool) -> list[blk.Part]:
+    """The global rows (the first ``g`` blocks) over every key (causal: the keys up to themselves, all inside
+    the first ``g b`` positions), then the local query blocks ``g .. nb - 1``: band blocks ``i-1, i, i+1``
+    (causal ``i-1, i`` with ``j <= i`` in the own block), then the random blocks, then the global keys.
 
-        qb, kb, vb = (blk.to_blocks(x, block) for x in (q, k, v))
-        keys = self._keys(kb, rand, g, right)
-        values = self._keys(vb, rand, g, right)
-        out = blk.masked_attention(qb[:, :, g:], keys, values, allowed, dropout, self.training)
-        out = out.reshape(batch, heads, -1, d)
-        return torch.cat([out_glob, out], dim=2)[:, :, :n]
+    ``random_blocks``: the ``(blocks, r)`` buffer drawn for ``max_seq_len``; blocks beyond this input hold no
+    keys. The band's left block of row ``g`` is global block ``g - 1``: masked there, counted once, in the
+    global keys.
+    """
+    nb = blk.num_blocks(n, block)
+    g = min(num_global, nb)
+    n_glob = min(g * block, n)
+    parts = []
+    if n_glob:
+        parts.append(blk.Part((0, n_glob), None, prefix=n_glob if causal else n,
+                              pattern=blk.causal_pattern if causal else None))
+    if g == nb:
+        return parts
+    rand = random_blocks[g:nb]
+    rand = torch.where(rand < nb, rand, torch.full_like(rand, blk.NO_KEY))  # beyond this input: no key
+    gathered = torch.cat([blk.block_positions(rand, block),
+                          torch.arange(n_glob, device=rand.device).expand(nb - g, -1)], dim=1)
+    band_slots = (3 - causal) * block
 
-    @staticmethod
-    def _keys(xb: torch.Tensor, rand: torch.Tensor, g: int, right: int) -> torch.Tensor:
-        """Per local query block: its band blocks (3, or 2 when causal), its random blocks, the g global blocks."""
-        batch, heads, nb, block, d = xb.shape
-        parts = [blk.band_blocks(xb, 1, right)[:, :, g:]]
-        if rand.shape[1]:
-            parts.append(blk.select_blocks(xb, rand))
+    def pattern(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        # Random and global blocks are all in the past; only the own block needs j <= i when causal.
+        allowed = key_pos <= query_pos if causal else torch.ones_like(key_pos, dtype=torch.bool)
         if g:
-            parts.append(xb[:, :, :g].reshape(batch, heads, 1, g * block, d).expand(-1, -1, nb - g, -1, -1))
-        return torch.cat(parts, dim=3)
+            is_band = torch.arange(key_pos.shape[-1], device=key_pos.device) < band_slots
+            allowed = allowed & ~(is_band & (key_pos < n_glob))
+        return allowed
+
+    local = blk.Part((g * block, n), block, band=(1, 0 if causal else 1),
+                     gathered=gathered if gathered.shape[1] else None, pattern=pattern if causal or g else None)
+    return parts + [local]

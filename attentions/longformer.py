@@ -6,7 +6,8 @@ softmax, and a key that is both in the band and global is counted once. Exact fo
 
 Computed as the blocked band of ``sliding_window`` with the global keys appended to every
 block's keys (masked where the band already holds them), and the few global query rows as
-dense rows over all keys: time ``O(n (w + g) d)``, memory ``O(n (w + g))`` for ``g`` globals.
+dense rows over all keys: time ``O(n (w + g) d)`` for ``g`` globals, memory ``O(n d)`` (``recompute=True``,
+chunks rebuilt in backward) or ``O(n (w + g))`` (``recompute=False``).
 The same projections serve local and global attention (the paper's separate global
 projections belong to the backbone, which owns the projections).
 
@@ -19,6 +20,7 @@ neighbour blocks only; the global rows are a dense ``(g, n)`` block with a ``j <
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +28,7 @@ import torch
 from . import _blocked as blk
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
-from .sliding_window import band_setup, validate_window
+from .sliding_window import band_part, band_pattern, validate_window
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,13 @@ class LongformerConfig(AttentionConfig):
 
     The default global token is position 0, the CLS token under CLS pooling. Positions at or
     beyond the current sequence length are ignored (so appended padding changes nothing).
+    ``recompute``: as in ``sliding_window`` (True: rebuild the blocked scores in backward, O(n d) memory;
+    False: keep the blocked probabilities). Memory and time change, results do not.
     """
 
     window: int = 256
     global_positions: tuple[int, ...] = (0,)
+    recompute: bool = True
 
     def validate(self) -> None:
         validate_window(self.window, self.max_seq_len)
@@ -75,7 +80,7 @@ def longformer_state_size(config: LongformerConfig, seq_len: int) -> int:
     supports_causal=True,
     causal_note="left half of the band; a global token sees keys up to itself, every token the globals before it",
     time_complexity="O(n (w + g) d), g = global tokens",
-    memory_complexity="O(n (w + g))",
+    memory_complexity="O(n d); O(n (w + g)) with recompute=false",
     exact=True,
     state_size_fn=longformer_state_size,
     needs_max_seq_len=False,
@@ -89,44 +94,35 @@ class LongformerAttention(Attention):
 
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
-        batch, heads, n, d = q.shape
-        half = cfg.window // 2
-        dropout = cfg.dropout if self.training else 0.0
+        n = q.shape[2]
         glob = torch.tensor([p for p in self._global if p < n], dtype=torch.long, device=q.device)
+        run = blk.attend_recompute if cfg.recompute else blk.attend_stored
+        return run(q, k, v, longformer_parts(n, cfg.window // 2, glob, cfg.causal), key_padding_mask,
+                   cfg.dropout if self.training else 0.0)
 
-        block, m, right, band_pos, in_band = band_setup(n, half, q.device, cfg.causal)
-        nb = band_pos.shape[0]
-        query_pos = torch.arange(nb * block, device=q.device).view(nb, block)
-        # Global key columns, skipped where the band already holds that key (counted once); causal: only
-        # the globals before the band's left edge (those at or after i are in the band or in the future).
-        ahead = query_pos[:, :, None] - glob[None, None, :]
-        glob_new = ahead > half if cfg.causal else ahead.abs() > half
-        key_pos = torch.cat([band_pos, glob[None, :].expand(nb, -1)], dim=1)
-        pattern = torch.cat([in_band.expand(nb, -1, -1), glob_new], dim=2)
-        allowed = pattern & blk.key_exists(key_pos, n, key_padding_mask)[:, :, None]
 
-        qb = blk.to_blocks(q, block)
-        kb = self._keys(blk.to_blocks(k, block), k, glob, m, right)
-        vb = self._keys(blk.to_blocks(v, block), v, glob, m, right)
-        out = blk.masked_attention(qb, kb, vb, allowed[:, None], dropout, self.training)
-        out = out.reshape(batch, heads, -1, d)[:, :, :n]
-        if glob.numel() == 0:
-            return out
+def longformer_parts(n: int, half: int, glob: torch.Tensor, causal: bool) -> list[blk.Part]:
+    """The blocked band with the global keys appended to every query block's keys, then the global rows.
 
-        # Global query rows attend to every (real) key: a dense (g, n) block; causal: every key up to itself.
-        row_allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        if cfg.causal:
-            past = torch.arange(n, device=q.device)[None, :] <= glob[:, None]  # (g, n)
-            row_allowed = past if row_allowed is None else row_allowed & past
-        out_glob = blk.masked_attention(q[:, :, glob], k, v, row_allowed, dropout, self.training)
-        return out.index_copy(2, glob, out_glob)
+    ``glob``: the global positions below ``n`` (sorted long tensor). In the band part a global key column
+    counts only where the band does not already hold that key (each key once per row; causal: only the
+    globals before the band's left edge), and global query rows are empty: the second part, the global
+    rows over every key (causal: every key up to itself), owns them.
+    """
+    band = band_part(n, half, causal)
+    if glob.numel() == 0:
+        return [band]
+    in_band = band_pattern(half, causal)
+    band_slots = (band.band[0] + band.band[1] + 1) * band.block
 
-    @staticmethod
-    def _keys(xb: torch.Tensor, x: torch.Tensor, glob: torch.Tensor, m: int, right: int) -> torch.Tensor:
-        """Band blocks of ``xb`` followed by the global rows of ``x``, per query block."""
-        band = blk.band_blocks(xb, m, right)
-        if glob.numel() == 0:
-            return band
-        batch, heads, nb, _, d = band.shape
-        extra = x[:, :, glob][:, :, None].expand(batch, heads, nb, glob.numel(), d)
-        return torch.cat([band, extra], dim=3)
+    def pattern(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        ahead = query_pos - key_pos[:, :, band_slots:]
+        outside = ahead > half if causal else ahead.abs() > half
+        allowed = torch.cat([in_band(query_pos, key_pos[:, :, :band_slots]), outside], dim=-1)
+        return allowed & ~torch.isin(query_pos, glob.to(query_pos.dtype))
+
+    blocks = blk.num_blocks(n, band.block)
+    local = dataclasses.replace(band, gathered=glob[None, :].expand(blocks, -1), pattern=pattern)
+    rows = blk.Part(glob, None, prefix=n, pattern=blk.causal_pattern if causal else None)
+    return [local, rows]
+

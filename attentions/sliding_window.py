@@ -2,7 +2,9 @@
 
 Exact for its band pattern. Computed in blocks: queries are cut into blocks of ``c`` tokens and
 each block sees its ``2m+1`` neighbouring key blocks (``m = ceil((window // 2) / c)``), with the
-band enforced by a mask inside the blocks; time ``O(n w d)``, memory ``O(n w)``.
+band enforced by a mask inside the blocks; time ``O(n w d)``. Memory ``O(n d)`` (``recompute=True``, the
+default: the blocks are computed in chunks and rebuilt in backward, ``attentions._blocked``), or ``O(n w)``
+with ``recompute=False`` (the blocked probabilities kept for backward).
 
 Causal (``causal=True``): the left half of the band, ``i - window // 2 <= j <= i`` (the local attention
 of causal language models, as in local-attention's ``causal=True``: the window keeps its half-width
@@ -32,9 +34,14 @@ class SlidingWindowConfig(AttentionConfig):
 
     Any positive int is accepted; an even ``window`` covers ``window + 1`` keys (``window // 2`` on
     each side, as in Longformer), an odd one exactly ``window``.
+
+    ``recompute``: True (default) keeps only q, k, v, the output and a log-sum-exp per row for backward
+    and rebuilds the blocked scores there (``attentions._blocked.attend_recompute``); False keeps the
+    blocked probabilities (``attend_stored``). Memory and time change, results do not.
     """
 
     window: int = 256
+    recompute: bool = True
 
     def validate(self) -> None:
         validate_window(self.window, self.max_seq_len)
@@ -58,23 +65,24 @@ def band_block_size(half_window: int, n: int) -> int:
     return min(block, n)
 
 
-def band_setup(
-    n: int, half_window: int, device: torch.device, causal: bool = False
-) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
-    """Block length, neighbour blocks on the left and on the right, key positions ``(blocks, K)`` and the
-    band mask ``(c, K)``. ``causal``: the left half of the band (``i - half_window <= j <= i``), no right blocks.
-    """
+def band_part(n: int, half_window: int, causal: bool = False) -> blk.Part:
+    """The band as one blocked part over all ``n`` rows: query blocks of :func:`band_block_size`, each with
+    its ``m`` neighbour key blocks on either side (``causal``: left only), masked to ``|i - j| <= half_window``
+    (``causal``: ``i - half_window <= j <= i``)."""
     block = band_block_size(half_window, n)
-    nb = blk.num_blocks(n, block)
     # Neighbours beyond the last block hold nothing: cap m so short inputs do not pay for a wide window.
-    m = min(-(-half_window // block), nb - 1)
-    right = 0 if causal else m
-    key_pos = blk.band_positions(nb, block, m, device, right)
-    # Query i*c + s and key slot (o, t) of block i are o*c + t - s apart whatever i is: the band
-    # inside a block is one (c, K) mask; keys beyond the ends are masked by position later.
-    offset = blk.band_positions(1, block, m, device, right)[0][None, :] - torch.arange(block, device=device)[:, None]
-    in_band = (offset <= 0) & (offset >= -half_window) if causal else offset.abs() <= half_window
-    return block, m, right, key_pos, in_band
+    m = min(-(-half_window // block), blk.num_blocks(n, block) - 1)
+    return blk.Part((0, n), block, band=(m, 0 if causal else m), pattern=band_pattern(half_window, causal))
+
+
+def band_pattern(half_window: int, causal: bool):
+    """``(query_pos, key_pos) -> allowed`` of the band (see :class:`attentions._blocked.Part`)."""
+
+    def in_band(query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+        ahead = query_pos - key_pos
+        return (ahead >= 0) & (ahead <= half_window) if causal else ahead.abs() <= half_window
+
+    return in_band
 
 
 def sliding_window_state_size(config: SlidingWindowConfig, seq_len: int) -> int:
@@ -91,7 +99,7 @@ def sliding_window_state_size(config: SlidingWindowConfig, seq_len: int) -> int:
     supports_causal=True,
     causal_note="left half of the band: i - window // 2 <= j <= i, left neighbour blocks only",
     time_complexity="O(n w d)",
-    memory_complexity="O(n w)",
+    memory_complexity="O(n d); O(n w) with recompute=false",
     exact=True,
     state_size_fn=sliding_window_state_size,
     needs_max_seq_len=False,
@@ -101,12 +109,6 @@ class SlidingWindowAttention(Attention):
 
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
-        batch, heads, n, d = q.shape
-        block, m, right, key_pos, in_band = band_setup(n, cfg.window // 2, q.device, cfg.causal)
-        allowed = in_band & blk.key_exists(key_pos, n, key_padding_mask)[:, :, None, :]
-        qb = blk.to_blocks(q, block)
-        kb = blk.band_blocks(blk.to_blocks(k, block), m, right)
-        vb = blk.band_blocks(blk.to_blocks(v, block), m, right)
-        dropout = cfg.dropout if self.training else 0.0
-        out = blk.masked_attention(qb, kb, vb, allowed[:, None], dropout, self.training)
-        return out.reshape(batch, heads, -1, d)[:, :, :n]
+        parts = [band_part(q.shape[2], cfg.window // 2, cfg.causal)]
+        run = blk.attend_recompute if cfg.recompute else blk.attend_stored
+        return run(q, k, v, parts, key_padding_mask, cfg.dropout if self.training else 0.0)

@@ -106,10 +106,12 @@ def _performer_peer(cfg, settings, n):
 def _local_attention_peer(cfg, settings, n):
     from local_attention import LocalAttention
 
-    # Query i sees keys i - window // 2 .. i: blocks of window // 2, one look-back block, exact window,
-    # no rotary embedding (ours has none).
-    return LocalAttention(window_size=cfg.window // 2, causal=True, look_backward=1, exact_windowsize=True,
-                          autopad=True, use_rotary_pos_emb=False)
+    # Blocks of window // 2, one look-back block (and one look-ahead block when bidirectional), exact window:
+    # query i sees keys i - window // 2 .. i (causal) or .. i + window // 2, as ours; no rotary embedding
+    # (ours has none).
+    return LocalAttention(window_size=cfg.window // 2, causal=settings.causal, look_backward=1,
+                          look_forward=0 if settings.causal else 1, exact_windowsize=True, autopad=True,
+                          use_rotary_pos_emb=False)
 
 
 def _reformer_peer(cfg, settings, n):
@@ -147,11 +149,137 @@ def _aft_simple_peer(cfg, settings, n):
     return AFTSimple(max_seqlen=n, dim=dim, hidden_dim=dim)
 
 
+# ----------------------------------------------------------------------------- sparse-pattern pairs
+# (sliding_window, longformer, bigbird): fast-transformers' local attention, Hugging Face's Longformer and
+# BigBird self-attention layers. What each pair's equal settings are is written in its builder; the tests
+# check them against the peer's own pattern (tests/test_peers_blocked.py).
+
+
+class FastTransformersLocal(nn.Module):
+    """fast-transformers ``LocalAttention`` on our ``(batch, heads, n, d)`` layout.
+
+    ``local_context = window + 1``: the peer lets query ``i`` see key ``j`` when ``|i - j| < local_context / 2``,
+    i.e. ``|i - j| <= window // 2`` for an even window, our band. Causal: the peer's ``TriangularCausalMask``
+    on top (``j <= i``), our causal band. The peer reads its neighbourhood from an ``n x n`` additive mask;
+    it is built here, once, as a model reuses one mask across its layers and steps, so the measured step
+    holds only what the attention itself allocates.
+    """
+
+    def __init__(self, window: int, n: int, causal: bool) -> None:
+        super().__init__()
+        from fast_transformers.attention.local_attention import LocalAttention
+        from fast_transformers.masking import FullMask, TriangularCausalMask
+
+        self.attention = LocalAttention(window + 1, attention_dropout=0.0)
+        self.attn_mask = TriangularCausalMask(n) if causal else FullMask(n)
+        self.attn_mask.additive_matrix_finite  # noqa: B018 - built and cached by the mask now, not in the step
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from fast_transformers.masking import LengthMask
+
+        b, _, n, _ = q.shape
+        lengths = LengthMask(torch.full((b,), n, dtype=torch.long, device=q.device), max_len=n)
+        out = self.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attn_mask, lengths,
+                             lengths)
+        return out.transpose(1, 2)
+
+
+def _fast_transformers_local_peer(cfg, settings, n):
+    return FastTransformersLocal(cfg.window, n, settings.causal)
+
+
+class HFLongformerLayer(nn.Module):
+    """Hugging Face ``LongformerSelfAttention`` on ``x`` ``(batch, n, heads * head_dim)``: its own Q/K/V (and
+    separate global Q/K/V) projections, ``attention_window = window`` (one-sided ``window // 2``, our band) and
+    global attention at our ``global_positions``; then an output projection with bias, as
+    :class:`ProjectedAttention` puts around ours (Hugging Face leaves it to ``LongformerSelfOutput``, with its
+    dropout, residual and LayerNorm). The layer's mask (0 local, +10000 global) is built once here, as
+    ``LongformerModel`` builds it once for all its layers."""
+
+    def __init__(self, window: int, global_positions, heads: int, head_dim: int, n: int) -> None:
+        super().__init__()
+        from transformers import LongformerConfig
+        from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+
+        config = LongformerConfig(hidden_size=heads * head_dim, num_attention_heads=heads, attention_window=[window],
+                                  attention_probs_dropout_prob=0.0, num_hidden_layers=1)
+        self.attention = LongformerSelfAttention(config, layer_id=0)
+        self.to_out = nn.Linear(heads * head_dim, heads * head_dim)
+        mask = torch.zeros(1, n)
+        mask[0, [p for p in global_positions if p < n]] = 10000.0
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask.expand(x.shape[0], -1)
+        is_global = mask > 0
+        out = self.attention(x, attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=is_global,
+                             is_global_attn=bool(is_global.any()))[0]
+        return self.to_out(out)
+
+
+def _hf_longformer_peer(cfg, settings, n):
+    return HFLongformerLayer(cfg.window, cfg.global_positions, settings.heads, settings.head_dim, n)
+
+
+class HFBigBirdLayer(nn.Module):
+    """Hugging Face ``BigBirdBlockSparseAttention`` on ``x`` ``(batch, n, heads * head_dim)``: its own bias-free
+    Q/K/V projections (as ours), then an output projection with bias as around ours (Hugging Face leaves it
+    to ``BigBirdSelfOutput``); ``block_size`` and ``num_random_blocks`` ours, and two
+    global blocks (the peer's fixed first and last block; ours: ``num_global_blocks = 2`` leading blocks), so
+    every non-global row reads 3 band + 2 global + r random blocks in both. The peer draws its random blocks
+    only in training mode (in eval it reads block 0 in their place): it is kept in training mode, which
+    changes nothing else (the block-sparse path has no dropout). Its block masks are built once here, as
+    ``BigBirdModel`` builds them once for all its layers. transformers 5.x's block-sparse path also assembles
+    the full ``(batch, heads, n, n)`` attention-probability matrix on every call (4.x did only when asked
+    for ``output_attentions``, but transformers 4.57 needs huggingface-hub < 1.0 and datasets 5.2 >= 1.31):
+    that matrix is in the peer's measured time and memory."""
+
+    def __init__(self, block_size: int, num_random: int, heads: int, head_dim: int, n: int, seed: int) -> None:
+        super().__init__()
+        from transformers import BigBirdConfig, BigBirdModel
+        from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAttention
+
+        config = BigBirdConfig(hidden_size=heads * head_dim, num_attention_heads=heads, block_size=block_size,
+                               num_random_blocks=num_random, attention_type="block_sparse", use_bias=False,
+                               max_position_embeddings=n, attention_probs_dropout_prob=0.0)
+        self.attention = BigBirdBlockSparseAttention(config, seed=seed)
+        self.to_out = nn.Linear(heads * head_dim, heads * head_dim)
+        blocked, band, from_mask, to_mask = BigBirdModel.create_masks_for_block_sparse_attn(torch.ones(1, n),
+                                                                                            block_size)
+        for name, t in (("blocked", blocked), ("band", band), ("from_mask", from_mask), ("to_mask", to_mask)):
+            self.register_buffer(name, t, persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.attention.train(True)  # the random blocks exist only in training mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        blocked = self.blocked.expand(b, -1, -1)
+        out = self.attention(x, band_mask=self.band.expand(b, -1, -1, -1, -1),
+                             from_mask=self.from_mask.expand(b, -1, -1, -1), to_mask=self.to_mask.expand(b, -1, -1, -1),
+                             from_blocked_mask=blocked, to_blocked_mask=blocked)[0]
+        return self.to_out(out)
+
+
+def _hf_bigbird_peer(cfg, settings, n):
+    return HFBigBirdLayer(cfg.block_size, cfg.num_random_blocks, settings.heads, settings.head_dim, n, cfg.seed)
+
+
 PAIRS: tuple[PeerPair, ...] = (
     PeerPair("performer", "performer", "performer_pytorch", "performer-pytorch FastAttention", "core",
              _performer_peer, patterns=("bidirectional", "causal")),
+    # local-attention pads n up to a multiple of its block (window // 2) with zero keys that its bidirectional
+    # band then attends to: equal settings need no such padding.
     PeerPair("sliding_window", "sliding_window", "local_attention", "local-attention LocalAttention", "core",
-             _local_attention_peer, patterns=("causal",)),
+             _local_attention_peer, divisor=lambda cfg: cfg.window // 2, patterns=("bidirectional", "causal")),
+    PeerPair("sliding_window_ft", "sliding_window", "fast_transformers", "fast-transformers LocalAttention", "core",
+             _fast_transformers_local_peer, patterns=("bidirectional", "causal")),
+    PeerPair("longformer", "longformer", "transformers", "transformers LongformerSelfAttention", "layer",
+             _hf_longformer_peer, divisor=lambda cfg: cfg.window),
+    PeerPair("bigbird", "bigbird", "transformers", "transformers BigBirdBlockSparseAttention", "layer",
+             _hf_bigbird_peer, ours_params={"num_global_blocks": 2}, divisor=lambda cfg: cfg.block_size),
     PeerPair("reformer", "reformer", "reformer_pytorch", "reformer-pytorch LSHAttention", "core", _reformer_peer,
              divisor=lambda cfg: 2 * cfg.bucket_size),
     PeerPair("linformer", "linformer", "linformer", "linformer LinformerSelfAttention", "layer", _linformer_peer),
