@@ -90,10 +90,10 @@ def test_recompute_is_a_validated_switch():
     assert build_attention("performer").config.recompute is True
 
 
-def _peak(name, n, **params):
+def _peak(name, n, batch=1, **params):
     attn = build_attention(name, num_heads=4, head_dim=32, **params)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 4, n, 32, generator=gen).requires_grad_(True) for _ in range(3))
+    q, k, v = (torch.randn(batch, 4, n, 32, generator=gen).requires_grad_(True) for _ in range(3))
     _, reading = measure_peak_memory(lambda: attn(q, k, v).sum().backward(), "cpu")
     return reading.peak_bytes
 
@@ -108,3 +108,34 @@ def test_recompute_peak_is_within_twice_full_attention(name, params, causal):
     stored = _peak(name, 2048, causal=causal, recompute=False, **params)
     assert ours <= 2 * full, (ours, full)
     assert stored > 4 * full  # not vacuous: the stored path is far above it
+
+
+# ----------------------------------------------------------------------------- aft (grouped recompute)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("groups", ["one", "several"])
+def test_aft_local_recompute_equals_stored_path(groups, causal, monkeypatch):
+    import attentions.aft as aft
+
+    if groups == "several":  # one (batch row, head) per group
+        monkeypatch.setattr(aft, "GROUP_ELEMENTS", 1)
+        monkeypatch.setattr(aft, "MAX_GROUPS", 100)
+    else:  # whole batch rows per group
+        monkeypatch.setattr(aft, "GROUP_ELEMENTS", 2 * 50 * 8)
+    q, k, v, mask = _inputs(50, scale=3.0)
+    params = {"window": 6, "bias_init_std": 0.5}
+    stored = _run("aft", params, False, q, k, v, mask, causal)
+    ours = _run("aft", params, True, q, k, v, mask, causal)
+    assert len(ours) == len(stored) == 5  # out, q, k, v and the relative biases
+    for got, want in zip(ours, stored):
+        torch.testing.assert_close(got, want, atol=1e-6 * want.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_aft_local_recompute_peak_is_within_twice_full_attention(causal):
+    # The benchmark's setting (batch 2, 4 heads of 32, n = 4096), the default window of 32.
+    full = _peak("full", 4096, batch=2, causal=causal)
+    ours = _peak("aft", 4096, batch=2, causal=causal)
+    stored = _peak("aft", 4096, batch=2, causal=causal, recompute=False)
+    assert ours <= 2 * full < stored, (ours, full, stored)
