@@ -187,10 +187,9 @@ class _FourierMap(FeatureMap):
 
     def project(self, x, side, params):
         u = torch.matmul(F.normalize(x, dim=-1) / params[0].to(x.dtype), self.omega.to(x.dtype).T)
-        features = u.new_empty(u.shape[:-1] + (2 * u.shape[-1],))  # written in place: no concatenation copy
-        torch.sin(u, out=features[..., : u.shape[-1]])
-        torch.cos(u, out=features[..., u.shape[-1]:])
-        return features
+        # One concatenated tensor (one matmul per use). Not sin/cos written into halves of one buffer: with 2
+        # threads an elementwise op into a strided half ran 1.6x slower than sin, cos and the copy together.
+        return torch.cat([torch.sin(u), torch.cos(u)], dim=-1)
 
     def project_backward(self, x, t, grad_t, side, params, param_grads):
         sin, cos = t.chunk(2, dim=-1)
