@@ -46,6 +46,7 @@ setting for every mechanism) and does nothing here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,9 +66,15 @@ FP32_EXCESS = 60.0
 
 @dataclass(frozen=True)
 class AFTConfig(AttentionConfig):
+    """``recompute`` (local mode): True = the output computed group by group of (batch, head) channels
+    without keeping intermediates, each group recomputed in backward (AFT's channels are independent):
+    memory of the (n, d)-sized intermediates one group at a time; False = the stored autograd path.
+    Changes memory and time (one more forward), not results. Simple and full modes ignore it."""
+
     mode: Literal["simple", "local", "full"] = "local"
     window: int = 32
     bias_init_std: float = 0.02
+    recompute: bool = True
 
     def validate(self) -> None:
         require(self.window >= 1, "window", f"must be >= 1 (biases live where |t - t'| < window), got {self.window}")
@@ -126,6 +133,9 @@ class AFTAttention(Attention):
             self.pos_bias = nn.Parameter(torch.randn(n, n, generator=gen) * config.bias_init_std)
 
     def attend(self, q, k, v, key_padding_mask):
+        if self.config.recompute and self.config.mode == "local":
+            local = functools.partial(_local_attend, window=self.config.window, causal=self.config.causal)
+            return grouped_recompute(local, q, k, v, key_padding_mask, (self.rel_bias,))
         if self.config.causal:
             return self._causal_attend(q, k, v, key_padding_mask)
         mode = self.config.mode
@@ -134,7 +144,7 @@ class AFTAttention(Attention):
         if mode == "full":
             num, den = self._full_sums(k, v, key_padding_mask)
         else:
-            num, den = self._local_sums(*_stable_key_weights(k, v, key_padding_mask))
+            num, den = _local_sums(*_stable_key_weights(k, v, key_padding_mask), self.rel_bias, self.config.window)
         # den >= the top key's weight > 0 for any sequence with a real token; the clamp only
         # keeps all-padding sequences finite (their rows are padding anyway).
         return torch.sigmoid(q) * (num / den.clamp_min(torch.finfo(den.dtype).tiny))
@@ -146,7 +156,7 @@ class AFTAttention(Attention):
         if mode == "simple":
             num, den = weighted_v.cumsum(dim=2), weights.cumsum(dim=2)
         elif mode == "local":
-            num, den = self._local_sums(weights, weighted_v, causal=True)
+            num, den = _local_sums(weights, weighted_v, self.rel_bias, self.config.window, causal=True)
         else:
             exp_w = _causal_exp_bias(self.pos_bias[: k.shape[2], : k.shape[2]].to(weights.dtype), key_padding_mask)
             sums = torch.matmul(exp_w, torch.cat([weighted_v, weights], dim=-1))
@@ -154,42 +164,6 @@ class AFTAttention(Attention):
         # den > 0 on every real row (its own key); the clamp keeps rows without a real key finite.
         out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
         return torch.sigmoid(q) * out.to(q.dtype)
-
-    def _local_sums(
-        self, weights: torch.Tensor, weighted_v: torch.Tensor, causal: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """In-window sums with weights exp(w) plus out-of-window sums with weight 1, both of e_t' [v_t', 1].
-
-        The two parts are computed separately and added, never as the simple sums plus an
-        ``(exp(w) - 1)`` correction: with biases far below 0 that correction nearly cancels the
-        simple sum and float32 returned the difference of two almost equal numbers (issue 11).
-        Out of the window, ``t' <= t - s`` and ``t' >= t + s`` are a prefix and a suffix sum
-        (each a cumulative sum, of non-negative weights in the denominator). A common factor
-        ``exp(-center)`` (``center`` the midpoint of the biases and 0) keeps ``exp(w)`` and the
-        out-of-window weight inside float32 range when a bias exceeds +-EXP_SAFE; it cancels in num / den.
-        """
-        batch, heads, seq, dim = weights.shape
-        s = self.config.window
-        # Numerator and denominator in one pass, channels first so that the sequence is the
-        # contiguous axis: the banded Toeplitz product is then a few plain GEMMs.
-        stacked = torch.cat([weighted_v.transpose(-1, -2), weights.transpose(-1, -2)], dim=-2)  # (b, h, 2d, n)
-        bias = self.rel_bias.to(stacked.dtype)
-        with torch.no_grad():
-            # Shift only when exp would leave float32's range: w - center rounds, w itself does not.
-            low, high = torch.clamp_max(bias.min(), 0.0), torch.clamp_min(bias.max(), 0.0)
-            center = torch.where((high > EXP_SAFE) | (low < -EXP_SAFE), (low + high) / 2, torch.zeros_like(low))
-        coeff = torch.exp(bias - center)  # coeff[o + s - 1]: key offset t' - t = o, in the window
-        if causal:  # later keys (o > 0) get no weight, and no suffix sum below
-            coeff = coeff * (torch.arange(2 * s - 1, device=coeff.device) <= s - 1)
-        inside = _banded_sum(stacked, coeff, s)
-        outside = stacked.new_zeros(())
-        if seq > s:
-            outside = F.pad(stacked[..., : seq - s].cumsum(-1), (s, 0))  # t' <= t - s
-        if seq > s and not causal:
-            outside = outside + F.pad(stacked[..., s:].flip(-1).cumsum(-1).flip(-1), (0, s))  # t' >= t + s
-        totals = (inside + outside * torch.exp(-center)).transpose(-1, -2)  # (b, h, n, 2d), a view
-        num, den = totals.split(dim, dim=-1)  # split (not slicing): its backward is one cat, no zero fill
-        return num, den
 
     def _full_sums(self, k, v, key_padding_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """exp(w) @ (exp(K) * V) and exp(w) @ exp(K), each exp shifted by its own maximum."""
@@ -211,6 +185,116 @@ class AFTAttention(Attention):
         stacked = torch.cat([weighted_v, weights], dim=-1)
         sums = torch.matmul(exp_w, stacked)
         return sums[..., :dim], sums[..., dim:]
+
+
+def _local_sums(
+    weights: torch.Tensor, weighted_v: torch.Tensor, rel_bias: torch.Tensor, s: int, causal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-window sums with weights exp(w) plus out-of-window sums with weight 1, both of e_t' [v_t', 1].
+
+    The two parts are computed separately and added, never as the simple sums plus an
+    ``(exp(w) - 1)`` correction: with biases far below 0 that correction nearly cancels the
+    simple sum and float32 returned the difference of two almost equal numbers (issue 11).
+    Out of the window, ``t' <= t - s`` and ``t' >= t + s`` are a prefix and a suffix sum
+    (each a cumulative sum, of non-negative weights in the denominator). A common factor
+    ``exp(-center)`` (``center`` the midpoint of the biases and 0) keeps ``exp(w)`` and the
+    out-of-window weight inside float32 range when a bias exceeds +-EXP_SAFE; it cancels in num / den.
+    """
+    batch, heads, seq, dim = weights.shape
+    # Numerator and denominator in one pass, channels first so that the sequence is the
+    # contiguous axis: the banded Toeplitz product is then a few plain GEMMs.
+    stacked = torch.cat([weighted_v.transpose(-1, -2), weights.transpose(-1, -2)], dim=-2)  # (b, h, 2d, n)
+    bias = rel_bias.to(stacked.dtype)
+    with torch.no_grad():
+        # Shift only when exp would leave float32's range: w - center rounds, w itself does not.
+        low, high = torch.clamp_max(bias.min(), 0.0), torch.clamp_min(bias.max(), 0.0)
+        center = torch.where((high > EXP_SAFE) | (low < -EXP_SAFE), (low + high) / 2, torch.zeros_like(low))
+    coeff = torch.exp(bias - center)  # coeff[o + s - 1]: key offset t' - t = o, in the window
+    if causal:  # later keys (o > 0) get no weight, and no suffix sum below
+        coeff = coeff * (torch.arange(2 * s - 1, device=coeff.device) <= s - 1)
+    inside = _banded_sum(stacked, coeff, s)
+    outside = stacked.new_zeros(())
+    if seq > s:
+        outside = F.pad(stacked[..., : seq - s].cumsum(-1), (s, 0))  # t' <= t - s
+    if seq > s and not causal:
+        outside = outside + F.pad(stacked[..., s:].flip(-1).cumsum(-1).flip(-1), (0, s))  # t' >= t + s
+    totals = (inside + outside * torch.exp(-center)).transpose(-1, -2)  # (b, h, n, 2d), a view
+    num, den = totals.split(dim, dim=-1)  # split (not slicing): its backward is one cat, no zero fill
+    return num, den
+
+
+def _local_attend(q, k, v, key_padding_mask, rel_bias, window: int, causal: bool) -> torch.Tensor:
+    """Local-mode AFT of ``(b, h, n, d)`` inputs with biases ``rel_bias``: the stored path, as ``attend`` runs it."""
+    if causal:
+        weights, weighted_v = _causal_key_weights(k, v, key_padding_mask)
+    else:
+        weights, weighted_v = _stable_key_weights(k, v, key_padding_mask)
+    num, den = _local_sums(weights, weighted_v, rel_bias, window, causal=causal)
+    out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
+    return torch.sigmoid(q) * out.to(q.dtype)
+
+
+# Smallest group (elements of one (n, channels) intermediate: 1 MiB in float32), and the most groups: a group
+# of T / 8 of the T input elements keeps its intermediates near T while the floor (q, k, v's gradients and the
+# output) is 4 T. Inputs of at most one smallest group (short training batches) run the stored path: there is
+# no memory to save, and a recomputed forward would only cost time.
+GROUP_ELEMENTS = 1 << 18
+MAX_GROUPS = 8
+
+
+def grouped_recompute(fn, q, k, v, key_padding_mask, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``fn(q, k, v, key_padding_mask, *params)`` for a mechanism whose (batch, head) channels are independent,
+    computed group by group (batch rows, or heads of one row) without storing intermediates; each group is
+    recomputed in backward (its output, then autograd's gradients of that group only). Keeps ``q, k, v`` and
+    the ``params``; the gradients are those of ``fn`` itself. Shapes ``(b, h, n, d)``, output ``q``'s shape."""
+    b, h, n, d = q.shape
+    total = b * h * n * d
+    per = max(GROUP_ELEMENTS, -(-total // MAX_GROUPS))
+    if per >= total:
+        return fn(q, k, v, key_padding_mask, *params)
+    if per >= h * n * d:
+        rows = per // (h * n * d)
+        groups = [(i, min(i + rows, b), 0, h) for i in range(0, b, rows)]
+    else:
+        heads = max(1, per // (n * d))
+        groups = [(i, i + 1, h0, min(h0 + heads, h)) for i in range(b) for h0 in range(0, h, heads)]
+    return _GroupRecompute.apply(fn, groups, key_padding_mask, q, k, v, *params)
+
+
+class _GroupRecompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, groups, mask, q, k, v, *params):
+        out = torch.empty_like(q)
+        with torch.no_grad():
+            for i, j, h0, h1 in groups:
+                part = (t[i:j, h0:h1] for t in (q, k, v))
+                out[i:j, h0:h1] = fn(*part, None if mask is None else mask[i:j], *params)
+        ctx.fn, ctx.groups, ctx.mask = fn, groups, mask
+        ctx.save_for_backward(q, k, v, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *params = ctx.saved_tensors
+        grads = [torch.zeros_like(t) for t in (q, k, v)]
+        param_grads = [torch.zeros_like(p) if p.requires_grad else None for p in params]
+        for i, j, h0, h1 in ctx.groups:
+            with torch.enable_grad():
+                leaves = [t[i:j, h0:h1].detach().requires_grad_() for t in (q, k, v)]
+                plain = [p.detach().requires_grad_(p.requires_grad) for p in params]
+                out = ctx.fn(*leaves, None if ctx.mask is None else ctx.mask[i:j], *plain)
+                wanted = leaves + [p for p in plain if p.requires_grad]
+                found = torch.autograd.grad(out, wanted, grad_out[i:j, h0:h1], allow_unused=True)
+            for grad, part in zip(grads, found[:3]):
+                if part is not None:
+                    grad[i:j, h0:h1] = part
+            extra = iter(found[3:])
+            for j, p in enumerate(plain):
+                if p.requires_grad:
+                    part = next(extra)
+                    if part is not None:
+                        param_grads[j] += part
+        return (None, None, None, *grads, *param_grads)
 
 
 def _banded_sum(stacked: torch.Tensor, coeff: torch.Tensor, s: int) -> torch.Tensor:

@@ -43,8 +43,11 @@ from . import _blocked as blk
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
-# Queries per checkpointed piece of the causal form (rounded down to a multiple of the compression).
-CAUSAL_PIECE = 256
+# Queries per checkpointed piece of the causal form (rounded down to a multiple of the compression). A piece's
+# recomputed (piece x (n / c + piece)) probabilities and their gradient set the backward's peak: 128 keeps
+# n = 4096 (c = 3, batch 2, 4 heads of 32) at 43 MiB fwd+bwd, within 2x full's 22 MiB (256: 58 MiB, about
+# 3% faster in paired runs).
+CAUSAL_PIECE = 128
 
 
 @dataclass(frozen=True)

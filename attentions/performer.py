@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from ._lean_linear import FeatureMap, lean_linear_attention
 from ._random_features import (
     causal_exp_linear_attention,
     causal_linear_attention,
@@ -50,12 +51,16 @@ class PerformerConfig(AttentionConfig):
     """``num_features``: m random features. ``orthogonal``: block-orthogonal rows with chi(d)
     norm correction (FAVOR+), else i.i.d. Gaussian rows. ``kernel``: "softmax" (positive random
     features, unbiased for softmax) or "relu" (``phi = relu(Wx) + eps``, a different kernel).
-    ``redraw_interval``: 0 = fixed features; K > 0 = fresh features every K training-mode calls."""
+    ``redraw_interval``: 0 = fixed features; K > 0 = fresh features every K training-mode calls.
+    ``recompute``: True = features computed chunk by chunk and recomputed in backward (only O(n d)
+    tensors kept: memory near full attention's); False = the stored autograd path (the (n x m) features
+    kept for backward). Changes memory and time, not results (equal up to float rounding)."""
 
     num_features: int = 256
     orthogonal: bool = True
     kernel: Literal["softmax", "relu"] = "softmax"
     redraw_interval: int = 0
+    recompute: bool = True
 
     def validate(self) -> None:
         require(self.num_features >= 1, "num_features", f"must be >= 1, got {self.num_features}")
@@ -183,6 +188,11 @@ class PerformerAttention(Attention):
 
     def attend(self, q, k, v, key_padding_mask):
         self._maybe_redraw()
+        if self.config.recompute:
+            compute = torch.promote_types(q.dtype, torch.float32)
+            w = self.projection.to(compute) * q.shape[-1] ** -0.25  # the d^-1/4 input scaling folded into W
+            fmap = _FavorMap(w, q.shape[-1] ** -0.25) if self.config.kernel == "softmax" else _ReluMap(w)
+            return lean_linear_attention(fmap, q, k, v, key_padding_mask, causal=self.config.causal)
         if self.config.causal:
             return self._causal_attend(q, k, v, key_padding_mask)
         phi_q, phi_k = self.feature_maps(q, k, key_padding_mask)
@@ -206,3 +216,50 @@ class PerformerAttention(Attention):
             log_k = log_k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
         return causal_exp_linear_attention(log_q, log_k, v, key_padding_mask)
 
+
+
+class _FavorMap(FeatureMap):
+    """FAVOR+ log-features for the recomputing path: ``w.x`` (queries; the row's ``|x|^2/2`` cancels with
+    the row shift) and ``w.y - |y|^2/2`` (keys), ``w`` the (m, d) projection with the ``d^-1/4`` folded
+    in, ``scale = d^-1/4`` (``|y|^2/2`` is taken as ``|scale y|^2 / 2``, the stored path's rounding). The
+    engine applies the stabilisers."""
+
+    exp = True
+
+    def __init__(self, w: torch.Tensor, scale: float) -> None:
+        self.w, self.scale = w, scale
+
+    def num_features(self) -> int:
+        return self.w.shape[0]
+
+    def project(self, x, side, params):
+        t = torch.matmul(x, self.w.to(x.dtype).T)
+        if side == "k":
+            t.sub_((x * self.scale).square_().sum(-1, keepdim=True).div_(2))
+        return t
+
+    def project_backward(self, x, t, grad_t, side, params, param_grads):
+        grad_x = torch.matmul(grad_t, self.w.to(x.dtype))
+        if side == "k":  # d(|scale y|^2 / 2)/dy = scale^2 y
+            grad_x.sub_(grad_t.sum(-1, keepdim=True).mul_(self.scale ** 2) * x)
+        return grad_x
+
+
+class _ReluMap(FeatureMap):
+    """The generalized ReLU kernel ``relu(w.x) + eps`` for the recomputing path (same on both sides)."""
+
+    exp = False
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w
+
+    def num_features(self) -> int:
+        return self.w.shape[0]
+
+    def project(self, x, side, params):
+        return torch.relu(torch.matmul(x, self.w.to(x.dtype).T)).add_(RELU_KERNEL_EPS)
+
+    def project_backward(self, x, t, grad_t, side, params, param_grads):
+        # relu's gradient from the sign of w.x, recomputed (t - eps rounds tiny positives to 0).
+        w = self.w.to(x.dtype)
+        return torch.matmul(grad_t.masked_fill(torch.matmul(x, w.T) <= 0, 0.0), w)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._lean_linear import FeatureMap, lean_linear_attention
 from ._random_features import causal_linear_attention, draw_generator, gaussian_projection, linear_attention
 from .base import Attention
 from .functional import zero_padded_values
@@ -41,11 +42,15 @@ from .registry import AttentionConfig, register_attention, require
 class RFAConfig(AttentionConfig):
     """``num_features``: D random frequencies (2D features). ``sigma``: kernel bandwidth, the
     frequencies are ``N(0, sigma^-2 I)``. ``learn_sigma``: learn one bandwidth per head and
-    dimension (initialised at ``sigma``) instead of keeping it fixed."""
+    dimension (initialised at ``sigma``) instead of keeping it fixed. ``recompute``: True = features
+    computed chunk by chunk and recomputed in backward (only O(n d) tensors kept: memory near full
+    attention's); False = the stored autograd path (the (n x 2D) features kept for backward). Changes
+    memory and time, not results (equal up to float rounding)."""
 
     num_features: int = 128
     sigma: float = 1.0
     learn_sigma: bool = False
+    recompute: bool = True
 
     def validate(self) -> None:
         require(self.num_features >= 1, "num_features", f"must be >= 1, got {self.num_features}")
@@ -139,6 +144,8 @@ class RFAAttention(Attention):
         return floor * n_real.clamp_min(1.0)
 
     def attend(self, q, k, v, key_padding_mask):
+        if self.config.recompute:
+            return self._lean_attend(q, k, v, key_padding_mask)
         if self.config.causal:
             return self._causal_attend(q, k, v, key_padding_mask)
         # Padded contents never reach sin/cos (no NaN * 0); linear_attention drops their rows.
@@ -152,6 +159,52 @@ class RFAAttention(Attention):
         floor = self.denominator_floor(key_padding_mask, q.shape[-2], phi_q[0].dtype, causal=True).to(q.device)
         floor = floor * self.config.num_features
         return causal_linear_attention(phi_q, phi_k, v, key_padding_mask, min_denominator=floor)
+
+
+    def _lean_attend(self, q, k, v, key_padding_mask):
+        """The recomputing path (:mod:`attentions._lean_linear`): the same features, floor and padding rules."""
+        compute = torch.promote_types(q.dtype, torch.float32)
+        causal = self.config.causal
+        floor = self.denominator_floor(key_padding_mask, q.shape[-2], compute, causal=causal).to(q.device)
+        fmap = _FourierMap(self.omega.to(compute))
+        sigma = self.bandwidth().to(compute)
+        return lean_linear_attention(fmap, q, k, v, key_padding_mask, floor * self.config.num_features,
+                                     causal=causal, params=(sigma,))
+
+
+class _FourierMap(FeatureMap):
+    """``[sin u, cos u]``, ``u = (x / |x|) / sigma . omega^T``, for the recomputing path (2D features, the
+    ``D^-1/2`` factor left out as in :meth:`RFAAttention.feature_maps`). ``params = (sigma,)``: a scalar or
+    ``(1, heads, 1, head_dim)``, with its gradient when learned."""
+
+    exp = False
+
+    def __init__(self, omega: torch.Tensor) -> None:
+        self.omega = omega  # (D, d)
+
+    def num_features(self) -> int:
+        return 2 * self.omega.shape[0]
+
+    def project(self, x, side, params):
+        u = torch.matmul(F.normalize(x, dim=-1) / params[0].to(x.dtype), self.omega.to(x.dtype).T)
+        # One concatenated tensor (one matmul per use). Not sin/cos written into halves of one buffer: with 2
+        # threads an elementwise op into a strided half ran 1.6x slower than sin, cos and the copy together.
+        return torch.cat([torch.sin(u), torch.cos(u)], dim=-1)
+
+    def project_backward(self, x, t, grad_t, side, params, param_grads):
+        sin, cos = t.chunk(2, dim=-1)
+        grad_sin, grad_cos = grad_t.chunk(2, dim=-1)
+        grad_u = torch.addcmul(grad_sin * cos, grad_cos, sin, value=-1.0)
+        grad_z = torch.matmul(grad_u, self.omega.to(x.dtype))  # z = x^ / sigma
+        sigma = params[0].to(x.dtype)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        unit = x / norm.clamp_min(1e-12)  # F.normalize's eps
+        if params[0].requires_grad:  # dz/dsigma = -z / sigma
+            param_grads[0] += (-(grad_z * unit) / sigma.square()).sum_to_size(params[0].shape)
+        grad_unit = grad_z / sigma
+        # x^ = x / max(|x|, eps): (I - x^ x^T) / |x| where |x| > eps, 1 / eps where the clamp holds.
+        radial = torch.where(norm > 1e-12, (unit * grad_unit).sum(-1, keepdim=True), torch.zeros_like(norm))
+        return (grad_unit - unit * radial) / norm.clamp_min(1e-12)
 
 
 def kernel_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:

@@ -178,7 +178,8 @@ def test_performer_reads_its_feature_sums(monkeypatch, kernel, causal):
     if causal:
         name = "causal_exp_linear_attention" if kernel == "softmax" else "causal_linear_attention"
     calls = _record_calls(monkeypatch, performer_module, name)
-    _run("performer", 24, num_features=6, kernel=kernel, causal=causal)
+    # The stored path's call shows the sums; the recomputing default keeps the same (m, d + 1) sums.
+    _run("performer", 24, num_features=6, kernel=kernel, causal=causal, recompute=False)
     (_, phi_k, v, *_), = calls
     # phi(K)^T [V, 1]: one (m, d + 1) matrix whatever n.
     assert declared("performer", 24, num_features=6, kernel=kernel, causal=causal) == \
@@ -188,7 +189,7 @@ def test_performer_reads_its_feature_sums(monkeypatch, kernel, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_rfa_reads_its_sin_cos_feature_sums(monkeypatch, causal):
     calls = _record_calls(monkeypatch, rfa_module, "causal_linear_attention" if causal else "linear_attention")
-    _run("rfa", 24, num_features=5, causal=causal)
+    _run("rfa", 24, num_features=5, causal=causal, recompute=False)  # the stored path's call (as performer's)
     (_, phi_k, v, *_), = calls
     features = sum(part.shape[-1] for part in phi_k)  # (sin, cos): 2 D features
     assert declared("rfa", 24, num_features=5, causal=causal) == features * (v.shape[-1] + 1) == 2 * 5 * (D + 1)

@@ -103,6 +103,65 @@ def _performer_peer(cfg, settings, n):
     return FastAttention(dim_heads=settings.head_dim, nb_features=cfg.num_features, causal=settings.causal)
 
 
+class FastTransformersLinear(nn.Module):
+    """fast-transformers' ``LinearAttention`` (``CausalLinearAttention`` when causal) with
+    ``RandomFourierFeatures``, called on our ``(batch, heads, n, head_dim)`` layout.
+
+    Equal settings with our ``rfa``: the same number of features *produced*. Ours counts frequencies
+    (``num_features = D`` gives ``2 D`` features, sin and cos); theirs counts features (``n_dims = 2 D``,
+    ``D`` frequencies, cos and sin): ``n_dims = 2 * num_features`` (asserted in tests/test_peers_kernel.py
+    by the feature maps' output widths). Their frequencies are drawn once (``deterministic_eval``: no
+    redraw per call, as ours).
+
+    What differs (the maths, not the settings): ours l2-normalises queries and keys and uses frequencies
+    ``N(0, sigma^-2 I)`` (``sigma = 1``), so it estimates ``softmax(q^ . k^ / sigma^2)``; theirs does not
+    normalise and scales the inputs by ``sqrt(softmax_temp)`` (default ``1 / sqrt(d)``), so it estimates
+    the Gaussian kernel ``exp(-|q - k|^2 / (2 sqrt(d)))`` of the raw vectors. Their denominator is
+    ``1 / (phi(q) . sum phi(k) + 1e-6)``, not clamped (a sin/cos estimate can be negative or near zero);
+    ours is clamped at the lowest possible kernel sum. Their inputs are ``(batch, n, heads, dim)``: ours
+    are handed over as transposed views (no copy), and the output transposed back.
+    """
+
+    def __init__(self, head_dim: int, num_features: int, causal: bool) -> None:
+        super().__init__()
+        from fast_transformers.attention import CausalLinearAttention, LinearAttention
+        from fast_transformers.feature_maps import RandomFourierFeatures
+
+        def feature_map(dims: int) -> RandomFourierFeatures:
+            return RandomFourierFeatures(dims, n_dims=2 * num_features, deterministic_eval=True)
+
+        attention = CausalLinearAttention if causal else LinearAttention
+        self.inner = attention(head_dim, feature_map=feature_map)
+        self.inner.feature_map.new_feature_map("cpu")  # draw the frequencies once (they start at zero; .to moves them)
+        self.causal = causal
+        self._masks: dict = {}
+
+    def produced_features(self) -> int:
+        """Width of the feature map's output (the count our ``2 * num_features`` is held to)."""
+        fmap = self.inner.feature_map
+        return fmap(torch.zeros(1, fmap.query_dimensions, device=fmap.omega.device)).shape[-1]
+
+    def _masks_for(self, batch: int, n: int, device: torch.device):
+        from fast_transformers.masking import FullMask, LengthMask, TriangularCausalMask
+
+        key = (batch, n, str(device))
+        if key not in self._masks:
+            attn_mask = TriangularCausalMask(n, device=device) if self.causal else FullMask(n, device=device)
+            lengths = LengthMask(torch.full((batch,), n, dtype=torch.long, device=device), device=device)
+            self._masks[key] = (attn_mask, lengths)
+        return self._masks[key]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = q.shape
+        attn_mask, lengths = self._masks_for(b, n, q.device)
+        out = self.inner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, lengths, lengths)
+        return out.transpose(1, 2)
+
+
+def _rfa_fourier_peer(cfg, settings, n):
+    return FastTransformersLinear(settings.head_dim, cfg.num_features, settings.causal)
+
+
 def _local_attention_peer(cfg, settings, n):
     from local_attention import LocalAttention
 
@@ -270,6 +329,8 @@ def _hf_bigbird_peer(cfg, settings, n):
 PAIRS: tuple[PeerPair, ...] = (
     PeerPair("performer", "performer", "performer_pytorch", "performer-pytorch FastAttention", "core",
              _performer_peer, patterns=("bidirectional", "causal")),
+    PeerPair("rfa", "rfa", "fast_transformers", "fast-transformers LinearAttention + RandomFourierFeatures", "core",
+             _rfa_fourier_peer, patterns=("bidirectional", "causal")),
     # local-attention pads n up to a multiple of its block (window // 2) with zero keys that its bidirectional
     # band then attends to: equal settings need no such padding.
     PeerPair("sliding_window", "sliding_window", "local_attention", "local-attention LocalAttention", "core",
