@@ -182,3 +182,64 @@ def test_chunked_assignment_gives_the_same_clusters(monkeypatch):
     whole = attn(q, k, v)
     monkeypatch.setattr(clustered_module, "ASSIGN_CHUNK_ELEMENTS", 7 * 2 * 2 * 6)  # 7 queries a chunk
     torch.testing.assert_close(attn(q, k, v), whole, atol=0, rtol=0)
+
+
+def test_first_argmin_is_torch_argmin_ties_included():
+    from attentions.clustered import _first_argmin
+
+    g = torch.Generator().manual_seed(3)
+    dist = torch.randint(0, 4, (3, 7, 50), generator=g).float()  # many exact ties
+    dist[1, 2:5] = float("inf")  # unusable slots
+    ids = torch.arange(7, dtype=torch.float32)[:, None]
+    assert torch.equal(_first_argmin(dist.clone(), ids), dist.argmin(dim=1))
+
+
+def test_settled_rows_stop_early_with_the_same_clusters(monkeypatch):
+    """Rows whose assignment stopped changing are left out of later Lloyd steps: the clusters equal those of
+    running every row for every step (written out in _reference_lloyd), padding included."""
+    import attentions.clustered as clustered_module
+
+    q, _, _ = _clustered_queries(5, n=96, heads=4, batch=3)
+    real = right_padding_mask([96, 70, 20], 96)
+    q = q.masked_fill(~real[:, None, :, None], 0.0)
+    attn = build_small("clustered", num_clusters=6, kmeans_iterations=12, num_heads=4)
+    rows_per_step = []
+    original = clustered_module._lloyd_step
+
+    def counting(q_rows, *args):
+        rows_per_step.append(q_rows.shape[0])
+        return original(q_rows, *args)
+
+    monkeypatch.setattr(clustered_module, "_lloyd_step", counting)
+    lean, _ = attn._cluster(q, real)
+    assert sum(rows_per_step) < 12 * 12  # rows settled and were left out
+    assert torch.equal(lean, _reference_lloyd(attn, q, real))
+
+
+def _reference_lloyd(attn, q, real):
+    """Plain Lloyd iterations on every row for every step (the definition the early stop must reproduce)."""
+    import attentions.clustered as clustered_module
+
+    batch, heads, seq, dim = q.shape
+    rows, slots = batch * heads, min(attn.config.num_clusters, seq)
+    steps = attn.config.kmeans_iterations
+    # The initial assignment: the same mechanism (same seed) with no Lloyd step.
+    assign0, _ = build_small("clustered", num_clusters=attn.config.num_clusters, kmeans_iterations=0,
+                             num_heads=heads)._cluster(q, real)
+    # Initial centroids as _cluster draws them, then full steps.
+    pos = torch.arange(seq, dtype=torch.float64)
+    priority = torch.frac(pos[None, :] * clustered_module.GOLDEN_RATIO + attn.init_phase[:, None])
+    priority = priority[None].expand(batch, heads, seq).masked_fill(~real[:, None, :], float("inf"))
+    init = priority.topk(slots, dim=-1, largest=False).indices
+    centroids = torch.gather(q, 2, init[..., None].expand(-1, -1, -1, dim)).view(rows, slots, dim)
+    slot_ok = (torch.arange(slots)[None, :] < real.sum(-1, keepdim=True))[:, None].expand(batch, heads, slots)
+    slot_ok = slot_ok.reshape(rows, slots)
+    real_rows = real[:, None, :].expand(batch, heads, seq).reshape(rows, seq)
+    q_rows = q.reshape(rows, seq, dim)
+    q_aug = torch.cat([q_rows, torch.ones(rows, seq, 1)], -1).transpose(1, 2).contiguous()
+    assign = assign0.view(rows, seq)
+    for _ in range(steps):
+        means, counts = clustered_module._cluster_means(q_rows[:, None], assign[:, None], slots, with_counts=True)
+        centroids = torch.where(counts[:, 0, :, None] > 0, means[:, 0], centroids)
+        assign = attn._assign(q_aug, centroids, slot_ok, real_rows)
+    return assign.view(batch, heads, seq)
