@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._centroid_dropout import CentroidAttention, centroid_attention_stored
+from ._dropout import draw_seed
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
@@ -56,6 +58,10 @@ class ClusteredConfig(AttentionConfig):
     kmeans_iterations: int = 10
     improved: bool = False
     topk: int = 32
+    # With dropout in training: recompute the centroid attention's chunks in backward (memory O(n d) beside the
+    # inputs) rather than keep its (C, n) probabilities; it changes memory and time, not results. Without dropout
+    # the fused SDPA kernel runs either way.
+    recompute: bool = True
 
     def validate(self) -> None:
         require(self.num_clusters >= 1, "num_clusters", f"must be >= 1, got {self.num_clusters}")
@@ -111,7 +117,12 @@ class ClusteredAttention(Attention):
             if key_padding_mask is not None:
                 # No real key at all (all-padding sequence): attend everywhere to stay finite.
                 allowed = (real | ~real.any(dim=-1, keepdim=True))[:, None, None, :]
-            centroid_out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=allowed, dropout_p=dropout)
+            if dropout == 0.0:
+                centroid_out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=allowed)
+            else:  # SDPA's dropout leaves its fused kernel on CPU and keeps the (C, n) probabilities
+                keys = None if allowed is None else allowed[:, 0, 0]
+                attention = CentroidAttention.apply if cfg.recompute else centroid_attention_stored
+                centroid_out = attention(centroids, k, v, keys, dropout, draw_seed())
             return _gather_rows(centroid_out, index)
 
         scores = torch.matmul(centroids * (1.0 / math.sqrt(dim)), k.transpose(-1, -2))  # (b, h, C, n)
