@@ -73,7 +73,7 @@ class ReformerConfig(AttentionConfig):
     """``bucket_size``: chunk length (paper: 64). ``n_hashes``: hash rounds (paper sweeps 1, 2, 4, 8;
     4 is the default here, LRA's JAX code uses 1, reformer-pytorch 8). ``num_buckets``: even, or None
     to derive ``max_seq_len / bucket_size`` (rounded up to even). ``recompute``: rebuild the chunk scores
-    in backward (memory ``O(n d)`` beside the inputs, about 1.3x the time) rather than keep them
+    in backward (memory ``O(n d)`` beside the inputs; time 0.9-1.2x the stored form's, measured) rather than keep them
     (``O(n_hashes n bucket_size)``); it changes memory and time, not results."""
 
     bucket_size: int = 64
