@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._centroid_dropout import CentroidAttention, centroid_attention_stored
+from ._dropout import draw_seed
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
@@ -56,6 +58,10 @@ class ClusteredConfig(AttentionConfig):
     kmeans_iterations: int = 10
     improved: bool = False
     topk: int = 32
+    # With dropout in training: recompute the centroid attention's chunks in backward (memory O(n d) beside the
+    # inputs) rather than keep its (C, n) probabilities; it changes memory and time, not results. Without dropout
+    # the fused SDPA kernel runs either way.
+    recompute: bool = True
 
     def validate(self) -> None:
         require(self.num_clusters >= 1, "num_clusters", f"must be >= 1, got {self.num_clusters}")
@@ -101,7 +107,7 @@ class ClusteredAttention(Attention):
             # copies of the same values in any dtype cluster alike (issue 11).
             q32 = q.detach().float()
             assign, num_slots = self._cluster(q32, real)
-        centroids = _cluster_means(q, assign, real, num_slots)  # differentiable in q
+        centroids = _cluster_means(q, assign, num_slots)  # differentiable in q
 
         dropout = cfg.dropout if self.training else 0.0
         index = assign.clamp_max(num_slots - 1)  # padded queries read any slot; their rows are padding
@@ -111,7 +117,12 @@ class ClusteredAttention(Attention):
             if key_padding_mask is not None:
                 # No real key at all (all-padding sequence): attend everywhere to stay finite.
                 allowed = (real | ~real.any(dim=-1, keepdim=True))[:, None, None, :]
-            centroid_out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=allowed, dropout_p=dropout)
+            if dropout == 0.0:
+                centroid_out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=allowed)
+            else:  # SDPA's dropout leaves its fused kernel on CPU and keeps the (C, n) probabilities
+                keys = None if allowed is None else allowed[:, 0, 0]
+                attention = CentroidAttention.apply if cfg.recompute else centroid_attention_stored
+                centroid_out = attention(centroids, k, v, keys, dropout, draw_seed())
             return _gather_rows(centroid_out, index)
 
         scores = torch.matmul(centroids * (1.0 / math.sqrt(dim)), k.transpose(-1, -2))  # (b, h, C, n)
@@ -125,52 +136,75 @@ class ClusteredAttention(Attention):
             select = scores.detach()
         else:
             with torch.no_grad():  # the float32 scores, computed exactly as the float32 path does
-                centroids32 = _cluster_means(q32, assign, real, num_slots)
+                centroids32 = _cluster_means(q32, assign, num_slots)
                 select = torch.matmul(centroids32 * (1.0 / math.sqrt(dim)), k.detach().float().transpose(-1, -2))
                 if key_padding_mask is not None:
                     select = select.masked_fill(~real[:, None, None, :], float("-inf"))
         return self._improved(q, k, v, real, select, probs, centroid_out, index, dropout)
 
     def _cluster(self, q: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Lloyd k-means per (batch, head). Returns cluster ids (padded queries: id = slots) and slots."""
+        """Lloyd k-means per (batch, head). Returns cluster ids (padded queries: id = slots) and slots.
+
+        A (batch, head) row whose assignment did not change in a step has converged (the same assignment gives
+        the same means, hence the same assignment), so later steps run on the rows still moving only: the same
+        result as running every row for ``kmeans_iterations`` steps, with less work once rows settle.
+        """
         batch, heads, seq, dim = q.shape
+        rows = batch * heads
         slots = min(self.config.num_clusters, seq)
         # Pseudo-random order of positions; padded positions last so they are never picked.
         pos = torch.arange(seq, device=q.device, dtype=torch.float64)
         priority = torch.frac(pos[None, :] * GOLDEN_RATIO + self.init_phase.to(q.device)[:, None])  # (h, n)
         priority = priority[None].expand(batch, heads, seq).masked_fill(~real[:, None, :], float("inf"))
         init = priority.topk(slots, dim=-1, largest=False).indices  # (b, h, slots)
-        centroids = torch.gather(q, 2, init[..., None].expand(-1, -1, -1, dim))
+        centroids = torch.gather(q, 2, init[..., None].expand(-1, -1, -1, dim)).view(rows, slots, dim)
         # Sequences with fewer real queries than slots: the surplus slots hold padding and
         # must attract nobody.
         slot_ok = torch.arange(slots, device=q.device)[None, :] < real.sum(-1, keepdim=True)  # (b, slots)
-        slot_ok = slot_ok[:, None, :].expand(batch, heads, slots)
-        assign = self._assign(q, centroids, slot_ok, real)
+        slot_ok = slot_ok[:, None, :].expand(batch, heads, slots).reshape(rows, slots)
+        real = real[:, None, :].expand(batch, heads, seq).reshape(rows, seq)
+        q = q.reshape(rows, seq, dim)
+        # [q, 1], transposed once for every assignment step: |c|^2 - 2 q.c is then one matmul with [-2c, |c|^2].
+        q_aug = torch.cat([q, q.new_ones(rows, seq, 1)], dim=-1).transpose(1, 2).contiguous()  # (rows, d + 1, n)
+        assign = self._assign(q_aug, centroids, slot_ok, real)
+        moving = None  # all rows
         for _ in range(self.config.kmeans_iterations):
-            means = _cluster_means(q, assign, real, slots)
-            counts = _cluster_counts(assign, slots)
-            centroids = torch.where(counts[..., None] > 0, means, centroids)  # empty cluster: keep centroid
-            assign = self._assign(q, centroids, slot_ok, real)
-        return assign, slots
+            if moving is None:
+                step = _lloyd_step(q, q_aug, assign, centroids, slot_ok, real, slots)
+                changed = (step[0] != assign).any(dim=-1)
+                assign, centroids = step
+                moving = None if bool(changed.all()) else changed.nonzero().squeeze(1)
+            else:
+                part = (t.index_select(0, moving) for t in (q, q_aug, assign, centroids, slot_ok, real))
+                new_assign, new_centroids = _lloyd_step(*part, slots)
+                changed = (new_assign != assign.index_select(0, moving)).any(dim=-1)
+                assign = assign.index_copy(0, moving, new_assign)
+                centroids = centroids.index_copy(0, moving, new_centroids)
+                moving = moving[changed]
+            if moving is not None and moving.numel() == 0:
+                break
+        return assign.view(batch, heads, seq), slots
 
     @staticmethod
-    def _assign(q, centroids, slot_ok, real) -> torch.Tensor:
-        # argmin |q - c|^2 = argmin (|c|^2 - 2 q.c): the |q|^2 term is constant per query.
-        # Unusable slots get |c|^2 = inf. One fused baddbmm per chunk of queries keeps the
-        # (chunk x C) distances in cache; the chunk loop is over blocks, not positions.
-        batch, heads, seq, dim = q.shape
-        slots = centroids.shape[2]
+    def _assign(q_aug, centroids, slot_ok, real) -> torch.Tensor:
+        """Nearest centroid of every query: ``argmin_c |q - c|^2 = argmin_c (|c|^2 - 2 q.c)`` (the ``|q|^2`` term
+        is constant per query), ``q_aug = [q, 1]`` as ``(rows, d + 1, n)``, centroids ``(rows, C, d)``; unusable
+        slots get ``|c|^2 = inf``.
+
+        The ``(C, chunk)`` distances of a chunk of queries are one bmm with ``[-2c, |c|^2]`` (kept in cache; the
+        loop is over blocks, not positions); the argmin is :func:`_first_argmin`. Padded queries get ``slots``.
+        """
+        rows, slots, dim = centroids.shape
+        seq = q_aug.shape[-1]
         c_sq = centroids.square().sum(-1).masked_fill(~slot_ok, float("inf"))
-        c_sq = c_sq.reshape(batch * heads, 1, slots)
-        c_t = centroids.reshape(batch * heads, slots, dim).transpose(-1, -2)
-        q_flat = q.reshape(batch * heads, seq, dim)
-        chunk = max(1, ASSIGN_CHUNK_ELEMENTS // (batch * heads * slots))
-        assign = torch.empty(batch * heads, seq, dtype=torch.long, device=q.device)
+        c_aug = torch.cat([centroids * -2.0, c_sq[..., None]], dim=-1)
+        ids = torch.arange(slots, device=q_aug.device, dtype=q_aug.dtype)[:, None]
+        chunk = max(1, ASSIGN_CHUNK_ELEMENTS // (rows * slots))
+        assign = torch.empty(rows, seq, dtype=torch.long, device=q_aug.device)
         for start in range(0, seq, chunk):
-            dist = torch.baddbmm(c_sq, q_flat[:, start:start + chunk], c_t, alpha=-2.0)
-            assign[:, start:start + chunk] = dist.argmin(dim=-1)
-        assign = assign.view(batch, heads, seq)
-        return assign.masked_fill(~real[:, None, :], slots)  # padded queries: a trash slot
+            dist = torch.bmm(c_aug, q_aug[:, :, start:start + chunk])  # (rows, C, chunk)
+            assign[:, start:start + chunk] = _first_argmin(dist, ids)
+        return assign.masked_fill_(~real, slots)  # padded queries: a trash slot
 
     def _improved(self, q, k, v, real, scores, probs, centroid_out, index, dropout):
         """i-clustered: exact attention on each cluster's top keys, centroid attention elsewhere."""
@@ -203,29 +237,48 @@ def _top_mass_sum(top_mass: torch.Tensor, top_ok: torch.Tensor) -> torch.Tensor:
     return (top_mass * top_ok).sum(-1)
 
 
-def _cluster_counts(assign: torch.Tensor, slots: int) -> torch.Tensor:
-    """Members per cluster; padded queries sit in the extra slot ``slots``, which is dropped."""
-    batch, heads, _ = assign.shape
-    counts = torch.zeros(batch, heads, slots + 1, dtype=torch.long, device=assign.device)
-    counts.scatter_add_(-1, assign, torch.ones_like(assign))
-    return counts[..., :slots]
+def _lloyd_step(q, q_aug, assign, centroids, slot_ok, real, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Lloyd step on rows ``(rows, n, d)``: centroids = means of their members (an emptied cluster keeps its
+    centroid), then every query to its nearest one. Returns the new assignment and centroids."""
+    means, counts = _cluster_means(q[:, None], assign[:, None], slots, with_counts=True)
+    centroids = torch.where(counts[:, 0, :, None] > 0, means[:, 0], centroids)
+    return ClusteredAttention._assign(q_aug, centroids, slot_ok, real), centroids
 
 
-def _cluster_means(q: torch.Tensor, assign: torch.Tensor, real: torch.Tensor, slots: int) -> torch.Tensor:
-    """Mean of each cluster's (real) queries; slot ``slots`` collects padding and is dropped."""
+def _first_argmin(dist: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``dist.argmin(dim=1)`` (the first index of the minimum), from vectorised reductions: ``(B, C, m)`` -> ``(B, m)``
+    long; ``dist`` is consumed. ``ids`` = ``arange(C)`` as a ``(C, 1)`` float column.
+
+    torch's argmin is a scalar loop on CPU, about 10x slower than ``amin``: a third of a training step of the
+    k-means at n = 64. Here every entry becomes ``C * sign(d - min) + index``: ``index`` where the minimum is
+    reached, ``>= C`` elsewhere, so the smallest is the first minimal index, exactly. A column with no finite
+    entry (no usable slot: only padded queries, whose ids are replaced) gives 0.
+    """
+    low = dist.amin(dim=1, keepdim=True)
+    key = dist.sub_(low).sign_().mul_(float(dist.shape[1])).add_(ids)
+    return key.amin(dim=1).nan_to_num_(0.0).long()
+
+
+def _cluster_means(q: torch.Tensor, assign: torch.Tensor, slots: int, with_counts: bool = False):
+    """Mean of each cluster's (real) queries, ``(b, h, slots, d)``; slot ``slots`` collects padding and is
+    dropped. Differentiable in ``q`` (one ``index_add`` over the flattened rows: its backward is one
+    ``index_select``). ``with_counts``: also the member counts ``(b, h, slots)``."""
     batch, heads, seq, dim = q.shape
-    sums = q.new_zeros(batch, heads, slots + 1, dim)
-    sums = sums.scatter_add(2, assign[..., None].expand(-1, -1, -1, dim), q)
-    counts = _cluster_counts(assign, slots).clamp_min(1).to(q.dtype)
-    return sums[:, :, :slots] / counts[..., None]
+    rows = batch * heads * (slots + 1)
+    flat = (assign + torch.arange(batch * heads, device=q.device).view(batch, heads, 1) * (slots + 1)).view(-1)
+    sums = q.new_zeros(rows, dim).index_add(0, flat, q.reshape(-1, dim)).view(batch, heads, slots + 1, dim)
+    counts = torch.bincount(flat, minlength=rows).view(batch, heads, slots + 1)[..., :slots]
+    means = sums[:, :, :slots] / counts.clamp_min(1).to(q.dtype)[..., None]
+    return (means, counts) if with_counts else means
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: (b, h, C, *rest), index: (b, h, n) -> (b, h, n, *rest)."""
+    """x: (b, h, C, *rest), index: (b, h, n) -> (b, h, n, *rest); one index_select over the flattened rows
+    (a gather with an index expanded over ``rest`` reads an index per element)."""
+    batch, heads, rows = x.shape[:3]
     rest = x.shape[3:]
-    flat = x.reshape(*x.shape[:3], -1)
-    out = torch.gather(flat, 2, index[..., None].expand(-1, -1, -1, flat.shape[-1]))
-    return out.view(*index.shape, *rest)
+    flat = (index + torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * rows).view(-1)
+    return x.reshape(batch * heads * rows, -1).index_select(0, flat).view(*index.shape, *rest)
 
 
 def _gather_keys(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,15 @@ i.e. its last ``<= bucket_size`` same-bucket predecessors, and itself only when 
 there. Still one chunk plus one look-back chunk per query, same cost; ``dedup_pairs`` counts the
 rounds in which a pair shares such a window.
 
-Dropout (``dropout``) is applied to each round's attention probabilities in training mode.
-Memory is ``O(n_hashes * n * bucket_size)``: no ``seq x seq`` tensor is formed.
+Dropout (``dropout``) is applied to each round's attention probabilities in training mode; the mask of
+chunk ``j`` of round ``r`` is drawn from ``(seed, r * chunks + j)`` (:mod:`attentions._dropout`), so it can be
+rebuilt in backward instead of stored.
+
+Memory: with ``recompute=True`` (the default) the whole computation is one autograd function
+(:mod:`attentions._lsh_recompute`) that keeps ``O(n d + n_hashes n)`` for backward and rebuilds each round's
+chunk scores there, a few chunks at a time; ``recompute=False`` is the stored form, which keeps the
+``O(n_hashes * n * bucket_size)`` probabilities, gathered keys and values and bias. Both compute the same
+function (outputs and gradients equal to float rounding); no ``seq x seq`` tensor is formed by either.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._dropout import draw_seed
+from ._lsh_recompute import LshAttention, LshPlan, chunk_keep_mask
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
@@ -63,13 +72,16 @@ from .registry import AttentionConfig, register_attention, require
 class ReformerConfig(AttentionConfig):
     """``bucket_size``: chunk length (paper: 64). ``n_hashes``: hash rounds (paper sweeps 1, 2, 4, 8;
     4 is the default here, LRA's JAX code uses 1, reformer-pytorch 8). ``num_buckets``: even, or None
-    to derive ``max_seq_len / bucket_size`` (rounded up to even)."""
+    to derive ``max_seq_len / bucket_size`` (rounded up to even). ``recompute``: rebuild the chunk scores
+    in backward (memory ``O(n d)`` beside the inputs; time 0.9-1.2x the stored form's, measured) rather than keep them
+    (``O(n_hashes n bucket_size)``); it changes memory and time, not results."""
 
     bucket_size: int = 64
     n_hashes: int = 4
     num_buckets: int | None = None
     attend_across_buckets: bool = True
     dedup_pairs: bool = True
+    recompute: bool = True
 
     def validate(self) -> None:
         require(self.bucket_size >= 1, "bucket_size", f"must be >= 1, got {self.bucket_size}")
@@ -170,14 +182,15 @@ class ReformerAttention(Attention):
     def attend(self, q, k, v, key_padding_mask):
         cfg = self.config
         batch, heads, n, d = q.shape
-        c, rounds, nb = cfg.bucket_size, cfg.n_hashes, self.num_buckets
+        c, nb = cfg.bucket_size, self.num_buckets
         n_pad = -(-n // c) * c
-        n_chunks = n_pad // c
         # Padded slots of q, k, v arrive zeroed (Attention.forward): nothing downstream can depend
         # on them (not even through a -1e9 bias), and the gradient to padded inputs is exactly zero.
         real = q.new_ones(batch, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
         if n_pad > n:
-            q, k, v = (F.pad(t, (0, 0, 0, n_pad - n)) for t in (q, k, v))
+            shared = k is q
+            q, v = (F.pad(t, (0, 0, 0, n_pad - n)) for t in (q, v))
+            k = q if shared else F.pad(k, (0, 0, 0, n_pad - n))  # one padded copy of a shared query/key
             real = F.pad(real, (0, n_pad - n), value=False)
 
         with torch.no_grad():
@@ -185,6 +198,25 @@ class ReformerAttention(Attention):
             positions = torch.arange(n_pad, device=q.device)
             sort_idx = (buckets * n_pad + positions).argsort(dim=-1)  # (b, h, r, n_pad): sorted slot -> token
             rank = torch.empty_like(sort_idx).scatter_(-1, sort_idx, positions.expand_as(sort_idx))
+        p = cfg.dropout if self.training else 0.0
+        seed = draw_seed() if p > 0.0 else 0
+        if cfg.recompute:
+            self_value, mask_value = self._bias_values(q.dtype)
+            plan = LshPlan(sort_idx=sort_idx.int(), rank=rank.int(), buckets=buckets.int(), bucket_size=c,
+                           num_buckets=nb, attend_across_buckets=cfg.attend_across_buckets and not cfg.causal,
+                           causal=cfg.causal, dedup_pairs=cfg.dedup_pairs, self_value=self_value, mask_value=mask_value)
+            out = LshAttention.apply(q, k, v, plan, p, seed)
+        else:
+            out = self._stored(q, k, v, buckets, sort_idx, rank, p, seed)
+        return out if n_pad == n else out[:, :, :n]  # a full-length slice would cost a copy in backward
+
+    def _stored(self, q, k, v, buckets, sort_idx, rank, p: float, seed: int) -> torch.Tensor:
+        """The stored form (``recompute=False``): every round at once, autograd keeps the pair-sized tensors."""
+        cfg = self.config
+        batch, heads, n_pad, d = q.shape
+        c, rounds = cfg.bucket_size, cfg.n_hashes
+        n_chunks = n_pad // c
+        with torch.no_grad():
             chunked_idx = sort_idx.view(batch, heads, rounds, n_chunks, c)
             window_idx = _look_one_back(chunked_idx)  # (b, h, r, chunks, 2c): the keys each chunk sees
             bias = self._score_bias(buckets, chunked_idx, window_idx, q.dtype)
@@ -205,17 +237,27 @@ class ReformerAttention(Attention):
         for term in bias:
             scores = scores.add_(term)  # constants: autograd stores nothing for these
         probs, lse = _WeightedSoftmax.apply(scores, counts)  # in place: scores is consumed
-        if self.training and cfg.dropout > 0.0:
-            probs = F.dropout(probs, p=cfg.dropout)
+        if p > 0.0:
+            shape = (batch, heads, c, 2 * c)
+            keep = torch.stack([chunk_keep_mask(seed, r, 0, n_chunks, n_chunks, shape, p, q.device)
+                                for r in range(rounds)], dim=2)
+            probs = probs.masked_fill(~keep, 0.0) * (1.0 / (1.0 - p))
         out = torch.matmul(probs, sv).view(batch, heads, rounds, n_pad, d)
 
         # Unsort: token t of round r sits at sorted slot rank[r, t].
         out = out.gather(3, rank[..., None].expand(-1, -1, -1, -1, d))
         if rounds == 1:
-            return out[:, :, 0, :n]
+            return out[:, :, 0]
         lse = lse.view(batch, heads, rounds, n_pad).gather(3, rank)
         weights = torch.softmax(lse, dim=2)
-        return (out * weights[..., None]).sum(dim=2)[:, :, :n]
+        return (out * weights[..., None]).sum(dim=2)
+
+    @staticmethod
+    def _bias_values(dtype: torch.dtype) -> tuple[float, float]:
+        """``(self_value, mask_value)``: -1e5 and -1e9, or -1e4 and -3e4 where -1e9 would overflow (fp16)."""
+        if torch.finfo(dtype).max > 1e10:
+            return -1e5, -1e9
+        return -1e4, -3e4
 
     @torch.no_grad()
     def _score_bias(
@@ -230,10 +272,7 @@ class ReformerAttention(Attention):
         """
         cfg = self.config
         c, nb = cfg.bucket_size, self.num_buckets
-        if torch.finfo(dtype).max > 1e10:
-            self_value, mask_value = -1e5, -1e9
-        else:  # fp16: keep s + bias finite
-            self_value, mask_value = -1e4, -3e4
+        self_value, mask_value = self._bias_values(dtype)
         key_bucket = buckets.gather(-1, window_idx.flatten(-2)).view(window_idx.shape)  # (b, h, r, chunks, 2c)
         key_blocked = key_bucket == nb
         key_blocked[:, :, :, 0, c:] = True  # the first chunk has no previous chunk (no wrap-around)

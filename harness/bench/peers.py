@@ -6,7 +6,9 @@ ours/peer ratios of time and peak memory. Two levels of comparison, named in eve
 
 - ``core``: the peer exposes the attention alone, called on the same projected
   ``q, k, v`` as ours (performer-pytorch ``FastAttention``, reformer-pytorch ``LSHAttention``
-  with ``qk = q`` since it shares queries and keys, as ours does, local-attention ``LocalAttention``).
+  with ``qk = q`` since it shares queries and keys, as ours does, local-attention ``LocalAttention``,
+  fast-transformers ``ReformerAttention``, ``ClusteredAttention`` and ``ImprovedClusteredAttention`` through
+  :class:`FastTransformersCore`, which holds their mask objects and transposes to their layout).
 - ``layer``: the peer owns its Q/K/V and output projections (linformer
   ``LinformerSelfAttention``, memory-compressed-attention ``MemoryCompressedAttention``,
   aft-pytorch ``AFTFull``/``AFTSimple``); ours is then wrapped in the same projections
@@ -15,7 +17,9 @@ ours/peer ratios of time and peak memory. Two levels of comparison, named in eve
 
 Causal runs (``arena-bench causal=true``) measure the pairs whose peer has a causal form:
 performer-pytorch ``FastAttention(causal=True)`` and local-attention ``LocalAttention(causal=True)``
-(window ``window // 2`` to the left, exact, as our causal ``sliding_window``); every record names
+(window ``window // 2`` to the left, exact, as our causal ``sliding_window``), reformer-pytorch
+``LSHAttention(causal=True)`` and fast-transformers ``ReformerAttention`` with a ``TriangularCausalMask`` (both
+mask later positions inside the chunk windows: the paper's mask, looser than ours); every record names
 its ``pattern``.
 
 aft-pytorch's ``AFTLocal`` is not compared: it rebuilds its ``max_seqlen x max_seqlen`` bias
@@ -176,7 +180,60 @@ def _local_attention_peer(cfg, settings, n):
 def _reformer_peer(cfg, settings, n):
     from reformer_pytorch import LSHAttention
 
-    return LSHAttention(bucket_size=cfg.bucket_size, n_hashes=cfg.n_hashes)
+    # causal: reformer-pytorch masks later positions inside the chunk windows (the paper's language-model mask).
+    return LSHAttention(bucket_size=cfg.bucket_size, n_hashes=cfg.n_hashes, causal=settings.causal)
+
+
+class FastTransformersCore(nn.Module):
+    """A fast-transformers attention called in our layout: ``(b, h, n, d)`` in and out (their ``(b, n, h, d)`` is a
+    transposed view each way). Its mask objects are built here, once per pair and length, as a model built for one
+    length would hold them: ``FullMask(n)`` (all ones: skipped by their attention) or ``TriangularCausalMask(n)``
+    (causal), and a ``LengthMask`` saying every sequence is ``n`` long. Their lazily cached matrices are filled
+    here too, so that no measured step pays for them."""
+
+    def __init__(self, attention: nn.Module, batch: int, n: int, causal: bool = False) -> None:
+        from fast_transformers.masking import FullMask, LengthMask, TriangularCausalMask
+
+        super().__init__()
+        self.attention = attention
+        self.attn_mask = TriangularCausalMask(n) if causal else FullMask(n)
+        self.lengths = LengthMask(torch.full((batch,), n, dtype=torch.long), max_len=n)
+        for mask in (self.attn_mask, self.lengths):
+            mask.additive_matrix, mask.float_matrix, mask.all_ones  # noqa: B018 - fills their caches
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.attn_mask, self.lengths,
+                             self.lengths)
+        return out.transpose(1, 2)
+
+
+def _ft_reformer_peer(cfg, settings, n):
+    from fast_transformers.attention import ReformerAttention
+
+    # Equal settings: chunk = our bucket, rounds = our hashes, and 2 * bits buckets (argmax over [xR; -xR], as
+    # ours) = our bucket count. Their `masked=False` default (the self pair is not demoted; `masked=True` adds an
+    # n x n matrix to every call). Causal: their attention takes the triangular mask as an n x n additive matrix.
+    attention = ReformerAttention(chunk_size=cfg.bucket_size, bits=cfg.resolved_num_buckets // 2, rounds=cfg.n_hashes,
+                                  attention_dropout=cfg.dropout)
+    return FastTransformersCore(attention, settings.batch, n, causal=settings.causal)
+
+
+def _ft_clustered_peer(cfg, settings, n):
+    from fast_transformers.attention import ClusteredAttention
+
+    # Equal settings: clusters and Lloyd iterations; their hash keeps its default 32 bits (LSH codes + Hamming
+    # k-means in C++, the paper's clustering; ours is Euclidean k-means on the queries).
+    attention = ClusteredAttention(clusters=cfg.num_clusters, iterations=cfg.kmeans_iterations,
+                                   attention_dropout=cfg.dropout)
+    return FastTransformersCore(attention, settings.batch, n)
+
+
+def _ft_improved_clustered_peer(cfg, settings, n):
+    from fast_transformers.attention import ImprovedClusteredAttention
+
+    attention = ImprovedClusteredAttention(clusters=cfg.num_clusters, iterations=cfg.kmeans_iterations, topk=cfg.topk,
+                                           attention_dropout=cfg.dropout)
+    return FastTransformersCore(attention, settings.batch, n)
 
 
 def _linformer_peer(cfg, settings, n):
@@ -342,7 +399,13 @@ PAIRS: tuple[PeerPair, ...] = (
     PeerPair("bigbird", "bigbird", "transformers", "transformers BigBirdBlockSparseAttention", "layer",
              _hf_bigbird_peer, ours_params={"num_global_blocks": 2}, divisor=lambda cfg: cfg.block_size),
     PeerPair("reformer", "reformer", "reformer_pytorch", "reformer-pytorch LSHAttention", "core", _reformer_peer,
-             divisor=lambda cfg: 2 * cfg.bucket_size),
+             divisor=lambda cfg: 2 * cfg.bucket_size, patterns=("bidirectional", "causal")),
+    PeerPair("reformer_ft", "reformer", "fast_transformers", "fast-transformers ReformerAttention", "core",
+             _ft_reformer_peer, divisor=lambda cfg: cfg.bucket_size, patterns=("bidirectional", "causal")),
+    PeerPair("clustered_ft", "clustered", "fast_transformers", "fast-transformers ClusteredAttention", "core",
+             _ft_clustered_peer),
+    PeerPair("clustered_improved_ft", "clustered", "fast_transformers", "fast-transformers ImprovedClusteredAttention",
+             "core", _ft_improved_clustered_peer, ours_params={"improved": True}),
     PeerPair("linformer", "linformer", "linformer", "linformer LinformerSelfAttention", "layer", _linformer_peer),
     PeerPair("memory_compressed", "memory_compressed", "memory_compressed_attention",
              "memory-compressed-attention MemoryCompressedAttention", "layer", _memory_compressed_peer),
@@ -389,7 +452,7 @@ def measure_pair(pair: PeerPair, n: int, pass_: str, settings: BenchSettings) ->
     heads, head_dim = settings.heads, settings.head_dim
     if pair.level == "core":
         q, k, v = make_inputs((settings.batch, heads, n, head_dim), settings, seed=n, requires_grad=backward)
-        qk = q if pair.key == "reformer" else k  # shared-QK peers hash the queries as keys
+        qk = q if pair.mechanism == "reformer" else k  # shared-QK peers hash the queries as keys
 
         def ours_fwd():
             return ours(q, qk, v)
