@@ -40,6 +40,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import _blocked as blk
+from ._dropout import draw_seed
+from ._full_chunked import chunked_attention
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
@@ -52,8 +54,14 @@ CAUSAL_PIECE = 128
 
 @dataclass(frozen=True)
 class MemoryCompressedConfig(AttentionConfig):
+    """``compression``: tokens per slot (c). ``recompute``: with attention dropout in training on a CPU, attend to
+    the slots with the chunked recomputing path (:mod:`attentions._full_chunked`, O(n d) kept for backward)
+    instead of SDPA, whose CPU dropout path stores the ``n x n/c`` probabilities and mask; changes memory and
+    time, not results (the masks differ in how they are drawn, not in their law)."""
+
     compression: int = 3
     compression_type: Literal["conv", "mean"] = "conv"
+    recompute: bool = True
 
     def validate(self) -> None:
         require(self.compression >= 1, "compression", f"must be >= 1 (tokens per slot), got {self.compression}")
@@ -107,6 +115,10 @@ class MemoryCompressedAttention(Attention):
             slot_mask = slot_mask | ~slot_mask.any(dim=-1, keepdim=True)
             attn_mask = slot_mask[:, None, None, :]
         dropout = self.config.dropout if self.training else 0.0
+        if dropout > 0.0 and self.config.recompute and q.device.type == "cpu":
+            # The dropout policy (docs/FAIRNESS.md): SDPA's CPU dropout path is the quadratic math path.
+            return chunked_attention(q, k_slots, v_slots, slot_mask if key_padding_mask is not None else None,
+                                     False, dropout, draw_seed())
         return F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=attn_mask, dropout_p=dropout)
 
     def _compress(self, k, v, key_padding_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

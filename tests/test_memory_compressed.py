@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attentions._dropout import draw_seed
 from attentions.functional import reference_attention
 
 from conftest import HEAD_DIM, HEADS, build_small, make_qkv, right_padding_mask
@@ -131,3 +132,29 @@ def test_dropout_only_in_training():
 def test_bad_parameters_name_themselves(params, name):
     with pytest.raises(ValueError, match=f"'{name}'"):
         build_small("memory_compressed", **params)
+
+
+def test_training_dropout_recomputes_with_the_chunked_path_masks():
+    """With dropout in training on a CPU the slots are attended by the chunked recomputing path: with c = 1 and
+    mean slots (slots = tokens) it equals dense softmax attention with the chunked path's own masks, outputs
+    and gradients, padding included; recompute=false keeps SDPA (other masks, the same law)."""
+    from test_full_chunked import dense_masked_reference
+
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(batch=3, seq=24, seed=9))
+    mask = right_padding_mask([24, 13, 5], 24)
+    attn = build_small("memory_compressed", compression=1, compression_type="mean", dropout=0.3).train()
+    torch.manual_seed(4)
+    out = attn(q, k, v, key_padding_mask=mask)
+    torch.manual_seed(4)
+    seed = draw_seed()
+    expected = dense_masked_reference(q, k, v, mask, False, 0.3, seed)
+    real = mask[:, None, :, None]
+    torch.testing.assert_close(out * real, expected * real, atol=1e-5, rtol=1e-5)
+    weight = torch.randn_like(out) * real
+    for got, want in zip(torch.autograd.grad((out * weight).sum(), (q, k, v)),
+                         torch.autograd.grad((expected * weight).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    stored = build_small("memory_compressed", compression=1, compression_type="mean", dropout=0.3,
+                         recompute=False).train()
+    torch.manual_seed(4)
+    assert not torch.allclose(stored(q, k, v, key_padding_mask=mask) * real, out * real)

@@ -36,20 +36,6 @@ GROWTH_PARAMS: dict[str, dict] = {
 }
 
 
-# The training step (train mode, attention dropout 0.1 where the mechanism applies dropout, a padding mask) is
-# part of the contract's memory_growth check (attentions.testing.train_step_peak). Mechanisms whose fix lands on
-# another branch of issue 23 are expected to fail it until then; the lead removes these marks at the merge.
-TRAIN_STEP_XFAIL = {
-    "memory_compressed": "memory_compressed: CPU SDPA with dropout leaves the fused kernel for the math path "
-                         "(n x n/c probabilities and mask stored); its recomputing path is on another branch",
-}
-
-
-def _with_train_xfail(names):
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=False, reason=TRAIN_STEP_XFAIL[n]))
-            if n in TRAIN_STEP_XFAIL else n for n in names]
-
-
 def fwd_bwd_peak(name: str, n: int, **params) -> int:
     if get_attention_info(name).needs_max_seq_len:
         params.setdefault("max_seq_len", n)
@@ -67,7 +53,7 @@ def fwd_bwd_peak(name: str, n: int, **params) -> int:
 SUBQUADRATIC = [n for n in available_attentions() if get_attention_info(n).family != "exact"]
 
 
-@pytest.mark.parametrize("name", _with_train_xfail(SUBQUADRATIC))
+@pytest.mark.parametrize("name", SUBQUADRATIC)
 def test_peak_memory_grows_at_most_linearly(name):
     # The contract's check (one definition), here with budgets nearer real use than the contract tests' ones.
     assert check_mechanism(name, GROWTH_PARAMS.get(name, {}), checks=["memory_growth"]) == ["memory_growth"]
@@ -132,7 +118,7 @@ def test_causal_kernel_attention_never_stores_per_token_states(name, params):
     assert peaks[True] < per_token_states / 4, (peaks, per_token_states)
 
 
-@pytest.mark.parametrize("name", _with_train_xfail(available_attentions()))
+@pytest.mark.parametrize("name", available_attentions())
 def test_training_step_memory_grows_at_most_linearly(name):
     # Every registered mechanism, full included: dropout must not bring back an n x n (or stored-mask) buffer.
     params = GROWTH_PARAMS.get(name, {})

@@ -39,15 +39,7 @@ def test_unknown_name_lists_registered():
         build_attention("fulll")
 
 
-# memory_growth now includes a training step with dropout and padding (issue 23); a mechanism whose fix lands on
-# another branch of that issue fails it until then. The lead removes these marks at the merge.
-TRAINING_MEMORY_XFAIL = {
-    ("memory_compressed", "memory_growth"): "memory_compressed: CPU SDPA with dropout stores n x n/c in training "
-                                            "(its recomputing path is on another branch of issue 23)",
-}
-CONTRACT_CASES = [pytest.param(name, check, marks=pytest.mark.xfail(strict=False, reason=TRAINING_MEMORY_XFAIL[
-    (name, check)])) if (name, check) in TRAINING_MEMORY_XFAIL else (name, check)
-    for name in MECHANISMS for check in CHECKS]
+CONTRACT_CASES = [(name, check) for name in MECHANISMS for check in CHECKS]
 
 
 @pytest.mark.parametrize("name,check", CONTRACT_CASES)

@@ -383,17 +383,24 @@ def _hf_bigbird_peer(cfg, settings, n):
     return HFBigBirdLayer(cfg.block_size, cfg.num_random_blocks, settings.heads, settings.head_dim, n, cfg.seed)
 
 
+# fast-transformers: its PyPI name, and the masks it is handed (README "Peers": built from source).
+_FT = "pytorch-fast-transformers"
+_FT_MASKS = ("fast-transformers mask objects (an n x n FullMask, or TriangularCausalMask when causal, and a "
+             "LengthMask) built once with the pair, outside the measured step")
+
 PAIRS: tuple[PeerPair, ...] = (
     PeerPair("performer", "performer", "performer_pytorch", "performer-pytorch FastAttention", "core",
              _performer_peer, patterns=("bidirectional", "causal")),
     PeerPair("rfa", "rfa", "fast_transformers", "fast-transformers LinearAttention + RandomFourierFeatures", "core",
-             _rfa_fourier_peer, patterns=("bidirectional", "causal")),
+             _rfa_fourier_peer, patterns=("bidirectional", "causal"), distribution=_FT,
+             peer_masks=_FT_MASKS),
     # local-attention pads n up to a multiple of its block (window // 2) with zero keys that its bidirectional
     # band then attends to: equal settings need no such padding.
     PeerPair("sliding_window", "sliding_window", "local_attention", "local-attention LocalAttention", "core",
              _local_attention_peer, divisor=lambda cfg: cfg.window // 2, patterns=("bidirectional", "causal")),
     PeerPair("sliding_window_ft", "sliding_window", "fast_transformers", "fast-transformers LocalAttention", "core",
-             _fast_transformers_local_peer, patterns=("bidirectional", "causal")),
+             _fast_transformers_local_peer, patterns=("bidirectional", "causal"), distribution=_FT,
+             peer_masks=_FT_MASKS),
     PeerPair("longformer", "longformer", "transformers", "transformers LongformerSelfAttention", "layer",
              _hf_longformer_peer, divisor=lambda cfg: cfg.window),
     PeerPair("bigbird", "bigbird", "transformers", "transformers BigBirdBlockSparseAttention", "layer",
@@ -401,11 +408,13 @@ PAIRS: tuple[PeerPair, ...] = (
     PeerPair("reformer", "reformer", "reformer_pytorch", "reformer-pytorch LSHAttention", "core", _reformer_peer,
              divisor=lambda cfg: 2 * cfg.bucket_size, patterns=("bidirectional", "causal")),
     PeerPair("reformer_ft", "reformer", "fast_transformers", "fast-transformers ReformerAttention", "core",
-             _ft_reformer_peer, divisor=lambda cfg: cfg.bucket_size, patterns=("bidirectional", "causal")),
+             _ft_reformer_peer, divisor=lambda cfg: cfg.bucket_size, patterns=("bidirectional", "causal"),
+             distribution=_FT, peer_masks=_FT_MASKS),
     PeerPair("clustered_ft", "clustered", "fast_transformers", "fast-transformers ClusteredAttention", "core",
-             _ft_clustered_peer),
+             _ft_clustered_peer, distribution=_FT, peer_masks=_FT_MASKS),
     PeerPair("clustered_improved_ft", "clustered", "fast_transformers", "fast-transformers ImprovedClusteredAttention",
-             "core", _ft_improved_clustered_peer, ours_params={"improved": True}),
+             "core", _ft_improved_clustered_peer, ours_params={"improved": True}, distribution=_FT,
+             peer_masks=_FT_MASKS),
     PeerPair("linformer", "linformer", "linformer", "linformer LinformerSelfAttention", "layer", _linformer_peer),
     PeerPair("memory_compressed", "memory_compressed", "memory_compressed_attention",
              "memory-compressed-attention MemoryCompressedAttention", "layer", _memory_compressed_peer),
