@@ -282,6 +282,10 @@ def test_bench_settings_are_separate_and_a_new_setting_field_separates_by_itself
     groups = settings(pd.concat([bench.assign(causal=False), causal]))
     assert len(groups) == 2 and any("causal=True" in g.label for g in groups)
     assert "batch 2, 4 heads, head dim 32, float32, cpu (test cpu), n = 1024..4096" == settings(bench)[0].label
+    # The fairness protocol written out in each cell varies with the cell's backend and pass: one setting still.
+    described = bench.assign(**{"protocol.backend": [f"b{i % 3}" for i in range(len(bench))],
+                                "protocol.pass": bench["pass"], "protocol.threads": 2})
+    assert len(settings(described)) == 1 and "protocol" not in settings(described)[0].label
 
 
 def test_markdown_table_escapes_pipes():

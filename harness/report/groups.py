@@ -32,7 +32,9 @@ from harness.store import config_hash, recipe_columns, recipe_of
 CELL_FIELDS = {"kind", "record_id", "status", "created_at", "mechanism", "family", "pass", "n", "outcome", "reason",
                "settings_key", "smoke", "backend", "budget", "predicted_peak_bytes", "memory_budget_gb", "slope_range",
                "_path", "params", "command", "plugins"}
-CELL_PREFIXES = ("time.", "memory.", "params.", "device_info.", "noise.")
+# ``protocol.``: what the cell timed (docs/FAIRNESS.md), written out per cell; its backend and pass differ between
+# the cells of one setting by design, and the parts that are settings (threads, repeats, allocator) have columns.
+CELL_PREFIXES = ("time.", "memory.", "params.", "device_info.", "noise.", "protocol.", "peer_protocol.")
 # A setting field missing from older records reads as the value those records were measured with.
 SETTING_DEFAULTS = {"cpu_allocator": "default", "pattern": "bidirectional"}
 # Sections of these values come first (the bidirectional benchmark before the causal one).
