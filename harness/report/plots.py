@@ -152,7 +152,8 @@ def _draw_mechanism(ax, group: pd.DataFrame, name: str, metric: str, scale: floa
     yerr = None
     if bars and {"p10_s", "p90_s"} <= set(ok.columns):
         yerr = np.vstack([y - ok["p10_s"].astype(float) * scale, ok["p90_s"].astype(float) * scale - y]).clip(0)
-    label = f"{name} (reference)" if name == REFERENCE else name
+    # "reference" alone would read as full_reference (the materialised n x n baseline): say what it is.
+    label = f"{name} (SDPA called directly)" if name == REFERENCE else name
     ax.errorbar(ok["n"], y, yerr=yerr, color=style["color"], marker=style["marker"] or None, ms=5,
                 linestyle=style["linestyle"], lw=style["lw"], zorder=style["zorder"], capsize=2, elinewidth=0.8,
                 label=label)
