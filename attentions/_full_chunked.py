@@ -28,9 +28,11 @@ from ._dropout import apply_dropout, keep_mask
 CHUNK_ELEMENTS = 1 << 20  # scores per chunk: (batch, heads, rows, n) ~ 1M numbers, 4 MiB in float32
 
 
-def chunk_rows(batch: int, heads: int, n_q: int, n_k: int) -> int:
-    """Query rows per chunk for ``(batch, heads, n_q, head_dim)`` queries on ``n_k`` keys (at least 1)."""
-    return max(1, min(n_q, CHUNK_ELEMENTS // max(1, batch * heads * n_k)))
+def chunk_rows(batch: int, heads: int, n_q: int, n_k: int, elements: int | None = None) -> int:
+    """Query rows per chunk for ``(batch, heads, n_q, head_dim)`` queries on ``n_k`` keys (at least 1), so that a
+    chunk holds about ``elements`` scores (None: :data:`CHUNK_ELEMENTS`)."""
+    elements = CHUNK_ELEMENTS if elements is None else elements
+    return max(1, min(n_q, elements // max(1, batch * heads * n_k)))
 
 
 def _allowed(key_padding_mask: torch.Tensor | None, causal: bool, start: int, stop: int, n_k: int,
@@ -78,11 +80,11 @@ class ChunkedSoftmaxAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal: bool, p: float, seed: int):
+    def forward(ctx, q, k, v, key_padding_mask, causal: bool, p: float, seed: int, chunk_elements: int | None):
         batch, heads, n_q, d = q.shape
         n_k = k.shape[-2]
         scale = 1.0 / math.sqrt(d)
-        rows = chunk_rows(batch, heads, n_q, n_k)
+        rows = chunk_rows(batch, heads, n_q, n_k, chunk_elements)
         out = torch.empty_like(q)
         lse = q.new_empty(batch, heads, n_q)
         for part, start in enumerate(range(0, n_q, rows)):
@@ -118,10 +120,29 @@ class ChunkedSoftmaxAttention(torch.autograd.Function):
             dscores = probs.mul_(dprobs.sub_(delta[:, :, start:stop, None])).mul_(scale)
             dq[:, :, start:stop] = torch.matmul(dscores, k)
             dk += torch.matmul(dscores.transpose(-2, -1), q_c)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                      causal: bool, p: float, seed: int) -> torch.Tensor:
-    """:class:`ChunkedSoftmaxAttention` applied (see there for shapes and masks)."""
-    return ChunkedSoftmaxAttention.apply(q, k, v, key_padding_mask, causal, p, seed)
+                      causal: bool, p: float, seed: int, chunk_elements: int | None = None) -> torch.Tensor:
+    """:class:`ChunkedSoftmaxAttention` applied (see there for shapes and masks); ``chunk_elements``: scores per
+    chunk (None: :data:`CHUNK_ELEMENTS`)."""
+    return ChunkedSoftmaxAttention.apply(q, k, v, key_padding_mask, causal, p, seed, chunk_elements)
+
+
+def chunked_attention_stored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             key_padding_mask: torch.Tensor | None, causal: bool, p: float, seed: int,
+                             chunk_elements: int | None = None) -> torch.Tensor:
+    """The same computation as :func:`chunked_attention` (the same chunks, hence the same dropout masks from
+    ``seed``) left to autograd, which keeps each chunk's probabilities and mask: a mechanism's stored form
+    (``recompute=False``), against which its recomputing path is tested."""
+    batch, heads, n_q, d = q.shape
+    n_k = k.shape[-2]
+    rows = chunk_rows(batch, heads, n_q, n_k, chunk_elements)
+    outs = []
+    for part, start in enumerate(range(0, n_q, rows)):
+        stop = min(start + rows, n_q)
+        allowed = _allowed(key_padding_mask, causal, start, stop, n_k, q.device)
+        probs = torch.softmax(_scores(q[:, :, start:stop], k, allowed, 1.0 / math.sqrt(d)), dim=-1)
+        outs.append(torch.matmul(apply_dropout(probs, seed, part, p), v))
+    return torch.cat(outs, dim=2)

@@ -42,14 +42,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._centroid_dropout import CentroidAttention, centroid_attention_stored
 from ._dropout import draw_seed
+from ._full_chunked import chunked_attention, chunked_attention_stored
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
 GOLDEN_RATIO = (math.sqrt(5.0) - 1.0) / 2.0
 # Distances are computed for about this many (query, centroid) pairs at a time (4 MiB in fp32).
 ASSIGN_CHUNK_ELEMENTS = 1 << 20
+# Scores per chunk of the centroid attention with dropout (attentions._full_chunked): 1 MiB in float32.
+CENTROID_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,8 @@ class ClusteredAttention(Attention):
                 centroid_out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=allowed)
             else:  # SDPA's dropout leaves its fused kernel on CPU and keeps the (C, n) probabilities
                 keys = None if allowed is None else allowed[:, 0, 0]
-                attention = CentroidAttention.apply if cfg.recompute else centroid_attention_stored
-                centroid_out = attention(centroids, k, v, keys, dropout, draw_seed())
+                attention = chunked_attention if cfg.recompute else chunked_attention_stored
+                centroid_out = attention(centroids, k, v, keys, False, dropout, draw_seed(), CENTROID_CHUNK_ELEMENTS)
             return _gather_rows(centroid_out, index)
 
         scores = torch.matmul(centroids * (1.0 / math.sqrt(dim)), k.transpose(-1, -2))  # (b, h, C, n)

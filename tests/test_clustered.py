@@ -251,9 +251,9 @@ def test_dropout_recompute_equals_stored(padded, monkeypatch):
     """With dropout in training the centroid attention is recomputed in backward (recompute=True, default): the same
     outputs and q, k, v gradients as the stored form from the same seed, over several chunks of centroid rows,
     with padding (an all-padding sequence included); the masks are really drawn."""
-    import attentions._centroid_dropout as centroid_dropout
+    import attentions.clustered as clustered_module
 
-    monkeypatch.setattr(centroid_dropout, "CHUNK_ELEMENTS", 3 * 2 * 50 * 2)  # 2 centroid rows a chunk
+    monkeypatch.setattr(clustered_module, "CENTROID_CHUNK_ELEMENTS", 3 * 2 * 50 * 2)  # 2 centroid rows a chunk
     q, k, v = make_qkv(batch=3, seq=50, seed=9)
     mask = right_padding_mask([50, 30, 0], 50) if padded else None
 
