@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 
 from .base import LAYOUT, Attention
+from .decoding import DecodeState, state_bytes
 from .registry import (
     FAMILIES,
     AttentionConfig,
@@ -25,7 +26,7 @@ from .registry import (
     require,
 )
 
-_INFRASTRUCTURE = {"base", "registry", "functional", "testing"}
+_INFRASTRUCTURE = {"base", "registry", "functional", "testing", "decoding"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
@@ -36,6 +37,7 @@ __all__ = [
     "Attention",
     "AttentionConfig",
     "AttentionInfo",
+    "DecodeState",
     "available_attentions",
     "build_attention",
     "causal_attentions",
@@ -43,4 +45,5 @@ __all__ = [
     "make_config",
     "register_attention",
     "require",
+    "state_bytes",
 ]

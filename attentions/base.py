@@ -15,6 +15,18 @@ With ``causal=True`` (mechanisms whose info says ``supports_causal``) the output
 depends on the inputs at positions ``<= i`` only: its value equals the output of the prefix ending at
 ``i`` and its gradient with respect to every later input is exactly zero. Key padding still applies
 (a decoder pads on the right, so a real query never meets a padded key before it).
+
+Incremental decoding (causal mechanisms; :mod:`attentions.decoding`)::
+
+    state = attn.init_state(batch, max_len, dtype, device)
+    out, state = attn.prefill(q, k, v, state, key_padding_mask=mask)   # the prompt: (batch, heads, n, head_dim), n >= 0
+    out_t, state = attn.step(q_t, k_t, v_t, state)                      # one position: (batch, heads, 1, head_dim)
+
+equal, position by position, the causal forward of the whole sequence. A right-padded prompt leaves each sequence
+at its own end; each step appends one token to every sequence. A mechanism with a step form overrides
+:meth:`Attention.new_state`, :meth:`Attention.prefill_state` and :meth:`Attention.step_state` and says
+``supports_decoding=True`` in its info; every other causal mechanism decodes by recomputing its causal forward over
+the prefix (:class:`attentions.decoding.RecomputeState`, ``decode_form`` = ``"recompute"``).
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import zero_padded_values
+from .decoding import DecodeState, RecomputeState, recompute_step
+from .functional import is_right_padded, zero_padded_values
 from .registry import AttentionConfig, check_causal
 
 LAYOUT = "(batch, heads, seq, head_dim)"
@@ -135,6 +148,129 @@ class Attention(nn.Module):
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"{self.name}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+        return None if bool(key_padding_mask.all()) else key_padding_mask
+
+    # ------------------------------------------------------------------------------------------- decoding
+
+    @property
+    def decode_form(self) -> str:
+        """``"step"`` where the mechanism has its own step form (info ``supports_decoding``), else ``"recompute"``."""
+        from .registry import get_attention_info  # the registry imports nothing from here; avoid a cycle at import
+
+        return "step" if get_attention_info(self.name).supports_decoding else "recompute"
+
+    def init_state(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> DecodeState:
+        """An empty decoding state for ``batch`` sequences of up to ``max_len`` tokens (prompt and generated).
+
+        ``dtype``: the dtype of the q, k, v that will be passed (caches hold it; sums may keep float32).
+        Raises ValueError when the mechanism was built without ``causal=True`` (decoding is the causal pattern),
+        for ``batch < 1``, ``max_len < 1`` or ``max_len`` above the config's ``max_seq_len``.
+        """
+        if not self.causal:
+            raise ValueError(f"{self.name}: decoding needs the causal form; build it with causal=True")
+        for label, value in (("batch", batch), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.name}: init_state's {label} must be an int >= 1, got {value!r}")
+        if self.config.max_seq_len is not None and max_len > self.config.max_seq_len:
+            raise ValueError(f"{self.name}: init_state's max_len={max_len} exceeds max_seq_len="
+                             f"{self.config.max_seq_len}")
+        state = self.new_state(batch, max_len, dtype, torch.device(device if device is not None else "cpu"))
+        state.mechanism = self.name
+        return state
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: DecodeState,
+                key_padding_mask: torch.Tensor | None = None, *, x: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, DecodeState]:
+        """Feed a prompt ``(batch, heads, n, head_dim)`` (``n >= 0``) into an empty ``state``.
+
+        Returns the causal output for the prompt (padded rows: anything finite) and the state, now at
+        ``lengths[b]`` = the real tokens of sequence ``b`` (``key_padding_mask``: bool ``(batch, n)``, right-padded,
+        ``True`` = real). ``x`` (the block's input) is reserved for mechanisms whose gates read it; ignored here.
+        Raises ValueError for a state that is not empty or not this mechanism's, wrong shapes, a mask that is not
+        right-padded, or a prompt longer than the state's ``max_len``.
+        """
+        self._check_state(state)
+        if bool((state.lengths != 0).any()):
+            raise ValueError(f"{self.name}: prefill needs an empty state (init_state); this one holds "
+                             f"{state.lengths.tolist()} tokens")
+        mask = self._check_step_inputs(q, k, v, state, key_padding_mask)
+        if mask is not None:
+            q, k, v = (zero_padded_values(t, mask) for t in (q, k, v))
+        out = self._in_compute_dtype(self.prefill_state, q, k, v, mask, state)
+        state.lengths = mask.sum(dim=1) if mask is not None else torch.full_like(state.lengths, q.shape[2])
+        return out, state
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: DecodeState, *,
+             x: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
+        """One new position per sequence, ``(batch, heads, 1, head_dim)`` each, at position ``state.lengths[b]``.
+
+        Returns the output ``(batch, heads, 1, head_dim)`` and the state advanced by one token. Raises ValueError
+        for wrong shapes, a foreign state, or a state already at its ``max_len``.
+        """
+        self._check_state(state)
+        if q.dim() == 4 and q.shape[2] != 1:
+            raise ValueError(f"{self.name}: step takes one position, {LAYOUT} with seq=1; got {tuple(q.shape)}")
+        if int(state.lengths.max()) + 1 > state.max_len:
+            raise ValueError(f"{self.name}: the state is full: a step would exceed its max_len={state.max_len}")
+        self._check_step_inputs(q, k, v, state, None)
+        out = self._in_compute_dtype(self.step_state, q, k, v, state)
+        state.lengths = state.lengths + 1
+        return out, state
+
+    # The hooks a step form overrides. They see ``state.lengths`` as it was before the new token(s).
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> DecodeState:
+        """An empty state (checked arguments). Default: the recompute form's prefix of q, k, v."""
+        return RecomputeState(batch, max_len, self.config.num_heads, self.config.head_dim, dtype, device)
+
+    def prefill_state(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                      state: DecodeState) -> torch.Tensor:
+        """Fill ``state`` from the prompt (padded slots already zero) and return its causal output."""
+        n = q.shape[2]
+        state.q[:, :, :n], state.k[:, :, :n], state.v[:, :, :n] = q, k, v
+        return self.attend(q, k, v, key_padding_mask) if n else q.new_zeros(q.shape)
+
+    def step_state(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Add one token per sequence at ``state.lengths`` and return its output. Default: recompute the prefix."""
+        return recompute_step(self.attend, q, k, v, state)
+
+    def _in_compute_dtype(self, hook, q: torch.Tensor, *rest):
+        compute = self.compute_dtype(q)
+        if compute is None:
+            return hook(q, *rest)
+        with torch.autocast(q.device.type, enabled=False):
+            cast = [t.to(compute) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in rest]
+            return hook(q.to(compute), *cast).to(q.dtype)
+
+    def _check_state(self, state: DecodeState) -> None:
+        if not isinstance(state, DecodeState):
+            raise ValueError(f"{self.name}: state must come from init_state, got {type(state).__name__}")
+        if state.mechanism != self.name:
+            raise ValueError(f"{self.name}: the state was made by {state.mechanism!r}'s init_state (one state per "
+                             "layer, from its own mechanism)")
+
+    def _check_step_inputs(self, q, k, v, state: DecodeState, key_padding_mask) -> torch.Tensor | None:
+        for label, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{self.name}: {label} must be a 4-D float tensor {LAYOUT}, got {got}")
+        if not (q.shape == k.shape == v.shape) or q.shape[0] != state.batch or q.shape[1] != self.config.num_heads \
+                or q.shape[3] != self.config.head_dim:
+            raise ValueError(f"{self.name}: q, k, v must be {LAYOUT} with batch={state.batch} (the state's), heads="
+                             f"{self.config.num_heads}, head_dim={self.config.head_dim}; got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        n = q.shape[2]
+        if n > state.max_len:
+            raise ValueError(f"{self.name}: a prompt of {n} positions exceeds the state's max_len={state.max_len}")
+        if key_padding_mask is None:
+            return None
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (q.shape[0], n):
+            raise ValueError(f"{self.name}: key_padding_mask must be bool (batch, seq) = ({q.shape[0]}, {n}), "
+                             f"True = real token; got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if not is_right_padded(key_padding_mask):
+            raise ValueError(f"{self.name}: a prompt's key_padding_mask must be right-padded (real tokens, then "
+                             "padding): each sequence continues from its own end")
         return None if bool(key_padding_mask.all()) else key_padding_mask
 
     def extra_repr(self) -> str:

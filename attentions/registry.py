@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attentions.config_types import describe_type, normalised_number, value_matches
+from attentions.decoding import STATE_GROWTHS
 
 FAMILIES = (
     "exact",
@@ -113,6 +114,13 @@ class AttentionInfo:
     # The hook behind :meth:`state_size`: ``(config, seq_len) -> int | None``, or None when the mechanism
     # declares none (a plug-in that does not say). Declared with ``register_attention(..., state_size_fn=...)``.
     state_size_fn: Callable[[Any, int], int | None] | None = None
+    # Incremental decoding (attentions.decoding): whether the mechanism has its own step form (else a causal
+    # mechanism decodes by recomputing its causal forward over the prefix), one line naming the form and why it
+    # equals the causal forward, and how its state grows with the context: 'constant', 'window' (bounded by a
+    # window) or 'linear'.
+    supports_decoding: bool = False
+    decoding_note: str = ""
+    state_growth: str = "linear"
     description: str = ""
 
     def defaults(self) -> dict[str, Any]:
@@ -179,6 +187,12 @@ def register_attention(
         raise ValueError(f"family '{family}' of '{name}' is not one of {FAMILIES}")
     if not (dataclasses.is_dataclass(config) and issubclass(config, AttentionConfig)):
         raise TypeError(f"config of '{name}' must be an AttentionConfig dataclass")
+
+    growth = capabilities.get("state_growth", "linear")
+    if growth not in STATE_GROWTHS:
+        raise ValueError(f"state_growth {growth!r} of '{name}' is not one of {STATE_GROWTHS}")
+    if capabilities.get("supports_decoding") and not capabilities.get("supports_causal"):
+        raise ValueError(f"'{name}' says supports_decoding but has no causal form (supports_causal=False)")
 
     def decorator(cls: type) -> type:
         old = _REGISTRY.get(name)

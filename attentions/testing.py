@@ -26,6 +26,12 @@ author runs in one line from their own pytest. The checks, in order (:data:`CHEC
                     whole input equals the output on the prefix ending at ``i``, and its gradient with respect
                     to every later input is exactly zero (CAB's check: Zhang et al. 2023, "CAB:
                     Comprehensive Attention Benchmarking on Long Sequence Modeling", ICML).
+``decoding``        where the info says ``supports_causal`` (attentions.decoding): prefill of a prompt of
+                    length 0, 1 and lengths across block, chunk and window edges, then steps, equal the causal forward
+                    at every position; a batch of right-padded prompts of different lengths continues each sequence
+                    from its own end; ``state_bytes`` grows as the info's ``state_growth`` says (``constant``: the
+                    same whatever the context; ``window``: stops growing once the context passes the window;
+                    ``linear``: never shrinks); a full state refuses one more step.
 ``memory_growth``   where the mechanism claims sub-quadratic memory (``linear_memory``; by default every
                     family but ``exact``): the CPU allocator peak of a forward + backward grows at most
                     :data:`LINEAR_LIMIT` x per doubling of ``n`` (a quadratic buffer grows 4x), both for the
@@ -381,6 +387,93 @@ def check_causality(s: _Subject) -> None:
                 raise s.fail("causality", f"seq {seq}: the output at position {i} depends on no input")
 
 
+# Prompt lengths of the decoding check: empty, one token, and lengths on both sides of the edges of blocks, buckets,
+# chunks and windows of 4 to 16 (test-size budgets). Prompt 0 then steps through every position to DECODE_LEN.
+DECODE_PROMPTS = (0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33)
+DECODE_LEN = 48
+DECODE_STEPS = 9  # steps after each non-empty prompt (past the next edge of a budget of 8)
+
+
+def check_decoding(s: _Subject) -> None:
+    if not s.info.supports_causal:
+        return
+    from .decoding import state_bytes
+
+    attn = s.build(causal=True).eval()
+    q, k, v = s.qkv(2, DECODE_LEN, seed=21)
+    with torch.no_grad():
+        ref = attn(q, k, v)
+        for prompt in DECODE_PROMPTS:
+            end = DECODE_LEN if prompt == 0 else min(prompt + DECODE_STEPS, DECODE_LEN)
+            state = attn.init_state(2, DECODE_LEN, q.dtype, q.device)
+            out, state = attn.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], state)
+            s.close("decoding", out, ref[:, :, :prompt], f"prefill of a {prompt}-token prompt differs from the causal "
+                    "forward")
+            sizes = [state_bytes(state)]
+            for t in range(prompt, end):
+                out_t, state = attn.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
+                s.close("decoding", out_t, ref[:, :, t:t + 1], f"after a {prompt}-token prompt, the step at position "
+                        f"{t} differs from the causal forward")
+                sizes.append(state_bytes(state))
+            if prompt == 0:
+                _check_growth(s, sizes, state)
+        _check_padded_prefill(s, attn)
+        _check_full_state(s, attn)
+
+
+def _check_growth(s: _Subject, sizes: list[int], state: Any) -> None:
+    growth = s.info.state_growth
+    if any(b < a for a, b in zip(sizes, sizes[1:])) and growth != "window":
+        raise s.fail("decoding", f"state_bytes shrinks as the context grows: {sizes}")
+    if growth == "constant" and len(set(sizes[1:])) > 1:
+        raise s.fail("decoding", f"the info says state_growth='constant', but state_bytes changes with the context: "
+                     f"{sorted(set(sizes[1:]))} (contexts 1 to {DECODE_LEN}, max_len fixed)")
+    if growth == "window" and sizes[-1] != sizes[-2]:
+        raise s.fail("decoding", f"the info says state_growth='window', but state_bytes still grows at context "
+                     f"{DECODE_LEN} ({sizes[-2]} -> {sizes[-1]}): give params with a window below {DECODE_LEN}")
+    if sizes[-1] > state.capacity_bytes():
+        raise s.fail("decoding", f"state_bytes {sizes[-1]} exceeds the allocated capacity {state.capacity_bytes()}")
+
+
+def _check_padded_prefill(s: _Subject, attn: torch.nn.Module) -> None:
+    """Prompts of 13, 5 and 1 real tokens right-padded to 13 (junk in the padding), then 12 steps: every sequence
+    continues from its own end and matches its own causal forward."""
+    lengths, steps = [13, 5, 1], 12
+    q, k, v = s.qkv(3, max(lengths) + steps, seed=22)
+    ref = attn(q, k, v)
+    mask = right_padding_mask(lengths, max(lengths))
+    junk = [50.0 * t for t in s.qkv(3, max(lengths), seed=23)]
+    prompt = [torch.where(mask[:, None, :, None], t[:, :, :max(lengths)], z) for t, z in zip((q, k, v), junk)]
+    state = attn.init_state(3, max(lengths) + steps, q.dtype, q.device)
+    out, state = attn.prefill(*prompt, state, key_padding_mask=mask)
+    for b, n in enumerate(lengths):
+        s.close("decoding", out[b, :, :n], ref[b, :, :n], f"prefill of right-padded prompts: sequence {b}'s "
+                f"{n} real rows differ from the causal forward")
+    if state.lengths.tolist() != lengths:
+        raise s.fail("decoding", f"after a padded prefill the state's lengths are {state.lengths.tolist()}, "
+                     f"expected {lengths}")
+    rows = torch.arange(3)
+    for t in range(steps):
+        pos = torch.tensor(lengths) + t
+        new = [x[rows, :, pos][:, :, None] for x in (q, k, v)]
+        out_t, state = attn.step(*new, state)
+        s.close("decoding", out_t[:, :, 0], ref[rows, :, pos], f"step {t} after right-padded prompts of {lengths} "
+                "tokens: a sequence does not continue from its own end")
+
+
+def _check_full_state(s: _Subject, attn: torch.nn.Module) -> None:
+    q, k, v = s.qkv(1, 4, seed=24)
+    state = attn.init_state(1, 4, q.dtype, q.device)
+    _, state = attn.prefill(q, k, v, state)
+    try:
+        attn.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
+    except ValueError as exc:
+        if "max_len" not in str(exc):
+            raise s.fail("decoding", f"a step past max_len raised a ValueError not naming max_len: {exc}") from None
+    else:
+        raise s.fail("decoding", "a step past the state's max_len was accepted; it must raise a ValueError")
+
+
 def cpu_peak_bytes(step: Callable[[], Any]) -> int:
     """Allocator peak of ``step()`` on CPU, in bytes, from ``torch.profiler`` allocation events; memory
     allocated before the call does not count. The same figure as the harness's CPU measurements."""
@@ -438,6 +531,7 @@ CHECKS: dict[str, Callable[[_Subject], None]] = {
     "dropout": check_dropout,
     "max_seq_len": check_max_seq_len,
     "causality": check_causality,
+    "decoding": check_decoding,
     "memory_growth": check_memory_growth,
 }
 
@@ -449,7 +543,7 @@ def check_mechanism(name: str, params: Mapping[str, Any] | None = None, *, check
     ``params``: config overrides for the test sizes (heads 2, head_dim 8, lengths <= 64; memory at
     n = 1024 and 2048), e.g. budgets below those lengths. ``checks``: a subset of :data:`CHECKS` (default:
     all, in order). ``linear_memory``: whether to hold it to sub-quadratic memory growth (default: its
-    family is not ``exact``). ``causality`` runs only where the info says ``supports_causal``.
+    family is not ``exact``). ``causality`` and ``decoding`` run only where the info says ``supports_causal``.
 
     Raises :class:`ContractViolation` (an AssertionError) naming the mechanism, the first failed check and
     what was seen; ValueError for an unknown mechanism or check name.
@@ -463,7 +557,7 @@ def check_mechanism(name: str, params: Mapping[str, Any] | None = None, *, check
         linear_memory = subject.info.family != "exact"
     ran = []
     for check in selected:
-        if (check == "memory_growth" and not linear_memory) or (check == "causality"
+        if (check == "memory_growth" and not linear_memory) or (check in ("causality", "decoding")
                                                                   and not subject.info.supports_causal):
             continue
         CHECKS[check](subject)
