@@ -258,13 +258,15 @@ class ModelDecodeState:
     ``layers``: one :class:`attentions.DecodeState` per block (the mechanism's own business; the backbone reads
     only its public methods); ``lengths``: (batch,) long, tokens so far per sequence (the position the next token
     takes); ``prev_emb``: (batch, embed_dim), token_shift's embedding of each sequence's previous token (zeros
-    before the first), None without token_shift; ``max_len``: the most tokens a sequence may reach.
+    before the first), None without token_shift; ``max_len``: the most tokens a sequence may reach; ``longest``: the
+    longest sequence's length, kept on the host so that a step's bounds check reads no device tensor.
     """
 
     layers: list[DecodeState]
     lengths: torch.Tensor
     prev_emb: torch.Tensor | None
     max_len: int
+    longest: int = 0
 
     @property
     def batch(self) -> int:
@@ -349,6 +351,7 @@ class Encoder(nn.Module):
             last = self.token_emb(tokens[rows, (lengths - 1).clamp_min(0)])
             states.prev_emb = torch.where((lengths > 0)[:, None], last, torch.zeros_like(last))
         states.lengths = lengths
+        states.longest = int(lengths.max()) if lengths.numel() else 0
         return self.norm(x)
 
     def step(self, tokens: torch.Tensor, states: ModelDecodeState) -> torch.Tensor:
@@ -360,6 +363,7 @@ class Encoder(nn.Module):
         for block, state in zip(self.blocks, states.layers):
             x = block.step(x, state)
         states.lengths = states.lengths + 1
+        states.longest += 1
         if states.prev_emb is not None:
             states.prev_emb = emb
         return self.norm(x[:, 0])
@@ -466,7 +470,7 @@ class ArenaModel(nn.Module):
         if tokens.dim() != 2 or tokens.shape[0] != states.batch or tokens.shape[1] > states.max_len:
             raise ValueError(f"prefill's tokens must be (batch={states.batch}, n <= max_len={states.max_len}) "
                              f"(the states'), got shape {tuple(tokens.shape)}")
-        if bool((states.lengths != 0).any()):
+        if states.longest != 0:
             raise ValueError("prefill needs empty states (from init_states); these hold "
                              f"{states.lengths.tolist()} tokens")
         if mask is not None and (mask.shape != tokens.shape or mask.dtype != torch.bool or not is_right_padded(mask)):
@@ -484,7 +488,7 @@ class ArenaModel(nn.Module):
         if tokens.dim() != 1 or tokens.shape[0] != states.batch:
             raise ValueError(f"step's tokens must be (batch,) or (batch, 1) with batch={states.batch} (the states'), "
                              f"got shape {tuple(tokens.shape)}")
-        if int(states.lengths.max()) >= states.max_len:
+        if states.longest >= states.max_len:
             raise ValueError(f"the states are full: a step would exceed their max_len={states.max_len} "
                              "(init_states' max_len)")
         return self.head(self.encoder.step(tokens, states))
