@@ -27,6 +27,19 @@ carries its left neighbour, which the bidirectional MQAR recipe needs (see ``con
 classifier then pools with ``last`` (the last real token, the only one that has seen the
 whole sequence) or ``mean``; ``cls`` is refused because a CLS token in front would see
 only itself.
+
+Language model and incremental decoding (issue 24). A causal token-level model whose ``num_classes`` equals its
+``vocab_size`` (the decoder form of MQAR, ``tasks/mqar.py``) is a language model: its token head's logits at
+position i are the next-token logits (the distribution of token i + 1). Such a model decodes incrementally through
+every layer's :class:`attentions.DecodeState` (:class:`ModelDecodeState` holds them and what the backbone needs per
+sequence)::
+
+    states = model.init_states(batch, max_len)          # empty; max_len <= max_length
+    logits = model.prefill(tokens, mask, states)         # (batch, n, vocab): the prompt (right-padded)
+    logits_t = model.step(next_tokens, states)           # (batch, vocab): one more token per sequence
+    new = model.generate(prompt, max_new_tokens, mask)   # greedy: (batch, max_new_tokens)
+
+equal, position by position, the causal forward of the whole sequence (``tests/test_generate.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attentions import build_attention, get_attention_info, make_config
+from attentions import DecodeState, build_attention, get_attention_info, make_config, state_bytes
+from attentions.functional import is_right_padded
 
 POOLINGS = ("cls", "mean", "last")
 POS_EMBS = ("sinusoidal", "learned")
@@ -178,14 +192,33 @@ class MultiHeadAttention(nn.Module):
         self.attention = build_attention(config.attention, **config.attention_kwargs(layer))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self._project(x)
+        return self._merge(self.attention(q, k, v, key_padding_mask=mask))
+
+    def prefill(self, x: torch.Tensor, mask: torch.Tensor | None, state: DecodeState) -> torch.Tensor:
+        """:meth:`forward` of a prompt ``x`` (batch, n, embed_dim), filling the mechanism's ``state``."""
+        q, k, v = self._project(x)
+        out, _ = self.attention.prefill(q, k, v, state, key_padding_mask=mask, x=x)
+        return self._merge(out)
+
+    def step(self, x: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """:meth:`forward` of one new position ``x`` (batch, 1, embed_dim) through the mechanism's ``state``."""
+        q, k, v = self._project(x)
+        out, _ = self.attention.step(q, k, v, state, x=x)
+        return self._merge(out)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch, seq, embed_dim) -> q, k, v (batch, heads, seq, head_dim); k is q for shared_qk."""
         batch, seq, _ = x.shape
         proj = self.in_proj(x).view(batch, seq, -1, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.shared_qk:
-            q = k = proj[0]
-            v = proj[1]
-        else:
-            q, k, v = proj[0], proj[1], proj[2]
-        out = self.attention(q, k, v, key_padding_mask=mask)
+            qk = proj[0]  # one tensor: the mechanism may test `k is q`
+            return qk, qk, proj[1]
+        return proj[0], proj[1], proj[2]
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, seq, head_dim) -> the output projection (batch, seq, embed_dim)."""
+        batch, _, seq, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -203,9 +236,54 @@ class EncoderBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), mask))
+        return self._feed_forward(x + self.dropout(self.attn(self.norm1(x), mask)))
+
+    def prefill(self, x: torch.Tensor, mask: torch.Tensor | None, state: DecodeState) -> torch.Tensor:
+        """:meth:`forward` of a prompt, filling this layer's decoding ``state``."""
+        return self._feed_forward(x + self.dropout(self.attn.prefill(self.norm1(x), mask, state)))
+
+    def step(self, x: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """:meth:`forward` of one new position (batch, 1, embed_dim) through this layer's ``state``."""
+        return self._feed_forward(x + self.dropout(self.attn.step(self.norm1(x), state)))
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(self.act(self.ff1(self.norm2(x))))
         return x + self.dropout(self.ff2(h))
+
+
+@dataclass
+class ModelDecodeState:
+    """What a model holds while decoding a batch of sequences (:meth:`ArenaModel.init_states`).
+
+    ``layers``: one :class:`attentions.DecodeState` per block (the mechanism's own business; the backbone reads
+    only its public methods); ``lengths``: (batch,) long, tokens so far per sequence (the position the next token
+    takes); ``prev_emb``: (batch, embed_dim), token_shift's embedding of each sequence's previous token (zeros
+    before the first), None without token_shift; ``max_len``: the most tokens a sequence may reach; ``longest``: the
+    longest sequence's length, kept on the host so that a step's bounds check reads no device tensor.
+    """
+
+    layers: list[DecodeState]
+    lengths: torch.Tensor
+    prev_emb: torch.Tensor | None
+    max_len: int
+    longest: int = 0
+
+    @property
+    def batch(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+def decode_state_bytes(states: ModelDecodeState) -> int:
+    """Bytes the decoding states of every layer hold for the context so far, whole batch (the sum over layers of
+    :func:`attentions.state_bytes`; divide by the batch for bytes per sequence). The backbone's own per-sequence
+    bookkeeping (``lengths``, token_shift's ``prev_emb``: embed_dim floats, the same for every mechanism) is not
+    counted."""
+    return sum(state_bytes(layer) for layer in states.layers)
+
+
+def decode_capacity_bytes(states: ModelDecodeState) -> int:
+    """Bytes every layer's decoding state has allocated, whole batch (preallocated slots included)."""
+    return sum(layer.capacity_bytes() for layer in states.layers)
 
 
 class Encoder(nn.Module):
@@ -256,6 +334,39 @@ class Encoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x), mask
+
+    def prefill(self, tokens: torch.Tensor, mask: torch.Tensor | None, states: ModelDecodeState) -> torch.Tensor:
+        """:meth:`encode` of a causal prompt (B, n), right-padded by ``mask`` (checked), filling ``states``: every
+        layer's decoding state, each sequence's length (its real tokens) and, with token_shift, the embedding of
+        its last real token (zeros for an empty one). Final-LayerNorm states (B, n, embed_dim)."""
+        x = self.token_emb(tokens)
+        if self.config.token_shift:  # as encode: position i gets token i-1's embedding
+            x = x + F.pad(x, (0, 0, 1, 0))[:, :-1]
+        x = self.dropout(x + self.pos_emb[: x.shape[1]])
+        for block, state in zip(self.blocks, states.layers):
+            x = block.prefill(x, mask, state)
+        lengths = mask.sum(dim=1) if mask is not None else torch.full_like(states.lengths, tokens.shape[1])
+        if states.prev_emb is not None and tokens.shape[1] > 0:
+            rows = torch.arange(tokens.shape[0], device=tokens.device)
+            last = self.token_emb(tokens[rows, (lengths - 1).clamp_min(0)])
+            states.prev_emb = torch.where((lengths > 0)[:, None], last, torch.zeros_like(last))
+        states.lengths = lengths
+        states.longest = int(lengths.max()) if lengths.numel() else 0
+        return self.norm(x)
+
+    def step(self, tokens: torch.Tensor, states: ModelDecodeState) -> torch.Tensor:
+        """One new token per sequence, ``tokens`` (B,), at position ``states.lengths[b]`` (its own position
+        embedding; with token_shift, plus the previous token's embedding). Final-LayerNorm state (B, embed_dim)."""
+        emb = self.token_emb(tokens)
+        x = emb + states.prev_emb if states.prev_emb is not None else emb
+        x = self.dropout(x + self.pos_emb[states.lengths])[:, None]
+        for block, state in zip(self.blocks, states.layers):
+            x = block.step(x, state)
+        states.lengths = states.lengths + 1
+        states.longest += 1
+        if states.prev_emb is not None:
+            states.prev_emb = emb
+        return self.norm(x[:, 0])
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x, mask = self.encode(tokens, mask)
@@ -319,6 +430,140 @@ class ArenaModel(nn.Module):
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits for a task batch dict (``tokens``, ``mask`` and, for pairs, ``tokens2``, ``mask2``)."""
         return self(batch["tokens"], batch["mask"], batch.get("tokens2"), batch.get("mask2"))
+
+    # ------------------------------------------------------------------------------------ decoding (issue 24)
+
+    @property
+    def is_language_model(self) -> bool:
+        """Causal, token-level and ``num_classes == vocab_size``: the token head's logits at position i are the
+        next-token logits (the MQAR decoder form, ``tasks/mqar.py``); :meth:`generate` needs this."""
+        cfg = self.config
+        return cfg.causal and cfg.token_level and cfg.num_classes == cfg.vocab_size
+
+    def init_states(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> ModelDecodeState:
+        """Empty decoding states for ``batch`` sequences of up to ``max_len`` tokens (prompt and new tokens).
+
+        ``dtype``/``device``: of the q, k, v the layers will see (default: the model's parameters'). Raises
+        ValueError for a model that is not causal and token-level, or ``max_len`` above ``max_length`` (the
+        position table's length) or below 1.
+        """
+        self._check_decodable("init_states")
+        cfg = self.config
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cfg.max_length:
+            raise ValueError(f"init_states' max_len must be an int in [1, max_length={cfg.max_length}] (the model's "
+                             f"position table), got {max_len!r}")
+        param = next(self.parameters())
+        dtype = dtype or param.dtype
+        device = torch.device(device) if device is not None else param.device
+        layers = [block.attn.attention.init_state(batch, max_len, dtype, device) for block in self.encoder.blocks]
+        prev = torch.zeros(batch, cfg.embed_dim, dtype=param.dtype, device=device) if cfg.token_shift else None
+        return ModelDecodeState(layers, torch.zeros(batch, dtype=torch.long, device=device), prev, max_len)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, mask: torch.Tensor | None, states: ModelDecodeState) -> torch.Tensor:
+        """Feed prompts ``tokens`` (batch, n), ``n >= 0``, right-padded by ``mask`` (bool, True = real; None = all
+        real), into empty ``states``. Returns the head's logits (batch, n, num_classes), equal to the causal forward's
+        at real positions (padded rows: anything finite). Each sequence then continues from its own end.
+        ValueError: not decodable, training mode, states not empty, shapes, a mask not right-padded."""
+        self._check_decodable("prefill")
+        if tokens.dim() != 2 or tokens.shape[0] != states.batch or tokens.shape[1] > states.max_len:
+            raise ValueError(f"prefill's tokens must be (batch={states.batch}, n <= max_len={states.max_len}) "
+                             f"(the states'), got shape {tuple(tokens.shape)}")
+        if states.longest != 0:
+            raise ValueError("prefill needs empty states (from init_states); these hold "
+                             f"{states.lengths.tolist()} tokens")
+        if mask is not None and (mask.shape != tokens.shape or mask.dtype != torch.bool or not is_right_padded(mask)):
+            raise ValueError(f"prefill's mask must be bool with the tokens' shape {tuple(tokens.shape)}, right-padded "
+                             f"(real tokens, then padding); got {mask.dtype} {tuple(mask.shape)}")
+        return self.head(self.encoder.prefill(tokens, mask, states))
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, states: ModelDecodeState) -> torch.Tensor:
+        """One new token per sequence, ``tokens`` (batch,) or (batch, 1), each at its sequence's own next position.
+        Returns the head's logits (batch, num_classes): for a language model the next-token logits. ValueError:
+        not decodable, training mode, wrong shape, or states already at their ``max_len``."""
+        self._check_decodable("step")
+        tokens = tokens.reshape(-1) if tokens.dim() == 2 and tokens.shape[1] == 1 else tokens
+        if tokens.dim() != 1 or tokens.shape[0] != states.batch:
+            raise ValueError(f"step's tokens must be (batch,) or (batch, 1) with batch={states.batch} (the states'), "
+                             f"got shape {tuple(tokens.shape)}")
+        if states.longest >= states.max_len:
+            raise ValueError(f"the states are full: a step would exceed their max_len={states.max_len} "
+                             "(init_states' max_len)")
+        return self.head(self.encoder.step(tokens, states))
+
+    @torch.no_grad()
+    def generate(self, prompt_tokens: torch.Tensor, max_new_tokens: int,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding: the ``max_new_tokens`` tokens (batch, max_new_tokens) that follow each prompt, each the
+        argmax of the next-token logits, through every layer's decoding state (prefill, then one step per token).
+
+        ``prompt_tokens`` (batch, n) right-padded by ``mask`` (None = all real); every sequence needs a real token
+        and continues from its own end. Runs in eval mode (restored after). ValueError: not a language model
+        (:attr:`is_language_model`), ``max_new_tokens`` not an int >= 0, an empty prompt, or a prompt's real
+        tokens plus ``max_new_tokens`` above ``max_length``.
+        """
+        self._check_language_model()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        lengths = self._prompt_lengths(prompt_tokens, mask)
+        batch, n = prompt_tokens.shape
+        longest = int(lengths.max())
+        if longest + max_new_tokens > self.config.max_length:
+            raise ValueError(f"generate: the longest prompt ({longest} real tokens) plus max_new_tokens="
+                             f"{max_new_tokens} is {longest + max_new_tokens} positions, more than the model's "
+                             f"max_length={self.config.max_length} (its position table; harness.generate.with_context "
+                             "gives a longer one)")
+        if max_new_tokens == 0:
+            return prompt_tokens.new_zeros(batch, 0)
+        was_training = self.training
+        self.eval()
+        try:
+            states = self.init_states(batch, max(n, longest + max_new_tokens), device=prompt_tokens.device)
+            logits = self.prefill(prompt_tokens, mask, states)
+            new = [logits[torch.arange(batch, device=logits.device), lengths - 1].argmax(dim=-1)]
+            for _ in range(max_new_tokens - 1):
+                new.append(self.step(new[-1], states).argmax(dim=-1))
+        finally:
+            self.train(was_training)
+        return torch.stack(new, dim=1)
+
+    def _prompt_lengths(self, prompt_tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Real tokens per prompt (batch,); ValueError for a bad shape, an empty prompt or one too long."""
+        if not isinstance(prompt_tokens, torch.Tensor) or prompt_tokens.dim() != 2:
+            got = tuple(prompt_tokens.shape) if isinstance(prompt_tokens, torch.Tensor) else type(prompt_tokens)
+            raise ValueError(f"prompt_tokens must be a (batch, n) tensor of token ids, got {got}")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != prompt_tokens.shape
+                                 or mask.dtype != torch.bool):
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be bool with the prompt's shape {tuple(prompt_tokens.shape)} (True = real "
+                             f"token, right-padded), got {got}")
+        lengths = mask.sum(dim=1) if mask is not None else torch.full(
+            prompt_tokens.shape[:1], prompt_tokens.shape[1], device=prompt_tokens.device)
+        if prompt_tokens.shape[1] == 0 or bool((lengths == 0).any()):
+            raise ValueError("generate needs at least one real prompt token per sequence (the first new token is "
+                             "predicted from the last one)")
+        if prompt_tokens.shape[1] > self.config.max_length:
+            raise ValueError(f"prompt_tokens has {prompt_tokens.shape[1]} positions, more than the model's "
+                             f"max_length={self.config.max_length}")
+        return lengths
+
+    def _check_decodable(self, what: str) -> None:
+        cfg = self.config
+        if not (cfg.causal and cfg.token_level):
+            raise ValueError(f"{what}: incremental decoding needs a causal token-level model (model.causal=true and a "
+                             f"token-level task); this one has causal={cfg.causal}, token_level={cfg.token_level}")
+        if self.training:
+            raise ValueError(f"{what}: decoding runs in inference; call model.eval() first (dropout off)")
+
+    def _check_language_model(self) -> None:
+        cfg = self.config
+        if not self.is_language_model:
+            raise ValueError(
+                "generate needs a language model: causal, token-level, and num_classes == vocab_size (the token head "
+                f"predicts the next token); this model has causal={cfg.causal}, token_level={cfg.token_level}, "
+                f"num_classes={cfg.num_classes}, vocab_size={cfg.vocab_size}")
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         """Parameter count (tied projections counted once)."""

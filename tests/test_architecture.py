@@ -33,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "harness.analysis": set(),
     "harness.display": {"harness.analysis"},
     "harness.model": {"attentions"},
+    "harness.generate": {"attentions", "harness.model", "harness.checkpoint", "harness.plugins"},
     "harness.plugins": {"attentions", "tasks"},
     "harness.overhead": {"tasks", "harness.model"},
     "harness.precision": {"attentions"},
