@@ -140,8 +140,8 @@ class SlidingWindowAttention(Attention):
         check_slots(self.name, state, KVSlots, slots=ring_slots(self.config.window, state.max_len))
         pos = state.lengths
         write_slots(state.k, state.v, k, v, pos)
-        allowed = filled(state.slots, pos)
-        return attend_slots(q, state.k, state.v, None if bool(allowed.all()) else allowed)
+        # Always the mask, never a test of it: no host sync, so the step can be captured in a CUDA graph.
+        return attend_slots(q, state.k, state.v, filled(state.slots, pos))
 
 
 def ring_slots(window: int, max_len: int) -> int:
