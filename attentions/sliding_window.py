@@ -140,7 +140,7 @@ class SlidingWindowAttention(Attention):
         check_slots(self.name, state, KVSlots, slots=ring_slots(self.config.window, state.max_len))
         pos = state.lengths
         write_slots(state.k, state.v, k, v, pos)
-        # Always the mask, never a test of it: no host sync, so the step can be captured in a CUDA graph.
+        # Always the mask, never a test of it: no host sync in this hook (what a CUDA-graph-captured step needs).
         return attend_slots(q, state.k, state.v, filled(state.slots, pos))
 
 
