@@ -24,6 +24,16 @@ its own block with ``j <= i`` inside, to the global blocks (all before it), and 
 drawn among the fully past blocks ``g .. i-2`` (a different draw from the bidirectional one, from the
 same ``seed``); global rows attend to the keys up to themselves. Same blocked computation with one
 band block fewer, still no ``n x n`` tensor.
+
+Decoding (issue 24; :mod:`attentions._kv_slots`): a KV cache of the whole past, ``(batch, heads, max_len,
+head_dim)``, slot = position, and a step that reads only the keys its causal row allows. The whole past, because
+the random blocks of the rows still to come are drawn (from ``seed`` and ``max_seq_len``) among all the fully past
+blocks ``g .. i-2``: a later row may reach any past block, so no block can be dropped. The step at position ``p``
+(query block ``i = p // block_size``) gathers the global positions ``0 .. g b - 1``, the band blocks ``i-1, i`` and
+the row's random blocks (``random_blocks[i]``, the buffer the forward uses), and keeps the keys ``j <= p``, the
+band's global keys counted once (in the global segment): for ``i >= g`` exactly the keys of the local part of
+:func:`bigbird_parts`, for a global row (``i < g``; no random blocks, its band inside the global blocks) exactly
+the global part's keys ``0 .. p``. One joint softmax over them is the causal row, up to float rounding.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _blocked as blk
+from ._kv_slots import KVSlots, attend_slots, check_slots, fill_slots, write_slots
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
@@ -135,6 +146,10 @@ def bigbird_state_size(config: BigBirdConfig, seq_len: int) -> int:
     exact=True,
     state_size_fn=bigbird_state_size,
     needs_max_seq_len=True,
+    supports_decoding=True,
+    decoding_note="KV cache of the whole past (random blocks may reach any past block); a step gathers the global, "
+                  "band and its random blocks' keys j <= p",
+    state_growth="linear",
 )
 class BigBirdAttention(Attention):
     """BigBird attention: 3-block band, global blocks and seeded random blocks (ITC)."""
@@ -157,6 +172,51 @@ class BigBirdAttention(Attention):
                               cfg.causal)
         run = blk.attend_recompute if cfg.recompute else blk.attend_stored
         return run(q, k, v, parts, key_padding_mask, cfg.dropout if self.training else 0.0)
+
+    # Decoding: the whole past's KV cache, read through the causal row's pattern (module docstring).
+    # Inference only: no dropout in the step.
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVSlots:
+        return KVSlots(batch, max_len, max_len, self.config.num_heads, self.config.head_dim, dtype, device)
+
+    def prefill_state(self, q, k, v, key_padding_mask, state) -> torch.Tensor:
+        check_slots(self.name, state, KVSlots, slots=state.max_len)
+        fill_slots(state.k, state.v, k, v, None)  # slots >= n: a copy of the prompt (padded slots zero)
+        return self.attend(q, k, v, key_padding_mask) if q.shape[2] else q.new_zeros(q.shape)
+
+    def step_state(self, q, k, v, state) -> torch.Tensor:
+        check_slots(self.name, state, KVSlots, slots=state.max_len)
+        cfg = self.config
+        pos = state.lengths
+        write_slots(state.k, state.v, k, v, pos)
+        key_pos, allowed = step_keys(pos, cfg.block_size, cfg.num_global_blocks, self.random_blocks.to(pos.device),
+                                     state.max_len)
+        batch, heads, _, d = q.shape
+        index = key_pos.clamp(0, state.max_len - 1)[:, None, :, None].expand(batch, heads, -1, d)
+        return attend_slots(q, state.k.gather(2, index), state.v.gather(2, index), allowed)
+
+
+def step_keys(pos: torch.Tensor, block: int, num_global: int, random_blocks: torch.Tensor, max_len: int,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key positions a causal query at ``pos`` ``(batch,)`` (each ``< max_len``) reads: ``(batch, K)`` long
+    positions (``NO_KEY`` or beyond ``pos``: none) and ``(batch, K)`` bool allowed, ``K = min(g b, max_len) + (2 + r)
+    b``.
+
+    Segments: the global positions ``0 .. min(g b, max_len) - 1``; the band blocks ``i - 1, i`` (``i = pos //
+    block``), masked where they lie in a global block (the global segment holds those keys); the random blocks
+    ``random_blocks[i]``; every key ``j <= pos``. The module docstring says why this is the causal row of
+    :func:`bigbird_parts`.
+    """
+    n_glob = num_global * block
+    row = pos // block
+    glob = torch.arange(min(n_glob, max_len), device=pos.device).expand(pos.shape[0], -1)
+    band = (row - 1)[:, None] * block + torch.arange(2 * block, device=pos.device)
+    rand = blk.block_positions(random_blocks[row], block)
+    key_pos = torch.cat([glob, band, rand], dim=1)
+    allowed = (key_pos >= 0) & (key_pos <= pos[:, None])
+    first_band = glob.shape[1]
+    allowed[:, first_band: first_band + 2 * block] &= band >= n_glob
+    return key_pos, allowed
 
 
 def bigbird_parts(n: int, block: int, num_global: int, random_blocks: torch.Tensor, causal: bool) -> list[blk.Part]:

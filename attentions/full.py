@@ -22,6 +22,14 @@ padding is handled by its shape: with right padding (the decoder case, and no pa
 key before a real query is real, so the causal mask alone is exact for real rows (padded rows stay
 finite: ``Attention.forward`` has zeroed the padded slots). Any other padding (a gap, left
 padding) gets the combined boolean mask, dense but correct.
+
+Decoding (issue 24; :mod:`attentions._kv_slots`): a KV cache, ``(batch, heads, max_len, head_dim)`` keys and values
+preallocated in the dtype given to ``init_state``, slot = position. The prefill runs the causal forward and writes
+the prompt's keys and values; a step writes the new token's at slot ``lengths[b]`` and reads slots
+``0 .. lengths[b]`` with the fused kernel (SDPA: over ``[:n]`` unmasked when every sequence is at the same length,
+else with the boolean mask ``slot <= lengths[b]``). Why it is exact: row ``p`` of the causal forward is the softmax
+of ``q_p`` over the keys ``j <= p`` times their values, and those are exactly the cache's slots ``0 .. p`` (slots
+beyond ``p`` are masked or not read), so the step computes the same joint softmax, up to float rounding.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 
 from ._dropout import draw_seed
 from ._full_chunked import chunked_attention
+from ._kv_slots import KVSlots, attend_slots, check_slots, fill_slots, filled, write_slots
 from .base import Attention
 from .functional import causal_allowed, is_right_padded, reference_attention
 from .registry import AttentionConfig, register_attention
@@ -100,6 +109,9 @@ def full_state_size(config: FullConfig, seq_len: int) -> int:
     state_size_fn=full_state_size,
     supports_causal=True,
     causal_note="decoder self-attention: SDPA is_causal / xformers LowerTriangularMask; dense mask on the reference",
+    supports_decoding=True,
+    decoding_note="KV cache (slot = position); a step reads slots 0..p with SDPA: the causal row p's keys j <= p",
+    state_growth="linear",
 )
 class FullAttention(Attention):
     """Exact softmax attention (Vaswani et al. 2017)."""
@@ -148,6 +160,26 @@ class FullAttention(Attention):
             return _xformers_attention(q, k, v, key_padding_mask, dropout)
         attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+
+    # Decoding: the KV cache (module docstring). Inference only: no dropout in the step.
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVSlots:
+        return KVSlots(batch, max_len, max_len, self.config.num_heads, self.config.head_dim, dtype, device)
+
+    def prefill_state(self, q, k, v, key_padding_mask, state) -> torch.Tensor:
+        check_slots(self.name, state, KVSlots, slots=state.max_len)
+        fill_slots(state.k, state.v, k, v, None)  # slots = max_len >= n: a copy of the prompt (padded slots zero)
+        return self.attend(q, k, v, key_padding_mask) if q.shape[2] else q.new_zeros(q.shape)
+
+    def step_state(self, q, k, v, state) -> torch.Tensor:
+        check_slots(self.name, state, KVSlots, slots=state.max_len)
+        pos = state.lengths  # the new token's position, per sequence
+        write_slots(state.k, state.v, k, v, pos)
+        n = int(pos.max()) + 1
+        # Every sequence at the same position: slots 0 .. n - 1 are exactly its keys j <= p, no mask needed.
+        allowed = None if bool((pos == pos[0]).all()) else filled(n, pos)
+        self._last_backend = "sdpa"
+        return attend_slots(q, state.k[:, :, :n], state.v[:, :, :n], allowed)
 
 
 def causal_mask_plan(key_padding_mask: torch.Tensor | None) -> str:

@@ -16,6 +16,22 @@ character-LM uses dilated causal windows and no global tokens; we keep the patte
 ahead, so the causal cell measures the same mechanism: query ``i`` sees ``i - window // 2 .. i`` and the
 global positions before that, a global position ``p`` sees every key ``j <= p``. Still blocked, left
 neighbour blocks only; the global rows are a dense ``(g, n)`` block with a ``j <= p`` mask.
+
+Decoding (issue 24; :mod:`attentions._kv_slots`), derived from that causal form. The global positions are fixed by
+the config, so a global query can come at any later step up to the last global position below ``max_len``,
+``P``, and it reads every key before it. The state is therefore (:class:`LongformerState`):
+
+- the band's ring of ``window // 2 + 1`` slots, as in ``sliding_window`` (position ``p`` in slot ``p % slots``);
+- a prefix cache of the positions ``0 .. P`` (slot = position; empty without global positions below ``max_len``):
+  the whole past while a global position still lies ahead, and the global keys for every later query.
+
+A step at a non-global position ``p`` reads the ring's filled slots (``p - window // 2 .. p``) and the global keys
+``g < p - window // 2`` from the prefix cache (those in the band are read once, from the ring); a step at a global
+position ``p`` reads the prefix cache's slots ``0 .. p``. Why it is exact: these are exactly the keys of causal row
+``p`` in :func:`longformer_parts` (band part: band plus the globals left of it; global rows: every ``j <= p``),
+each once, in one joint softmax. So the state is bounded by ``window // 2 + 1 + P + 1`` slots, not by the context
+(``state_growth="window"``): with the default ``global_positions=(0,)`` it is the ring plus one slot; a config
+with a global position far ahead holds the whole past up to it.
 """
 
 from __future__ import annotations
@@ -26,9 +42,10 @@ from dataclasses import dataclass
 import torch
 
 from . import _blocked as blk
+from ._kv_slots import KVSlots, attend_slots, check_slots, filled, write_slots
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
-from .sliding_window import band_part, band_pattern, validate_window
+from .sliding_window import band_part, band_pattern, fill_ring, ring_slots, validate_window
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,10 @@ def longformer_state_size(config: LongformerConfig, seq_len: int) -> int:
     exact=True,
     state_size_fn=longformer_state_size,
     needs_max_seq_len=False,
+    supports_decoding=True,
+    decoding_note="band ring + cache of positions 0..last global (< max_len): a global step reads j <= p, others "
+                  "the ring and earlier globals",
+    state_growth="window",
 )
 class LongformerAttention(Attention):
     """Longformer attention: sliding band plus global tokens that see and are seen by every token."""
@@ -99,6 +120,72 @@ class LongformerAttention(Attention):
         run = blk.attend_recompute if cfg.recompute else blk.attend_stored
         return run(q, k, v, longformer_parts(n, cfg.window // 2, glob, cfg.causal), key_padding_mask,
                    cfg.dropout if self.training else 0.0)
+
+    # Decoding: the band's ring plus the prefix cache up to the last global position (module docstring).
+    # Inference only: no dropout in the step.
+
+    def _layout(self, max_len: int) -> dict[str, int]:
+        glob = [p for p in self._global if p < max_len]
+        return {"slots": ring_slots(self.config.window, max_len), "prefix_slots": glob[-1] + 1 if glob else 0}
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> LongformerState:
+        lay = self._layout(max_len)
+        return LongformerState(batch, max_len, lay["slots"], lay["prefix_slots"], self.config.num_heads,
+                               self.config.head_dim, dtype, device)
+
+    def prefill_state(self, q, k, v, key_padding_mask, state) -> torch.Tensor:
+        check_slots(self.name, state, LongformerState, **self._layout(state.max_len))
+        fill_ring(state, k, v, key_padding_mask)
+        m = min(k.shape[2], state.prefix_slots)
+        state.pk[:, :, :m], state.pv[:, :, :m] = k[:, :, :m], v[:, :, :m]  # padded slots are zero; steps overwrite
+        return self.attend(q, k, v, key_padding_mask) if q.shape[2] else q.new_zeros(q.shape)
+
+    def step_state(self, q, k, v, state) -> torch.Tensor:
+        check_slots(self.name, state, LongformerState, **self._layout(state.max_len))
+        pos = state.lengths
+        write_slots(state.k, state.v, k, v, pos)
+        in_prefix = torch.nonzero(pos < state.prefix_slots).flatten()
+        write_slots(state.pk, state.pv, k, v, pos, rows=in_prefix)
+        glob = torch.tensor([p for p in self._global if p < state.prefix_slots], dtype=torch.long, device=pos.device)
+        is_global = torch.isin(pos, glob)
+        if not bool(is_global.any()):  # the usual step: no sequence at a global position
+            return self._band_step(q, state, pos, glob, None)
+        out = torch.empty_like(q)
+        local = torch.nonzero(~is_global).flatten()
+        if local.numel():
+            out[local] = self._band_step(q[local], state, pos[local], glob, local)
+        rows = torch.nonzero(is_global).flatten()
+        # A global query: every key j <= p, all in the prefix cache (p <= the last global position).
+        n = int(pos[rows].max()) + 1
+        out[rows] = attend_slots(q[rows], state.pk[rows, :, :n], state.pv[rows, :, :n], filled(n, pos[rows]))
+        return out
+
+    def _band_step(self, q, state: LongformerState, pos, glob, rows) -> torch.Tensor:
+        """Non-global queries at ``pos`` (of the sequences ``rows``, None: all): the ring's filled slots (the band)
+        and the global keys left of the band, from the prefix cache."""
+        ring_k, ring_v, pk, pv = (t if rows is None else t[rows] for t in (state.k, state.v, state.pk, state.pv))
+        keys = torch.cat([ring_k, pk.index_select(2, glob)], dim=2)
+        values = torch.cat([ring_v, pv.index_select(2, glob)], dim=2)
+        allowed = torch.cat([filled(ring_k.shape[2], pos), glob[None, :] < (pos - self.config.window // 2)[:, None]],
+                            dim=1)
+        return attend_slots(q, keys, values, None if bool(allowed.all()) else allowed)
+
+
+class LongformerState(KVSlots):
+    """The band's ring ``k``/``v`` ``(batch, heads, slots, d)`` (position ``p`` in slot ``p % slots``) and the prefix
+    cache ``pk``/``pv`` ``(batch, heads, prefix_slots, d)`` of the positions ``0 .. last global`` (slot = position)."""
+
+    positional = ("k", "v", "pk", "pv")
+
+    def __init__(self, batch: int, max_len: int, slots: int, prefix_slots: int, heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(batch, max_len, slots, heads, head_dim, dtype, device)
+        self.pk, self.pv = (torch.zeros(batch, heads, prefix_slots, head_dim, dtype=dtype, device=device)
+                            for _ in range(2))
+
+    @property
+    def prefix_slots(self) -> int:
+        return int(self.pk.shape[2])
 
 
 def longformer_parts(n: int, half: int, glob: torch.Tensor, causal: bool) -> list[blk.Part]:

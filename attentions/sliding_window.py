@@ -10,6 +10,14 @@ Causal (``causal=True``): the left half of the band, ``i - window // 2 <= j <= i
 of causal language models, as in local-attention's ``causal=True``: the window keeps its half-width
 and loses the future side, so ``window // 2 + 1`` keys per row). Only the left neighbour blocks and
 the own block are gathered (no right blocks), so the causal band costs about half the bidirectional one.
+
+Decoding (issue 24; :mod:`attentions._kv_slots`): a ring buffer of ``window // 2 + 1`` key-value slots (fewer when
+``max_len`` is smaller), position ``p`` in slot ``p % slots``, per-sequence lengths. The prefill runs the causal
+forward and keeps each sequence's last ``slots`` real keys and values; a step writes the new token over the oldest
+slot and attends to the filled slots with SDPA. Why it is exact: causal row ``p`` reads the keys
+``p - window // 2 .. p`` (:func:`band_pattern`, ``0 <= p - j <= window // 2``), at most ``window // 2 + 1`` of
+them, and after the write the ring holds exactly those: the ``min(p + 1, slots)`` latest positions, each in its
+own slot (``p % slots``). The joint softmax over them is the causal row, up to float rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _blocked as blk
+from ._kv_slots import KVSlots, attend_slots, check_slots, fill_slots, filled, write_slots
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
@@ -103,6 +112,9 @@ def sliding_window_state_size(config: SlidingWindowConfig, seq_len: int) -> int:
     exact=True,
     state_size_fn=sliding_window_state_size,
     needs_max_seq_len=False,
+    supports_decoding=True,
+    decoding_note="ring of the window // 2 + 1 latest keys/values (slot p % size); a step reads the band j >= p - w//2",
+    state_growth="window",
 )
 class SlidingWindowAttention(Attention):
     """Sliding-window attention: each token attends to the keys within window // 2 positions of it."""
@@ -112,3 +124,34 @@ class SlidingWindowAttention(Attention):
         parts = [band_part(q.shape[2], cfg.window // 2, cfg.causal)]
         run = blk.attend_recompute if cfg.recompute else blk.attend_stored
         return run(q, k, v, parts, key_padding_mask, cfg.dropout if self.training else 0.0)
+
+    # Decoding: the ring buffer of the causal band (module docstring). Inference only: no dropout in the step.
+
+    def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVSlots:
+        slots = ring_slots(self.config.window, max_len)
+        return KVSlots(batch, max_len, slots, self.config.num_heads, self.config.head_dim, dtype, device)
+
+    def prefill_state(self, q, k, v, key_padding_mask, state) -> torch.Tensor:
+        check_slots(self.name, state, KVSlots, slots=ring_slots(self.config.window, state.max_len))
+        fill_ring(state, k, v, key_padding_mask)
+        return self.attend(q, k, v, key_padding_mask) if q.shape[2] else q.new_zeros(q.shape)
+
+    def step_state(self, q, k, v, state) -> torch.Tensor:
+        check_slots(self.name, state, KVSlots, slots=ring_slots(self.config.window, state.max_len))
+        pos = state.lengths
+        write_slots(state.k, state.v, k, v, pos)
+        # Always the mask, never a test of it: no host sync in this hook (what a CUDA-graph-captured step needs).
+        return attend_slots(q, state.k, state.v, filled(state.slots, pos))
+
+
+def ring_slots(window: int, max_len: int) -> int:
+    """Slots of the causal band's ring: the ``window // 2 + 1`` keys a causal row reads, at most ``max_len``."""
+    return min(window // 2 + 1, max_len)
+
+
+def fill_ring(state: KVSlots, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
+    """Each sequence's last ``state.slots`` real prompt keys/values into the ring (prompt ``(batch, heads, n, d)``)."""
+    n = k.shape[2]
+    lengths = key_padding_mask.sum(dim=1) if key_padding_mask is not None else state.lengths.new_full(
+        (k.shape[0],), n)
+    fill_slots(state.k, state.v, k, v, lengths)
