@@ -92,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
               "overrides": [], "workers": 2, "threads_per_worker": 1, "verbose": False,
               # Per-recipe overrides: quick ListOps shortened to fit two seeds of everything in the budget.
               "recipe_overrides": {"quick/listops": ["train.max_steps=500"]},
+              "recipe_seeds": {},
               # Recall ladder (Zoology Figure 2 layout): the recipe again at each [seq_len, num_kv_pairs].
               "ladder": {"experiment": "quick/mqar", "points": [[64, 16]], "seeds": [0]}},
     "smoke": {
@@ -120,6 +121,7 @@ class TrainSweep(Settings):
     threads_per_worker: int
     verbose: bool  # the worker commands and every run's own log lines (per-step lines), not only a line per run
     recipe_overrides: dict
+    recipe_seeds: dict  # per-recipe seeds in place of ``seeds`` (quick ListOps: one seed in the default suite)
     ladder: dict
 
 
@@ -201,6 +203,11 @@ def check_sections(s: Mapping) -> None:
     train, ladder = s["train"], dict(s["train"].get("ladder") or {})
     for i, seed in enumerate([*train["seeds"], *(ladder.get("seeds") or [])]):
         as_int(seed, "train.seeds" if i < len(train["seeds"]) else "train.ladder.seeds", minimum=0)
+    for recipe, seeds in dict(train.get("recipe_seeds") or {}).items():
+        if not isinstance(seeds, list | tuple) or not seeds:
+            raise ValueError(f"invalid 'train.recipe_seeds.{recipe}': a non-empty list of seeds, got {seeds!r}")
+        for seed in seeds:
+            as_int(seed, f"train.recipe_seeds.{recipe}", minimum=0)
     for point in ladder.get("points") or []:
         if not (isinstance(point, list | tuple) and len(point) == 2):
             raise ValueError(f"invalid 'train.ladder.points': each point is [seq_len, num_kv_pairs], got {point!r}")
@@ -263,6 +270,7 @@ def check_experiments(train: Mapping) -> None:
     """ValueError naming every recipe of ``train`` (experiments, recipe_overrides, the ladder's) that has no
     ``conf/experiment/<name>.yaml``, with the available ones: raised before anything runs."""
     named = [*(train.get("experiments") or []), *dict(train.get("recipe_overrides") or {}),
+             *dict(train.get("recipe_seeds") or {}),
              *([train["ladder"]["experiment"]] if (train.get("ladder") or {}).get("experiment") else [])]
     available = available_experiments()
     unknown = [str(e) for e in named if str(e) not in available]
@@ -354,15 +362,18 @@ def sweep_parts(s: SuiteSettings, mechanisms: list[str],
     causal = [m for m in mechanisms if get_attention_info(m).supports_causal]
     seeds = [int(x) for x in s.train.seeds]
     per_recipe = {str(k): [str(o) for o in v] for k, v in dict(s.train.recipe_overrides or {}).items()}
-    groups: dict[tuple[bool, tuple[str, ...]], list[str]] = {}
-    for exp in experiments:  # one part per (causal?, the recipe's own overrides)
-        groups.setdefault((recipe_is_causal(exp), tuple(per_recipe.get(exp, []))), []).append(exp)
+    own_seeds = {str(k): tuple(int(x) for x in v) for k, v in dict(s.train.recipe_seeds or {}).items()}
+    groups: dict[tuple[bool, tuple[str, ...], tuple[int, ...]], list[str]] = {}
+    for exp in experiments:  # one part per (causal?, the recipe's own overrides, its seeds)
+        key = (recipe_is_causal(exp), tuple(per_recipe.get(exp, [])), own_seeds.get(exp, tuple(seeds)))
+        groups.setdefault(key, []).append(exp)
     parts = []
-    for i, ((is_causal, extra), exps) in enumerate(groups.items()):
+    for i, ((is_causal, extra, part_seeds), exps) in enumerate(groups.items()):
         mechs = causal if is_causal else mechanisms
         if mechs:
-            parts.append((("causal" if is_causal else "bidir") + (f"{i}" if extra else ""), mechs, exps,
-                          list(extra), seeds))
+            own = bool(extra) or list(part_seeds) != seeds
+            parts.append((("causal" if is_causal else "bidir") + (f"{i}" if own else ""), mechs, exps,
+                          list(extra), list(part_seeds)))
     ladder = dict(s.train.ladder or {})
     exp = ladder.get("experiment")
     if exp and exp in experiments:  # a rung of a recipe the sweep runs (resolve_suite checked that it exists)

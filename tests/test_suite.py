@@ -124,6 +124,21 @@ def test_sweep_parts_give_causal_recipes_only_causal_mechanisms_and_the_ladder(t
     assert all(any(c.startswith("hydra.sweep.dir=") and "ladder-L64-k16" in c for c in cmd) for _, cmd in jobs)
 
 
+def test_recipe_seeds_give_a_recipe_its_own_seeds_and_bad_ones_are_named(tmp_path):
+    mechanisms = available_attentions()
+    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu",
+                             "train": {"experiments": ["quick/listops", "quick/mqar"], "seeds": [0, 1],
+                                       "recipe_seeds": {"quick/listops": [0]},
+                                       "ladder": {"points": []}}})
+    parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, ["quick/listops", "quick/mqar"])}
+    assert parts == {"bidir0": [mechanisms, ["quick/listops"], ["train.max_steps=500"], [0]],
+                     "bidir": [mechanisms, ["quick/mqar"], [], [0, 1]]}
+    for bad, needle in (({"quick/listops": []}, "non-empty list"), ({"quick/listops": ["x"]}, "recipe_seeds"),
+                        ({"quick/nope": [0]}, "unknown experiment")):
+        with pytest.raises(ValueError, match=needle):
+            suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu", "train": {"recipe_seeds": bad}})
+
+
 def test_lra_size_on_a_cpu_estimates_and_starts_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(suite, "matmul_flops_per_s", lambda: 1e11)
     result = suite.run_suite({"size": "lra", "device": "cpu", "results_dir": str(tmp_path / "r")})
