@@ -219,6 +219,28 @@ def test_aft_local_ring_with_large_biases_and_right_padding():
 
 
 @pytest.mark.parametrize("name,params", [("performer", {"num_features": 16}), ("rfa", {"num_features": 16}),
+                                         ("aft", {"mode": "simple"}), ("aft", {"mode": "full"}),
+                                         ("memory_compressed", {"compression": 3}),
+                                         ("reformer", {"bucket_size": 4, "n_hashes": 2})])
+def test_a_sequence_with_an_empty_prompt_in_a_padded_batch(name, params):
+    """Prompts of 11, 0 and 4 real tokens (nothing summed yet for the second: a -inf reference, no slot, empty
+    rings), then 14 steps: each sequence continues from its own end."""
+    attn = _build(name, **params)
+    lengths, steps = [11, 0, 4], 14
+    q, k, v = make_qkv(batch=3, seq=max(lengths) + steps, seed=15)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        ref = attn(q, k, v)
+        state = attn.init_state(3, 30, q.dtype)
+        mask = right_padding_mask(lengths, 11)
+        _, state = attn.prefill(q[:, :, :11], k[:, :, :11], v[:, :, :11], state, key_padding_mask=mask)
+        for t in range(steps):
+            pos = torch.tensor(lengths) + t
+            out_t, state = attn.step(*(x[rows, :, pos][:, :, None] for x in (q, k, v)), state)
+            torch.testing.assert_close(out_t[:, :, 0], ref[rows, :, pos], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name,params", [("performer", {"num_features": 16}), ("rfa", {"num_features": 16}),
                                          ("aft", {"mode": "simple"}), ("aft", {"mode": "local", "window": 6})])
 def test_sums_stay_float32_for_half_precision_inputs(name, params):
     attn = _build(name, **params)
