@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from . import _random_features
+from .decoding import DecodeState
 
 # Rows per chunk of the bidirectional sweeps, as a number of feature entries per (batch, head): the
 # working set is a few (chunk x m) tensors, 2 MiB each at m = 256, batch 2, 4 heads, fp32.
@@ -383,3 +384,80 @@ def _causal_backward(fmap, real, q, k, v, out, den, floor, saved, params, param_
         dk[..., a:z, :] = fmap.project_backward(xk, tk, dphi_k.mul_(phi_k) if fmap.exp else dphi_k, "k", params,
                                                 param_grads)
     return dq, dk, dv, dfloor
+
+
+# ----------------------------------------------------------------------------- decoding (one token at a time)
+#
+# The causal form above is the prefix-sum recurrence S_i = sum_{j <= i} phi(k_j) [v_j, 1]^T evaluated chunk by
+# chunk. Decoding keeps S (``(b, h, m, d + 1)``, float32 or wider) and, for exp maps, the per-feature running
+# maximum T of the key log-features that S is relative to. A new key raises T to T' = max(T, log phi(k)): S is
+# rescaled by exp(T - T') (0 where T is -inf: nothing summed yet), then exp(log phi(k) - T') [v, 1] is added: the
+# same change of reference the causal form applies when a chunk raises the running maximum, one token per chunk.
+# The query uses exp(log phi(q) + T' - N), N its row maximum, as in the causal form. With one token per chunk the
+# running maximum covers exactly the keys j <= i, so N equals the row's true largest log-term: no row ever needs
+# the float64 fallback, and each output equals the causal form's up to float rounding (the references cancel).
+
+
+class FeatureSumState(DecodeState):
+    """A kernel mechanism's decoding state: ``sums`` ``(batch, heads, m, d + 1)`` = ``phi(K)^T [V, 1]`` over the
+    prefix, and (exp maps) ``reference`` ``(batch, heads, 1, m)``, the running maximum of the key log-features that the
+    sums are relative to (``-inf`` before the first key). Float32 or wider whatever the input dtype; fixed size."""
+
+    def __init__(self, batch: int, max_len: int, heads: int, features: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, exp: bool) -> None:
+        super().__init__(batch, max_len, device)
+        self.sums = torch.zeros(batch, heads, features, head_dim + 1, dtype=dtype, device=device)
+        self.reference = (torch.full((batch, heads, 1, features), float("-inf"), dtype=dtype, device=device)
+                          if exp else None)
+
+
+def prefix_sums(fmap: FeatureMap, real: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
+                params: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The decoding state after a prompt: ``(sums, reference)``.
+
+    ``k, v``: ``(b, h, n, d)``, ``n >= 0``; ``real``: ``(b, n)`` bool or None. ``sums``: ``(b, h, m, d + 1)`` in
+    ``dtype``, ``sum_j phi(k_j) [v_j, 1]^T`` over the real keys, exp maps' features relative to ``reference``
+    ``(b, h, 1, m)``, the running maximum of the key log-features (``-inf`` for a sequence without a real key);
+    direct maps: ``reference`` None. Computed chunk by chunk (:func:`_key_sums`): no ``(n, m)`` tensor.
+    """
+    b, h, n, d = v.shape
+    k, v = k.to(dtype), v.to(dtype)
+    if n == 0:
+        sums = v.new_zeros(b, h, fmap.num_features(), d + 1)
+        reference = v.new_full((b, h, 1, fmap.num_features()), float("-inf")) if fmap.exp else None
+        return sums, reference
+    sums, shift, _ = _key_sums(fmap, real, k, v, params)
+    if not fmap.exp:
+        return sums, None
+    if real is not None:  # a sequence without a real key has summed nothing: its reference is -inf, not 0
+        shift = shift.masked_fill(~real.any(dim=1)[:, None, None, None], float("-inf"))
+    return sums, shift
+
+
+def step_sums(fmap: FeatureMap, sums: torch.Tensor, reference: torch.Tensor | None, k: torch.Tensor,
+              v: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """Add one key per sequence (``k, v``: ``(b, h, 1, d)``) to ``sums`` in place; returns the new reference.
+
+    Exp maps: the reference rises to ``max(reference, log phi(k))`` and ``sums`` is rescaled to it first.
+    """
+    dtype = sums.dtype
+    t = fmap.project(k.to(dtype), "k", params)  # (b, h, 1, m)
+    if fmap.exp:
+        grown = torch.maximum(reference, t)
+        sums.mul_(_rescale(reference, grown).transpose(-1, -2))
+        reference, t = grown, (t - grown).exp_()
+    sums.add_(torch.matmul(t.transpose(-1, -2), _values(v.to(dtype), None)))
+    return reference
+
+
+def query_sums(fmap: FeatureMap, sums: torch.Tensor, reference: torch.Tensor | None, q: torch.Tensor,
+               floor: torch.Tensor | None, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The output of queries ``q`` ``(b, h, 1, d)`` against the prefix ``sums``: ``(b, h, 1, d)`` in ``q``'s dtype.
+
+    ``floor``: lower bound of the denominator, broadcastable to ``(b, h, 1, 1)``, or None (smallest normal).
+    """
+    dtype = sums.dtype
+    x = q.to(dtype)
+    phi = fmap.project(x, "q", params) if reference is None else _query_features(fmap, x, reference, params)
+    out, _ = _ratio(torch.matmul(phi, sums), None if floor is None else floor.to(dtype))
+    return out.to(q.dtype)

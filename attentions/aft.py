@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Attention
+from .decoding import DecodeState, write_positions
 from .registry import AttentionConfig, register_attention, require
 
 # |w| below which exp(w) and exp(-w) are normal float32 numbers (float32's exp overflows past 88.7).
@@ -118,6 +119,12 @@ def aft_state_size(config: AFTConfig, seq_len: int) -> int:
     needs_max_seq_len=False,
     applies_dropout=False,
     state_size_fn=aft_state_size,
+    supports_decoding=True,
+    decoding_note="by mode: simple, the running sums of exp(K) V and exp(K) (constant); local (default), a ring of "
+                  "the window's keys/values plus those sums over the keys before it (bounded by the window); full, "
+                  "a cache of every key and value (w_{t,t'} gives each a new weight per step: linear); the causal "
+                  "sums themselves, per-channel running-max stabilised",
+    state_growth="window",
 )
 class AFTAttention(Attention):
     """Attention Free Transformer: per-channel softmax over keys plus learned position biases."""
@@ -165,6 +172,75 @@ class AFTAttention(Attention):
         out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
         return torch.sigmoid(q) * out.to(q.dtype)
 
+    # ------------------------------------------------------------------------------------------- decoding
+    # Why a step equals the causal forward: the causal output is sigmoid(q_t) * num_t / den_t with num_t, den_t the
+    # sums over t' <= t of exp(K_t' + w_{t,t'}) [V_t', 1], per channel. simple (w = 0): the sums are a recurrence;
+    # the state is the sums so far, relative to a per-channel running maximum of K (rescaled when a key raises it,
+    # so every weight is <= 1 and a row's top key weighs exactly 1: no float64 fallback needed). local: w_{t,t'} =
+    # rel_bias[t' - t + s - 1] for t - s < t' <= t and 0 before, so the state is a ring of the s most recent keys and
+    # values (each gets its own bias at each step) plus the same running sums over the keys that left the window
+    # (weight 1 forever after). full: w_{t,t'} is a learned entry of row t, new at every step for every t', so no
+    # summary of the past suffices: the state is every key and value, and a step is row t of the causal sums. The
+    # forward's stabilising shifts (global key maximum, bias centre) cancel in num / den, as ours do.
+
+    def new_state(self, batch, max_len, dtype, device):
+        cfg, sums = self.config, torch.promote_types(dtype, torch.float32)
+        if cfg.mode == "full":
+            return AFTCacheState(batch, max_len, cfg.num_heads, max_len, cfg.head_dim, dtype, device)
+        if cfg.mode == "local":
+            state = AFTCacheState(batch, max_len, cfg.num_heads, cfg.window, cfg.head_dim, dtype, device)
+        else:
+            state = AFTCacheState(batch, max_len, cfg.num_heads, 0, cfg.head_dim, dtype, device)
+        state.num, state.den, state.reference = _empty_sums(batch, cfg.num_heads, cfg.head_dim, sums, device)
+        return state
+
+    def prefill_state(self, q, k, v, key_padding_mask, state):
+        n, mode = q.shape[2], self.config.mode
+        lengths = key_padding_mask.sum(1) if key_padding_mask is not None else torch.full_like(state.lengths, n)
+        positions = torch.arange(n, device=q.device)[None, :]
+        if mode == "full":
+            state.k[:, :, :n], state.v[:, :, :n] = k, v
+        elif mode == "local":
+            s = self.config.window
+            _fill_ring(state, k, v, lengths, s)
+            older = positions < (lengths[:, None] - s)  # the keys that have left the window
+            state.num, state.den, state.reference = _prompt_sums(k, v, older, state.num.dtype)
+        else:
+            state.num, state.den, state.reference = _prompt_sums(k, v, positions < lengths[:, None], state.num.dtype)
+        return self.attend(q, k, v, key_padding_mask) if n else q.new_zeros(q.shape)
+
+    def step_state(self, q, k, v, state):
+        mode, pos = self.config.mode, state.lengths
+        if mode == "simple":
+            state.reference = _fold(state, k, v, None)
+            num, den = state.num, state.den
+        elif mode == "local":
+            num, den = self._local_step(k, v, state)
+        else:
+            write_positions((state.k, state.v), (k, v), pos)
+            num, den = _full_step(state, pos, self.pos_bias)
+        out = num / den.clamp_min(torch.finfo(den.dtype).tiny)  # den >= 1: the row's top weight is exp(0)
+        return torch.sigmoid(q) * out.to(q.dtype)
+
+    def _local_step(self, k, v, state):
+        """One token through the ring of the ``s`` latest keys and the sums of the keys before them."""
+        s, pos = self.config.window, state.lengths
+        rows = torch.arange(pos.shape[0], device=pos.device)
+        slot = pos % s  # the new token's slot, holding position pos - s: it leaves the window now
+        leaving = (state.k[rows, :, slot][:, :, None], state.v[rows, :, slot][:, :, None])
+        state.reference = _fold(state, *leaving, pos >= s)
+        write_positions((state.k, state.v), (k, v), slot)
+        back = (pos[:, None] - torch.arange(s, device=pos.device)[None, :]) % s  # slot j holds position pos - back
+        bias = self.rel_bias.to(state.num.dtype)[s - 1 - back]  # offset -back: rel_bias[-back + s - 1], (b, s)
+        logits = state.k.to(state.num.dtype) + bias[:, None, :, None]
+        logits = logits.masked_fill((back > pos[:, None])[:, None, :, None], float("-inf"))  # not yet written
+        top = torch.maximum(logits.amax(dim=2, keepdim=True), state.reference)
+        weights = (logits - top).exp_()
+        older = _rescale(state.reference, top)  # the keys before the window, weight exp(K - top)
+        num = (weights * state.v.to(weights.dtype)).sum(2, keepdim=True) + state.num * older
+        den = weights.sum(2, keepdim=True) + state.den * older
+        return num, den
+
     def _full_sums(self, k, v, key_padding_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """exp(w) @ (exp(K) * V) and exp(w) @ exp(K), each exp shifted by its own maximum."""
         batch, heads, seq, dim = k.shape
@@ -185,6 +261,81 @@ class AFTAttention(Attention):
         stacked = torch.cat([weighted_v, weights], dim=-1)
         sums = torch.matmul(exp_w, stacked)
         return sums[..., :dim], sums[..., dim:]
+
+
+class AFTCacheState(DecodeState):
+    """AFT's decoding state: ``k``, ``v`` ``(batch, heads, slots, d)`` in the input dtype (``full``: every position,
+    ``slots = max_len``; ``local``: a ring of ``window`` slots, position ``p`` in slot ``p % window``; ``simple``: no
+    slot) and, for ``simple`` and ``local``, the sums ``num``, ``den`` ``(batch, heads, 1, d)`` of ``exp(K - reference)
+    [V, 1]`` over the keys summed so far (simple: all; local: those before the window), with ``reference`` their
+    per-channel running maximum (``-inf`` before the first), float32 or wider."""
+
+    positional = ("k", "v")
+
+    def __init__(self, batch: int, max_len: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__(batch, max_len, device)
+        self.k, self.v = (torch.zeros(batch, heads, slots, head_dim, dtype=dtype, device=device) for _ in range(2))
+        self.num = self.den = self.reference = None
+
+
+def _empty_sums(batch: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device):
+    zeros = [torch.zeros(batch, heads, 1, dim, dtype=dtype, device=device) for _ in range(2)]
+    return zeros[0], zeros[1], torch.full((batch, heads, 1, dim), float("-inf"), dtype=dtype, device=device)
+
+
+def _rescale(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``exp(old - new)``, 0 where ``old`` is ``-inf`` (nothing summed against it)."""
+    return torch.where(torch.isfinite(old), (old - new).exp(), torch.zeros_like(new))
+
+
+def _prompt_sums(k: torch.Tensor, v: torch.Tensor, include: torch.Tensor, dtype: torch.dtype):
+    """``(num, den, reference)`` over the prompt keys where ``include`` ``(b, n)`` is True (see AFTCacheState)."""
+    k = k.to(dtype).masked_fill(~include[:, None, :, None], float("-inf"))
+    b, h, n, d = k.shape
+    reference = k.amax(dim=2, keepdim=True) if n else k.new_full((b, h, 1, d), float("-inf"))
+    weights = (k - torch.where(torch.isfinite(reference), reference, torch.zeros_like(reference))).exp_()
+    return (weights * v.to(dtype)).sum(2, keepdim=True), weights.sum(2, keepdim=True), reference
+
+
+def _fold(state: AFTCacheState, k: torch.Tensor, v: torch.Tensor, take: torch.Tensor | None) -> torch.Tensor:
+    """Add ``exp(K) [V, 1]`` of one key per sequence ``(b, h, 1, d)`` to the state's sums in place, where ``take``
+    ``(b,)`` says so (None: all); returns the new reference (raised to the key where it is larger)."""
+    k, v = k.to(state.num.dtype), v.to(state.num.dtype)
+    grown = torch.maximum(state.reference, k)
+    if take is not None:
+        grown = torch.where(take[:, None, None, None], grown, state.reference)
+    weight = (k - grown).exp_()
+    if take is not None:
+        weight = torch.where(take[:, None, None, None], weight, torch.zeros_like(weight))
+    scale = _rescale(state.reference, grown)
+    state.num.mul_(scale).add_(weight * v)
+    state.den.mul_(scale).add_(weight)
+    return grown
+
+
+def _fill_ring(state: AFTCacheState, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, s: int) -> None:
+    """Write each sequence's last ``min(length, s)`` prompt tokens into the ring: position ``p`` to slot ``p % s``."""
+    if k.shape[2] == 0:
+        return
+    slots = torch.arange(s, device=k.device)[None, :]
+    pos = lengths[:, None] - 1 - (lengths[:, None] - 1 - slots) % s  # the latest position p < length in each slot
+    valid = (pos >= 0)[:, None, :, None]
+    index = pos.clamp_min(0)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+    for buf, t in ((state.k, k), (state.v, v)):
+        buf.copy_(torch.where(valid, t.gather(2, index), torch.zeros_like(buf, dtype=t.dtype)))
+
+
+def _full_step(state: AFTCacheState, pos: torch.Tensor, pos_bias: torch.Tensor):
+    """Row ``pos[b]`` of the causal full-mode sums over the cached keys ``t' <= pos[b]``: ``(num, den)``."""
+    n = int(pos.max()) + 1
+    dtype = torch.promote_types(state.k.dtype, torch.float32)
+    w = pos_bias.to(dtype)[pos, :n]  # (b, n): row t of the biases
+    logits = state.k[:, :, :n].to(dtype) + w[:, None, :, None]
+    later = torch.arange(n, device=pos.device)[None, :] > pos[:, None]
+    logits = logits.masked_fill(later[:, None, :, None], float("-inf"))
+    weights = (logits - logits.amax(dim=2, keepdim=True)).exp_()
+    return (weights * state.v[:, :, :n].to(dtype)).sum(2, keepdim=True), weights.sum(2, keepdim=True)
 
 
 def _local_sums(

@@ -43,6 +43,7 @@ from . import _blocked as blk
 from ._dropout import draw_seed
 from ._full_chunked import chunked_attention
 from .base import Attention
+from .decoding import DecodeState, write_positions
 from .registry import AttentionConfig, register_attention, require
 
 # Queries per checkpointed piece of the causal form (rounded down to a multiple of the compression). A piece's
@@ -90,6 +91,10 @@ def memory_compressed_state_size(config: MemoryCompressedConfig, seq_len: int) -
     memory_complexity="O(n^2 / c) scores (n queries x n/c slots); O(n d) with a fused SDPA kernel",
     needs_max_seq_len=False,
     state_size_fn=memory_compressed_state_size,
+    supports_decoding=True,
+    decoding_note="the compressed key/value slots of the complete past blocks plus the raw keys/values of the "
+                  "current block; a block is compressed as it completes, as the causal form compresses it",
+    state_growth="linear",
 )
 class MemoryCompressedAttention(Attention):
     """Memory-compressed attention: keys/values compressed by a strided convolution, then softmax."""
@@ -169,6 +174,95 @@ class MemoryCompressedAttention(Attention):
             piece = functools.partial(_causal_piece, start=start, c=c, dropout=dropout)
             pieces.append(checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args))
         return torch.cat(pieces, dim=2)
+
+    # ------------------------------------------------------------------------------------------- decoding
+    # Why a step equals the causal forward: the causal query i (block b = i // c) attends, in one softmax, to the
+    # slots of blocks 0 .. b-1 and to the tokens of its own block up to itself. A slot depends on its c tokens only
+    # (the conv is kernel = stride = c, the mean averages its c real tokens), so it can be made once, when its block
+    # completes, with the same product the forward uses (the c tokens' channels times the kernel). The state is
+    # those slots plus the current block's raw keys/values; a step writes the new token into the block, attends to
+    # the slots so far and the block up to the token, then compresses the block if the token completed it.
+
+    def new_state(self, batch, max_len, dtype, device):
+        cfg = self.config
+        return CompressedState(batch, max_len, cfg.num_heads, cfg.compression, cfg.head_dim, dtype,
+                               torch.promote_types(dtype, torch.float32), device)
+
+    def prefill_state(self, q, k, v, key_padding_mask, state):
+        c, n = self.config.compression, q.shape[2]
+        if n:
+            lengths = key_padding_mask.sum(1) if key_padding_mask is not None else torch.full_like(state.lengths, n)
+            k_slots, v_slots, _ = self._compress(k, v, key_padding_mask)
+            # Slots of the prompt's complete blocks; past a shorter sequence's end they hold padding, never read:
+            # a step reads slot s only once the sequence's own tokens completed block s and overwrote it.
+            full = n // c
+            state.k_slots[:, :, :full], state.v_slots[:, :, :full] = k_slots[:, :, :full], v_slots[:, :, :full]
+            _fill_block(state, k, v, lengths, c)
+        return self.attend(q, k, v, key_padding_mask) if n else q.new_zeros(q.shape)
+
+    def step_state(self, q, k, v, state):
+        c, pos = self.config.compression, state.lengths
+        offset = pos % c
+        write_positions((state.k_block, state.v_block), (k, v), offset)
+        dtype = state.k_slots.dtype
+        used = int(pos.max()) // c  # slots the furthest sequence may read
+        keys = torch.cat([state.k_slots[:, :, :used], state.k_block.to(dtype)], dim=2)
+        values = torch.cat([state.v_slots[:, :, :used], state.v_block.to(dtype)], dim=2)
+        slot_ok = torch.arange(used, device=pos.device)[None, :] < (pos // c)[:, None]
+        token_ok = torch.arange(c, device=pos.device)[None, :] <= offset[:, None]
+        allowed = torch.cat([slot_ok, token_ok], dim=1)[:, None, None, :]
+        out = blk.masked_attention(q.to(dtype), keys, values, allowed)
+        done = offset == c - 1  # the token completed its block: compress it into slot pos // c
+        if bool(done.any()):
+            self._close_blocks(state, pos, done)
+        return out.to(q.dtype)
+
+    def _close_blocks(self, state, pos: torch.Tensor, done: torch.Tensor) -> None:
+        """Compress the current block of the sequences where ``done`` into their slot ``pos // c``."""
+        c = self.config.compression
+        rows = done.nonzero()[:, 0]
+        dtype = state.k_slots.dtype
+        blocks = (state.k_block[rows].to(dtype), state.v_block[rows].to(dtype))
+        k_slot, v_slot, _ = self._compress(*blocks, None)  # one slot: (rows, heads, 1, d)
+        slot = (pos[rows] // c)
+        state.k_slots[rows, :, slot] = k_slot[:, :, 0]
+        state.v_slots[rows, :, slot] = v_slot[:, :, 0]
+
+
+class CompressedState(DecodeState):
+    """Memory-compressed attention's decoding state.
+
+    ``k_slots``, ``v_slots`` ``(batch, heads, max_len // c, d)`` (compute dtype, float32 or wider): the slots of
+    the complete blocks, ``lengths // c`` of them filled per sequence; ``k_block``, ``v_block`` ``(batch, heads, c,
+    d)`` (input dtype): the current block's raw keys and values, token ``p`` at ``p % c``. The block is a fixed
+    buffer counted whole; only the filled slots are counted (:meth:`nbytes`), so the bytes never shrink when a
+    block closes: ``2 d (lengths // c + c)`` values per head.
+    """
+
+    def __init__(self, batch: int, max_len: int, heads: int, c: int, head_dim: int, dtype: torch.dtype,
+                 slot_dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(batch, max_len, device)
+        self.compression = c
+        self.k_slots, self.v_slots = (torch.zeros(batch, heads, max_len // c, head_dim, dtype=slot_dtype,
+                                                  device=device) for _ in range(2))
+        self.k_block, self.v_block = (torch.zeros(batch, heads, c, head_dim, dtype=dtype, device=device)
+                                      for _ in range(2))
+
+    def nbytes(self) -> int:
+        slots = int((self.lengths // self.compression).sum())
+        per_slot = sum(t[0, :, :1].numel() * t.element_size() for t in (self.k_slots, self.v_slots))
+        block = sum(t.numel() * t.element_size() for t in (self.k_block, self.v_block))
+        return slots * per_slot + block
+
+
+def _fill_block(state: CompressedState, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, c: int) -> None:
+    """Each sequence's tokens after its last complete block (``length % c`` of them) into the block buffer."""
+    start = (lengths // c) * c
+    pos = start[:, None] + torch.arange(c, device=k.device)[None, :]  # (b, c)
+    valid = (pos < lengths[:, None])[:, None, :, None]
+    index = pos.clamp_max(k.shape[2] - 1)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+    for buf, t in ((state.k_block, k), (state.v_block, v)):
+        buf.copy_(torch.where(valid, t.gather(2, index), torch.zeros_like(t[:, :, :1])))
 
 
 def _causal_piece(q, k, v, k_slots, v_slots, real, start: int, c: int, dropout: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from ._lean_linear import FeatureMap, lean_linear_attention
+from ._lean_linear import FeatureMap, FeatureSumState, lean_linear_attention, prefix_sums, query_sums, step_sums
 from ._random_features import (
     causal_exp_linear_attention,
     causal_linear_attention,
@@ -86,6 +86,10 @@ def performer_state_size(config: PerformerConfig, seq_len: int) -> int:
     needs_max_seq_len=False,
     applies_dropout=False,
     state_size_fn=performer_state_size,
+    supports_decoding=True,
+    decoding_note="the (m, d+1) prefix sums phi(K)^T [V, 1] with the causal form's per-feature running-max "
+                  "stabiliser, one token per update: the recurrence the chunked causal form evaluates",
+    state_growth="constant",
 )
 class PerformerAttention(Attention):
     """Performer (FAVOR+): positive orthogonal random features approximating softmax attention.
@@ -216,6 +220,38 @@ class PerformerAttention(Attention):
             log_k = log_k.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
         return causal_exp_linear_attention(log_q, log_k, v, key_padding_mask)
 
+    # ------------------------------------------------------------------------------------------- decoding
+    # Why a step equals the causal forward: the causal form (either path) is out_i = phi(q_i)^T S_i / phi(q_i)^T
+    # z_i with S_i, z_i the sums over keys j <= i, computed chunk by chunk with a per-feature running maximum of the
+    # key log-features as the reference of phi(K). The state is those sums after the prefix and that reference;
+    # a step adds one key (raising the reference to max(T, log phi(k)) and rescaling the sums by exp(T - T') first,
+    # as the causal form does when a chunk raises it) and reads the sums with the query's features relative to the
+    # same reference. The references cancel between keys and queries, so the output is the same estimator up to
+    # float rounding (attentions._lean_linear, "decoding"). The projection is the module's buffer: eval() (or
+    # redraw_interval 0) keeps it fixed between prefill and steps; a redraw in between would change the kernel.
+
+    def _decode_map(self, dtype: torch.dtype) -> FeatureMap:
+        w = self.projection.to(dtype) * self.config.head_dim ** -0.25  # the d^-1/4 input scaling folded into W
+        return _FavorMap(w, self.config.head_dim ** -0.25) if self.config.kernel == "softmax" else _ReluMap(w)
+
+    def new_state(self, batch, max_len, dtype, device):
+        exp = self.config.kernel == "softmax"
+        return FeatureSumState(batch, max_len, self.config.num_heads, self.config.num_features, self.config.head_dim,
+                               torch.promote_types(dtype, torch.float32), device, exp)
+
+    def prefill_state(self, q, k, v, key_padding_mask, state):
+        state.sums, reference = prefix_sums(self._decode_map(state.sums.dtype), key_padding_mask, k, v, (),
+                                            state.sums.dtype)
+        if reference is not None:
+            state.reference = reference
+        return self.attend(q, k, v, key_padding_mask) if q.shape[2] else q.new_zeros(q.shape)
+
+    def step_state(self, q, k, v, state):
+        fmap = self._decode_map(state.sums.dtype)
+        reference = step_sums(fmap, state.sums, state.reference, k, v, ())
+        if reference is not None:
+            state.reference = reference
+        return query_sums(fmap, state.sums, reference, q, None, ())
 
 
 class _FavorMap(FeatureMap):

@@ -63,8 +63,9 @@ import torch
 import torch.nn.functional as F
 
 from ._dropout import draw_seed
-from ._lsh_recompute import LshAttention, LshPlan, chunk_keep_mask
+from ._lsh_recompute import KEY_EPS, LshAttention, LshPlan, chunk_keep_mask
 from .base import Attention
+from .decoding import DecodeState, write_positions
 from .registry import AttentionConfig, register_attention, require
 
 
@@ -132,6 +133,11 @@ def reformer_state_size(config: ReformerConfig, seq_len: int) -> int:
     needs_max_seq_len=True,
     shared_qk=True,
     state_size_fn=reformer_state_size,
+    supports_decoding=True,
+    decoding_note="a KV cache plus, per hash round and bucket, the positions of its last bucket_size tokens: a step "
+                  "reads exactly the causal form's key set (its last <= bucket_size same-bucket predecessors, itself "
+                  "at -1e5, pairs deduplicated over rounds), O(n_hashes bucket_size d) per token",
+    state_growth="linear",
 )
 class ReformerAttention(Attention):
     """LSH attention with shared query/key and multi-round hashing (Kitaev et al. 2020)."""
@@ -338,6 +344,153 @@ class ReformerAttention(Attention):
             torch.eq(diff.bitwise_right_shift_(1), 0, out=hit)
             counts.add_(hit.view(torch.uint8))
         return counts
+
+    # ------------------------------------------------------------------------------------------- decoding
+    # Why a step equals the causal forward. In round r the causal query i sees key j exactly when both hash to
+    # the same bucket (hashes come from q; the sort is by (bucket, position)) and 0 <= rank_r(i) - rank_r(j) <=
+    # bucket_size: j is i itself or one of its last <= bucket_size same-bucket predecessors (LshPlan.locations).
+    # Such a key always lies in i's chunk or the one before, so the chunking adds nothing, and blocked pairs get
+    # -1e9, whose exp is exactly 0 beside the self pair's -1e5. The set depends on the past only, so a step can
+    # find it directly: per (round, bucket) a ring of the positions of the bucket's last bucket_size tokens. A
+    # step hashes q_t (a token's hash is its own: the same buckets as hashing the whole sequence), reads each
+    # round's ring plus itself, scores them as the forward does (q scale . k / max(|k|, 1e-6), self -1e5, scores
+    # divided by the number of rounds that see the pair), combines rounds by softmax_r(logsumexp_r), then appends
+    # itself to its buckets' rings. Keys and values are read from a cache of every position: the per-bucket
+    # alternative (k, v copies in each round's bucket buffers) holds up to n_hashes * num_buckets * bucket_size
+    # tokens, about n_hashes * max_seq_len with the derived bucket count: more than the cache for n_hashes >= 2.
+    # Exact, bounded time per token (n_hashes * (bucket_size + 1) keys); state linear in the context (the cache).
+
+    def new_state(self, batch, max_len, dtype, device):
+        cfg = self.config
+        return LshDecodeState(batch, max_len, cfg.num_heads, cfg.head_dim, cfg.n_hashes, self.num_buckets,
+                              cfg.bucket_size, dtype, device)
+
+    def prefill_state(self, q, k, v, key_padding_mask, state):
+        n = q.shape[2]
+        if n:
+            state.k[:, :, :n], state.v[:, :, :n] = k, v
+            buckets = self.hash(q)
+            if key_padding_mask is not None:  # padding joins no bucket
+                buckets = buckets.masked_fill(~key_padding_mask[:, None, None, :], self.num_buckets)
+            state.fill_rings(buckets)
+        return self.attend(q, k, v, key_padding_mask) if n else q.new_zeros(q.shape)
+
+    def step_state(self, q, k, v, state):
+        pos = state.lengths
+        write_positions((state.k, state.v), (k, v), pos)
+        buckets = self.hash(q)[..., 0]  # (b, h, rounds)
+        seen, valid = state.window(buckets, pos)  # (b, h, rounds, c + 1): positions, and which are real
+        dtype = torch.promote_types(state.k.dtype, torch.float32)
+        rounds = seen.shape[2]
+        keys, values = (state.rows(t, seen).to(dtype) for t in (state.k, state.v))  # (b, h, rounds, c + 1, d)
+        keys = keys / torch.linalg.vector_norm(keys, dim=-1, keepdim=True).clamp_min(KEY_EPS)
+        scores = torch.einsum("bhd,bhrjd->bhrj", q[:, :, 0].to(dtype) * q.shape[-1] ** -0.5, keys)
+        scores[..., -1] += self._bias_values(dtype)[0]  # the last key is the query itself
+        scores = scores.masked_fill(~valid, float("-inf"))
+        top = scores.amax(dim=-1, keepdim=True)  # finite: the self pair is always there
+        probs = (scores - top).exp_()
+        if self.config.dedup_pairs and rounds > 1:
+            probs.div_(_rounds_seeing(seen, valid).to(probs.dtype))
+        total = probs.sum(dim=-1, keepdim=True)
+        out = torch.einsum("bhrj,bhrjd->bhrd", probs / total, values)
+        if rounds > 1:
+            weights = torch.softmax((top + total.log())[..., 0], dim=-1)  # softmax_r(logsumexp_r)
+            out = torch.einsum("bhr,bhrd->bhd", weights, out)
+        else:
+            out = out[:, :, 0]
+        state.append(buckets, pos)
+        return out[:, :, None].to(q.dtype)
+
+
+class LshDecodeState(DecodeState):
+    """Reformer's decoding state.
+
+    ``k``, ``v`` ``(batch, heads, max_len, d)``: every position's key and value (input dtype; counted as filled);
+    ``rings`` ``(batch, heads, n_hashes, num_buckets, bucket_size)`` int32: per round and bucket the positions of
+    its last ``bucket_size`` tokens, the ``i``-th token of a bucket at slot ``i % bucket_size``; ``counts``
+    ``(batch, heads, n_hashes, num_buckets)`` int32: tokens per bucket so far. :meth:`nbytes` counts the ring
+    entries filled (``min(count, bucket_size)`` per bucket), ``counts`` whole.
+    """
+
+    positional = ("k", "v")
+
+    def __init__(self, batch: int, max_len: int, heads: int, head_dim: int, rounds: int, buckets: int, c: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(batch, max_len, device)
+        self.k, self.v = (torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device) for _ in range(2))
+        self.rings = torch.zeros(batch, heads, rounds, buckets, c, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(batch, heads, rounds, buckets, dtype=torch.int32, device=device)
+
+    @property
+    def bucket_size(self) -> int:
+        return self.rings.shape[-1]
+
+    @staticmethod
+    def rows(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``cache[b, h, positions[b, h, ...]]``: ``(b, h, L, d)`` at ``(b, h, r, w)`` -> ``(b, h, r, w, d)`` (one
+        index_select on the flattened cache: several times faster than a gather with an expanded index)."""
+        batch, heads, length, dim = cache.shape
+        base = (torch.arange(batch * heads, device=cache.device) * length).view(batch, heads, 1, 1)
+        flat = (positions.clamp_min(0) + base).view(-1)
+        return cache.reshape(-1, dim).index_select(0, flat).view(*positions.shape, dim)
+
+    def nbytes(self) -> int:
+        filled = int(self.counts.clamp(max=self.bucket_size).sum()) * self.rings.element_size()
+        return super().nbytes() - self.rings.numel() * self.rings.element_size() + filled
+
+    def window(self, buckets: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a new token at ``pos`` ``(b,)`` with ``buckets`` ``(b, h, rounds)`` sees in each round: the positions
+        ``(b, h, rounds, c + 1)`` of its bucket's last ``c`` tokens, then its own; and which of them exist."""
+        c = self.bucket_size
+        index = buckets.long()[..., None]
+        counts = self.counts.gather(3, index)  # (b, h, r, 1)
+        ring = self.rings.gather(3, index[..., None].expand(-1, -1, -1, -1, c))[:, :, :, 0]  # (b, h, r, c)
+        own = pos[:, None, None, None].expand(*ring.shape[:3], 1).to(ring.dtype)
+        seen = torch.cat([ring, own], dim=-1).long()
+        valid = torch.arange(c + 1, device=pos.device) < counts.clamp(max=c)
+        valid[..., -1] = True
+        return seen, valid
+
+    def append(self, buckets: torch.Tensor, pos: torch.Tensor) -> None:
+        """Record the token at ``pos`` ``(b,)`` as the newest of its bucket in each round (``buckets`` (b, h, r))."""
+        index = buckets.long()[..., None]
+        counts = self.counts.gather(3, index)
+        slot = (index * self.bucket_size + counts.long() % self.bucket_size)  # into the flattened (buckets, c)
+        flat = self.rings.view(*self.rings.shape[:3], -1)
+        flat.scatter_(3, slot, pos[:, None, None, None].expand_as(slot).to(flat.dtype))
+        self.counts.scatter_add_(3, index, torch.ones_like(counts))
+
+    def fill_rings(self, buckets: torch.Tensor) -> None:
+        """The rings and counts after a prompt whose tokens hash to ``buckets`` ``(b, h, rounds, n)`` (``num_buckets``
+        for padding): each bucket's last ``c`` tokens, its ``i``-th at slot ``i % c``."""
+        c, nb = self.bucket_size, self.rings.shape[3]
+        n = buckets.shape[-1]
+        positions = torch.arange(n, device=buckets.device)
+        order = (buckets * n + positions).argsort(dim=-1)  # by (bucket, position), as the forward sorts
+        sorted_buckets = buckets.gather(-1, order)
+        index = positions - torch.searchsorted(sorted_buckets, sorted_buckets)  # i-th token of its bucket
+        counts = torch.zeros(*buckets.shape[:3], nb + 1, dtype=torch.long, device=buckets.device)
+        counts.scatter_add_(3, buckets, torch.ones_like(buckets))
+        keep = (sorted_buckets < nb) & (index >= counts.gather(3, sorted_buckets) - c)
+        dump = nb * c  # one extra column takes the tokens that are not kept
+        slot = torch.where(keep, sorted_buckets * c + index % c, torch.full_like(index, dump))
+        rings = torch.zeros(*buckets.shape[:3], dump + 1, dtype=self.rings.dtype, device=buckets.device)
+        rings.scatter_(3, slot, order.to(rings.dtype))
+        self.rings.copy_(rings[..., :dump].view_as(self.rings))
+        self.counts.copy_(counts[..., :nb])
+
+
+def _rounds_seeing(seen: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """For each (round, key) of a step's windows ``(b, h, rounds, w)``, in how many rounds the key is seen (>= 1;
+    the value at an invalid entry is meaningless, its probability is 0). A binary search of each round's positions
+    in every round's sorted positions: O(rounds^2 w log w), not the O(rounds^2 w^2) of all pairs."""
+    batch, heads, rounds, width = seen.shape
+    marked = seen.masked_fill(~valid, -1)  # no real position is -1
+    shape = (batch, heads, rounds, rounds, width)  # [r, r']: round r's keys looked up in round r'
+    ordered = marked.sort(dim=-1).values[:, :, None].expand(shape).contiguous()
+    wanted = marked[:, :, :, None].expand(shape).contiguous()
+    found = ordered.gather(-1, torch.searchsorted(ordered, wanted).clamp_(max=width - 1)) == wanted
+    return found.sum(dim=3)
 
 
 def _causal_blocked(chunked_idx: torch.Tensor, window_idx: torch.Tensor) -> torch.Tensor:

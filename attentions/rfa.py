@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._lean_linear import FeatureMap, lean_linear_attention
+from ._lean_linear import FeatureMap, FeatureSumState, lean_linear_attention, prefix_sums, query_sums, step_sums
 from ._random_features import causal_linear_attention, draw_generator, gaussian_projection, linear_attention
 from .base import Attention
 from .functional import zero_padded_values
@@ -75,6 +75,10 @@ def rfa_state_size(config: RFAConfig, seq_len: int) -> int:
     needs_max_seq_len=False,
     applies_dropout=False,
     state_size_fn=rfa_state_size,
+    supports_decoding=True,
+    decoding_note="RFA's recurrence itself: the (2D, d+1) sums phi(K)^T [V, 1] plus one key per step, the "
+                  "denominator floor counting the keys so far, as the causal form's prefix sums",
+    state_growth="constant",
 )
 class RFAAttention(Attention):
     """Random Feature Attention: random Fourier features on l2-normalised queries and keys.
@@ -170,6 +174,34 @@ class RFAAttention(Attention):
         sigma = self.bandwidth().to(compute)
         return lean_linear_attention(fmap, q, k, v, key_padding_mask, floor * self.config.num_features,
                                      causal=causal, params=(sigma,))
+
+    # ------------------------------------------------------------------------------------------- decoding
+    # Why a step equals the causal forward: the causal form is RFA's recurrence S_t = S_{t-1} + phi(k_t) [v_t, 1]^T,
+    # out_t = phi(q_t)^T S_t ratio, evaluated as chunked prefix sums with the floor n_real(t) exp(-2 / sigma_min^2)
+    # D (n_real(t) = real keys up to t). The state is S after the prefix; a step adds the new key and reads S with
+    # the new query, the floor counting lengths + 1 keys: the same sums, so the same output up to float rounding.
+    # sin/cos features are bounded: no stabiliser. Sums in float32 (or wider) whatever the input dtype.
+
+    def _decode_map(self, dtype: torch.dtype) -> tuple[FeatureMap, tuple[torch.Tensor, ...]]:
+        return _FourierMap(self.omega.to(dtype)), (self.bandwidth().to(dtype),)
+
+    def new_state(self, batch, max_len, dtype, device):
+        return FeatureSumState(batch, max_len, self.config.num_heads, 2 * self.config.num_features,
+                               self.config.head_dim, torch.promote_types(dtype, torch.float32), device, exp=False)
+
+    def prefill_state(self, q, k, v, key_padding_mask, state):
+        fmap, params = self._decode_map(state.sums.dtype)
+        state.sums, _ = prefix_sums(fmap, key_padding_mask, k, v, params, state.sums.dtype)
+        return self.attend(q, k, v, key_padding_mask) if q.shape[2] else q.new_zeros(q.shape)
+
+    def step_state(self, q, k, v, state):
+        dtype = state.sums.dtype
+        fmap, params = self._decode_map(dtype)
+        step_sums(fmap, state.sums, None, k, v, params)
+        # The causal floor of a row with n_real real keys so far: (floor * n_real) * D, in that order.
+        n_real = (state.lengths + 1).to(dtype)[:, None, None, None]
+        floor = self.denominator_floor(None, 1, dtype).to(q.device) * n_real * self.config.num_features
+        return query_sums(fmap, state.sums, None, q, floor, params)
 
 
 class _FourierMap(FeatureMap):
