@@ -245,3 +245,53 @@ def full_overhead(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     joined["overhead"] = joined["full"] / joined["direct"] - 1
     return joined.reset_index()[["pass", "n", "overhead"]]
+
+
+# ---------------------------------------------------------------------------------------- decoding (issue 24)
+# The report's derived decode figures (dec-report's function; the benchmark's console may carry its own: one of
+# the two is kept when the branches meet). The context at which the step form is compared with recomputation.
+DECODE_COMPARE_CONTEXT = 4096
+
+
+def decode_slopes_crossover(cells: pd.DataFrame, slope_range: Sequence[float] | None = None) -> pd.DataFrame:
+    """Per line of one decode setting (mechanism and decode form): log-log slopes of ms/token and of state bytes
+    per sequence against the context, the context from which the line's ms/token is below ``full``'s with its
+    KV cache (its ``step`` form), and the step form's speed-up over the recompute form of the same mechanism at
+    :data:`DECODE_COMPARE_CONTEXT` where both were measured.
+
+    ``cells``: decode records of one (scope, model size, batch, setting): columns mechanism, decode_form, context,
+    status, ms_per_token, state_bytes_per_seq. Only ok cells count. ``slope_range`` None: the rule of
+    :func:`slope_range_for` (the three largest contexts). Returns columns mechanism, decode_form, time_slope,
+    state_slope, crossover_context, crossover_note, speedup_vs_recompute (NaN where not measured).
+    """
+    ok = cells[cells["status"] == "ok"]
+    fit = slope_range_for(ok["context"], slope_range) if len(ok) else None
+    full = ok[(ok["mechanism"] == "full") & (ok["decode_form"] == "step")].set_index("context")["ms_per_token"]
+    rows = []
+    for name, form in cells[["mechanism", "decode_form"]].drop_duplicates().itertuples(index=False):
+        g = ok[(ok["mechanism"] == name) & (ok["decode_form"] == form)].sort_values("context")
+        ns = list(g["context"])
+        row = {"mechanism": name, "decode_form": form,
+               "time_slope": loglog_slope(ns, g["ms_per_token"], fit),
+               "state_slope": loglog_slope(ns, g["state_bytes_per_seq"], fit)}
+        if name == "full" and form == "step":
+            row.update(crossover_context=float("nan"), crossover_note="reference")
+        elif not len(full):
+            row.update(crossover_context=float("nan"), crossover_note="no full step form")
+        else:
+            n_x, note = crossover_length(ns, list(g["ms_per_token"]), [full.get(n) for n in ns])
+            row.update(crossover_context=n_x, crossover_note=note)
+        row["speedup_vs_recompute"] = _step_speedup(ok, name, form)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _step_speedup(ok: pd.DataFrame, name: str, form: str) -> float:
+    """ms/token of ``name``'s recompute form over its step form at :data:`DECODE_COMPARE_CONTEXT`; NaN unless
+    ``form`` is the step form and both were measured there."""
+    at = ok[(ok["mechanism"] == name) & (ok["context"] == DECODE_COMPARE_CONTEXT)]
+    step = at[at["decode_form"] == "step"]["ms_per_token"]
+    recompute = at[at["decode_form"] == "recompute"]["ms_per_token"]
+    if form != "step" or step.empty or recompute.empty:
+        return float("nan")
+    return float(recompute.median() / step.median())
