@@ -147,7 +147,7 @@ def test_the_decoding_section_has_a_table_per_scope_and_batch_and_both_plots(tmp
     assert "max_length 64 -> 4096; learned position table re-initialised at 4096" in model_row
     # Derived: constant state -> slope 0; full's time per token never drops below its own; crossover stated.
     derived = next(ln for ln in lines if ln.startswith("| performer | step | ") and "slope" not in ln
-                   and ln.count("|") == 7)
+                   and ln.count("|") == 6)
     assert "| 0.00 | 0.00 |" in derived
     assert "1 thread(s), context 1K..16K: log-log slopes over contexts 1K..16K (0 = flat, 1 = linear)" in text
 
