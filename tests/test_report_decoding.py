@@ -3,19 +3,18 @@ decoding cost, from hand-made decode records of docs/DECODING.md's schema (the b
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
 
-from harness.analysis import decode_slopes_crossover
 from harness.report import build_report
 from harness.report.decoding import (
     RECALL_COST_CONTEXT,
     RECOMPUTE_TEXT,
     changes_text,
-    decode_cells,
+    decode_frame,
+    decode_table,
+    derived_text,
     recall_cost_points,
 )
 from harness.store import load_records, now_iso, write_record
@@ -149,32 +148,37 @@ def test_the_decoding_section_has_a_table_per_scope_and_batch_and_both_plots(tmp
     derived = next(ln for ln in lines if ln.startswith("| performer | step | ") and "slope" not in ln
                    and ln.count("|") == 6)
     assert "| 0.00 | 0.00 |" in derived
-    assert "1 thread(s), context 1K..16K: log-log slopes over contexts 1K..16K (0 = flat, 1 = linear)" in text
+    assert "1 thread(s), context 1K..16K: log-log slopes over every measured context (1K..16K; 0 = flat" in text
 
 
-def test_decode_slopes_and_crossover_on_synthetic_cells():
-    cells = decode_cells(pd.DataFrame([decode_record(m, n) for m in MECHANISMS for n in CONTEXTS]))
-    derived = decode_slopes_crossover(cells).set_index("mechanism")
-    assert derived.loc["performer", "time_slope"] == pytest.approx(0.0)
-    assert derived.loc["performer", "state_slope"] == pytest.approx(0.0)
-    assert derived.loc["full", "state_slope"] == pytest.approx(1.0)
-    assert derived.loc["reformer", "time_slope"] == pytest.approx(1.0)
-    assert derived.loc["full", "crossover_note"] == "reference"
+def test_derived_slopes_and_crossover_as_the_page_shows_them():
+    cells = decode_frame(pd.DataFrame([decode_record(m, n) for m in MECHANISMS for n in CONTEXTS]))
+    derived = derived_text(cells).set_index("mechanism")
+    assert list(derived.columns) == ["form", "ms/token slope", "state bytes slope",
+                                     "faster per token than full from context"]  # no speed-up measured: no column
+    assert derived.loc["performer", "ms/token slope"] == derived.loc["performer", "state bytes slope"] == "0.00"
+    assert derived.loc["full", "state bytes slope"] == "1.00" and derived.loc["reformer", "ms/token slope"] == "1.00"
+    assert derived.loc["full", "faster per token than full from context"] == "— (reference)"
     # aft (0.04 ms) is below full (0.05 + 2e-5 n) everywhere; performer (0.08 ms) from n = 1500 on.
-    assert derived.loc["aft", "crossover_note"] == "faster at all n"
-    assert derived.loc["performer", "crossover_note"] == "interpolated"
-    assert 1024 < derived.loc["performer", "crossover_context"] < 4096
-    assert derived.loc["reformer", "crossover_note"] == "never faster"
-    assert math.isnan(derived.loc["performer", "speedup_vs_recompute"])  # only one form measured
+    assert derived.loc["aft", "faster per token than full from context"] == "<= 1024 (faster at every context)"
+    assert 1024 < int(derived.loc["performer", "faster per token than full from context"]) < 4096
+    assert derived.loc["reformer", "faster per token than full from context"] == "— (never faster here)"
+    assert derived.loc["reformer", "form"] == RECOMPUTE_TEXT
 
 
-def test_step_form_speedup_over_recompute_where_both_were_measured():
-    rows = [decode_record("performer", n) for n in CONTEXTS]
-    rows += [decode_record("performer", n, form="recompute") for n in CONTEXTS]
-    derived = decode_slopes_crossover(decode_cells(pd.DataFrame(rows)))
-    step = derived[derived["decode_form"] == "step"].iloc[0]
-    assert step["speedup_vs_recompute"] == pytest.approx(20.0)
-    assert math.isnan(derived[derived["decode_form"] == "recompute"].iloc[0]["speedup_vs_recompute"])
+def test_a_forced_recompute_cell_gives_the_speedup_and_stays_out_of_the_plots(tmp_path):
+    rows = [decode_record(m, n) for m in ("full", "performer") for n in CONTEXTS]
+    rows += [{**decode_record("performer", 4096, form="recompute"), "forced_recompute": True}]
+    cells = decode_frame(pd.DataFrame(rows))
+    derived = derived_text(cells).set_index("mechanism")
+    assert derived.loc["performer", "step vs recompute at 4K"] == "20.0x"
+    assert derived.loc["performer", "form"] == "step" and len(derived) == 2
+    assert "recompute (forced, for the speed-up)" in set(decode_table(cells)["form"])
+    root = tmp_path / "r"
+    for r in rows:
+        write_record({**r, "record_id": r["record_id"] + (".forced" if r.get("forced_recompute") else "")}, root)
+    text = (build_report(root, tmp_path / "out")["out"] / "report.md").read_text()
+    assert "performer (recompute)" not in text and "RECOMPUTE (no step form)" not in text
 
 
 def test_recall_against_cost_has_a_point_per_decoded_mechanism_and_names_the_missing(tmp_path):
@@ -217,7 +221,7 @@ def test_the_recompute_form_is_marked_in_the_table_and_plotted_dashed_and_hollow
 
     figures = []
     monkeypatch.setattr(decoding, "_save", lambda fig, path: figures.append(fig) or path)
-    cells = decode_cells(pd.DataFrame([decode_record(m, n) for m in ("full", "reformer") for n in CONTEXTS]))
+    cells = decode_frame(pd.DataFrame([decode_record(m, n) for m in ("full", "reformer") for n in CONTEXTS]))
     assert set(decoding.decode_table(cells)["form"]) == {"step", RECOMPUTE_TEXT}
     decoding.plot_decode_scaling(decoding.decode_groups(cells), "ms_per_token", tmp_path / "t.png")
     ax = figures[-1].axes[0]

@@ -7,7 +7,7 @@ docs/DECODING.md). Nothing is drawn or titled when the store holds none.
 * :func:`decoding_section`: one table per (scope, model size, batch and setting): mechanism, decode form (the
   recompute form marked), context, ms/token median [p10–p90], tokens/s, state bytes per sequence, how the state
   grows, what was changed from the trained recipe; the derived slopes, crossover against ``full`` with its KV
-  cache and step-vs-recompute speed-up (:func:`harness.analysis.decode_slopes_crossover`); two log-log figures
+  cache and step-vs-recompute speed-up (:func:`harness.analysis.decode_derived`); two log-log figures
   (ms/token and state bytes per sequence against the context, one panel per scope and batch, one line per
   mechanism in its fixed style, recompute forms dashed and hollow).
 * :func:`recall_cost_section`: MQAR decoder-form accuracy (training records of ``quick/mqar_causal``) against the
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.analysis import DECODE_COMPARE_CONTEXT, decode_slopes_crossover, slope_range_for
+from harness.analysis import DECODE_SPEEDUP_CONTEXT, decode_derived
 from harness.display import MISSING, format_bytes, missing_cell, not_run
 from harness.report.page import Page
 from harness.report.plots import (
@@ -56,14 +56,17 @@ RECALL_COST_CONTEXT = 4096
 # The fields that make one decode setting (one table, one panel); the others belong to the cell.
 SETTING_FIELDS = ("scope", "model_size", "batch", "heads", "head_dim", "dtype", "device", "threads", "timing_policy")
 RECOMPUTE_TEXT = "RECOMPUTE (no step form)"
+# A mechanism with a step form also timed in the recompute form (the benchmark's decode.recompute_contexts): the
+# step form's speed-up. Shown in the table, left out of the plots and of the recall-vs-cost figure.
+FORCED_TEXT = "recompute (forced, for the speed-up)"
 RECOMPUTE_NOTE = ("RECOMPUTE (no step form): the mechanism has no incremental form, so each token recomputes its "
                   "causal forward over the whole prefix; its numbers are its true cost, not a step form's.")
 
 
-def decode_cells(decode: pd.DataFrame) -> pd.DataFrame:
+def decode_frame(decode: pd.DataFrame) -> pd.DataFrame:
     """The decode records with every schema column present, ``outcome`` (= status, for the shared missing-cell
-    text), ``line`` (mechanism, `` (recompute)`` for the recompute form) and a stable order (the mechanisms'
-    fixed order, then context)."""
+    text), ``forced_recompute`` (False where absent), ``line`` (mechanism, `` (recompute)`` for the recompute form)
+    and a stable order (the mechanisms' fixed order, then context)."""
     cells = decode.copy()
     for col in ("mechanism", "scope", "model_size", "batch", "context", "decode_form", "state_growth", "reason",
                 "ms_per_token", "ms_per_token_p10", "ms_per_token_p90", "tokens_per_s", "state_bytes_per_seq",
@@ -71,6 +74,8 @@ def decode_cells(decode: pd.DataFrame) -> pd.DataFrame:
         if col not in cells:
             cells[col] = None
     cells["outcome"] = cells["status"]
+    forced = cells["forced_recompute"] if "forced_recompute" in cells else pd.Series(False, index=cells.index)
+    cells["forced_recompute"] = forced.fillna(False).astype(bool)
     cells["decode_form"] = cells["decode_form"].fillna("step")
     cells["line"] = [f"{m} (recompute)" if f == "recompute" else str(m)
                      for m, f in zip(cells["mechanism"], cells["decode_form"])]
@@ -131,7 +136,7 @@ def decode_table(rows: pd.DataFrame) -> pd.DataFrame:
     """One setting's cells as the page shows them, one row per (mechanism, form, context)."""
     return pd.DataFrame([{
         "mechanism": r["mechanism"],
-        "form": RECOMPUTE_TEXT if r["decode_form"] == "recompute" else str(r["decode_form"]),
+        "form": form_text(r["decode_form"], r["forced_recompute"]),
         "context": _k(r["context"]) + (" (random state)" if r["state_filled"] == "random" else ""),
         "ms/token median [p10–p90]": _ms(r) if r["status"] == "ok" else why_missing(r),
         "tokens/s": f"{r['tokens_per_s']:,.0f}" if r["status"] == "ok" else MISSING,
@@ -140,6 +145,13 @@ def decode_table(rows: pd.DataFrame) -> pd.DataFrame:
         "growth": str(r["state_growth"]) if _known(r["state_growth"]) else MISSING,
         "config changes": changes_text(r["config_changes"]),
     } for _, r in rows.iterrows()])
+
+
+def form_text(form: str, forced: bool = False) -> str:
+    """``step``; a mechanism without a step form marked in capitals; a forced recompute form said as such."""
+    if forced:
+        return FORCED_TEXT
+    return RECOMPUTE_TEXT if form == "recompute" else str(form)
 
 
 def why_missing(r: pd.Series) -> str:
@@ -170,32 +182,43 @@ def changes_text(value) -> str:
 
 
 def derived_text(rows: pd.DataFrame) -> pd.DataFrame:
-    """The derived figures of one setting, formatted; a figure that cannot be computed says why."""
+    """The derived figures of one setting (:func:`harness.analysis.decode_derived`), formatted, one row per
+    mechanism in its own form; a figure that cannot be computed says why."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        derived = decode_slopes_crossover(rows)
+        derived = decode_derived(rows)
+    if derived.empty:
+        return derived
+    derived = derived[~derived["forced_recompute"].astype(bool)]
+    forms = rows[~rows["forced_recompute"]].groupby("mechanism")["decode_form"].first()
 
     def num(x, why="too few contexts"):
-        return f"{round(x, 2) + 0.0:.2f}" if x is not None and np.isfinite(x) else not_run(why)  # never "-0.00"
-
-    def crossover(r):
-        if r["crossover_note"] == "interpolated":
-            return f"{r['crossover_context']:.0f}"
-        if r["crossover_note"] == "faster at all n":
-            return f"<= {r['crossover_context']:.0f} (faster at every context)"
-        return not_run(CROSSOVER_NOTES.get(r["crossover_note"], r["crossover_note"]))
+        ok = x is not None and np.isfinite(float(x))
+        return f"{round(float(x), 2) + 0.0:.2f}" if ok else not_run(why)  # never "-0.00"
 
     table = pd.DataFrame({
         "mechanism": derived["mechanism"],
-        "form": [RECOMPUTE_TEXT if f == "recompute" else f for f in derived["decode_form"]],
-        "ms/token slope": derived["time_slope"].map(num),
-        "state bytes slope": derived["state_slope"].map(num),
-        "faster per token than full from context": derived.apply(crossover, axis=1),
-        f"step vs recompute at {_k(DECODE_COMPARE_CONTEXT)}": derived["speedup_vs_recompute"].map(
-            lambda x: f"{x:.1f}x" if np.isfinite(x) else not_run("not both measured")),
+        "form": [form_text(forms.get(m, "step")) for m in derived["mechanism"]],
+        "ms/token slope": derived["ms_slope"].map(num),
+        "ms/token slope, 3 largest contexts": derived["ms_slope_top3"].map(num),
+        "state bytes slope": derived["bytes_slope"].map(num),
+        "faster per token than full from context": derived.apply(_crossover, axis=1),
+        f"step vs recompute at {_k(DECODE_SPEEDUP_CONTEXT)}": derived["speedup_vs_recompute"].map(
+            lambda x: f"{float(x):.1f}x" if x is not None and np.isfinite(float(x)) else not_run("not measured")),
     })
-    # The speed-up column only where some mechanism was measured in both forms.
-    return table if derived["speedup_vs_recompute"].notna().any() else table.iloc[:, :-1]
+    if derived["contexts"].max() <= 3:  # the three largest are every context: one slope column
+        table = table.drop(columns="ms/token slope, 3 largest contexts")
+    measured = pd.to_numeric(derived["speedup_vs_recompute"], errors="coerce").notna().any()
+    return table if measured else table.iloc[:, :-1]  # the speed-up only where a mechanism ran in both forms
+
+
+def _crossover(r: pd.Series) -> str:
+    x, note = r["crossover_context"], r["crossover_note"]
+    if note == "interpolated":
+        return f"{float(x):.0f}"
+    if note == "faster at all n":
+        return f"<= {float(x):.0f} (faster at every context)"
+    return not_run(CROSSOVER_NOTES.get(note, str(note)))
 
 
 CROSSOVER_NOTES = {"never faster": "never faster here", "no common n": "no ok cell beside full's"}
@@ -205,9 +228,9 @@ def decoding_section(page: Page, decode: pd.DataFrame, out: Path, files: list[Pa
     """The decoding tables (detailed tables) and the two log-log figures; nothing at all without records."""
     if decode is None or decode.empty or "mechanism" not in decode:
         return
-    cells = decode_cells(decode)
+    cells = decode_frame(decode)
     groups = decode_groups(cells)
-    recompute = (cells["decode_form"] == "recompute").any()
+    recompute = ((cells["decode_form"] == "recompute") & ~cells["forced_recompute"]).any()
     page.heading("Decoding: time per token and state per sequence")
     page.note("arena-bench mode=decode: a prompt of `context` tokens prefilled, then generated tokens timed one "
               "by one (ms/token: median [p10–p90]; tokens/s = batch x 1000 / median ms); state bytes: what "
@@ -219,7 +242,8 @@ def decoding_section(page: Page, decode: pd.DataFrame, out: Path, files: list[Pa
         page.note(f"Decoding, {label}")
         page.table(decode_table(rows), index=False)
         derived_part(page, label, rows)
-    scaled = [(label, rows) for label, rows in groups if rows.loc[rows["status"] == "ok", "context"].nunique() >= 2]
+    own = [(label, rows[~rows["forced_recompute"]]) for label, rows in groups]
+    scaled = [(label, rows) for label, rows in own if rows.loc[rows["status"] == "ok", "context"].nunique() >= 2]
     if not scaled:
         return
     page.heading("Decoding: time per token and state bytes vs context", place="figures")
@@ -236,21 +260,22 @@ def decoding_section(page: Page, decode: pd.DataFrame, out: Path, files: list[Pa
 def derived_part(page: Page, label: str, rows: pd.DataFrame) -> None:
     """The derived figures of one setting under its table; nothing with fewer than two ok contexts (no slope, and
     the table already compares the mechanisms at its one context)."""
-    if rows.loc[rows["status"] == "ok", "context"].nunique() < 2:
+    contexts = sorted(rows.loc[(rows["status"] == "ok") & ~rows["forced_recompute"], "context"].unique())
+    if len(contexts) < 2:
         return
-    fit = slope_range_for(rows.loc[rows["status"] == "ok", "context"])
     table = derived_text(rows)
-    speedup = (f", and the step form's speed-up over recomputation at {_k(DECODE_COMPARE_CONTEXT)}"
+    speedup = (f", and the step form's speed-up over its recompute form at {_k(DECODE_SPEEDUP_CONTEXT)}"
                if table.columns[-1].startswith("step vs recompute") else "")
-    page.note(f"Derived, {label}: log-log slopes over contexts {_k(fit[0])}..{_k(fit[1])} (0 = flat, 1 = linear), "
-              f"the context from which the mechanism's time per token is below full's with its KV cache{speedup} "
-              "(ok cells only).")
+    page.note(f"Derived, {label}: log-log slopes over every measured context ({_k(contexts[0])}..{_k(contexts[-1])}"
+              + ("; and over the three largest" if len(contexts) > 3 else "") + "; 0 = flat, 1 = linear), the "
+              f"context from which the mechanism's time per token is below full's with its KV cache{speedup} (ok "
+              "cells only).")
     page.table(table, index=False)
 
 
 def plot_decode_scaling(groups: list[tuple[str, pd.DataFrame]], metric: str, path: Path) -> Path:
     """Log-log ``metric`` (``ms_per_token`` or ``state_bytes_per_seq``) vs context, one panel per decode setting
-    (``groups``: (label, :func:`decode_cells` rows)), one line per mechanism and form."""
+    (``groups``: (label, :func:`decode_frame` rows)), one line per mechanism and form."""
     plt = _pyplot()
     cols = min(2, len(groups))
     rows_n = math.ceil(len(groups) / cols)
@@ -340,7 +365,7 @@ def recall_cost_points(train: pd.DataFrame, decode: pd.DataFrame,
     stats = seed_stats(train[train["experiment"] == RECALL_COST_EXPERIMENT])
     if stats.empty:
         return empty, {}
-    cells = decode_cells(decode) if decode is not None and not decode.empty and "mechanism" in decode else None
+    cells = decode_frame(decode) if decode is not None and not decode.empty and "mechanism" in decode else None
     costs, missing = {}, {}
     for name in stats["attention"].unique():
         cost = _cost_of(cells, str(name), context)
@@ -355,17 +380,16 @@ def recall_cost_points(train: pd.DataFrame, decode: pd.DataFrame,
 
 
 def _cost_of(cells: pd.DataFrame | None, name: str, context: int) -> dict | str:
-    """The cost fields of ``name``'s model-scope cell at ``context`` (its step form when both were measured, the
-    smallest batch), or why there is none."""
+    """The cost fields of ``name``'s model-scope cell at ``context`` in its own form (not a forced recompute), the
+    smallest batch measured, or why there is none."""
     wanted = f"no model-scope decode cell at the {RECALL_COST_SIZE} size and context {_k(context)}"
     if cells is None:
         return wanted + " (no decode records)"
     mine = cells[(cells["mechanism"] == name) & (cells["scope"] == "model") & (cells["model_size"] == RECALL_COST_SIZE)
-                 & (cells["context"] == context)]
+                 & (cells["context"] == context) & ~cells["forced_recompute"]]
     if mine.empty:
         return wanted
-    ok = mine[mine["status"] == "ok"]
-    ok = ok.assign(_recompute=ok["decode_form"] != "step").sort_values(["_recompute", "batch"])
+    ok = mine[mine["status"] == "ok"].sort_values("batch")
     if ok.empty:
         first = mine.iloc[0]
         reason = f": {first['reason']}" if _known(first["reason"]) else ""
