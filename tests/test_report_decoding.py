@@ -46,7 +46,8 @@ def decode_record(mechanism, context, batch=1, scope="mechanism", status="ok", f
         "head_dim": HEAD_DIM, "dtype": "float32", "device": "cpu", "threads": 1, "decode_form": form,
         "state_growth": growth, "state_filled": state_filled,
         "state_note": "prefill over the cell time limit" if state_filled == "random" else None,
-        "config_changes": ["max_length 64 -> 4096", "learned position table re-initialised at 4096"]
+        "config_changes": ["max_length 64 -> 4096", "learned position table re-initialised at 4096",
+                           *(["reformer num_buckets 8 -> 512"] if mechanism == "reformer" else [])]
         if scope == "model" else [],
         "timing_policy": "plain", "matmul_flops_per_s": 8.8e10, "peak_method": "torch.profiler(cpu alloc events)",
     }
@@ -230,3 +231,19 @@ def test_the_recompute_form_is_marked_in_the_table_and_plotted_dashed_and_hollow
     assert lines["reformer (recompute)"].get_linestyle() == "--" and lines["reformer (recompute)"].get_mfc() == "white"
     assert lines["full"].get_linestyle() == "-"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1K", "4K", "16K"]
+
+
+def test_config_changes_shared_by_every_cell_are_said_once_and_a_skip_says_why_briefly(tmp_path):
+    root = tmp_path / "r"
+    for name in ("full", "performer"):
+        write_record(decode_record(name, 4096, scope="model"), root)
+    reason = ("time, predicted 35 steps x 2 s = 54 s > max_cell_s 20 s (predicted prefill 2 s, 2 s per step, "
+              "from contexts 512, 1024)")
+    write_record(decode_record("aft", 4096, scope="model", status="skipped_budget", reason=reason), root)
+    lines = (build_report(root, tmp_path / "out")["out"] / "report.md").read_text().splitlines()
+    header = next(ln for ln in lines if ln.startswith("| mechanism | form | context |"))
+    assert "config changes" not in header
+    assert ("Config changes from the trained recipe, every cell above: max_length 64 -> 4096; learned position "
+            "table re-initialised at 4096.") in lines
+    skipped = next(ln for ln in lines if ln.startswith("| aft |"))
+    assert "— (over budget: time, predicted 35 steps x 2 s = 54 s > max_cell_s 20 s) |" in skipped

@@ -155,11 +155,14 @@ def form_text(form: str, forced: bool = False) -> str:
 
 
 def why_missing(r: pd.Series) -> str:
-    """``— (oom: <reason>)``: a cell that did not run says why (a budget skip in the benchmark's words)."""
-    if r["status"] == "skipped_budget" or not _known(r["reason"]):
+    """``— (oom: <reason>)``: a cell that did not run says why, in the benchmark's words up to its first
+    parenthesis (a budget skip's prediction details stay in the record) and at most 120 characters."""
+    if not _known(r["reason"]):
         return missing_cell(r)
-    reason = " ".join(str(r["reason"]).split())
-    return f"{MISSING} ({r['status']}: {reason[:117] + '...' if len(reason) > 120 else reason})"
+    reason = " ".join(str(r["reason"]).split()).split(" (")[0]
+    reason = reason[:117] + "..." if len(reason) > 120 else reason
+    return missing_cell(pd.Series({"outcome": r["status"], "reason": reason})) if r["status"] == "skipped_budget" \
+        else f"{MISSING} ({r['status']}: {reason})"
 
 
 def _ms(r: pd.Series) -> str:
@@ -240,7 +243,13 @@ def decoding_section(page: Page, decode: pd.DataFrame, out: Path, files: list[Pa
               "time per token does not depend on how it was filled)." + (f" {RECOMPUTE_NOTE}" if recompute else ""))
     for label, rows in groups:
         page.note(f"Decoding, {label}")
-        page.table(decode_table(rows), index=False)
+        table = decode_table(rows)
+        changes = table["config changes"].unique()
+        if len(changes) == 1 and changes[0] != "none":  # one list for every cell: said once, under the table
+            table = table.drop(columns="config changes")
+        page.table(table, index=False)
+        if "config changes" not in table:
+            page.note(f"Config changes from the trained recipe, every cell above: {changes[0]}.")
         derived_part(page, label, rows)
     own = [(label, rows[~rows["forced_recompute"]]) for label, rows in groups]
     scaled = [(label, rows) for label, rows in own if rows.loc[rows["status"] == "ok", "context"].nunique() >= 2]
