@@ -132,6 +132,8 @@ def test_the_decoding_section_has_a_table_per_scope_and_batch_and_both_plots(tmp
     for name in ("decode_time_vs_context.png", "decode_state_vs_context.png", "recall_vs_cost.png"):
         assert (tmp_path / "out" / name).stat().st_size > 10_000
     text = (tmp_path / "out" / "report.md").read_text()
+    assert ("- decoding: 35 cells (34 ran) of 5 mechanism(s), mechanism alone, model (mqar_causal), contexts 1K, 4K, "
+            "16K, batch 1, 8") in text  # in the summary
     for label in ("mechanism alone, batch 1, 4 heads, head dim 32, float32, cpu, 1 thread(s), context 1K..16K",
                   "mechanism alone, batch 8,", "whole model at the mqar_causal size, batch 1, float32, cpu"):
         assert f"Decoding, {label}" in text, label

@@ -116,7 +116,23 @@ def setting_text(rows: pd.DataFrame) -> str:
     contexts = sorted(int(c) for c in rows["context"].dropna().unique())
     if contexts:
         parts.append(f"context {_k(contexts[0])}" + (f"..{_k(contexts[-1])}" if len(contexts) > 1 else ""))
+    if "smoke" in rows and rows["smoke"].fillna(False).astype(bool).any():
+        parts.append("SMOKE settings (tiny sizes: a check that the stage runs, not a measurement)")
     return ", ".join(parts)
+
+
+def decode_summary(decode: pd.DataFrame) -> str | None:
+    """The summary's line: how many decode cells, how many ran, of which scopes, contexts and batches."""
+    if decode is None or decode.empty or "mechanism" not in decode:
+        return None
+    cells = decode_frame(decode)
+    scopes = sorted({"mechanism alone" if s == "mechanism" else f"model ({m})"
+                     for s, m in zip(cells["scope"], cells["model_size"])})
+    contexts = sorted(int(c) for c in cells["context"].dropna().unique())
+    batches = sorted(int(b) for b in cells["batch"].dropna().unique())
+    return (f"decoding: {len(cells)} cells ({int((cells['status'] == 'ok').sum())} ran) of "
+            f"{cells['mechanism'].nunique()} mechanism(s), {', '.join(scopes)}, contexts "
+            f"{', '.join(_k(c) for c in contexts)}, batch {', '.join(map(str, batches))}")
 
 
 def _known(value) -> bool:
