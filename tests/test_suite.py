@@ -563,6 +563,8 @@ def test_decode_stage_in_smoke_size_writes_decode_records_for_the_causal_mechani
     scans = dict(suite.decode_scans(s, mechanisms))
     assert set(scans) == {"mechanism", "model"} and all(isinstance(v, bench.BenchSettings) for v in scans.values())
     assert scans["mechanism"].mode == "decode" and scans["mechanism"].mechanisms == ["full", "performer"]
+    with pytest.raises(ValueError, match=r"decode.scans.model.*contxts"):  # a scan's key the benchmark does not know
+        suite.resolve_suite({**cfg, "decode": {"scans": {"model": {"contxts": [64]}}}})
     result = suite.run_suite(cfg)
     out = capsys.readouterr().out
     assert "stage 3/4: decoding benchmark" in out and "decode scan 'model'" in out
