@@ -1,4 +1,4 @@
-"""The one-command suite (``arena-suite``): efficiency scan, quick training sweep, report.
+"""The one-command suite (``arena-suite``): efficiency scan, quick training sweep, decoding scan, report.
 
     arena-suite                       # everything, sized for a 2-core CPU (GPU used when present)
     arena-suite size=smoke            # seconds-to-minutes end-to-end check (tests)
@@ -22,7 +22,11 @@ Stages (each reuses what the store already holds, so a re-run finishes only what
    time left: :class:`RunProgress`, from the line each run ends with) and the workers' warnings and errors;
    ``train.verbose=true`` streams everything they log. Its exit status comes from the workers' (each
    ``arena-train`` process exits 1 when one of its runs failed, whether it wrote a record or not).
-3. ``report``: :func:`harness.report.build_report`; the suite ends by printing where it is.
+3. ``decode``: ``arena-bench mode=decode`` (:func:`harness.bench.run_benchmark`), one run per scan of the ``decode``
+   block (by default the mechanisms alone at contexts 1K, 4K and 16K, batches 1 and 8, and the whole model at the
+   ``quick/mqar_causal`` size at 4K, batch 1: the cost side of the report's recall-vs-cost plot); the causal
+   mechanisms only.
+4. ``report``: :func:`harness.report.build_report`; the suite ends by printing where it is.
 
 Owns: the order of the stages, :class:`SuiteSettings` (built once by :func:`resolve_suite`), the
 training sweep's command lines and worker processes. May import ``attentions``, :mod:`harness.bench`,
@@ -65,7 +69,7 @@ from harness.settings import Settings, as_float, as_int, check_known, merge_sett
 # The folder holding the harness package (the clone, or site-packages): on the training processes' path.
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = conf_dir()
-STAGES = ("bench", "train", "report")
+STAGES = ("bench", "train", "decode", "report")
 SIZES = ("default", "smoke", "lra")
 
 DEFAULTS: dict[str, Any] = {
@@ -87,16 +91,30 @@ DEFAULTS: dict[str, Any] = {
     },
     "cuda_bench": {"seq_lens": [1024, 2048, 4096, 8192, 16384], "repeats": 5, "warmup": 2, "max_cell_s": 60},
     # quick/pathfinder (chance on a CPU) is left out of the default CPU suite; name it in train.experiments to run
-    # it. quick/mqar_causal (the decoder form, nine mechanisms) is not in it either: quick/mqar runs all eleven.
-    "train": {"experiments": ["quick/listops", "quick/mqar"], "seeds": [0, 1],
+    # it. quick/mqar_causal (the decoder form, the nine causal mechanisms) gives the recall of the recall-vs-cost plot.
+    "train": {"experiments": ["quick/listops", "quick/mqar", "quick/mqar_causal"], "seeds": [0, 1],
               "overrides": [], "workers": 2, "threads_per_worker": 1, "verbose": False,
               # Per-recipe overrides: quick ListOps shortened to fit two seeds of everything in the budget.
               "recipe_overrides": {"quick/listops": ["train.max_steps=500"]},
               "recipe_seeds": {},
               # Recall ladder (Zoology Figure 2 layout): the recipe again at each [seq_len, num_kv_pairs].
               "ladder": {"experiment": "quick/mqar", "points": [[64, 16]], "seeds": [0]}},
+    # The decode stage: arena-bench mode=decode, one run per scan (a scan: the benchmark's decode.* settings); the
+    # other keys are arena-bench settings of every scan. The model scan's cells give the recall-vs-cost plot its cost.
+    "decode": {
+        "max_cell_s": 20,
+        "scans": {
+            "mechanism": {"scopes": ["mechanism"], "contexts": [1024, 4096, 16384], "batches": [1, 8],
+                          "recompute_contexts": []},
+            "model": {"scopes": ["model"], "model_sizes": ["mqar_causal"], "contexts": [4096], "batches": [1],
+                      "recompute_contexts": []},
+        },
+    },
     "smoke": {
         "bench": {"smoke": True},
+        "decode": {"smoke": True,
+                   "scans": {"mechanism": {"contexts": [16, 32], "batches": [1]},
+                             "model": {"contexts": [32]}}},
         "train": {"experiments": ["smoke/listops", "smoke/mqar"], "seeds": [0],
                   "ladder": {"experiment": "smoke/mqar", "points": [[16, 2]], "seeds": [0]}},
         "results_dir": "results/smoke",
@@ -143,6 +161,7 @@ class SuiteSettings(Settings):
     bench: dict
     cuda_bench: dict
     train: TrainSweep
+    decode: dict
     smoke: dict
     lra: dict
     time_budget_min: float
@@ -192,14 +211,17 @@ def check_sections(s: Mapping) -> None:
     ``bench.seq_lenz`` even when the benchmark is not a stage) or a count that is no integer
     (``train.seeds=[abc]``), naming the key and what is allowed."""
     bench_keys, train_keys = list(bench.DEFAULTS), list(TrainSweep.__dataclass_fields__)
+    decode_keys = [*bench_keys, "scans"]
     for section, keys in (("bench", bench_keys), ("cuda_bench", bench_keys), ("smoke", ["results_dir", "bench",
-                                                                                         "train"]),
+                                                                                         "train", "decode"]),
                           ("smoke.bench", bench_keys), ("smoke.train", train_keys), ("lra", ["train"]),
+                          ("decode", decode_keys), ("smoke.decode", decode_keys),
                           ("lra.train", train_keys), ("train.ladder", ["experiment", "points", "seeds"])):
         node: Any = s
         for part in section.split("."):
             node = (node or {}).get(part) if isinstance(node, Mapping) else None
         check_known(dict(node or {}), keys, section)
+    check_scans(s)
     train, ladder = s["train"], dict(s["train"].get("ladder") or {})
     for i, seed in enumerate([*train["seeds"], *(ladder.get("seeds") or [])]):
         as_int(seed, "train.seeds" if i < len(train["seeds"]) else "train.ladder.seeds", minimum=0)
@@ -218,10 +240,32 @@ def check_sections(s: Mapping) -> None:
     as_float(s["time_budget_min"], "time_budget_min", minimum=0, strict=True)
 
 
+def check_scans(s: Mapping) -> None:
+    """ValueError (one line) for a decode scan that is not a mapping of the benchmark's ``decode.*`` keys
+    (``decode.scans.model.contxts``), naming the key and the allowed ones."""
+    decode_keys = list(bench.DEFAULTS.get("decode") or {}) if decode_supported() else None
+    for section in ("decode", "smoke.decode"):
+        node: Any = s
+        for part in section.split("."):
+            node = (node or {}).get(part) if isinstance(node, Mapping) else None
+        for name, scan in dict((node or {}).get("scans") or {}).items():
+            if not isinstance(scan, Mapping):
+                raise ValueError(f"invalid '{section}.scans.{name}': a scan is a mapping of arena-bench's decode.* "
+                                 f"settings, got {scan!r}")
+            if decode_keys is not None:
+                check_known(dict(scan), decode_keys, f"{section}.scans.{name}")
+
+
+def decode_supported() -> bool:
+    """Whether this installation's ``arena-bench`` has ``mode=decode`` (issue 24's incremental-decoding scan)."""
+    return "mode" in bench.DEFAULTS and isinstance(bench.DEFAULTS.get("decode"), dict)
+
+
 def _suite_device(requested: str, stages: list) -> str:
-    """The device: ``auto`` chosen here. A CUDA device this machine lacks is an error when the benchmark
-    (which runs here) is a stage; without it the training may be submitted elsewhere (a SLURM launcher)."""
-    if "bench" not in stages:
+    """The device: ``auto`` chosen here. A CUDA device this machine lacks is an error when a benchmark
+    (which runs here: ``bench`` or ``decode``) is a stage; without one the training may be submitted elsewhere (a SLURM
+    launcher)."""
+    if "bench" not in stages and "decode" not in stages:
         return requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return bench.check_device(requested)
@@ -235,6 +279,7 @@ def _apply_size(s: dict, cfg: dict) -> dict:
     """``s`` with the size's preset applied where the user (``cfg``) left the value at its default
     (:func:`harness.bench.apply_preset`): ``size=smoke train.experiments=[smoke/listops]`` runs that recipe only."""
     user_bench, user_train = dict(cfg.get("bench") or {}), dict(cfg.get("train") or {})
+    user_decode = dict(cfg.get("decode") or {})
     if s["size"] == "smoke":
         smoke = s["smoke"]
         if smoke.get("results_dir"):  # a check never pollutes a benchmark
@@ -244,6 +289,7 @@ def _apply_size(s: dict, cfg: dict) -> dict:
         for key in ("seq_lens", "repeats", "warmup", "approx", "peers"):
             s["bench"] = _without_defaults(s["bench"], key, DEFAULTS["bench"][key])
         s["train"] = bench.apply_preset(s["train"], user_train, DEFAULTS["train"], smoke.get("train") or {})
+        s["decode"] = bench.apply_preset(s["decode"], user_decode, DEFAULTS["decode"], smoke.get("decode") or {})
     elif s["size"] == "lra":
         s["train"] = bench.apply_preset(s["train"], user_train, DEFAULTS["train"], s["lra"].get("train") or {})
     if s["size"] != "smoke" and s["device"].startswith("cuda"):
@@ -634,6 +680,9 @@ def prepare_suite(cfg: dict | None = None) -> tuple[SuiteSettings, list[str]]:
     mechanisms = available_attentions() if s.mechanisms == "all" else bench.select_mechanisms(s.mechanisms)
     if "bench" in s.stages and not (s.size == "lra" and not s.device.startswith("cuda")):
         bench.prepare_benchmark(_bench_settings(s, mechanisms))
+    if "decode" in s.stages and decode_supported() and not (s.size == "lra" and not s.device.startswith("cuda")):
+        for _, scan in decode_scans(s, mechanisms):
+            bench.prepare_benchmark(scan)
     return s, mechanisms
 
 
@@ -651,15 +700,18 @@ def run_suite(cfg: dict | None = None, prepared: tuple[SuiteSettings, list[str]]
     _banner(f"{len(mechanisms)} mechanisms on {s.device} ({s.size} size); results in {shown_path(s.results_dir)}",
             started)
     if "bench" in s.stages:
-        _banner("stage 1/3: efficiency benchmark (time and memory vs n, approximation error, peers)", started)
+        _banner("stage 1/4: efficiency benchmark (time and memory vs n, approximation error, peers)", started)
         timings["bench_s"] = _bench_stage(s, mechanisms)
     if "train" in s.stages:
-        _banner("stage 2/3: training sweep", started)
+        _banner("stage 2/4: training sweep", started)
         t = time.time()
         result["train_returncode"] = run_training(s, mechanisms)
         timings["train_s"] = time.time() - t
+    if "decode" in s.stages:
+        _banner("stage 3/4: decoding benchmark (time per token and state bytes vs context)", started)
+        timings["decode_s"] = _decode_stage(s, mechanisms)
     if "report" in s.stages:
-        _banner("stage 3/3: report", started)
+        _banner("stage 4/4: report", started)
         result["report"], timings["report_s"] = _report_stage(s)
     _summary(s, result, started)
     return result
@@ -724,6 +776,34 @@ def _bench_settings(s: SuiteSettings, mechanisms: list[str]) -> bench.BenchSetti
 def _bench_stage(s: SuiteSettings, mechanisms: list[str]) -> float:
     t = time.time()
     bench.run_benchmark(_bench_settings(s, mechanisms))
+    return time.time() - t
+
+
+def decode_scans(s: SuiteSettings, mechanisms: list[str]) -> list[tuple[str, bench.BenchSettings]]:
+    """(name, arena-bench settings) per decode scan: ``mode=decode``, the scan's ``decode.*`` settings, the
+    ``decode`` block's other keys, the suite's causal mechanisms, device, store and plug-ins. Raises ValueError
+    naming a bad setting (:func:`harness.bench.resolve_settings`)."""
+    common = {k: v for k, v in dict(s.decode).items() if k != "scans"}
+    causal = [m for m in mechanisms if get_attention_info(m).supports_causal]
+    return [(str(name), bench.resolve_settings({**common, "mode": "decode", "decode": dict(scan), "mechanisms": causal,
+                                                "device": s.device, "results_dir": s.results_dir,
+                                                "plugins": list(s.plugins)}))
+            for name, scan in dict(s.decode.get("scans") or {}).items()]
+
+
+def _decode_stage(s: SuiteSettings, mechanisms: list[str]) -> float:
+    """The decode scans one after the other (each reuses the cells the store already holds); seconds taken."""
+    t = time.time()
+    if not decode_supported():
+        print("decode stage: this arena-bench has no mode=decode (issue 24's decoding benchmark): skipped", flush=True)
+        return time.time() - t
+    if not any(get_attention_info(m).supports_causal for m in mechanisms):
+        print("decode stage: none of the mechanisms has a causal form: nothing to decode", flush=True)
+        return time.time() - t
+    for name, scan in decode_scans(s, mechanisms):
+        print(f"decode scan '{name}': scopes {list(scan.decode.scopes)}, contexts {list(scan.decode.contexts)}, "
+              f"batches {list(scan.decode.batches)}", flush=True)
+        bench.run_benchmark(scan)
     return time.time() - t
 
 

@@ -17,7 +17,8 @@ from harness.store import load_records
 def test_resolve_suite_sizes():
     default = suite.resolve_suite({"device": "cpu"})
     assert default["bench"]["seq_lens"] == [256, 512, 1024, 2048, 4096]
-    assert default["train"]["experiments"] == ["quick/listops", "quick/mqar"]
+    assert default["train"]["experiments"] == ["quick/listops", "quick/mqar", "quick/mqar_causal"]
+    assert default["stages"] == ["bench", "train", "decode", "report"]  # decode after train, before the report
     assert default["train"]["seeds"] == [0, 1]  # at least two seeds: spreads and ties in the report
     assert Path(default["report_dir"]) == Path(default["results_dir"]) / "report"
     smoke = suite.resolve_suite({"size": "smoke", "device": "cpu"})
@@ -496,7 +497,7 @@ def test_bench_and_report_stages_in_smoke_size_and_rerun_reuses(tmp_path, capsys
     out = capsys.readouterr().out
     report = Path(result["report"])
     assert report.exists() and report.with_suffix(".md").exists()
-    assert f"report: {report}" in out and "stage 1/3" in out and "stage 3/3" in out
+    assert f"report: {report}" in out and "stage 1/4" in out and "stage 4/4" in out
     records = load_records(tmp_path / "r", kind="bench")
     assert set(records["mechanism"]) == {"full", "full_reference", "sdpa_direct", "sliding_window"}  # both baselines
     stored = {p.name: json.loads(p.read_text()) for p in (tmp_path / "r" / "bench").glob("*.json")}
@@ -528,3 +529,63 @@ def test_bench_force_reaches_the_benchmark():
     forced = suite.resolve_suite({"device": "cpu", "bench": {"force": True}})
     assert suite._bench_settings(forced, ["full"]).reuse is False
     assert suite._bench_settings(suite.resolve_suite({"device": "cpu"}), ["full"]).reuse is True
+
+
+# ------------------------------------------------------------------------------- the decode stage (issue 24)
+
+NO_DECODE_MODE = ("arena-bench has no mode=decode on this branch yet (issue 24's decoding benchmark, "
+                  "harness/bench/decode.py, lands with the dec-bench branch)")
+
+
+def test_the_decode_stage_settings_are_plain_config_with_a_tiny_smoke_size():
+    default = suite.resolve_suite({"device": "cpu"})
+    scans = default.decode["scans"]
+    assert scans["mechanism"] == {"scopes": ["mechanism"], "contexts": [1024, 4096, 16384], "batches": [1, 8],
+                                  "recompute_contexts": []}
+    assert scans["model"]["scopes"] == ["model"] and scans["model"]["model_sizes"] == ["mqar_causal"]
+    assert scans["model"]["contexts"] == [4096] and scans["model"]["batches"] == [1]
+    smoke = suite.resolve_suite({"size": "smoke", "device": "cpu"})
+    assert smoke.decode["smoke"] is True
+    assert smoke.decode["scans"]["mechanism"]["contexts"] == [16, 32]
+    assert smoke.decode["scans"]["mechanism"]["scopes"] == ["mechanism"]  # the preset changes sizes, not scopes
+    assert smoke.decode["scans"]["model"]["contexts"] == [32]
+    # Through the CLI's composed config: a scan's setting given wins over the smoke preset; stages=[decode] alone.
+    cfg = _compose_suite("size=smoke", "device=cpu", "stages=[decode]", "decode.scans.mechanism.contexts=[8,16]")
+    s = suite.resolve_suite(cfg)
+    assert s.stages == ["decode"] and s.decode["scans"]["mechanism"]["contexts"] == [8, 16]
+    with pytest.raises(ValueError, match=r"decode.scans.model"):
+        suite.resolve_suite({"device": "cpu", "decode": {"scans": {"model": [4096]}}})
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) decode.scanz: .*did you mean decode.scans"):
+        suite.resolve_suite({"device": "cpu", "decode": {"scanz": {}}})
+
+
+def test_without_mode_decode_the_stage_says_so_and_the_suite_goes_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(suite, "decode_supported", lambda: False)
+    result = suite.run_suite({"size": "smoke", "stages": ["decode"], "results_dir": str(tmp_path / "r"),
+                              "device": "cpu", "mechanisms": ["full"]})
+    assert "decode stage: this arena-bench has no mode=decode" in capsys.readouterr().out
+    assert "decode_s" in result["timings"] and not (tmp_path / "r" / "decode").exists()
+
+
+@pytest.mark.skipif(not suite.decode_supported(), reason=NO_DECODE_MODE)
+def test_decode_stage_in_smoke_size_writes_decode_records_for_the_causal_mechanisms_and_the_report_shows_them(
+        tmp_path, capsys):
+    from harness import bench
+
+    cfg = {"size": "smoke", "stages": ["decode", "report"], "results_dir": str(tmp_path / "r"), "device": "cpu",
+           "mechanisms": ["full", "performer", "linformer"]}
+    s, mechanisms = suite.prepare_suite(cfg)
+    scans = dict(suite.decode_scans(s, mechanisms))
+    assert set(scans) == {"mechanism", "model"} and all(isinstance(v, bench.BenchSettings) for v in scans.values())
+    assert scans["mechanism"].mode == "decode" and scans["mechanism"].mechanisms == ["full", "performer"]
+    with pytest.raises(ValueError, match=r"decode.scans.model.*contxts"):  # a scan's key the benchmark does not know
+        suite.resolve_suite({**cfg, "decode": {"scans": {"model": {"contxts": [64]}}}})
+    result = suite.run_suite(cfg)
+    out = capsys.readouterr().out
+    assert "stage 3/4: decoding benchmark" in out and "decode scan 'model'" in out
+    decode = load_records(tmp_path / "r", kind="decode")
+    assert set(decode["mechanism"]) == {"full", "performer"}  # linformer has no causal form
+    assert set(decode["scope"]) == {"mechanism", "model"} and set(decode["context"]) == {16, 32}
+    md = Path(result["report"]).with_suffix(".md").read_text()
+    assert "Decoding, mechanism alone, batch 1" in md and "Decoding, whole model at the mqar_causal size" in md
+    assert (Path(result["report"]).parent / "decode_time_vs_context.png").exists()

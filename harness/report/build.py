@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from harness.display import (
 )
 from harness.plugins import add_absent_keys, conf_dir, exit_on_settings_error, prepare
 from harness.report.average import average_section
+from harness.report.decoding import DECODE_KIND, decoding_section, recall_cost_section
 from harness.report.groups import Comparison, Setting, comparisons, is_smoke, settings
 from harness.report.lra import published_section
 from harness.report.page import Page
@@ -65,6 +66,7 @@ class StoreFrames:
     peer: pd.DataFrame
     unreadable: dict[str, str]
     root: Path  # the results folder, as given
+    decode: pd.DataFrame = field(default_factory=pd.DataFrame)  # decode cells (arena-bench mode=decode)
 
 
 class NothingToReport(ValueError):
@@ -83,18 +85,23 @@ def load_store(results_dir: Path) -> StoreFrames:
                                 "run arena-bench / arena-train / arena-suite first, or pass results_dir=<store>")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each unreadable file is said once, by the caller, with its reason
-        frames = {kind: load_records(results_dir, kind=kind) for kind in KINDS}
+        frames = {kind: load_records(results_dir, kind=kind) for kind in store_kinds()}
     unreadable = {path: why for frame in frames.values() for path, why in frame.attrs["unreadable_why"].items()}
     if all(frame.empty for frame in frames.values()):
         raise NothingToReport(nothing_to_report(Path(results_dir), unreadable))
     return StoreFrames(**frames, unreadable=unreadable, root=Path(results_dir))
 
 
+def store_kinds() -> tuple[str, ...]:
+    """The kinds the report reads: the store's, and ``decode`` cells even where the store does not list them."""
+    return KINDS if DECODE_KIND in KINDS else (*KINDS, DECODE_KIND)
+
+
 def nothing_to_report(results_dir: Path, unreadable: dict[str, str]) -> str:
     """The one-line message of a results folder without a readable record: what it holds instead (only
     unreadable files, a built report, a store nested in it) and what to do."""
     where = shown_path(results_dir)
-    kinds = "/, ".join(KINDS)
+    kinds = "/, ".join(store_kinds())
     text = f"nothing to report: {where!r} holds no readable records (none under {kinds}/)"
     if unreadable:
         text += f"; {len(unreadable)} unreadable record file(s) skipped: " + ", ".join(
@@ -141,11 +148,13 @@ def build_report(results_dir: str | Path = "results", out: str | Path | None = N
     average_section(page, comps, out, files, available_attentions())
     published_section(page, comps)
     recall_section(page, store.train, out, files)
+    recall_cost_section(page, store.train, store.decode, out, files)
     for setting in groups:
         budget, fit = _analysis_of(setting, memory_budget_gb, slope_range)
         efficiency_section(page, setting, out, files, budget, fit, file_prefix(setting, groups[0]))
     if not groups:
         page.note(f"{MISSING} no benchmark records (kind=bench): run arena-bench.", place="tables")
+    decoding_section(page, store.decode, out, files)
     approx_section(page, store.approx, out, files)
     peer_section(page, store.peer)
     page.note(f"Results store: {shown_path(results_dir)}. Generated {pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} "

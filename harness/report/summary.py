@@ -21,6 +21,7 @@ import pandas as pd
 
 from harness.analysis import SDPA_DIRECT, clean_cells, crossover_length
 from harness.display import format_bytes, shown_path
+from harness.report.decoding import decode_summary
 from harness.report.groups import Comparison, Setting, is_smoke
 from harness.report.page import Page
 from harness.report.recall import is_tie
@@ -70,6 +71,9 @@ def what_was_run(store, comps: list[Comparison], groups: list[Setting]) -> list[
             f"{sorted(int(s) for s in c.runs['seed'].dropna().unique())})" for c in comps))
     for s in groups:
         lines.append(f"benchmark: {len(s.records)} cells, {s.label}")
+    decoding = decode_summary(getattr(store, "decode", None))
+    if decoding:
+        lines.append(decoding)
     lines += machine_lines(store)
     return lines
 
