@@ -245,3 +245,101 @@ def full_overhead(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     joined["overhead"] = joined["full"] / joined["direct"] - 1
     return joined.reset_index()[["pass", "n", "overhead"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Incremental decoding (``decode`` records, issue 24)
+# ----------------------------------------------------------------------------------------------
+
+# A decode row: everything of a cell but its context. ``forced_recompute`` rows time a mechanism that has its own
+# step form in the recompute form, for the step form's speed-up.
+DECODE_ROW = ("scope", "model_size", "batch", "mechanism", "forced_recompute")
+# The context at which the step form's speed-up over recomputation is read (issue 24: "at 4K").
+DECODE_SPEEDUP_CONTEXT = 4096
+
+
+def decode_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """The ok decode cells (records or store rows with ``status``, ``context``, ``ms_per_token``,
+    ``state_bytes_per_seq`` and the :data:`DECODE_ROW` columns), with ``model_size`` "-" for the mechanism scope
+    and ``forced_recompute`` False where absent, so rows group without NaN keys."""
+    if df.empty:
+        return df
+    out = df[df["status"] == "ok"].copy()
+    out["model_size"] = out["model_size"].fillna("-") if "model_size" in out else "-"
+    out["forced_recompute"] = (out["forced_recompute"].fillna(False).astype(bool) if "forced_recompute" in out
+                               else False)
+    return out
+
+
+def decode_slopes(df: pd.DataFrame, context_range: Sequence[float] | None = None) -> pd.DataFrame:
+    """Per decode row: the log-log slopes of ms per token and of state bytes per sequence against context over
+    ``context_range`` (inclusive; None: every measured context), and of ms per token over the three largest
+    contexts (:func:`slope_range_for`, the efficiency scan's rule). NaN with fewer than two contexts.
+    A constant has slope 0, a linear growth 1."""
+    cells = decode_cells(df)
+    rows = []
+    for key, g in cells.groupby(list(DECODE_ROW), sort=False):
+        g = g.sort_values("context")
+        ns = list(g["context"])
+        top = slope_range_for(ns)
+        rows.append({**dict(zip(DECODE_ROW, key)), "contexts": len(ns),
+                     "ms_slope": loglog_slope(ns, g["ms_per_token"], context_range),
+                     "ms_slope_top3": loglog_slope(ns, g["ms_per_token"], top) if top else float("nan"),
+                     "bytes_slope": loglog_slope(ns, g["state_bytes_per_seq"], context_range)})
+    return pd.DataFrame(rows, columns=[*DECODE_ROW, "contexts", "ms_slope", "ms_slope_top3", "bytes_slope"])
+
+
+def decode_crossover(df: pd.DataFrame, reference: str = "full") -> pd.DataFrame:
+    """Per decode row in the mechanism's own form: the context from which its ms per token is below
+    ``reference``'s (own form, same scope, size and batch) at every larger measured context
+    (:func:`crossover_length`, interpolated in log-log; the first context when it is faster everywhere); None
+    (NaN in the frame) when it is never faster within the range or there is nothing to compare."""
+    cells = decode_cells(df)
+    if cells.empty:
+        return pd.DataFrame(columns=[*DECODE_ROW, "crossover_context", "crossover_note"])
+    own = cells[~cells["forced_recompute"]]
+    rows = []
+    for key, g in own.groupby(list(DECODE_ROW), sort=False):
+        row = dict(zip(DECODE_ROW, key))
+        ref = own[(own["mechanism"] == reference) & (own["scope"] == row["scope"])
+                  & (own["model_size"] == row["model_size"]) & (own["batch"] == row["batch"])]
+        ref_ms = ref.set_index("context")["ms_per_token"]
+        if row["mechanism"] == reference or ref_ms.empty:
+            rows.append({**row, "crossover_context": None,
+                         "crossover_note": "reference" if row["mechanism"] == reference else f"no {reference}"})
+            continue
+        g = g.sort_values("context")
+        ns = list(g["context"])
+        n_x, note = crossover_length(ns, list(g["ms_per_token"]), [ref_ms.get(n) for n in ns])
+        rows.append({**row, "crossover_context": n_x if math.isfinite(n_x) else None, "crossover_note": note})
+    return pd.DataFrame(rows)
+
+
+def decode_speedup(df: pd.DataFrame, context: int = DECODE_SPEEDUP_CONTEXT) -> pd.DataFrame:
+    """Per decode row with its own step form: ms per token in the (forced) recompute form / in its step form at
+    ``context``, where both were measured (else None)."""
+    cells = decode_cells(df)
+    if cells.empty or "decode_form" not in cells:
+        return pd.DataFrame(columns=[*DECODE_ROW, "speedup_vs_recompute"])
+    at = cells[cells["context"] == context]
+    key = ["scope", "model_size", "batch", "mechanism"]
+    step = at[(~at["forced_recompute"]) & (at["decode_form"] == "step")].set_index(key)["ms_per_token"]
+    forced = at[at["forced_recompute"]].set_index(key)["ms_per_token"]
+    rows = []
+    for row_key, ms in step.items():
+        ratio = forced.get(row_key) / ms if row_key in forced.index and ms > 0 else None
+        rows.append({**dict(zip(key, row_key)), "forced_recompute": False, "speedup_vs_recompute": ratio})
+    return pd.DataFrame(rows, columns=[*DECODE_ROW, "speedup_vs_recompute"])
+
+
+def decode_derived(df: pd.DataFrame, context_range: Sequence[float] | None = None,
+                   speedup_context: int = DECODE_SPEEDUP_CONTEXT) -> pd.DataFrame:
+    """Slopes (:func:`decode_slopes`), crossover against full (:func:`decode_crossover`) and the step form's
+    speed-up over recomputation (:func:`decode_speedup`), one row per decode row (empty without ok cells)."""
+    slopes = decode_slopes(df, context_range)
+    if slopes.empty:
+        return slopes
+    keys = list(DECODE_ROW)
+    out = slopes.merge(decode_crossover(df), on=keys, how="left").merge(decode_speedup(df, speedup_context),
+                                                                          on=keys, how="left")
+    return out
