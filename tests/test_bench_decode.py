@@ -134,6 +134,7 @@ class TinyModel(nn.Module):
 @pytest.fixture
 def tiny_backbone(monkeypatch):
     monkeypatch.setattr(decode_models, "build", TinyModel)
+    monkeypatch.setattr(decode_models, "can_fill_random", lambda: True)
     monkeypatch.setattr(decode_models, "state_bytes",
                         lambda states: (sum(s.nbytes() for s in states.layers),
                                         sum(s.capacity_bytes() for s in states.layers)))
@@ -371,3 +372,22 @@ def test_crossover_and_speedup():
     assert own.loc["performer", "speedup_vs_recompute"] == pytest.approx(10.0)
     assert pd.isna(own.loc["slow", "speedup_vs_recompute"])  # no recompute measured for it
     assert len(derived) == 5  # the forced row has its own line (one context: no slope)
+
+
+def test_a_model_cell_over_the_limit_is_filled_at_random_only_where_the_states_can_be(tmp_path, kv_cache_test,
+                                                                                      tiny_backbone, monkeypatch):
+    def slow_prefill(learnt, context, settings, probes=()):
+        return decode.Prediction(prefill_s=1e4, step_s=1e-4, cell_s=1e4, memory_bytes=1e3, from_contexts=(4, 8))
+
+    monkeypatch.setattr(decode, "predict", slow_prefill)
+    cfg = settings_for(tmp_path, mechanisms=[kv_cache_test], max_cell_s=10, decode={
+        "scopes": ["model"], "batches": [1], "contexts": [16], "model_sizes": ["mqar_causal"],
+        "recompute_contexts": []})
+    bench_run.run_benchmark(cfg)
+    (r,) = records(tmp_path)
+    assert r["status"] == "ok" and r["state_filled"] == "random" and r["prefill_ms"] is None
+    assert r["state_bytes_per_seq"] == 2 * 4 * 16 * 4 * (16 + 32)
+    monkeypatch.setattr(decode_models, "can_fill_random", lambda: False)
+    bench_run.run_benchmark({**cfg, "force": True})
+    (r,) = records(tmp_path)
+    assert r["status"] == "skipped_budget" and r["reason"].endswith("the model's decoding states have no fill_random")
