@@ -391,3 +391,15 @@ def test_a_model_cell_over_the_limit_is_filled_at_random_only_where_the_states_c
     bench_run.run_benchmark({**cfg, "force": True})
     (r,) = records(tmp_path)
     assert r["status"] == "skipped_budget" and r["reason"].endswith("the model's decoding states have no fill_random")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest -m cuda)")
+def test_a_tiny_scan_on_cuda_times_plain_launches_and_reads_the_cuda_peak(tmp_path, kv_cache_test):
+    from harness.measure import CUDA_METHOD
+
+    bench_run.run_benchmark(settings_for(tmp_path, mechanisms=[kv_cache_test, "performer"], device="cuda"))
+    got = records(tmp_path)
+    assert len(got) == 10 and all(r["status"] == "ok" for r in got), [r["reason"] for r in got]
+    assert all(r["device"] == "cuda" and r["peak_method"] == CUDA_METHOD and r["timing_policy"] == "plain"
+               for r in got)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from attentions import build_attention, get_attention_info
+from attentions import build_attention, get_attention_info, state_bytes
 from attentions.base import Attention
 from harness.bench import decode_models
 from harness.measure import DTYPES, failure_outcome, measure_peak_memory, synchronize, timing_stats
@@ -98,7 +98,7 @@ class MechanismRunner:
         self.module.step(q, k, v, self.state)
 
     def state_bytes(self) -> tuple[int, int]:
-        return int(self.state.nbytes()), int(self.state.capacity_bytes())
+        return int(state_bytes(self.state)), int(self.state.capacity_bytes())
 
     @property
     def backend(self) -> str:
