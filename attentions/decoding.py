@@ -72,12 +72,17 @@ class DecodeState:
         For the decode benchmark (issue 24): a step's time does not depend on the values in the state, only on
         its shapes and lengths, so a cell whose prefill would exceed the time limit is timed from this state.
         The values are finite, positive (a normaliser or running sum never divides by zero) and never denormal
-        (denormals slow CPU arithmetic). Integer tensors (bookkeeping) are left as they are: a state whose
-        integer tensors must agree with ``lengths`` overrides this. The outputs of later steps are meaningless.
-        Raises ValueError for ``context`` outside ``[0, max_len]``.
+        (denormals slow CPU arithmetic). The outputs of later steps are meaningless.
+        Raises ValueError for ``context`` outside ``[0, max_len]``, and TypeError for a state holding integer
+        tensors (bookkeeping such as per-bucket counts, which must agree with ``lengths``): its own file overrides
+        this method where it wants the benchmark to build it directly.
         """
         if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context <= self.max_len:
             raise ValueError(f"fill_random's context must be an int in [0, max_len={self.max_len}], got {context!r}")
+        integer = sorted(name for name, t in self.tensors().items() if not t.is_floating_point())
+        if integer:
+            raise TypeError(f"{type(self).__name__} holds integer tensors {integer} that must agree with its "
+                            "lengths: random values would not make a valid state (override fill_random)")
         for t in self.tensors().values():
             if t.is_floating_point():
                 t.uniform_(0.5, 1.5, generator=generator)

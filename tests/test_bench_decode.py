@@ -134,7 +134,6 @@ class TinyModel(nn.Module):
 @pytest.fixture
 def tiny_backbone(monkeypatch):
     monkeypatch.setattr(decode_models, "build", TinyModel)
-    monkeypatch.setattr(decode_models, "can_fill_random", lambda: True)
     monkeypatch.setattr(decode_models, "state_bytes",
                         lambda states: (sum(s.nbytes() for s in states.layers),
                                         sum(s.capacity_bytes() for s in states.layers)))
@@ -324,6 +323,13 @@ def test_fill_random_builds_a_state_of_the_context_with_finite_values():
         state.fill_random(41, gen)
 
 
+def test_fill_random_refuses_a_state_with_integer_bookkeeping():
+    state = RecomputeState(1, 8, 1, 4, torch.float32, torch.device("cpu"))
+    state.counts = torch.zeros(1, 3, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"integer tensors \['counts'\] that must agree with its lengths"):
+        state.fill_random(4, torch.Generator().manual_seed(0))
+
+
 def test_a_step_after_fill_random_continues_at_the_context():
     attn = build_attention("performer", num_heads=2, head_dim=8, causal=True, num_features=16)
     state = attn.init_state(1, 20, torch.float32, "cpu").fill_random(12, torch.Generator().manual_seed(1))
@@ -387,10 +393,11 @@ def test_a_model_cell_over_the_limit_is_filled_at_random_only_where_the_states_c
     (r,) = records(tmp_path)
     assert r["status"] == "ok" and r["state_filled"] == "random" and r["prefill_ms"] is None
     assert r["state_bytes_per_seq"] == 2 * 4 * 16 * 4 * (16 + 32)
-    monkeypatch.setattr(decode_models, "can_fill_random", lambda: False)
+    monkeypatch.delattr(TinyStates, "fill_random")
     bench_run.run_benchmark({**cfg, "force": True})
     (r,) = records(tmp_path)
-    assert r["status"] == "skipped_budget" and r["reason"].endswith("the model's decoding states have no fill_random")
+    assert r["status"] == "skipped_budget" and r["budget"] == "time" and r["prediction"]["predicted_prefill_s"] == 1e4
+    assert r["reason"].endswith("the model's decoding states have no fill_random(context, generator)")
 
 
 @pytest.mark.cuda

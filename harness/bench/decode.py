@@ -202,15 +202,11 @@ def _cell(row: DecodeRow, context: int, settings: BenchSettings, learnt: Learnt,
     if outcome is not None:
         say(f"decode: {row.label()} context={context} not measured: {outcome['reason']}")
         return _write(row, context, settings, identity, env, outcome, prediction)
-    if fill == "random" and row.scope == "model" and not decode_models.can_fill_random():
-        outcome = {"outcome": "skipped_budget", "budget": "time",
-                   "reason": f"time, the prefill would take the cell over max_cell_s {settings.max_cell_s:g} s "
-                             f"({prediction.text()}) and the model's decoding states have no fill_random"}
-        say(f"decode: {row.label()} context={context} not measured: {outcome['reason']}")
-        return _write(row, context, settings, identity, env, outcome, prediction)
     if fill == "random":
         say(f"decode: {row.label()} context={context}: state filled at random (prefill over max_cell_s)")
     cell = _measure(row, context, settings, fill)
+    if cell["outcome"] == "skipped_budget":
+        say(f"decode: {row.label()} context={context} not measured: {cell['reason']}")
     if cell["outcome"] == "ok":
         if fill == "random":
             cell["state_note"] = (f"state built directly from random values (fill_random): the prefill was "

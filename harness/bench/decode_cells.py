@@ -141,7 +141,7 @@ class ModelRunner:
 
     def fill_random(self, n: int, gen: torch.Generator) -> None:
         if not hasattr(self.states, "fill_random"):
-            raise ValueError("the model's decoding states have no fill_random(context, generator)")
+            raise TypeError("the model's decoding states have no fill_random(context, generator)")
         self.states.fill_random(n, gen)
 
     def step(self) -> None:
@@ -188,13 +188,19 @@ def measure_decode(runner, run: DecodeRun) -> dict[str, Any]:
     """Measure one decode cell (see the module docstring). Returns ``{"outcome": "ok", "prefill_s" (None for a
     random state), "times_s" (one per timed token), "median_s", "p10_s", "p90_s", "state_bytes",
     "state_capacity_bytes", "peak_bytes", "peak_method"}``, or a failure outcome (``oom``, ``unsupported`` for a
-    ValueError, ``error``) with its reason. Never raises for the mechanism's failure."""
+    ValueError, ``error``) with its reason, or ``skipped_budget`` for a random fill the state refuses (TypeError
+    from ``fill_random``). Never raises for the mechanism's failure."""
     try:
         with torch.no_grad():
             runner.start(run.batch, run.max_len, seed=1234 + run.context + run.seed)
             prefill_s = None
             if run.fill == "random":
-                runner.fill_random(run.prompt, _generator(run.device, run.seed))
+                try:
+                    runner.fill_random(run.prompt, _generator(run.device, run.seed))
+                except TypeError as exc:  # this state cannot be built directly: the cell is over the time limit
+                    return {"outcome": "skipped_budget", "budget": "time",
+                            "reason": "time, the prefill would take the cell over max_cell_s and the state cannot "
+                                      f"be built directly: {exc}"}
             elif run.prompt > 0:
                 prefill_s = runner.prefill(run.prompt)
             else:

@@ -119,14 +119,6 @@ def state_bytes(states) -> tuple[int, int | None]:
     return int(filled(states)), (int(capacity(states)) if capacity is not None else None)
 
 
-def can_fill_random() -> bool:
-    """Whether the backbone's decoding states can be built directly (``ModelDecodeState.fill_random(context,
-    generator)``, as :meth:`attentions.decoding.DecodeState.fill_random` for one layer); without it a model cell
-    whose prefill would pass the time limit is skipped."""
-    states = getattr(importlib.import_module("harness.model"), "ModelDecodeState", None)
-    return states is not None and hasattr(states, "fill_random")
-
-
 def state_growth(mechanism: str) -> str | None:
     """The mechanism's ``state_growth`` from the registry (None for a plug-in that does not say)."""
     return getattr(get_attention_info(mechanism), "state_growth", None)
