@@ -173,6 +173,8 @@ def test_a_tiny_scan_writes_valid_records_for_a_step_and_a_recompute_form(tmp_pa
     by = {(r["mechanism"], r["forced_recompute"], r["context"], r["batch"]): r for r in got}
     step = by[(kv_cache_test, False, 32, 2)]
     assert step["decode_form"] == "step" and step["state_growth"] == "linear"
+    assert by[("performer", False, 32, 1)]["attention_params"]["num_features"] == 256  # the bench's budget
+    assert "kernel" in by[("performer", False, 32, 1)]["attention_params"]  # a default, resolved
     # K and V of 2 heads x 8 floats per position; after the timed steps the state holds context + tokens positions
     assert step["state_bytes_per_seq"] == 2 * 2 * 8 * 4 * (32 + 32)
     assert step["state_capacity_bytes_per_seq"] == 2 * 2 * 8 * 4 * (32 + 32 + 1)
@@ -268,6 +270,9 @@ def test_the_model_scope_runs_on_the_backbones_decoding_api(tmp_path, kv_cache_t
     assert forced["state_bytes_per_seq"] == 3 * 8 * 32 * 4 * (32 + 32)  # q, k and v of every position
     small = got[("performer", "mqar_causal", False)]
     assert small["model_config"]["attention_params"] == {"num_features": 64}  # the recipe's budget
+    resolved = small["attention_params"]  # the mechanism's config as built: every field
+    assert resolved["num_features"] == 64 and resolved["num_heads"] == 4 and resolved["head_dim"] == 16
+    assert resolved["causal"] is True and resolved["max_seq_len"] == 16 + 32 + 1
     assert small["decode_form"] == "recompute" and small["model_config"]["embed_dim"] == 64
 
 

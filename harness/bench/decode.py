@@ -34,6 +34,7 @@ Owns: the decode scan, its guard and its records, the console table. Imports: to
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,7 +42,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from attentions import get_attention_info
+from attentions import get_attention_info, make_config
 from harness.analysis import DECODE_SPEEDUP_CONTEXT, decode_derived, predict_at
 from harness.bench import decode_models
 from harness.bench.cells import REUSABLE, mechanism_params, unsupported_reason
@@ -404,14 +405,13 @@ def _write(row: DecodeRow, context: int, settings: BenchSettings, identity: dict
             config, changes = model_config(row, max_len)
         except ValueError:
             pass
-    params = _params(row.mechanism, max_len, settings) if row.scope == "mechanism" else \
-        (config or {}).get("attention_params")
+    params = resolved_params(row, max_len, settings, config)
     record = {
         "kind": "decode", "record_id": decode_record_id(row, context, identity), "status": cell["outcome"],
         "reason": cell.get("reason"), "budget": cell.get("budget"), "created_at": now_iso(),
         "mechanism": row.mechanism, "backend": cell.get("backend"), "scope": row.scope,
         "model_size": row.model_size, "model_config": config,
-        "attention_params": jsonable_params(params) if params is not None else None,
+        "attention_params": params,
         "config_changes": changes, "context": context, "prompt_tokens": cell.get("prompt_tokens"),
         "warmup_steps": cell.get("warmup_steps"), "batch": batch,
         "heads": cell.get("heads", config["num_heads"] if config else settings.heads),
@@ -437,6 +437,27 @@ def _write(row: DecodeRow, context: int, settings: BenchSettings, identity: dict
     }
     write_record(record, settings.results_dir)
     return record
+
+
+def resolved_params(row: DecodeRow, max_len: int, settings: BenchSettings, config: dict | None) -> dict | None:
+    """The mechanism's config as built (every field, defaults included): for the mechanism alone from the cell's
+    keywords, for a model from its first layer's (the layers differ only in their seed). The keywords as given
+    when the registry refuses them (the cell then says why); None for a model whose config is unknown."""
+    if row.scope == "mechanism":
+        keywords = _params(row.mechanism, max_len, settings)
+    elif config is not None:
+        from harness.model import ModelConfig
+
+        try:
+            keywords = ModelConfig(**config).attention_kwargs(0)
+        except (TypeError, ValueError):
+            return jsonable_params(config.get("attention_params") or {})
+    else:
+        return None
+    try:
+        return jsonable_params(dataclasses.asdict(make_config(row.mechanism, **keywords)))
+    except (TypeError, ValueError):
+        return jsonable_params(keywords)
 
 
 def _form(name: str) -> str:
