@@ -494,7 +494,12 @@ def _cell_text(r: pd.Series) -> str:
     if r["status"] != "ok":
         return r["status"]
     star = "*" if r.get("state_filled") == "random" else ""
-    return f"{r['ms_per_token']:.3g} ms{star}, {format_bytes(r['state_bytes_per_seq'])}"
+    return f"{milliseconds(r['ms_per_token'])}{star}, {format_bytes(r['state_bytes_per_seq'])}"
+
+
+def milliseconds(value: float) -> str:
+    """``0.123 ms``, ``12.3 ms``, ``3290 ms``: three significant figures, never an exponent."""
+    return f"{value:.0f} ms" if value >= 100 else f"{value:.3g} ms"
 
 
 def _speedup_context(settings: BenchSettings) -> int:
