@@ -415,3 +415,12 @@ def test_a_tiny_scan_on_cuda_times_plain_launches_and_reads_the_cuda_peak(tmp_pa
     assert len(got) == 10 and all(r["status"] == "ok" for r in got), [r["reason"] for r in got]
     assert all(r["device"] == "cuda" and r["peak_method"] == CUDA_METHOD and r["timing_policy"] == "plain"
                for r in got)
+
+
+def test_a_probe_out_of_memory_stops_the_row(tmp_path, kv_cache_test, monkeypatch):
+    monkeypatch.setattr(decode, "_measure", lambda *a, **k: {"outcome": "oom", "reason": "out of memory: test"})
+    bench_run.run_benchmark(settings_for(tmp_path, mechanisms=[kv_cache_test],
+                                         decode={"batches": [1], "recompute_contexts": []}))
+    got = sorted(records(tmp_path), key=lambda r: r["context"])
+    assert [r["status"] for r in got] == ["oom", "oom"]
+    assert all("out of memory already at the probe context 4" in r["reason"] for r in got)

@@ -199,6 +199,8 @@ def _cell(row: DecodeRow, context: int, settings: BenchSettings, learnt: Learnt,
     if learnt.stop_reason is not None:
         return _write(row, context, settings, identity, env, {"outcome": "oom", "reason": learnt.stop_reason})
     note, prediction = _probe_if_needed(row, context, settings, learnt)
+    if learnt.stop_reason is not None:  # a probe ran out of memory
+        return _write(row, context, settings, identity, env, {"outcome": "oom", "reason": learnt.stop_reason})
     fill, outcome = decide(prediction, settings, context)
     if outcome is not None:
         say(f"decode: {row.label()} context={context} not measured: {outcome['reason']}")
@@ -210,8 +212,9 @@ def _cell(row: DecodeRow, context: int, settings: BenchSettings, learnt: Learnt,
         say(f"decode: {row.label()} context={context} not measured: {cell['reason']}")
     if cell["outcome"] == "ok":
         if fill == "random":
-            cell["state_note"] = (f"state built directly from random values (fill_random): the prefill was "
-                                  f"{prediction.text()}, over max_cell_s {settings.max_cell_s:g} s with the steps")
+            cell["state_note"] = (f"state built directly from random values (fill_random), not prefilled: "
+                                  f"{prediction.text()}; prefill and steps together over max_cell_s "
+                                  f"{settings.max_cell_s:g} s")
         elif note:
             cell["state_note"] = f"measured without a prediction ({note})"
     record = _write(row, context, settings, identity, env, cell, prediction)
