@@ -335,10 +335,12 @@ def decode_speedup(df: pd.DataFrame, context: int = DECODE_SPEEDUP_CONTEXT) -> p
 def decode_derived(df: pd.DataFrame, context_range: Sequence[float] | None = None,
                    speedup_context: int = DECODE_SPEEDUP_CONTEXT) -> pd.DataFrame:
     """Slopes (:func:`decode_slopes`), crossover against full (:func:`decode_crossover`) and the step form's
-    speed-up over recomputation (:func:`decode_speedup`), one row per decode row (empty without ok cells)."""
+    speed-up over recomputation (:func:`decode_speedup`), one row per decode row in the mechanism's own form (the
+    forced recompute rows enter through the speed-up); empty without ok cells."""
     slopes = decode_slopes(df, context_range)
     if slopes.empty:
         return slopes
+    slopes = slopes[~slopes["forced_recompute"].astype(bool)]
     keys = list(DECODE_ROW)
     out = slopes.merge(decode_crossover(df), on=keys, how="left").merge(decode_speedup(df, speedup_context),
                                                                           on=keys, how="left")

@@ -482,6 +482,7 @@ def format_decode_table(df: pd.DataFrame) -> str:
     for (scope, size, batch), group in df.groupby(["scope", "model_size", "batch"], sort=False):
         cells = group.assign(cell=group.apply(_cell_text, axis=1), row=group.apply(_row_text, axis=1))
         table = cells.pivot_table(index="row", columns="context", values="cell", aggfunc="first", sort=False)
+        table = table.fillna("")  # a context the row does not run (the recompute rows run at few)
         head = f"decode scope={scope}{'' if size == '-' else f' size={size}'} batch={batch}"
         blocks.append(f"{head}  (ms per token median, state bytes per sequence; * = state filled at random)\n"
                       + table.to_string())
@@ -517,6 +518,28 @@ def format_decode_derived(df: pd.DataFrame, speedup_context: int = DECODE_SPEEDU
     derived = decode_derived(df, speedup_context=speedup_context)
     if derived.empty:
         return ""
-    return ("decode: log-log slopes against context (ms/token over all contexts and the three largest; state bytes), "
-            f"crossover context vs full (ms/token), speed-up of the step form over recompute at {speedup_context}:\n"
-            + derived.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    shown = pd.DataFrame({
+        "scope": derived["scope"], "size": derived["model_size"], "batch": derived["batch"],
+        "mechanism": derived["mechanism"],
+        "ms/token slope": derived["ms_slope"].map(_slope), "(3 largest)": derived["ms_slope_top3"].map(_slope),
+        "bytes slope": derived["bytes_slope"].map(_slope),
+        "below full from": derived.apply(_crossover, axis=1),
+        f"step vs recompute at {speedup_context}": derived["speedup_vs_recompute"].map(
+            lambda x: f"{x:.0f}x" if pd.notna(x) else "-"),
+    })
+    return ("decode: log-log slopes against context (ms per token over all contexts and over the three largest; "
+            "state bytes per sequence), the context from which ms per token is below full's, and the step form's "
+            "speed-up over recomputing:\n" + shown.to_string(index=False))
+
+
+def _slope(value: float) -> str:
+    return "-" if pd.isna(value) else f"{value + 0.0:.2f}".replace("-0.00", "0.00")
+
+
+def _crossover(r: pd.Series) -> str:
+    note = r.get("crossover_note")
+    if note == "interpolated":
+        return f"{r['crossover_context']:.0f}"
+    if note == "faster at all n":
+        return f"<= {r['crossover_context']:.0f} (all contexts)"
+    return "-" if note == "reference" or pd.isna(note) else str(note)
