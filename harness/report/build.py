@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class StoreFrames:
     peer: pd.DataFrame
     unreadable: dict[str, str]
     root: Path  # the results folder, as given
+    decode: pd.DataFrame = field(default_factory=pd.DataFrame)  # decode cells (arena-bench mode=decode)
 
 
 class NothingToReport(ValueError):
