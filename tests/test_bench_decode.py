@@ -168,6 +168,7 @@ def test_a_tiny_scan_writes_valid_records_for_a_step_and_a_recompute_form(tmp_pa
         assert r["ms_per_token_p10"] <= r["ms_per_token"] <= r["ms_per_token_p90"]
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_token"])
         assert r["prefill_ms"] > 0 and r["peak_bytes"] >= 0 and r["timing_policy"] == "plain"
+        assert r["timing_note"].startswith("plain: ")
         assert r["prompt_tokens"] + r["warmup_steps"] == r["context"]
         assert r["device"] == "cpu" and r["threads"] == torch.get_num_threads() and r["matmul_flops_per_s"] > 0
     by = {(r["mechanism"], r["forced_recompute"], r["context"], r["batch"]): r for r in got}

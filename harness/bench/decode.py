@@ -433,7 +433,7 @@ def _write(row: DecodeRow, context: int, settings: BenchSettings, identity: dict
         "state_bytes_per_seq": filled // batch if filled is not None else None,
         "state_capacity_bytes_per_seq": capacity // batch if capacity is not None else None,
         "peak_bytes": cell.get("peak_bytes"), "peak_method": cell.get("peak_method"),
-        "timing_policy": "plain",
+        "timing_policy": "plain", "timing_note": _timing_note(settings.device),
         "prediction": prediction.fields() if prediction is not None else None,
         "settings_key": config_hash(identity), "max_cell_s": settings.max_cell_s,
         "memory_budget_gb": settings.memory_budget_gb, **env,
@@ -461,6 +461,14 @@ def resolved_params(row: DecodeRow, max_len: int, settings: BenchSettings, confi
         return jsonable_params(dataclasses.asdict(make_config(row.mechanism, **keywords)))
     except (TypeError, ValueError):
         return jsonable_params(keywords)
+
+
+def _timing_note(device: str) -> str:
+    """Why the steps are timed as plain launches (the schema's "say which and why")."""
+    if torch.device(device).type != "cuda":
+        return "plain: each step timed alone with perf_counter (CPU)"
+    return ("plain: each step timed alone between torch.cuda.synchronize calls; no CUDA graphs, since a step form "
+            "may reallocate its state's tensors or read host-side lengths, which a captured graph would not follow")
 
 
 def _form(name: str) -> str:
