@@ -64,6 +64,31 @@ class DecodeState:
                 total += t.numel() * t.element_size()
         return total
 
+    def fill_random(self, context: int, generator: torch.Generator) -> DecodeState:
+        """The state of ``context`` tokens per sequence built directly, without a prefill: every floating-point
+        tensor filled with uniform values in [0.5, 1.5) from ``generator`` (on the tensors' device), and
+        ``lengths = context``. Returns ``self``.
+
+        For the decode benchmark (issue 24): a step's time does not depend on the values in the state, only on
+        its shapes and lengths, so a cell whose prefill would exceed the time limit is timed from this state.
+        The values are finite, positive (a normaliser or running sum never divides by zero) and never denormal
+        (denormals slow CPU arithmetic). The outputs of later steps are meaningless.
+        Raises ValueError for ``context`` outside ``[0, max_len]``, and TypeError for a state holding integer
+        tensors (bookkeeping such as per-bucket counts, which must agree with ``lengths``): its own file overrides
+        this method where it wants the benchmark to build it directly.
+        """
+        if isinstance(context, bool) or not isinstance(context, int) or not 0 <= context <= self.max_len:
+            raise ValueError(f"fill_random's context must be an int in [0, max_len={self.max_len}], got {context!r}")
+        integer = sorted(name for name, t in self.tensors().items() if not t.is_floating_point())
+        if integer:
+            raise TypeError(f"{type(self).__name__} holds integer tensors {integer} that must agree with its "
+                            "lengths: random values would not make a valid state (override fill_random)")
+        for t in self.tensors().values():
+            if t.is_floating_point():
+                t.uniform_(0.5, 1.5, generator=generator)
+        self.lengths = torch.full_like(self.lengths, context)
+        return self
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(batch={self.batch}, max_len={self.max_len}, "
                 f"lengths={self.lengths.tolist()}, nbytes={self.nbytes()}, capacity_bytes={self.capacity_bytes()})")

@@ -28,7 +28,7 @@ import pandas as pd
 REQUIRED_FIELDS = ("kind", "record_id", "status", "created_at")
 STATUSES = ("ok", "oom", "diverged", "error", "unsupported", "skipped_budget")
 # skipped_budget: a benchmark cell not run because its predicted memory or time exceeds the budget.
-KINDS = ("train", "bench", "approx", "peer")
+KINDS = ("train", "bench", "approx", "peer", "decode")  # decode: arena-bench mode=decode's cells (issue 24)
 # Config keys that say where things go or how to report them, not what is computed: left out of a
 # training run's hash and of its recipe, so moving the results or going quiet still finds the same run.
 # ``plugins`` only says where a mechanism came from (its name is hashed): a suite run with a plug-in keeps

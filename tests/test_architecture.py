@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
                       "harness.measure", "harness.allocator", "harness.store", "harness.display", "harness.settings",
                       "harness.plugins"},
     "harness.bench": {"attentions", "harness.measure", "harness.allocator", "harness.store", "harness.analysis",
-                      "harness.display", "harness.settings", "harness.plugins"},
+                      "harness.display", "harness.settings", "harness.plugins", "harness.model"},
     "harness.report": {"attentions", "harness.store", "harness.analysis", "harness.display", "harness.plugins",
                        "harness.settings"},
     "harness.suite": {"attentions", "harness.bench", "harness.report", "harness.display", "harness.measure",

@@ -563,6 +563,15 @@ BAD_SETTINGS = [
     ({"passes": []}, "passes must be a non-empty list among fwd, fwd+bwd, got []"),
     ({"approx": {"variants": ["gauss"]}}, "approx.variants must be a non-empty list among iid, smooth, got ['gauss']"),
     ({"approx": {"budgets": "tiny"}}, "approx.budgets must be one of default, smoke, got 'tiny'"),
+    ({"decode": {"tokens": 16}}, "decode.tokens must be an integer >= 32 (timed tokens per decode cell), got 16"),
+    ({"mode": "decoding"}, "mode must be one of efficiency, decode, got 'decoding'"),
+    ({"decode": {"contexts": []}}, "decode.contexts must be a non-empty list of positive lengths, got []"),
+    ({"decode": {"batches": [0]}}, "decode.batches must be a non-empty list of batch sizes >= 1, got [0]"),
+    ({"decode": {"scopes": ["layer"]}}, "decode.scopes must be a non-empty list among mechanism, model, got ['layer']"),
+    ({"decode": {"model_sizes": ["huge"]}},
+     "decode.model_sizes must be a non-empty list among mqar_causal, large, got ['huge']"),
+    ({"decode": {"recompute_contexts": [-1]}},
+     "decode.recompute_contexts must be a list of positive lengths, got [-1]"),
     ({"approx": 3}, "approx must be a mapping of ['batch', 'budgets', 'enabled', 'n', 'seeds', 'variants'], got 3"),
 ]
 
@@ -587,6 +596,7 @@ def test_the_bad_settings_table_covers_every_numeric_setting_and_flag():
     numeric = names(bench.BenchSettings, "", {"int", "float"}) | names(bench_settings.ApproxSettings, "approx.",
                                                                       {"int", "float"})
     numeric |= names(bench_settings.PeerSettings, "peers.", {"int", "float"})
+    numeric |= names(bench_settings.DecodeSettings, "decode.", {"int", "float"})
     assert numeric == set(bench_settings.NUMBERS)
     flags = (names(bench.BenchSettings, "", {"bool"}) | names(bench_settings.ApproxSettings, "approx.", {"bool"})
              | names(bench_settings.PeerSettings, "peers.", {"bool"}))

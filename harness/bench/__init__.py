@@ -26,21 +26,28 @@ the ``peers`` extra is installed, the public implementations side by side (:mod:
 Records go to the results store: kind ``bench`` (one per mechanism, n, pass, settings),
 ``approx`` (one per mechanism, budget value, input variant) and ``peer``.
 
+``mode=decode`` runs the incremental-decoding scan instead (:mod:`~harness.bench.decode`): per causal mechanism,
+scope (the mechanism alone, or a whole model: :mod:`~harness.bench.decode_models`), batch and context, the time
+per generated token and the state's bytes per sequence; records of kind ``decode``.
+
     arena-bench                                   # issue 2's setup: CPU/auto, 1K..16K
     arena-bench mechanisms=[full,performer] seq_lens=[1024,2048] repeats=3
     arena-bench smoke=true results_dir=/tmp/r     # tiny shapes, seconds
+    arena-bench mode=decode                       # incremental decoding: ms per token, state bytes, 1K..64K
 
 The package's rooms, in the order the data flows: :mod:`~harness.bench.settings` (what can be asked,
 :class:`BenchSettings` built once and every value checked), :mod:`~harness.bench.cells` (the cells of one
 length measured in interleaved rounds), :mod:`~harness.bench.guard` (each cell predicted before it runs),
 :mod:`~harness.bench.approx` (the approximation-error study), :mod:`~harness.bench.peers` (public
 implementations side by side), :mod:`~harness.bench.run` (the scan, records to the store, the console
-summary through :mod:`harness.analysis` and :mod:`harness.display`).
+summary through :mod:`harness.analysis` and :mod:`harness.display`); for ``mode=decode``
+:mod:`~harness.bench.decode` (the scan, its guard, the records), :mod:`~harness.bench.decode_cells` (one cell
+measured) and :mod:`~harness.bench.decode_models` (the model sizes).
 
-Owns: producing ``bench``, ``approx`` and ``peer`` records. May import ``attentions``,
-:mod:`harness.measure`, :mod:`harness.allocator`, :mod:`harness.store`, :mod:`harness.analysis`,
-:mod:`harness.display`, :mod:`harness.settings`; never :mod:`harness.report`, :mod:`harness.train` or
-:mod:`harness.suite`.
+Owns: producing ``bench``, ``approx``, ``peer`` and ``decode`` records. May import ``attentions``,
+:mod:`harness.model` (the decode scan's whole models), :mod:`harness.measure`, :mod:`harness.allocator`,
+:mod:`harness.store`, :mod:`harness.analysis`, :mod:`harness.display`, :mod:`harness.settings`; never
+:mod:`harness.report`, :mod:`harness.train` or :mod:`harness.suite`.
 """
 
 from harness.bench.approx import approx_inputs, approximation_errors, exact_reference, relative_error

@@ -33,6 +33,7 @@ from harness.bench.cells import (
     record_outcome,
     select_mechanisms,
 )
+from harness.bench.decode import run_decode
 from harness.bench.guard import LONG_CELL_S, Plan, Prediction, Row, plan, seconds
 from harness.bench.settings import BenchSettings, resolve_settings
 from harness.display import analysis_note, derived_display, format_cell, one_line_interrupt
@@ -50,6 +51,8 @@ def run_benchmark(cfg: dict | BenchSettings | None = None, log: Callable[[str], 
     """
     settings, mechanisms = prepare_benchmark(cfg)
     settings = replace(settings, cpu_allocator_used=configure_cpu_allocator(settings.cpu_allocator))
+    if settings.mode == "decode":  # incremental decoding: its own scan and records (harness.bench.decode)
+        return run_decode(settings, mechanisms, log)
     df = pd.DataFrame(_scan(settings, mechanisms, log))
     if settings.approx.enabled and settings.causal:
         log("approximation errors: measured for the bidirectional pattern only (run without causal=true)")
@@ -77,6 +80,8 @@ def prepare_benchmark(cfg: dict | BenchSettings | None = None) -> tuple[BenchSet
 
 
 def _mechanisms(settings: BenchSettings) -> list[str]:
+    if settings.mode == "decode":  # decoding is the causal pattern; no pseudo-mechanisms
+        return select_mechanisms(settings.mechanisms, causal=True)
     mechanisms = select_mechanisms(settings.mechanisms, settings.causal)
     if settings.include_sdpa_direct and "full" in mechanisms and SDPA_DIRECT not in mechanisms:
         mechanisms.insert(mechanisms.index("full") + 1, SDPA_DIRECT)

@@ -17,6 +17,13 @@ from harness.measure import DTYPES, check_device
 from harness.settings import Settings, merge_settings
 
 PASSES = ("fwd", "fwd+bwd")
+MODES = ("efficiency", "decode")  # arena-bench mode=...: the forward/backward scan, or incremental decoding
+DECODE_SCOPES = ("mechanism", "model")  # the mechanism alone, or the whole ArenaModel (harness.bench.decode)
+DECODE_MODEL_SIZES = ("mqar_causal", "large")  # harness.bench.decode_models.MODEL_SIZES
+# The decode scan's contexts: 1K to 64K on a CPU; on CUDA, when left at this default, to 256K (issue 24).
+DECODE_CONTEXTS_CPU = [1024, 4096, 16384, 65536]
+DECODE_CONTEXTS_CUDA = [1024, 4096, 16384, 65536, 262144]
+MIN_DECODE_TOKENS = 32  # at least this many timed tokens per decode cell (median, p10, p90 over them)
 APPROX_VARIANTS = ("iid", "smooth")  # the approximation study's inputs (harness.bench.approx.approx_inputs)
 APPROX_BUDGET_TABLES = ("default", "smoke")
 
@@ -52,6 +59,7 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "warmup": 0,
     "approx": {"n": 64, "seeds": 1, "batch": 1, "budgets": "smoke"},
     "peers": {"seq_lens": [32, 64]},
+    "decode": {"contexts": [32, 64], "batches": [1, 2], "recompute_contexts": [64]},
     "results_dir": "results/smoke",
 }
 
@@ -62,6 +70,7 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 DEFAULT_MAX_CELL_S = 120.0
 
 DEFAULTS: dict[str, Any] = {
+    "mode": "efficiency",
     "plugins": [],
     "mechanisms": "all",
     "causal": False,
@@ -86,6 +95,8 @@ DEFAULTS: dict[str, Any] = {
     "approx": {"enabled": True, "n": 1024, "seeds": 3, "batch": 1, "variants": ["iid", "smooth"],
                "budgets": "default"},
     "peers": {"enabled": True, "seq_lens": [1024, 4096]},
+    "decode": {"contexts": list(DECODE_CONTEXTS_CPU), "batches": [1, 8], "tokens": MIN_DECODE_TOKENS,
+               "scopes": list(DECODE_SCOPES), "model_sizes": list(DECODE_MODEL_SIZES), "recompute_contexts": [4096]},
     "results_dir": "results",
     "reuse": True,
     "force": False,
@@ -116,9 +127,24 @@ class PeerSettings(Settings):
 
 
 @dataclass(frozen=True)
+class DecodeSettings(Settings):
+    """``mode=decode``: the contexts (tokens in the state when the timed steps start), batches, timed tokens per
+    cell, scopes, model sizes, and the contexts at which a mechanism with its own step form is also measured in
+    the recompute form (its speed-up over recomputation)."""
+
+    contexts: list
+    batches: list
+    tokens: int
+    scopes: list
+    model_sizes: list
+    recompute_contexts: list
+
+
+@dataclass(frozen=True)
 class BenchSettings(Settings):
     """Every setting of one benchmark run (see :data:`DEFAULTS` for the meaning of each)."""
 
+    mode: str
     mechanisms: Any
     causal: bool
     include_sdpa_direct: bool
@@ -141,6 +167,7 @@ class BenchSettings(Settings):
     remeasure: int
     approx: ApproxSettings
     peers: PeerSettings
+    decode: DecodeSettings
     results_dir: str
     reuse: bool
     force: bool
@@ -180,14 +207,26 @@ def resolve_settings(cfg: dict | BenchSettings | None = None) -> BenchSettings:
         s = apply_preset(s, user, DEFAULTS, SMOKE_OVERRIDES)
     s["approx"] = _section(ApproxSettings, "approx", s["approx"])
     s["peers"] = _section(PeerSettings, "peers", s["peers"])
+    s["decode"] = _section(DecodeSettings, "decode", s["decode"])
     s = check_values(s)
     s["device"] = check_device(s["device"])
+    s["decode"]["contexts"] = _decode_contexts(s, user)
     if s["force"]:
         s["reuse"] = False  # every cell measured again, its record replaced
     s["params"] = dict(s["params"] or {})
     s["approx"] = ApproxSettings(**s["approx"])
     s["peers"] = PeerSettings(**s["peers"])
+    s["decode"] = DecodeSettings(**s["decode"])
     return BenchSettings(**s)
+
+
+def _decode_contexts(s: dict[str, Any], user: dict) -> list[int]:
+    """The decode contexts: as given, except that on CUDA the CPU default (given or not) becomes
+    :data:`DECODE_CONTEXTS_CUDA` (a value set to exactly the default reads as unset, as for the presets)."""
+    contexts = s["decode"]["contexts"]
+    if contexts == DECODE_CONTEXTS_CPU and str(s["device"]).startswith("cuda"):
+        return list(DECODE_CONTEXTS_CUDA)
+    return contexts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,6 +276,7 @@ NUMBERS: dict[str, Number] = {
     "approx.n": Number(True, 1, unit="tokens"),
     "approx.seeds": Number(True, 1),
     "approx.batch": Number(True, 1),
+    "decode.tokens": Number(True, MIN_DECODE_TOKENS, unit="timed tokens per decode cell"),
 }
 FLAGS = ("causal", "include_sdpa_direct", "include_full_reference", "reuse", "force", "smoke", "progress",
          "print_table", "approx.enabled", "peers.enabled")
@@ -254,7 +294,15 @@ def check_values(s: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{name} must be true or false, got {_get(s, name)!r}")
     s["seq_lens"] = _lengths("seq_lens", s["seq_lens"], empty_ok=False)
     s["peers"]["seq_lens"] = _lengths("peers.seq_lens", s["peers"]["seq_lens"], empty_ok=True)
+    s["decode"]["contexts"] = _lengths("decode.contexts", s["decode"]["contexts"], empty_ok=False)
+    s["decode"]["batches"] = _lengths("decode.batches", s["decode"]["batches"], empty_ok=False,
+                                      items="batch sizes >= 1")
+    s["decode"]["recompute_contexts"] = _lengths("decode.recompute_contexts", s["decode"]["recompute_contexts"],
+                                                 empty_ok=True)
     s["slope_range"] = _slope_range(s["slope_range"])
+    _choices(s, "mode", MODES, one=True)
+    _choices(s, "decode.scopes", DECODE_SCOPES, one=False)
+    _choices(s, "decode.model_sizes", DECODE_MODEL_SIZES, one=False)
     _choices(s, "dtype", DTYPES, one=True)
     _choices(s, "cpu_allocator", CPU_ALLOCATORS, one=True)
     _choices(s, "approx.budgets", APPROX_BUDGET_TABLES, one=True)
@@ -280,8 +328,8 @@ def _set(s: dict, name: str, value: Any) -> None:
     (s[section] if section else s)[key] = value
 
 
-def _lengths(name: str, values: Any, empty_ok: bool) -> list[int]:
-    """Sorted sequence lengths: integers >= 1 (an integral float is taken)."""
+def _lengths(name: str, values: Any, empty_ok: bool, items: str = "positive lengths") -> list[int]:
+    """Sorted sequence lengths (or other counts, ``items``): integers >= 1 (an integral float is taken)."""
     rule = Number(True, 1)
     what = "a list" if empty_ok else "a non-empty list"
     try:
@@ -289,7 +337,7 @@ def _lengths(name: str, values: Any, empty_ok: bool) -> list[int]:
             raise ValueError
         return sorted(rule.check(name, n) for n in values)
     except ValueError:
-        raise ValueError(f"{name} must be {what} of positive lengths, got {values!r}") from None
+        raise ValueError(f"{name} must be {what} of {items}, got {values!r}") from None
 
 
 def _slope_range(value: Any) -> list[float] | None:
