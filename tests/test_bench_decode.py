@@ -86,6 +86,21 @@ def kv_cache_test():
     _REGISTRY.pop("kv_cache_test", None)
 
 
+class RecomputeOnlyTest(KVCacheTest):
+    """The same causal attention without a step form of its own (a plug-in that declares none)."""
+
+    new_state, prefill_state, step_state = Attention.new_state, Attention.prefill_state, Attention.step_state
+
+
+@pytest.fixture
+def recompute_test():
+    """``recompute_test`` (no step form: decoded by recomputing the prefix) registered for one test, then removed."""
+    register_attention("recompute_test", config=AttentionConfig, family="exact", time_complexity="O(n^2)",
+                       memory_complexity="O(n)", supports_causal=True)(RecomputeOnlyTest)
+    yield "recompute_test"
+    _REGISTRY.pop("recompute_test", None)
+
+
 # ----------------------------------------------------------------------------- a stand-in backbone
 
 
@@ -155,11 +170,11 @@ def records(tmp_path) -> list[dict]:
 # ----------------------------------------------------------------------------- the scan
 
 
-def test_a_tiny_scan_writes_valid_records_for_a_step_and_a_recompute_form(tmp_path, kv_cache_test):
-    df = bench_run.run_benchmark(settings_for(tmp_path, mechanisms=[kv_cache_test, "performer"]))
+def test_a_tiny_scan_writes_valid_records_for_a_step_and_a_recompute_form(tmp_path, kv_cache_test, recompute_test):
+    df = bench_run.run_benchmark(settings_for(tmp_path, mechanisms=[kv_cache_test, recompute_test, "performer"]))
     got = records(tmp_path)
-    # 2 mechanisms x 2 batches x 2 contexts, plus the step-form mechanism recomputing at 32 for each batch
-    assert len(df) == len(got) == 2 * 2 * 2 + 2
+    # 3 mechanisms x 2 batches x 2 contexts, plus the two step-form mechanisms recomputing at 32 for each batch
+    assert len(df) == len(got) == 3 * 2 * 2 + 2 * 2
     for r in got:
         assert set(SCHEMA_FIELDS) <= set(r), set(SCHEMA_FIELDS) - set(r)
         assert r["kind"] == "decode" and r["status"] == "ok" and r["status"] in STATUSES, r["reason"]
@@ -181,7 +196,9 @@ def test_a_tiny_scan_writes_valid_records_for_a_step_and_a_recompute_form(tmp_pa
     assert step["state_capacity_bytes_per_seq"] == 2 * 2 * 8 * 4 * (32 + 32 + 1)
     forced = by[(kv_cache_test, True, 32, 2)]
     assert forced["decode_form"] == "recompute" and forced["state_bytes_per_seq"] == 3 * 2 * 8 * 4 * (32 + 32)
-    assert by[("performer", False, 16, 1)]["decode_form"] == "recompute"  # no step form of its own (yet)
+    assert by[("performer", False, 16, 1)]["decode_form"] == "step"
+    assert by[(recompute_test, False, 16, 1)]["decode_form"] == "recompute"  # no step form of its own
+    assert (recompute_test, True, 32, 1) not in by  # nothing to force: it has only the recompute form
     assert (kv_cache_test, True, 16, 1) not in by  # recompute rows only at decode.recompute_contexts
 
 
@@ -258,8 +275,8 @@ def test_the_model_scope_runs_on_the_backbones_decoding_api(tmp_path, kv_cache_t
                                          decode={"scopes": ["model"], "batches": [2], "contexts": [16],
                                                  "model_sizes": ["mqar_causal", "large"]}))
     got = {(r["mechanism"], r["model_size"], r["forced_recompute"]): r for r in records(tmp_path)}
-    # 2 mechanisms x 2 sizes, and the step form recomputing (at 32) for each size
-    assert len(got) == 6 and all(r["status"] == "ok" for r in got.values()), [r["reason"] for r in got.values()]
+    # 2 mechanisms x 2 sizes, and both step forms recomputing (at 32) for each size
+    assert len(got) == 8 and all(r["status"] == "ok" for r in got.values()), [r["reason"] for r in got.values()]
     r = got[(kv_cache_test, "large", False)]
     assert r["model_config"]["embed_dim"] == 256 and r["model_config"]["num_layers"] == 4
     assert r["model_config"]["max_length"] == 16 + 32 + 1 and r["heads"] == 8 and r["head_dim"] == 32
@@ -274,7 +291,8 @@ def test_the_model_scope_runs_on_the_backbones_decoding_api(tmp_path, kv_cache_t
     resolved = small["attention_params"]  # the mechanism's config as built: every field
     assert resolved["num_features"] == 64 and resolved["num_heads"] == 4 and resolved["head_dim"] == 16
     assert resolved["causal"] is True and resolved["max_seq_len"] == 16 + 32 + 1
-    assert small["decode_form"] == "recompute" and small["model_config"]["embed_dim"] == 64
+    assert small["decode_form"] == "step" and small["model_config"]["embed_dim"] == 64
+    assert got[("performer", "mqar_causal", True)]["decode_form"] == "recompute"
 
 
 def test_a_model_cell_without_the_backbones_api_says_what_is_missing(tmp_path, monkeypatch):
