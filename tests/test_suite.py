@@ -97,11 +97,17 @@ def test_sweep_parts_give_causal_recipes_only_causal_mechanisms_and_the_ladder(t
 
     assert suite.recipe_is_causal("quick/mqar_causal") and not suite.recipe_is_causal("quick/mqar")
     assert not suite.recipe_is_causal("quick/listops")
-    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu"})
     mechanisms = available_attentions()
+    # The default: ListOps (its own overrides and seed) and bidirectional MQAR (its own seed) with every mechanism,
+    # the decoder MQAR with the causal ones, both seeds; no ladder rung.
+    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu"})
+    parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, list(s.train.experiments))}
+    assert parts == {"bidir0": [mechanisms, ["quick/listops"], ["train.max_steps=500"], [0]],
+                     "bidir1": [mechanisms, ["quick/mqar"], [], [0]],
+                     "causal": [causal_attentions(), ["quick/mqar_causal"], [], [0, 1]]}
+    # size=extended: the second seeds of ListOps and MQAR, and the ladder rung on the same MQAR recipe.
+    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu", "size": "extended"})
     parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, ["quick/listops", "quick/mqar"])}
-    # The default: ListOps (its own overrides: a part of its own) and bidirectional MQAR with every mechanism,
-    # and the ladder rung on the same MQAR recipe.
     assert list(parts) == ["bidir0", "bidir", "ladder-L64-k16"]
     assert parts["bidir0"] == [mechanisms, ["quick/listops"], ["train.max_steps=500"], [0, 1]]
     assert parts["bidir"] == [mechanisms, ["quick/mqar"], [], [0, 1]]
@@ -110,7 +116,7 @@ def test_sweep_parts_give_causal_recipes_only_causal_mechanisms_and_the_ladder(t
     # The ladder is a rung of a recipe the sweep runs: with MQAR left out, no rung either.
     assert [tag for tag, *_ in suite.sweep_parts(s, mechanisms, ["quick/listops"])] == ["bidir0"]
     # A causal recipe runs only the mechanisms with a causal form, and so does a ladder on it.
-    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu",
+    s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu", "size": "extended",
                              "train": {"ladder": {"experiment": "quick/mqar_causal"}}})
     parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, ["quick/listops", "quick/mqar_causal"])}
     assert parts["causal"] == [causal_attentions(), ["quick/mqar_causal"], [], [0, 1]]
@@ -129,7 +135,7 @@ def test_recipe_seeds_give_a_recipe_its_own_seeds_and_bad_ones_are_named(tmp_pat
     mechanisms = available_attentions()
     s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu",
                              "train": {"experiments": ["quick/listops", "quick/mqar"], "seeds": [0, 1],
-                                       "recipe_seeds": {"quick/listops": [0]},
+                                       "recipe_seeds": {"quick/listops": [0], "quick/mqar": [0, 1]},
                                        "ladder": {"points": []}}})
     parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, ["quick/listops", "quick/mqar"])}
     assert parts == {"bidir0": [mechanisms, ["quick/listops"], ["train.max_steps=500"], [0]],
@@ -331,7 +337,7 @@ def test_suggested_slurm_command_parses_and_composes(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["mechanisms=[nope]"], "unknown mechanism(s) ['nope']; registered: "),
-    (["size=tiny"], "size must be one of default, smoke, lra, got 'tiny'"),
+    (["size=tiny"], "size must be one of default, extended, smoke, lra, got 'tiny'"),
     (["stages=[plot]"], "stages must be among"),
     (["+bench.dtype=float8"], "dtype must be one of"),
     (["train.experiments=[quick/mqr]"], "unknown experiment(s) ['quick/mqr']"),
