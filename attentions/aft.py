@@ -125,6 +125,7 @@ def aft_state_size(config: AFTConfig, seq_len: int) -> int:
                   "a cache of every key and value (w_{t,t'} gives each a new weight per step: linear); the causal "
                   "sums themselves, per-channel running-max stabilised",
     state_growth="window",
+    state_growth_fn=lambda config: {"simple": "constant", "local": "window", "full": "linear"}[config.mode],
 )
 class AFTAttention(Attention):
     """Attention Free Transformer: per-channel softmax over keys plus learned position biases."""

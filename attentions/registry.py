@@ -121,6 +121,9 @@ class AttentionInfo:
     supports_decoding: bool = False
     decoding_note: str = ""
     state_growth: str = "linear"
+    # Where the growth depends on the parameters (aft's modes): ``config -> growth``; ``state_growth`` is then the
+    # default config's. Read both through :meth:`growth`.
+    state_growth_fn: Callable[[Any], str] | None = None
     description: str = ""
 
     def defaults(self) -> dict[str, Any]:
@@ -162,10 +165,23 @@ class AttentionInfo:
             raise TypeError(f"state size declared by '{self.name}' must be None or an int >= 1, got {size!r}")
         return None if size is None else int(size)
 
+    def growth(self, config: AttentionConfig | None = None, form: str = "step") -> str:
+        """How the decoding state of ``config`` (None: the defaults) grows with the context: ``constant``, ``window``
+        or ``linear``. ``form="recompute"`` (or a mechanism without a step form): ``linear``, the prefix's q, k, v."""
+        if form == "recompute" or not self.supports_decoding:
+            return "linear"
+        if config is None or self.state_growth_fn is None:
+            return self.state_growth
+        growth = self.state_growth_fn(config)
+        if growth not in STATE_GROWTHS:
+            raise TypeError(f"state growth declared by '{self.name}' must be one of {STATE_GROWTHS}, got {growth!r}")
+        return growth
+
     def __repr__(self) -> str:
         # What print(get_attention_info(name)) shows: the facts and the parameters' defaults (the classes
         # and the state-size hook are attributes, not worth a line).
-        fields = [f for f in dataclasses.fields(self) if f.name not in ("cls", "config_cls", "state_size_fn")]
+        fields = [f for f in dataclasses.fields(self)
+                  if f.name not in ("cls", "config_cls", "state_size_fn", "state_growth_fn")]
         facts = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
         return f"AttentionInfo({facts}, defaults={self.defaults()!r})"
 

@@ -29,9 +29,9 @@ author runs in one line from their own pytest. The checks, in order (:data:`CHEC
 ``decoding``        where the info says ``supports_causal`` (attentions.decoding): prefill of a prompt of
                     length 0, 1 and lengths across block, chunk and window edges, then steps, equal the causal forward
                     at every position; a batch of right-padded prompts of different lengths continues each sequence
-                    from its own end; ``state_bytes`` grows as the info's ``state_growth`` says (``constant``: the
-                    same whatever the context; ``window``: stops growing once the context passes the window;
-                    ``linear``: never shrinks); a full state refuses one more step.
+                    from its own end; ``state_bytes`` grows as the info says for the params given
+                    (``AttentionInfo.growth``; ``constant``: the same whatever the context; ``window``: stops growing
+                    once the context passes the window; ``linear``: never shrinks); a full state refuses a step.
 ``memory_growth``   where the mechanism claims sub-quadratic memory (``linear_memory``; by default every
                     family but ``exact``): the CPU allocator peak of a forward + backward grows at most
                     :data:`LINEAR_LIMIT` x per doubling of ``n`` (a quadratic buffer grows 4x), both for the
@@ -416,13 +416,12 @@ def check_decoding(s: _Subject) -> None:
                         f"{t} differs from the causal forward")
                 sizes.append(state_bytes(state))
             if prompt == 0:
-                _check_growth(s, sizes, state)
+                _check_growth(s, sizes, state, s.info.growth(attn.config, attn.decode_form))
         _check_padded_prefill(s, attn)
         _check_full_state(s, attn)
 
 
-def _check_growth(s: _Subject, sizes: list[int], state: Any) -> None:
-    growth = s.info.state_growth
+def _check_growth(s: _Subject, sizes: list[int], state: Any, growth: str) -> None:
     if any(b < a for a, b in zip(sizes, sizes[1:])) and growth != "window":
         raise s.fail("decoding", f"state_bytes shrinks as the context grows: {sizes}")
     if growth == "constant" and len(set(sizes[1:])) > 1:

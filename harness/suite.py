@@ -1,7 +1,7 @@
 """The one-command suite (``arena-suite``): efficiency scan, quick training sweep, decoding scan, report.
 
     arena-suite                       # everything, sized for a 2-core CPU (GPU used when present)
-    arena-suite size=extended         # the default plus second seeds and the MQAR ladder rung (about 30 min)
+    arena-suite size=extended         # the default plus quick ListOps, second seeds, an MQAR ladder rung (~32 min)
     arena-suite size=smoke            # seconds-to-minutes end-to-end check (tests)
     arena-suite size=lra              # official LRA recipes x 3 seeds (GPU-sized; on a CPU it only estimates)
     arena-suite stages=[report]       # only rebuild the report
@@ -92,13 +92,14 @@ DEFAULTS: dict[str, Any] = {
     },
     "cuda_bench": {"seq_lens": [1024, 2048, 4096, 8192, 16384], "repeats": 5, "warmup": 2, "max_cell_s": 60},
     # quick/pathfinder (chance on a CPU) is left out of the default CPU suite; name it in train.experiments to run
-    # it. quick/mqar_causal (the decoder form, the nine causal mechanisms) gives the recall of the recall-vs-cost plot.
-    "train": {"experiments": ["quick/listops", "quick/mqar", "quick/mqar_causal"], "seeds": [0, 1],
+    # it. quick/mqar_causal (the decoder form, the nine causal mechanisms) gives the recall of the recall-vs-cost plot;
+    # quick/listops (its 64 tokens hardly separate the mechanisms) runs in size=extended.
+    "train": {"experiments": ["quick/mqar", "quick/mqar_causal"], "seeds": [0, 1],
               "overrides": [], "workers": 2, "threads_per_worker": 1, "verbose": False,
               # Per-recipe overrides: quick ListOps shortened to fit the budget.
               "recipe_overrides": {"quick/listops": ["train.max_steps=500"]},
-              # One seed of ListOps and of the encoder MQAR: what lets the decoder MQAR's two seeds and the decode
-              # stage fit the 20-minute budget (size=extended runs their second seeds).
+              # One seed of the encoder MQAR (and of ListOps, when asked for): what lets the decoder MQAR's two seeds
+              # and the decode stage fit the 20-minute budget (size=extended runs their second seeds).
               "recipe_seeds": {"quick/listops": [0], "quick/mqar": [0]},
               # Recall ladder (Zoology Figure 2 layout): the recipe again at each [seq_len, num_kv_pairs]; its rungs
               # run in size=extended.
@@ -123,10 +124,11 @@ DEFAULTS: dict[str, Any] = {
                   "ladder": {"experiment": "smoke/mqar", "points": [[16, 2]], "seeds": [0]}},
         "results_dir": "results/smoke",
     },
-    # size=extended: the default plus the second seeds of ListOps and the encoder MQAR, and the 16-pair rung of the
-    # recall ladder (about 30 minutes on 2 cores).
+    # size=extended: the default plus quick ListOps (two seeds), the encoder MQAR's second seed and the 16-pair rung
+    # of the recall ladder (about 32 minutes on 2 cores).
     "extended": {
-        "train": {"recipe_seeds": {"quick/listops": [0, 1], "quick/mqar": [0, 1]},
+        "train": {"experiments": ["quick/listops", "quick/mqar", "quick/mqar_causal"],
+                  "recipe_seeds": {"quick/listops": [0, 1], "quick/mqar": [0, 1]},
                   "ladder": {"points": [[64, 16]]}},
     },
     "lra": {
@@ -378,8 +380,8 @@ def split_mechanisms(mechanisms: list[str], workers: int) -> list[list[str]]:
 
 def training_jobs(s: SuiteSettings, mechanisms: list[str], experiments: list[str],
                   workers: int, tag: str = "", extra: list[str] | None = None) -> list[tuple[str, list[str]]]:
-    """(label, command) per worker process. One worker: the whole sweep as one multirun. Several: the
-    mechanisms split into ``workers`` groups, one multirun each over all recipes and seeds, with
+    """(label, command) per worker process. One worker: the whole sweep as one multirun. Several: the seeds or
+    the mechanisms split into ``workers`` shares (:func:`worker_shares`), one multirun each over all recipes, with
     ``num_threads=threads_per_worker``, each in its own sweep dir; every worker logs plain lines
     (``quiet=true``). One process per worker (not per run) because starting Python + torch + Hydra costs
     seconds; the second worker takes the recipes in reverse order, so the two start by generating different
@@ -395,12 +397,29 @@ def training_jobs(s: SuiteSettings, mechanisms: list[str], experiments: list[str
                                                extra=["quiet=true", *(extra or [])]))]
     threads = max(1, int(s.train.threads_per_worker or 1))
     jobs = []
-    for i, group in enumerate(split_mechanisms(mechanisms, workers)):
+    for i, (group, seeds) in enumerate(worker_shares(mechanisms, [int(x) for x in s.train.seeds], workers)):
         order = experiments if i % 2 == 0 else experiments[::-1]
-        jobs.append((f"{prefix}w{i + 1}", train_command(s, group, order, sweep_dir=base / f"worker{i + 1}",
+        share = SuiteSettings.of({**s, "train": TrainSweep(**{**s.train, "seeds": seeds})})
+        jobs.append((f"{prefix}w{i + 1}", train_command(share, group, order, sweep_dir=base / f"worker{i + 1}",
                                                          extra=[f"num_threads={threads}", "quiet=true",
                                                                 *(extra or [])])))
     return jobs
+
+
+def worker_shares(mechanisms: list[str], seeds: list[int], workers: int) -> list[tuple[list[str], list[int]]]:
+    """(mechanisms, seeds) of each worker's job. Seeds dealt out when they divide evenly among the workers (every
+    worker trains every mechanism: equal work, since a mechanism costs the same for each seed; the decoder MQAR's
+    rfa runs take four times full's), else the mechanisms dealt round-robin (:func:`split_mechanisms`)."""
+    if workers > 1 and len(seeds) >= workers and len(seeds) % workers == 0:
+        return [(list(mechanisms), seeds[i::workers]) for i in range(workers)]
+    return [(group, list(seeds)) for group in split_mechanisms(mechanisms, workers)]
+
+
+def largest_first(sized: list[tuple[int, tuple[str, list[str]]]]) -> list[tuple[str, list[str]]]:
+    """The jobs ordered by their number of runs, most first (ties keep their order). The pool's free worker takes
+    the next job, so the stage ends when its last job does: starting the long jobs first (the two-seed decoder
+    runs of 800 steps) leaves the short ones to fill the gaps, instead of one worker finishing a long job alone."""
+    return [job for _, job in sorted(sized, key=lambda item: -item[0])]
 
 
 def recipe_is_causal(experiment: str) -> bool:
@@ -640,16 +659,21 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     # Every registered mechanism trains: one without a conf/attention YAML gets a generated config node.
     trainable = list(mechanisms)
     workers = min(train_workers(s), len(trainable))
-    jobs, planned = [], {}
+    sized, planned = [], {}
     for tag, mechs, exps, extra, seeds in sweep_parts(s, trainable, experiments):
         part = SuiteSettings.of({**s, "train": TrainSweep(**{**s.train, "seeds": seeds})})
-        jobs += training_jobs(part, mechs, exps, min(workers, len(mechs)), tag=tag, extra=extra)
+        n = min(workers, len(mechs))
+        shares = worker_shares(mechs, seeds, n) if n > 1 else [(mechs, seeds)]
+        part_jobs = training_jobs(part, mechs, exps, n, tag=tag, extra=extra)
+        sized += [(len(group) * len(exps) * len(share_seeds), job)
+                  for (group, share_seeds), job in zip(shares, part_jobs)]
         for exp in exps:
             planned[(exp, tag)] = len(mechs) * len(seeds)
         left_out = [m for m in trainable if m not in mechs]  # a causal recipe: mechanisms without a causal form
         print(f"training [{tag}]: {len(mechs)} mechanisms x {exps}{' ' + ' '.join(extra) if extra else ''} "
               f"x seeds {seeds}" + (f" (no causal form, left out: {', '.join(left_out)})" if left_out else ""),
               flush=True)
+    jobs = largest_first(sized)
     widths = (max(map(len, trainable)), max(len(e) + (len(t) + 3 if t.startswith("ladder") else 0)
                                             for e, t in planned))
     progress = RunProgress(planned, workers=workers, widths=widths)

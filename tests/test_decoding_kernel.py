@@ -10,12 +10,10 @@ counts. No timing here (speed is in the issue's report).
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from attentions import _lean_linear, build_attention, get_attention_info, state_bytes
+from attentions import _lean_linear, build_attention, get_attention_info, make_config, state_bytes
 from attentions.testing import ATOL, RTOL, _Subject, check_decoding, check_mechanism
 
 from conftest import HEAD_DIM, HEADS, make_qkv, right_padding_mask
@@ -53,10 +51,16 @@ AFT_GROWTH = {"simple": "constant", "local": "window", "full": "linear"}
 
 
 def _subject(name: str, params: dict) -> _Subject:
-    info = get_attention_info(name)
-    if name == "aft":  # the info describes the default mode; each mode is checked against its own growth
-        info = dataclasses.replace(info, state_growth=AFT_GROWTH[params["mode"]])
-    return _Subject(name, info, dict(params))
+    # check_decoding holds each aft mode to its own growth: the registry's growth of the params (state_growth_fn)
+    return _Subject(name, get_attention_info(name), dict(params))
+
+
+@pytest.mark.parametrize("mode", sorted(AFT_GROWTH))
+def test_aft_growth_is_its_modes(mode):
+    info = get_attention_info("aft")
+    config = make_config("aft", mode=mode, max_seq_len=64, causal=True)
+    assert info.growth(config) == AFT_GROWTH[mode] and info.growth(config, "recompute") == "linear"
+    assert info.state_growth == info.growth() == "window"  # the default mode's
 
 
 def _build(name: str, **params):

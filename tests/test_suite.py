@@ -17,7 +17,9 @@ from harness.store import load_records
 def test_resolve_suite_sizes():
     default = suite.resolve_suite({"device": "cpu"})
     assert default["bench"]["seq_lens"] == [256, 512, 1024, 2048, 4096]
-    assert default["train"]["experiments"] == ["quick/listops", "quick/mqar", "quick/mqar_causal"]
+    assert default["train"]["experiments"] == ["quick/mqar", "quick/mqar_causal"]
+    assert suite.resolve_suite({"device": "cpu", "size": "extended"})["train"]["experiments"] == [
+        "quick/listops", "quick/mqar", "quick/mqar_causal"]
     assert default["stages"] == ["bench", "train", "decode", "report"]  # decode after train, before the report
     assert default["train"]["seeds"] == [0, 1]  # at least two seeds: spreads and ties in the report
     assert Path(default["report_dir"]) == Path(default["results_dir"]) / "report"
@@ -74,16 +76,23 @@ def test_cpu_sweep_splits_the_mechanisms_between_parallel_workers(tmp_path):
     assert len(groups) == 2 and sorted(groups[0] + groups[1]) == sorted(mechanisms)
     assert abs(len(groups[0]) - len(groups[1])) <= 1
     assert suite.split_mechanisms(["full"], 2) == [["full"]]  # never an empty group
-    jobs = suite.training_jobs(s, mechanisms, exps, workers=2)
+    one_seed = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu", "train": {"seeds": [0, 1, 2]}})
+    jobs = suite.training_jobs(one_seed, mechanisms, exps, workers=2)
     assert [label for label, _ in jobs] == ["w1", "w2"]
     sweep_dirs = set()
     for i, ((_, cmd), group) in enumerate(zip(jobs, groups)):
         assert f"attention={','.join(group)}" in cmd and "num_threads=1" in cmd and "quiet=true" in cmd
-        assert "seed=0,1" in cmd and "device=cpu" in cmd
+        assert "seed=0,1,2" in cmd and "device=cpu" in cmd
         # Both recipes in each worker; the second starts with the other one (different data first).
         assert f"experiment={','.join(exps if i == 0 else exps[::-1])}" in cmd
         sweep_dirs |= {c for c in cmd if c.startswith("hydra.sweep.dir=")}
     assert len(sweep_dirs) == 2  # no two workers share a Hydra sweep dir
+    # Seeds that divide evenly among the workers are dealt out instead: every worker trains every mechanism, so
+    # the slow ones (the decoder MQAR's rfa takes four times full's time) do not pile up in one worker.
+    jobs = suite.training_jobs(s, mechanisms, exps, workers=2)
+    assert [c for _, cmd in jobs for c in cmd if c.startswith(("seed=", "attention="))] == [
+        f"attention={','.join(mechanisms)}", "seed=0", f"attention={','.join(mechanisms)}", "seed=1"]
+    assert suite.worker_shares(["a", "b", "c"], [0, 1, 2], 2) == [(["a", "c"], [0, 1, 2]), (["b"], [0, 1, 2])]
     # One worker: the whole sweep as one multirun, with torch's default threads.
     (label, cmd), = suite.training_jobs(s, mechanisms, exps, workers=1)
     assert f"attention={','.join(mechanisms)}" in cmd and not any(c.startswith("num_threads") for c in cmd)
@@ -102,9 +111,10 @@ def test_sweep_parts_give_causal_recipes_only_causal_mechanisms_and_the_ladder(t
     # the decoder MQAR with the causal ones, both seeds; no ladder rung.
     s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu"})
     parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, list(s.train.experiments))}
-    assert parts == {"bidir0": [mechanisms, ["quick/listops"], ["train.max_steps=500"], [0]],
-                     "bidir1": [mechanisms, ["quick/mqar"], [], [0]],
+    assert parts == {"bidir0": [mechanisms, ["quick/mqar"], [], [0]],
                      "causal": [causal_attentions(), ["quick/mqar_causal"], [], [0, 1]]}
+    assert suite.sweep_parts(s, mechanisms, ["quick/listops"])[0][1:] == (
+        mechanisms, ["quick/listops"], ["train.max_steps=500"], [0])
     # size=extended: the second seeds of ListOps and MQAR, and the ladder rung on the same MQAR recipe.
     s = suite.resolve_suite({"results_dir": str(tmp_path), "device": "cpu", "size": "extended"})
     parts = {tag: rest for tag, *rest in suite.sweep_parts(s, mechanisms, ["quick/listops", "quick/mqar"])}
@@ -595,3 +605,11 @@ def test_decode_stage_in_smoke_size_writes_decode_records_for_the_causal_mechani
     md = Path(result["report"]).with_suffix(".md").read_text()
     assert "Decoding, mechanism alone, batch 1" in md and "Decoding, whole model at the mqar_causal size" in md
     assert (Path(result["report"]).parent / "decode_time_vs_context.png").exists()
+
+
+def test_the_longest_training_jobs_start_first():
+    # runs per job: the two-seed decoder groups before the one-seed ones, ties in their order
+    jobs = [(6, ("bidir0:w1", ["a"])), (5, ("bidir0:w2", ["b"])), (10, ("causal:w1", ["c"])), (8, ("causal:w2", ["d"])),
+            (6, ("bidir1:w1", ["e"]))]
+    assert [label for label, _ in suite.largest_first(jobs)] == ["causal:w1", "causal:w2", "bidir0:w1", "bidir1:w1",
+                                                                 "bidir0:w2"]

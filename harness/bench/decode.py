@@ -409,6 +409,7 @@ def _write(row: DecodeRow, context: int, settings: BenchSettings, identity: dict
         except ValueError:
             pass
     params = resolved_params(row, max_len, settings, config)
+    form = cell.get("decode_form") or ("recompute" if row.forced_recompute else _form(row.mechanism))
     record = {
         "kind": "decode", "record_id": decode_record_id(row, context, identity), "status": cell["outcome"],
         "reason": cell.get("reason"), "budget": cell.get("budget"), "created_at": now_iso(),
@@ -420,8 +421,8 @@ def _write(row: DecodeRow, context: int, settings: BenchSettings, identity: dict
         "heads": cell.get("heads", config["num_heads"] if config else settings.heads),
         "head_dim": cell.get("head_dim", config["qkv_dim"] // config["num_heads"] if config else settings.head_dim),
         "dtype": settings.dtype, "device": torch.device(settings.device).type, "threads": torch.get_num_threads(),
-        "decode_form": cell.get("decode_form") or ("recompute" if row.forced_recompute else _form(row.mechanism)),
-        "forced_recompute": row.forced_recompute, "state_growth": decode_models.state_growth(row.mechanism),
+        "decode_form": form, "forced_recompute": row.forced_recompute,
+        "state_growth": decode_models.state_growth(row.mechanism, params, form),
         "state_filled": cell.get("state_filled") if ok else None, "state_note": cell.get("state_note"),
         "prefill_ms": cell["prefill_s"] * 1e3 if ok and cell.get("prefill_s") is not None else None,
         "tokens": settings.decode.tokens,

@@ -26,7 +26,7 @@ import importlib
 import math
 from typing import Any
 
-from attentions import get_attention_info
+from attentions import get_attention_info, make_config
 from harness.plugins import conf_dir
 
 RECIPE = "quick/mqar_causal"
@@ -119,6 +119,12 @@ def state_bytes(states) -> tuple[int, int | None]:
     return int(filled(states)), (int(capacity(states)) if capacity is not None else None)
 
 
-def state_growth(mechanism: str) -> str | None:
-    """The mechanism's ``state_growth`` from the registry (None for a plug-in that does not say)."""
-    return getattr(get_attention_info(mechanism), "state_growth", None)
+def state_growth(mechanism: str, params: dict | None, form: str) -> str | None:
+    """How the cell's state grows with the context: the registry's growth of the mechanism's resolved ``params``
+    in the decode ``form`` (``recompute``: linear); None where the params do not build a config."""
+    info = get_attention_info(mechanism)
+    try:
+        config = make_config(mechanism, **params) if params is not None else None
+    except (TypeError, ValueError):
+        return None
+    return info.growth(config, form)
