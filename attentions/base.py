@@ -191,6 +191,7 @@ class Attention(nn.Module):
         right-padded, or a prompt longer than the state's ``max_len``.
         """
         self._check_state(state)
+        self._check_inference()
         if bool((state.lengths != 0).any()):
             raise ValueError(f"{self.name}: prefill needs an empty state (init_state); this one holds "
                              f"{state.lengths.tolist()} tokens")
@@ -209,6 +210,7 @@ class Attention(nn.Module):
         for wrong shapes, a foreign state, or a state already at its ``max_len``.
         """
         self._check_state(state)
+        self._check_inference()
         if q.dim() == 4 and q.shape[2] != 1:
             raise ValueError(f"{self.name}: step takes one position, {LAYOUT} with seq=1; got {tuple(q.shape)}")
         if int(state.lengths.max()) + 1 > state.max_len:
@@ -242,6 +244,13 @@ class Attention(nn.Module):
         with torch.autocast(q.device.type, enabled=False):
             cast = [t.to(compute) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in rest]
             return hook(q.to(compute), *cast).to(q.dtype)
+
+    def _check_inference(self) -> None:
+        # Training mode would apply attention dropout in the prefill (the causal forward) and not in the steps:
+        # the two would disagree silently.
+        if self.training and self.config.dropout > 0.0:
+            raise ValueError(f"{self.name}: decoding is inference; call .eval() first (in training mode dropout="
+                             f"{self.config.dropout} would apply to the prefill)")
 
     def _check_state(self, state: DecodeState) -> None:
         if not isinstance(state, DecodeState):

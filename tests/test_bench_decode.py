@@ -191,11 +191,11 @@ def test_a_tiny_scan_writes_valid_records_for_a_step_and_a_recompute_form(tmp_pa
     assert step["decode_form"] == "step" and step["state_growth"] == "linear"
     assert by[("performer", False, 32, 1)]["attention_params"]["num_features"] == 256  # the bench's budget
     assert "kernel" in by[("performer", False, 32, 1)]["attention_params"]  # a default, resolved
-    # K and V of 2 heads x 8 floats per position; after the timed steps the state holds context + tokens positions
-    assert step["state_bytes_per_seq"] == 2 * 2 * 8 * 4 * (32 + 32)
+    # K and V of 2 heads x 8 floats per position, read at the cell's context (before the timed steps)
+    assert step["state_bytes_per_seq"] == 2 * 2 * 8 * 4 * 32
     assert step["state_capacity_bytes_per_seq"] == 2 * 2 * 8 * 4 * (32 + 32 + 1)
     forced = by[(kv_cache_test, True, 32, 2)]
-    assert forced["decode_form"] == "recompute" and forced["state_bytes_per_seq"] == 3 * 2 * 8 * 4 * (32 + 32)
+    assert forced["decode_form"] == "recompute" and forced["state_bytes_per_seq"] == 3 * 2 * 8 * 4 * 32
     assert by[("performer", False, 16, 1)]["decode_form"] == "step"
     assert by[(recompute_test, False, 16, 1)]["decode_form"] == "recompute"  # no step form of its own
     assert (recompute_test, True, 32, 1) not in by  # nothing to force: it has only the recompute form
@@ -223,6 +223,24 @@ def test_a_mechanism_without_a_causal_form_gets_unsupported_cells(tmp_path):
     got = records(tmp_path)
     assert len(got) == 2 and all(r["status"] == "unsupported" for r in got)
     assert all("linformer" in r["reason"] and "causal" in r["reason"] for r in got)
+    assert all(r["decode_form"] is None for r in got)  # not decodable: not a recompute form either
+
+
+def test_forced_recompute_cells_only_at_contexts_the_scan_measures(tmp_path, kv_cache_test):
+    bench_run.run_benchmark(settings_for(tmp_path, mechanisms=[kv_cache_test],
+                                         decode={"batches": [1], "contexts": [16], "recompute_contexts": [32]}))
+    assert [(r["forced_recompute"], r["context"]) for r in records(tmp_path)] == [(False, 16)]
+
+
+def test_decoding_refuses_training_mode_with_dropout():
+    attn = build_attention("full", num_heads=2, head_dim=8, causal=True, dropout=0.5)  # a fresh module trains
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="eval"):
+        attn.prefill(q, q, q, attn.init_state(1, 8))
+    state = attn.eval().init_state(1, 8)
+    _, state = attn.prefill(q, q, q, state)
+    with pytest.raises(ValueError, match="eval"):
+        attn.train().step(q[:, :, :1], q[:, :, :1], q[:, :, :1], state)
 
 
 def test_a_cell_whose_prefill_is_over_the_limit_is_filled_at_random_and_says_so(tmp_path, kv_cache_test,
@@ -237,7 +255,7 @@ def test_a_cell_whose_prefill_is_over_the_limit_is_filled_at_random_and_says_so(
     assert r["status"] == "ok" and r["state_filled"] == "random" and r["prefill_ms"] is None
     assert "random" in r["state_note"] and "max_cell_s 10" in r["state_note"]
     assert r["prediction"]["predicted_prefill_s"] == 1e4
-    assert r["state_bytes_per_seq"] == 2 * 2 * 8 * 4 * (32 + 32)  # the state holds the context as if prefilled
+    assert r["state_bytes_per_seq"] == 2 * 2 * 8 * 4 * 32  # the state holds the context as if prefilled
     assert math.isfinite(r["ms_per_token"])
 
 
@@ -273,19 +291,19 @@ def test_the_guard_decides_from_the_prediction(tmp_path):
 def test_the_model_scope_runs_on_the_backbones_decoding_api(tmp_path, kv_cache_test, tiny_backbone):
     bench_run.run_benchmark(settings_for(tmp_path, mechanisms=[kv_cache_test, "performer"],
                                          decode={"scopes": ["model"], "batches": [2], "contexts": [16],
-                                                 "model_sizes": ["mqar_causal", "large"]}))
+                                                 "recompute_contexts": [16], "model_sizes": ["mqar_causal", "large"]}))
     got = {(r["mechanism"], r["model_size"], r["forced_recompute"]): r for r in records(tmp_path)}
-    # 2 mechanisms x 2 sizes, and both step forms recomputing (at 32) for each size
+    # 2 mechanisms x 2 sizes, and both step forms recomputing (at 16) for each size
     assert len(got) == 8 and all(r["status"] == "ok" for r in got.values()), [r["reason"] for r in got.values()]
     r = got[(kv_cache_test, "large", False)]
     assert r["model_config"]["embed_dim"] == 256 and r["model_config"]["num_layers"] == 4
     assert r["model_config"]["max_length"] == 16 + 32 + 1 and r["heads"] == 8 and r["head_dim"] == 32
     assert "max_length 64 -> 49" in r["config_changes"] and r["decode_form"] == "step"
     # the stand-in has one layer: K and V of 8 heads x 32 floats per position
-    assert r["state_bytes_per_seq"] == 2 * 8 * 32 * 4 * (16 + 32)
+    assert r["state_bytes_per_seq"] == 2 * 8 * 32 * 4 * 16
     forced = got[(kv_cache_test, "large", True)]
-    assert forced["decode_form"] == "recompute" and forced["context"] == 32
-    assert forced["state_bytes_per_seq"] == 3 * 8 * 32 * 4 * (32 + 32)  # q, k and v of every position
+    assert forced["decode_form"] == "recompute" and forced["context"] == 16
+    assert forced["state_bytes_per_seq"] == 3 * 8 * 32 * 4 * 16  # q, k and v of every position
     small = got[("performer", "mqar_causal", False)]
     assert small["model_config"]["attention_params"] == {"num_features": 64}  # the recipe's budget
     resolved = small["attention_params"]  # the mechanism's config as built: every field
@@ -416,7 +434,7 @@ def test_a_model_cell_over_the_limit_is_filled_at_random_only_where_the_states_c
     bench_run.run_benchmark(cfg)
     (r,) = records(tmp_path)
     assert r["status"] == "ok" and r["state_filled"] == "random" and r["prefill_ms"] is None
-    assert r["state_bytes_per_seq"] == 2 * 4 * 16 * 4 * (16 + 32)
+    assert r["state_bytes_per_seq"] == 2 * 4 * 16 * 4 * 16
     monkeypatch.delattr(TinyStates, "fill_random")
     bench_run.run_benchmark({**cfg, "force": True})
     (r,) = records(tmp_path)

@@ -181,7 +181,9 @@ def _has_step_form(name: str) -> bool:
 
 
 def _contexts(row: DecodeRow, settings: BenchSettings) -> list[int]:
-    return settings.decode.recompute_contexts if row.forced_recompute else settings.decode.contexts
+    if row.forced_recompute:  # only where the step form is measured too: the speed-up needs both
+        return [c for c in settings.decode.recompute_contexts if c in settings.decode.contexts]
+    return settings.decode.contexts
 
 
 def _cell(row: DecodeRow, context: int, settings: BenchSettings, learnt: Learnt, env: dict,
@@ -472,7 +474,10 @@ def _timing_note(device: str) -> str:
             "may reallocate its state's tensors or read host-side lengths, which a captured graph would not follow")
 
 
-def _form(name: str) -> str:
+def _form(name: str) -> str | None:
+    """``step``, ``recompute``, or None for a mechanism without a causal form (not decodable)."""
+    if not get_attention_info(name).supports_causal:
+        return None
     return "step" if _has_step_form(name) else "recompute"
 
 

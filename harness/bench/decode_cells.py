@@ -207,6 +207,7 @@ def measure_decode(runner, run: DecodeRun) -> dict[str, Any]:
                 prefill_s = 0.0
             for _ in range(run.warmup_steps):
                 runner.step()
+            filled, capacity = runner.state_bytes()  # at exactly `context` tokens, the cell's x value
             times = []
             for _ in range(run.tokens):
                 synchronize(run.device)
@@ -214,7 +215,6 @@ def measure_decode(runner, run: DecodeRun) -> dict[str, Any]:
                 runner.step()
                 synchronize(run.device)
                 times.append(time.perf_counter() - start)
-            filled, capacity = runner.state_bytes()
             _, reading = measure_peak_memory(runner.step, run.device)
     except Exception as exc:  # noqa: BLE001 - a cell's failure is its result
         return failure_outcome(exc)

@@ -167,6 +167,8 @@ def form_text(form: str, forced: bool = False) -> str:
     """``step``; a mechanism without a step form marked in capitals; a forced recompute form said as such."""
     if forced:
         return FORCED_TEXT
+    if form is None or form != form:  # a mechanism without a causal form: not decodable
+        return "not decodable"
     return RECOMPUTE_TEXT if form == "recompute" else str(form)
 
 
@@ -253,7 +255,7 @@ def decoding_section(page: Page, decode: pd.DataFrame, out: Path, files: list[Pa
     page.heading("Decoding: time per token and state per sequence")
     page.note("arena-bench mode=decode: a prompt of `context` tokens prefilled, then generated tokens timed one "
               "by one (ms/token: median [p10–p90]; tokens/s = batch x 1000 / median ms); state bytes: what "
-              "decoding holds per sequence after the timed steps (all heads; a whole model: all layers), the "
+              "decoding holds per sequence at the context (all heads; a whole model: all layers), the "
               "filled part of a preallocated cache (docs/DECODING.md). '(random state)': the prefill would exceed "
               "the cell time limit, so the state was filled with random keys and values of the right size (the "
               "time per token does not depend on how it was filled)." + (f" {RECOMPUTE_NOTE}" if recompute else ""))
