@@ -461,3 +461,35 @@ def test_a_probe_out_of_memory_stops_the_row(tmp_path, kv_cache_test, monkeypatc
     got = sorted(records(tmp_path), key=lambda r: r["context"])
     assert [r["status"] for r in got] == ["oom", "oom"]
     assert all("out of memory already at the probe context 4" in r["reason"] for r in got)
+
+
+def test_a_disturbed_cell_is_measured_again_and_a_still_noisy_one_is_marked_and_not_reused(tmp_path, kv_cache_test,
+                                                                                          monkeypatch):
+    from harness.bench import decode as decode_module
+
+    assert decode_module.disturbed([8e-3] * 16 + [1e-4] * 16) and not decode_module.disturbed([1e-4, 1.2e-4] * 16)
+    real = decode_module._measure
+    calls = []
+
+    def slow_first_half(*args, **kwargs):  # a burst of load over the first half of every attempt
+        cell = real(*args, **kwargs)
+        if "tokens" in kwargs:  # a probe of the guard, not the cell
+            return cell
+        calls.append(1)
+        if cell["outcome"] == "ok":
+            half = len(cell["times_s"]) // 2
+            cell["times_s"] = [t * 10 for t in cell["times_s"][:half]] + cell["times_s"][half:]
+        return cell
+
+    monkeypatch.setattr(decode_module, "_measure", slow_first_half)
+    cfg = settings_for(tmp_path, mechanisms=[kv_cache_test], decode={"batches": [1], "contexts": [16],
+                                                                     "recompute_contexts": []})
+    bench_run.run_benchmark(cfg)
+    (r,) = records(tmp_path)
+    assert len(calls) == 2 and r["noisy"] is True and "noisy" in r["noise"]
+    bench_run.run_benchmark(cfg)  # the noisy cell is measured again, not reused
+    assert len(calls) == 4
+    monkeypatch.setattr(decode_module, "_measure", real)
+    bench_run.run_benchmark(cfg)
+    (r,) = records(tmp_path)
+    assert r["noisy"] is False and r["noise"] is None

@@ -187,7 +187,8 @@ def _ms(r: pd.Series) -> str:
     def g(x):
         return f"{x:.3g}" if np.isfinite(x) else "?"
 
-    return f"{g(r['ms_per_token'])} [{g(r['ms_per_token_p10'])}–{g(r['ms_per_token_p90'])}]"
+    noisy = " (noisy)" if r.get("noisy") is True else ""  # disturbed after a second measurement: not to be trusted
+    return f"{g(r['ms_per_token'])} [{g(r['ms_per_token_p10'])}–{g(r['ms_per_token_p90'])}]{noisy}"
 
 
 def changes_text(value) -> str:
