@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attentions import build_attention
@@ -46,3 +47,14 @@ def make_qkv(batch: int = 2, seq: int = 37, heads: int = HEADS, dim: int = HEAD_
 def right_padding_mask(lengths: list[int], seq: int) -> torch.Tensor:
     """(batch, seq) bool mask, True for the first ``lengths[b]`` positions."""
     return torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after: tiny models run fastest on one thread, timings on a shared
+    machine are steadier, and memory does not depend on it. Modules that want it everywhere:
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

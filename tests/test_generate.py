@@ -28,12 +28,7 @@ NEW = 14  # prompt + new crosses every test-size window, block and chunk edge (4
 FORMS = [(False, "learned"), (True, "learned"), (False, "sinusoidal"), (True, "sinusoidal")]  # (token_shift, pos)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def lm_config(attention: str, token_shift: bool = False, pos_emb: str = "learned", **overrides) -> ModelConfig:
@@ -203,12 +198,16 @@ def test_decoding_errors_name_the_limit():
 def trained_record(tmp_path_factory):
     """A 10-step smoke run of the MQAR decoder form (causal, learned positions, token_shift) with checkpoints."""
     root = tmp_path_factory.mktemp("decoder_run")
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=smoke/mqar", "task.params.form=decoder", "model.causal=true",
                                           "attention=performer", "quiet=true", f"results_dir={root}/results",
                                           f"cache_dir={root}/cache"])
-    record = run(cfg)
+    try:
+        record = run(cfg)
+    finally:
+        torch.set_num_threads(before)  # module-scoped: the rest of the session keeps its own thread count
     assert record["status"] == "ok", record.get("error")
     return record, root
 

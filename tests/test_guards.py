@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_plugins import _forget, readme_plugin
-from test_train import FAKE, make_cfg, one_thread  # noqa: F401 - one_thread: the autouse fixture, shared
+from test_train import FAKE, make_cfg
 
 import harness.train as train_mod
 import harness.train.config as train_config
@@ -37,6 +37,8 @@ from harness.train import CONF_DIR, run
 from harness.train.app import RunNotStarted
 from harness.train.config import check_keys, time_estimate
 from harness.train.settings import TrainSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py, as test_train
 
 
 def run_app(main, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:

@@ -506,15 +506,6 @@ def _bench_peak(name: str, params: dict, n: int = 4096, train: bool = False, pad
     return measure_peak_memory(step, "cpu")[1].peak_bytes
 
 
-@pytest.fixture
-def one_thread():
-    """Memory does not depend on threads; time on a shared machine does (many threads wait on each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def full_peak_4096():
     before = torch.get_num_threads()
