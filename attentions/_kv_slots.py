@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .decoding import DecodeState
+from .decoding import DecodeState, write_positions
 
 
 class KVSlots(DecodeState):
@@ -53,13 +53,11 @@ def check_slots(name: str, state: DecodeState, cls: type, **expected: int) -> No
 def write_slots(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 positions: torch.Tensor, rows: torch.Tensor | None = None) -> None:
     """Write one new token per sequence, ``k``/``v`` ``(batch, heads, 1, d)``, at ``positions`` ``(batch,)`` long,
-    into slot ``positions % slots`` of ``k_buf``/``v_buf`` ``(batch, heads, slots, d)`` (in place, cast to the
-    buffers' dtype). ``rows``: only these sequences (a long index), e.g. those whose position the buffer covers."""
-    if rows is None:
-        rows = torch.arange(k.shape[0], device=k.device)
-    slot = positions[rows] % k_buf.shape[2]
-    k_buf[rows, :, slot] = k[rows, :, 0].to(k_buf.dtype)
-    v_buf[rows, :, slot] = v[rows, :, 0].to(v_buf.dtype)
+    into slot ``positions % slots`` of ``k_buf``/``v_buf`` ``(batch, heads, slots, d)``
+    (:func:`attentions.decoding.write_positions`). ``rows``: only these sequences (a long index)."""
+    if k_buf.shape[2] == 0:  # a buffer of no slots (longformer without globals ahead): no sequence writes to it
+        return
+    write_positions((k_buf, v_buf), (k, v), positions % k_buf.shape[2], rows)
 
 
 def fill_slots(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

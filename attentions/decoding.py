@@ -117,15 +117,18 @@ class RecomputeState(DecodeState):
 
 
 def write_positions(buffers: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...],
-                    positions: torch.Tensor) -> None:
-    """``buffers[i][b, :, positions[b]] = values[i][b, :, 0]`` for one new token per sequence (in place).
+                    positions: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """``buffers[i][b, :, positions[b]] = values[i][b, :, 0]`` for one new token per sequence (in place, cast to
+    the buffers' dtype).
 
     ``buffers``: ``(batch, heads, capacity, dim)``; ``values``: ``(batch, heads, 1, dim)``; ``positions``: ``(batch,)``
-    long, each ``< capacity`` (a ring buffer passes ``lengths % capacity``).
+    long, each ``< capacity`` (a ring buffer passes ``lengths % capacity``). ``rows``: only these sequences (a long
+    index), e.g. those whose position the buffer covers; None = all.
     """
-    rows = torch.arange(positions.shape[0], device=positions.device)
+    if rows is None:
+        rows = torch.arange(positions.shape[0], device=positions.device)
     for buf, val in zip(buffers, values):
-        buf[rows, :, positions] = val[:, :, 0].to(buf.dtype)
+        buf[rows, :, positions[rows]] = val[rows, :, 0].to(buf.dtype)
 
 
 def recompute_step(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RecomputeState) -> torch.Tensor:
