@@ -36,7 +36,7 @@ from torch import nn
 
 from .decoding import DecodeState, RecomputeState, recompute_step
 from .functional import is_right_padded, zero_padded_values
-from .registry import AttentionConfig, check_causal
+from .registry import AttentionConfig, check_causal, get_attention_info
 
 LAYOUT = "(batch, heads, seq, head_dim)"
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
@@ -155,8 +155,6 @@ class Attention(nn.Module):
     @property
     def decode_form(self) -> str:
         """``"step"`` where the mechanism has its own step form (info ``supports_decoding``), else ``"recompute"``."""
-        from .registry import get_attention_info  # the registry imports nothing from here; avoid a cycle at import
-
         return "step" if get_attention_info(self.name).supports_decoding else "recompute"
 
     def init_state(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32,

@@ -663,7 +663,7 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     for tag, mechs, exps, extra, seeds in sweep_parts(s, trainable, experiments):
         part = SuiteSettings.of({**s, "train": TrainSweep(**{**s.train, "seeds": seeds})})
         n = min(workers, len(mechs))
-        shares = worker_shares(mechs, seeds, n) if n > 1 else [(mechs, seeds)]
+        shares = worker_shares(mechs, seeds, n)  # the shares training_jobs gives its jobs, in order
         part_jobs = training_jobs(part, mechs, exps, n, tag=tag, extra=extra)
         sized += [(len(group) * len(exps) * len(share_seeds), job)
                   for (group, share_seeds), job in zip(shares, part_jobs)]
