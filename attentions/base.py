@@ -4,7 +4,12 @@ Contract (see docs/DESIGN.md)::
 
     out = attn(q, k, v, key_padding_mask=mask)
 
-``q, k, v``: float tensors ``(batch, heads, seq, head_dim)``, already projected.
+``q, k, v``: float tensors ``(batch, heads, seq, head_dim)``, already projected. With grouped-query attention
+(config ``num_kv_heads`` < ``num_heads``) ``k`` and ``v`` have ``num_kv_heads`` heads, key-value head ``j`` serving
+the ``g = num_heads / num_kv_heads`` consecutive query heads ``j g ... j g + g - 1``. A mechanism whose info says
+``grouped_kv='shared'`` receives them so in :meth:`Attention.attend` and in its decoding hooks (one cache or
+summary per key-value head); an ``'expanded'`` one (a plug-in's default) receives each key-value head repeated for
+its group, so its contract does not change; a ``'refused'`` one is not built with groups.
 ``key_padding_mask``: bool ``(batch, seq)``, ``True`` = real token, or ``None``.
 Returns ``(batch, heads, seq, head_dim)``. Padded query rows may hold anything finite;
 real rows, and the gradients of real inputs, must not depend on what stands in padded
@@ -35,7 +40,7 @@ import torch
 from torch import nn
 
 from .decoding import DecodeState, RecomputeState, recompute_step
-from .functional import is_right_padded, zero_padded_values
+from .functional import is_right_padded, repeat_kv, zero_padded_values
 from .registry import AttentionConfig, check_causal, get_attention_info
 
 LAYOUT = "(batch, heads, seq, head_dim)"
@@ -58,6 +63,11 @@ class Attention(nn.Module):
         return self.config.causal
 
     @property
+    def info(self):
+        """The mechanism's :class:`attentions.AttentionInfo` (registry facts)."""
+        return get_attention_info(self.name)
+
+    @property
     def backend(self) -> str:
         """Which implementation ran last (recorded by the benchmark and the results)."""
         return "torch"
@@ -77,13 +87,22 @@ class Attention(nn.Module):
             q, k, v = (zero_padded_values(t, key_padding_mask) for t in (q, k, v))
         compute = self.compute_dtype(q)
         if compute is None:
-            return self.attend(q, k, v, key_padding_mask)
+            return self.attend_grouped(q, k, v, key_padding_mask)
         # Reduced precision: scores, softmax and normalisers in float32 (SDPA's policy), the
         # result handed back in the input dtype. Autocast is off inside, or it would send the
         # matmuls back to bf16.
         with torch.autocast(q.device.type, enabled=False):
-            out = self.attend(q.to(compute), k.to(compute), v.to(compute), key_padding_mask)
+            out = self.attend_grouped(q.to(compute), k.to(compute), v.to(compute), key_padding_mask)
         return out.to(q.dtype)
+
+    def attend_grouped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`attend` on k, v of ``num_kv_heads`` heads: as they are for a ``grouped_kv='shared'`` mechanism,
+        each key-value head repeated for its query heads otherwise (:func:`attentions.functional.repeat_kv`)."""
+        groups = self.config.kv_groups
+        if groups > 1 and self.info.grouped_kv != "shared":
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        return self.attend(q, k, v, key_padding_mask)
 
     def compute_dtype(self, q: torch.Tensor) -> torch.dtype | None:
         """The dtype :meth:`attend` computes in, or None to run it on the inputs as given.
@@ -120,19 +139,10 @@ class Attention(nn.Module):
                 )
             if not t.is_floating_point():
                 raise ValueError(f"{self.name}: {label} must be a float tensor {LAYOUT}, got dtype {t.dtype}")
-        if not (q.shape == k.shape == v.shape):
-            raise ValueError(
-                f"{self.name}: q, k, v must share the shape {LAYOUT}, got "
-                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-            )
+        self._check_shapes(q, k, v)
         if not (q.dtype == k.dtype == v.dtype):
             raise ValueError(f"{self.name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         batch, heads, seq, head_dim = q.shape
-        if heads != cfg.num_heads or head_dim != cfg.head_dim:
-            raise ValueError(
-                f"{self.name}: expected {LAYOUT} with heads={cfg.num_heads}, head_dim={cfg.head_dim}; "
-                f"got shape {tuple(q.shape)}"
-            )
         if seq == 0:
             raise ValueError(f"{self.name}: seq must be >= 1 in {LAYOUT}")
         if cfg.max_seq_len is not None and seq > cfg.max_seq_len:
@@ -149,6 +159,18 @@ class Attention(nn.Module):
         if key_padding_mask.device != q.device:
             raise ValueError(f"{self.name}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
         return None if bool(key_padding_mask.all()) else key_padding_mask
+
+    def _check_shapes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int | None = None) -> None:
+        """q ``(batch, num_heads, seq, head_dim)``, k and v ``(batch, kv_heads, seq, head_dim)``, else ValueError."""
+        cfg = self.config
+        b, _, seq, _ = q.shape
+        want_q = (batch if batch is not None else b, cfg.num_heads, seq, cfg.head_dim)
+        want_kv = (want_q[0], cfg.kv_heads, seq, cfg.head_dim)
+        if tuple(q.shape) != want_q or tuple(k.shape) != want_kv or tuple(v.shape) != want_kv:
+            grouped = f" and k, v num_kv_heads={cfg.kv_heads} heads" if cfg.kv_groups > 1 else ""
+            raise ValueError(f"{self.name}: q, k, v must be {LAYOUT} with heads={cfg.num_heads}{grouped}, "
+                             f"head_dim={cfg.head_dim}, one batch and seq: expected q {want_q}, k and v {want_kv}; "
+                             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
     # ------------------------------------------------------------------------------------------- decoding
 
@@ -196,7 +218,7 @@ class Attention(nn.Module):
         mask = self._check_step_inputs(q, k, v, state, key_padding_mask)
         if mask is not None:
             q, k, v = (zero_padded_values(t, mask) for t in (q, k, v))
-        out = self._in_compute_dtype(self.prefill_state, q, k, v, mask, state)
+        out = self._in_compute_dtype(self.prefill_state, q, *self._hook_kv(k, v), mask, state)
         state.lengths = mask.sum(dim=1) if mask is not None else torch.full_like(state.lengths, q.shape[2])
         return out, state
 
@@ -214,26 +236,38 @@ class Attention(nn.Module):
         if int(state.lengths.max()) + 1 > state.max_len:
             raise ValueError(f"{self.name}: the state is full: a step would exceed its max_len={state.max_len}")
         self._check_step_inputs(q, k, v, state, None)
-        out = self._in_compute_dtype(self.step_state, q, k, v, state)
+        out = self._in_compute_dtype(self.step_state, q, *self._hook_kv(k, v), state)
         state.lengths = state.lengths + 1
         return out, state
 
-    # The hooks a step form overrides. They see ``state.lengths`` as it was before the new token(s).
+    def _hook_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v as the decoding hooks take them: grouped (``num_kv_heads`` heads) for a ``grouped_kv='shared'``
+        mechanism and for the base class's recompute form (its state stores them grouped); repeated for the query
+        heads for an ``'expanded'`` mechanism's own hooks, whose contract does not change."""
+        groups = self.config.kv_groups
+        recompute = getattr(self.new_state, "__func__", None) is Attention.new_state
+        if groups == 1 or recompute or self.info.grouped_kv == "shared":
+            return k, v
+        return repeat_kv(k, groups), repeat_kv(v, groups)
+
+    # The hooks a step form overrides. They see ``state.lengths`` as it was before the new token(s), and k, v with
+    # ``num_kv_heads`` heads where the info says ``grouped_kv='shared'`` (else ``num_heads``).
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> DecodeState:
-        """An empty state (checked arguments). Default: the recompute form's prefix of q, k, v."""
-        return RecomputeState(batch, max_len, self.config.num_heads, self.config.head_dim, dtype, device)
+        """An empty state (checked arguments). Default: the recompute form's prefix of q, k, v (k, v grouped)."""
+        cfg = self.config
+        return RecomputeState(batch, max_len, cfg.num_heads, cfg.head_dim, dtype, device, kv_heads=cfg.kv_heads)
 
     def prefill_state(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
                       state: DecodeState) -> torch.Tensor:
         """Fill ``state`` from the prompt (padded slots already zero) and return its causal output."""
         n = q.shape[2]
         state.q[:, :, :n], state.k[:, :, :n], state.v[:, :, :n] = q, k, v
-        return self.attend(q, k, v, key_padding_mask) if n else q.new_zeros(q.shape)
+        return self.attend_grouped(q, k, v, key_padding_mask) if n else q.new_zeros(q.shape)
 
     def step_state(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """Add one token per sequence at ``state.lengths`` and return its output. Default: recompute the prefix."""
-        return recompute_step(self.attend, q, k, v, state)
+        return recompute_step(self.attend_grouped, q, k, v, state)
 
     def _in_compute_dtype(self, hook, q: torch.Tensor, *rest):
         compute = self.compute_dtype(q)
@@ -262,11 +296,7 @@ class Attention(nn.Module):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{self.name}: {label} must be a 4-D float tensor {LAYOUT}, got {got}")
-        if not (q.shape == k.shape == v.shape) or q.shape[0] != state.batch or q.shape[1] != self.config.num_heads \
-                or q.shape[3] != self.config.head_dim:
-            raise ValueError(f"{self.name}: q, k, v must be {LAYOUT} with batch={state.batch} (the state's), heads="
-                             f"{self.config.num_heads}, head_dim={self.config.head_dim}; got {tuple(q.shape)}, "
-                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        self._check_shapes(q, k, v, batch=state.batch)
         n = q.shape[2]
         if n > state.max_len:
             raise ValueError(f"{self.name}: a prompt of {n} positions exceeds the state's max_len={state.max_len}")

@@ -105,15 +105,17 @@ def state_bytes(state: DecodeState) -> int:
 
 
 class RecomputeState(DecodeState):
-    """The prefix's q, k, v, ``(batch, heads, max_len, head_dim)`` each: the recompute form's state."""
+    """The prefix's q ``(batch, heads, max_len, head_dim)`` and k, v ``(batch, kv_heads, max_len, head_dim)``: the
+    recompute form's state (``kv_heads``: the key-value heads, ``heads`` when None)."""
 
     positional = ("q", "k", "v")
 
     def __init__(self, batch: int, max_len: int, heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, kv_heads: int | None = None) -> None:
         super().__init__(batch, max_len, device)
-        self.q, self.k, self.v = (torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
-                                  for _ in range(3))
+        self.q = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
+        self.k, self.v = (torch.zeros(batch, kv_heads or heads, max_len, head_dim, dtype=dtype, device=device)
+                          for _ in range(2))
 
 
 def write_positions(buffers: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...],
@@ -134,7 +136,8 @@ def write_positions(buffers: tuple[torch.Tensor, ...], values: tuple[torch.Tenso
 def recompute_step(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RecomputeState) -> torch.Tensor:
     """Append the new token to the prefix and run ``attend`` (the causal forward) over it; the new rows.
 
-    ``attend(q, k, v, key_padding_mask)`` is the mechanism's own causal forward. Each sequence's new row sits at
+    ``attend(q, k, v, key_padding_mask)`` is the mechanism's own causal forward (taking the state's grouped k, v:
+    :meth:`attentions.Attention.attend_grouped`). Each sequence's new row sits at
     ``lengths[b]``: a right-padded batch is a padded forward whose real rows do not see the padding.
     """
     pos = state.lengths

@@ -60,3 +60,9 @@ def zero_padded_values(v: torch.Tensor, key_padding_mask: torch.Tensor | None) -
     if key_padding_mask is None:
         return v
     return v.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+
+
+def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped keys or values ``(batch, kv_heads, seq, dim)`` -> ``(batch, kv_heads * groups, seq, dim)``: key-value
+    head ``j`` repeated for its ``groups`` consecutive query heads (a copy; ``t`` itself when ``groups == 1``)."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)

@@ -132,6 +132,9 @@ def reformer_state_size(config: ReformerConfig, seq_len: int) -> int:
     memory_complexity="O(n_hashes * n * bucket_size)",
     needs_max_seq_len=True,
     shared_qk=True,
+    grouped_kv="refused",
+    grouped_kv_note="its keys are its queries (one shared query-key projection, Kitaev et al. 2020 sec. 2), so they "
+                    "have as many heads as the queries",
     state_size_fn=reformer_state_size,
     supports_decoding=True,
     decoding_note="a KV cache plus, per hash round and bucket, the positions of its last bucket_size tokens: a step "

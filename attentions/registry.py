@@ -19,6 +19,17 @@ from typing import Any
 from attentions.config_types import describe_type, normalised_number, value_matches
 from attentions.decoding import STATE_GROWTHS
 
+# How a mechanism takes grouped keys and values (``num_kv_heads < num_heads``, grouped-query attention):
+# 'shared': one cache or key-value summary per key-value head, its group of query heads reading it (attend and the
+# decoding hooks receive k, v with num_kv_heads heads); 'expanded': it receives each key-value head repeated for
+# its group (copies; a plug-in's default: its contract does not change); 'refused': num_kv_heads < num_heads is a
+# ValueError (reformer: keys are its queries).
+GROUPED_KV = ("shared", "expanded", "refused")
+# What the backbone's rotary position embedding (model.pos_emb=rope) does to a mechanism: 'rotated': the wrapper
+# rotates q and k before the mechanism (the default); 'own': the mechanism applies its own rotation (not rotated
+# twice); 'refused': pos_emb=rope is a ValueError (aft: no query-key product for a rotation to act on).
+ROTARY = ("rotated", "own", "refused")
+
 FAMILIES = (
     "exact",
     "sparse",
@@ -42,6 +53,9 @@ class AttentionConfig:
     ``dropout`` is dropout on attention probabilities, active only in training mode.
     ``causal``: the causal-self pattern, query ``i`` attends only to keys ``j <= i`` (decoders);
     allowed only where the mechanism's info says ``supports_causal`` (checked by :func:`make_config`).
+    ``num_kv_heads``: key-value heads (grouped-query attention, Ainslie et al. 2023; ``1`` is multi-query
+    attention, Shazeer 2019), dividing ``num_heads``; key-value head ``j`` serves the ``num_heads / num_kv_heads``
+    consecutive query heads ``j * g ... (j + 1) * g - 1``. None means ``num_heads`` (plain multi-head attention).
     """
 
     num_heads: int = 4
@@ -50,6 +64,7 @@ class AttentionConfig:
     dropout: float = 0.0
     seed: int = 0
     causal: bool = False
+    num_kv_heads: int | None = None
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -58,7 +73,21 @@ class AttentionConfig:
         if self.max_seq_len is not None:
             require(self.max_seq_len >= 1, "max_seq_len", f"must be >= 1 or None, got {self.max_seq_len}")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.num_kv_heads is not None:
+            require(1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
+                    "num_kv_heads", f"must divide num_heads={self.num_heads} (1 = multi-query attention), got "
+                    f"{self.num_kv_heads}")
         self.validate()
+
+    @property
+    def kv_heads(self) -> int:
+        """Key-value heads: ``num_kv_heads``, or ``num_heads`` when it is None."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key-value head, ``num_heads / kv_heads`` (1: plain multi-head attention)."""
+        return self.num_heads // self.kv_heads
 
     def validate(self) -> None:
         """Mechanism-specific checks; raise via :func:`require`."""
@@ -124,6 +153,12 @@ class AttentionInfo:
     # Where the growth depends on the parameters (aft's modes): ``config -> growth``; ``state_growth`` is then the
     # default config's. Read both through :meth:`growth`.
     state_growth_fn: Callable[[Any], str] | None = None
+    # Grouped-query attention (:data:`GROUPED_KV`) and rotary positions (:data:`ROTARY`), each with one line on
+    # what the mechanism does with them (or why it refuses).
+    grouped_kv: str = "expanded"
+    grouped_kv_note: str = ""
+    rotary: str = "rotated"
+    rotary_note: str = ""
     description: str = ""
 
     def defaults(self) -> dict[str, Any]:
@@ -207,6 +242,9 @@ def register_attention(
     growth = capabilities.get("state_growth", "linear")
     if growth not in STATE_GROWTHS:
         raise ValueError(f"state_growth {growth!r} of '{name}' is not one of {STATE_GROWTHS}")
+    for key, allowed in (("grouped_kv", GROUPED_KV), ("rotary", ROTARY)):
+        if key in capabilities and capabilities[key] not in allowed:
+            raise ValueError(f"{key} {capabilities[key]!r} of '{name}' is not one of {allowed}")
     if capabilities.get("supports_decoding") and not capabilities.get("supports_causal"):
         raise ValueError(f"'{name}' says supports_decoding but has no causal form (supports_causal=False)")
 
@@ -270,7 +308,22 @@ def make_config(name: str, **params: Any) -> AttentionConfig:
     # Before the config's own checks: a mechanism without a causal form should say so, not ask for a
     # parameter (linformer's max_seq_len) that would not make causal=True possible either.
     check_causal(name, params.get("causal") is True)
-    return info.config_cls(**params)
+    config = info.config_cls(**params)
+    check_grouped_kv(name, config)
+    return config
+
+
+def check_grouped_kv(name: str, config: AttentionConfig) -> None:
+    """ValueError when ``config`` groups keys and values (``num_kv_heads < num_heads``) for a mechanism whose info
+    says ``grouped_kv='refused'``: says why, lists the mechanisms that take groups."""
+    info = get_attention_info(name)
+    if config.kv_groups == 1 or info.grouped_kv != "refused":
+        return
+    takers = [n for n in available_attentions() if _REGISTRY[n].grouped_kv != "refused"]
+    reason = f": {info.grouped_kv_note}" if info.grouped_kv_note else ""
+    raise ValueError(f"invalid parameter 'num_kv_heads': attention '{name}' takes no grouped keys and values "
+                     f"(num_kv_heads={config.num_kv_heads} < num_heads={config.num_heads}){reason}; use num_kv_heads = "
+                     f"num_heads, or one of: {', '.join(takers)}")
 
 
 def check_causal(name: str, causal: bool) -> None:

@@ -32,6 +32,13 @@ author runs in one line from their own pytest. The checks, in order (:data:`CHEC
                     from its own end; ``state_bytes`` grows as the info says for the params given
                     (``AttentionInfo.growth``; ``constant``: the same whatever the context; ``window``: stops growing
                     once the context passes the window; ``linear``: never shrinks); a full state refuses a step.
+``grouped_kv``      grouped-query attention (4 query heads, 2 key-value heads): grouped k, v give the outputs and
+                    gradients (summed over each group) that the same key-value heads repeated for their query heads
+                    give, with padding, in each pattern (per-head parameters of the grouped module lead with its
+                    key-value heads and are repeated for the comparison); with ``causal=True`` a grouped prefill and
+                    steps equal the grouped causal forward, and a ``grouped_kv='shared'`` step form's state is exactly
+                    1/2 of the ungrouped one (a recompute form's is smaller). ``'refused'``: building with groups is a
+                    ValueError naming ``num_kv_heads``.
 ``memory_growth``   where the mechanism claims sub-quadratic memory (``linear_memory``; by default every
                     family but ``exact``): the CPU allocator peak of a forward + backward grows at most
                     :data:`LINEAR_LIMIT` x per doubling of ``n`` (a quadratic buffer grows 4x), both for the
@@ -473,6 +480,101 @@ def _check_full_state(s: _Subject, attn: torch.nn.Module) -> None:
         raise s.fail("decoding", "a step past the state's max_len was accepted; it must raise a ValueError")
 
 
+GROUP_HEADS, GROUP_KV_HEADS, GROUP_LEN = 4, 2, 37  # grouped_kv: two groups of two query heads
+
+
+def check_grouped_kv(s: _Subject) -> None:
+    groups = GROUP_HEADS // GROUP_KV_HEADS
+    if s.info.grouped_kv == "refused":
+        try:
+            s.build(num_heads=GROUP_HEADS, num_kv_heads=GROUP_KV_HEADS)
+        except ValueError as exc:
+            if "num_kv_heads" not in str(exc):
+                raise s.fail("grouped_kv", f"its ValueError refusing groups does not name num_kv_heads: {exc}") \
+                    from None
+            return
+        raise s.fail("grouped_kv", "the info says grouped_kv='refused', but it builds with num_kv_heads < num_heads")
+    for causal in (False, True) if s.info.supports_causal else (False,):
+        grouped = s.build(num_heads=GROUP_HEADS, num_kv_heads=GROUP_KV_HEADS, causal=causal).eval()
+        plain = s.build(num_heads=GROUP_HEADS, causal=causal).eval()
+        _copy_grouped_tensors(s, grouped, plain, groups)
+        _check_grouped_equals_repeated(s, grouped, plain, groups, causal)
+        if causal:
+            _check_grouped_decoding(s, grouped, plain, groups)
+
+
+def _grouped_qkv(seq: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, GROUP_HEADS, seq, HEAD_DIM, generator=gen)
+    k, v = (torch.randn(2, GROUP_KV_HEADS, seq, HEAD_DIM, generator=gen) for _ in range(2))
+    return [q, k, v]
+
+
+def _copy_grouped_tensors(s: _Subject, grouped: torch.nn.Module, plain: torch.nn.Module, groups: int) -> None:
+    """Give ``plain`` the grouped module's parameters and buffers: equal shapes copied, per-key-value-head ones
+    (leading dimension ``kv_heads`` where ``plain`` has ``num_heads``) repeated for their query heads."""
+    own = dict(grouped.named_parameters()) | dict(grouped.named_buffers())
+    with torch.no_grad():
+        for name, t in list(plain.named_parameters()) + list(plain.named_buffers()):
+            g = own.get(name)
+            if g is not None and g.shape == t.shape:
+                t.copy_(g)
+            elif g is not None and g.dim() and g.shape[0] * groups == t.shape[0] and g.shape[1:] == t.shape[1:]:
+                t.copy_(g.repeat_interleave(groups, dim=0))
+            else:
+                got = None if g is None else tuple(g.shape)
+                raise s.fail("grouped_kv", f"the parameter or buffer {name} is {got} in the grouped module and "
+                             f"{tuple(t.shape)} without groups: per-head tensors of a grouped mechanism must lead with "
+                             "its key-value heads (or keep their shape)")
+
+
+def _check_grouped_equals_repeated(s: _Subject, grouped, plain, groups: int, causal: bool) -> None:
+    pattern = "causal" if causal else "bidirectional"
+    lengths = [GROUP_LEN, GROUP_LEN - 17]
+    mask = right_padding_mask(lengths, GROUP_LEN)
+    base = _grouped_qkv(GROUP_LEN, seed=31)
+    mine = [t.clone().requires_grad_(True) for t in base]
+    theirs = [t.clone().requires_grad_(True) for t in base]
+    out = grouped(*mine, key_padding_mask=mask)
+    ref = plain(theirs[0], *(t.repeat_interleave(groups, dim=1) for t in theirs[1:]), key_padding_mask=mask)
+    real = mask[:, None, :, None]
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(32))
+    for b, n in enumerate(lengths):
+        s.close("grouped_kv", out[b, :, :n], ref[b, :, :n], f"{pattern}: grouped k, v give another output than the "
+                f"same key-value heads repeated for their query heads (sequence {b}, {n} real tokens)")
+    (out * real * weight).sum().backward()
+    (ref * real * weight).sum().backward()
+    for label, a, b in zip("qkv", mine, theirs):
+        s.close("grouped_kv", a.grad, b.grad, f"{pattern}: the gradient of {label} with grouped k, v differs from "
+                "the one through the key-value heads repeated for their query heads")
+
+
+def _check_grouped_decoding(s: _Subject, grouped, plain, groups: int) -> None:
+    from .decoding import state_bytes
+
+    prompt = 5
+    q, k, v = _grouped_qkv(GROUP_LEN, seed=33)
+    with torch.no_grad():
+        ref = grouped(q, k, v)
+        state = grouped.init_state(2, GROUP_LEN, q.dtype, q.device)
+        out, state = grouped.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], state)
+        s.close("grouped_kv", out, ref[:, :, :prompt], "a grouped prefill differs from the grouped causal forward")
+        for t in range(prompt, GROUP_LEN):
+            out_t, state = grouped.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
+            s.close("grouped_kv", out_t, ref[:, :, t:t + 1], f"the grouped step at position {t} differs from the "
+                    "grouped causal forward")
+        other = plain.init_state(2, GROUP_LEN, q.dtype, q.device)
+        _, other = plain.prefill(q, *(t.repeat_interleave(groups, dim=1) for t in (k, v)), other)
+    mine, theirs = state_bytes(state), state_bytes(other)
+    if s.info.grouped_kv == "shared" and grouped.decode_form == "step" and mine * groups != theirs:
+        raise s.fail("grouped_kv", f"the info says grouped_kv='shared', but the decode state of {GROUP_LEN} tokens "
+                     f"holds {mine} bytes with {GROUP_KV_HEADS} key-value heads and {theirs} with {GROUP_HEADS}: "
+                     f"expected exactly 1/{groups} (one cache or summary per key-value head)")
+    if grouped.decode_form == "recompute" and not mine < theirs:
+        raise s.fail("grouped_kv", f"the recompute form's state holds {mine} bytes grouped, {theirs} without "
+                     "groups: its k, v should be stored per key-value head")
+
+
 def cpu_peak_bytes(step: Callable[[], Any]) -> int:
     """Allocator peak of ``step()`` on CPU, in bytes, from ``torch.profiler`` allocation events; memory
     allocated before the call does not count. The same figure as the harness's CPU measurements."""
@@ -531,6 +633,7 @@ CHECKS: dict[str, Callable[[_Subject], None]] = {
     "max_seq_len": check_max_seq_len,
     "causality": check_causality,
     "decoding": check_decoding,
+    "grouped_kv": check_grouped_kv,
     "memory_growth": check_memory_growth,
 }
 

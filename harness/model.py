@@ -59,7 +59,7 @@ POOLINGS = ("cls", "mean", "last")
 POS_EMBS = ("sinusoidal", "learned")
 ACTIVATIONS = ("gelu", "relu")
 # These come from the model config, so a mechanism's params may not set them.
-_RESERVED_ATTENTION_PARAMS = ("num_heads", "head_dim", "dropout")
+_RESERVED_ATTENTION_PARAMS = ("num_heads", "head_dim", "dropout", "num_kv_heads")
 
 
 @dataclass
@@ -71,6 +71,8 @@ class ModelConfig:
     num_classes: int
     embed_dim: int = 64
     num_heads: int = 4
+    # Key-value heads (grouped-query attention; 1 = multi-query), dividing num_heads; None = num_heads.
+    num_kv_heads: int | None = None
     qkv_dim: int = 64
     mlp_dim: int = 128
     num_layers: int = 2
@@ -102,6 +104,9 @@ class ModelConfig:
                      "num_layers"):
             check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1")
         check(self.qkv_dim % self.num_heads == 0, "qkv_dim", f"must be divisible by num_heads={self.num_heads}")
+        kv = self.num_kv_heads
+        check(kv is None or (type(kv) is int and 1 <= kv <= self.num_heads and self.num_heads % kv == 0),
+              "num_kv_heads", f"must be null or an int dividing num_heads={self.num_heads} (1 = multi-query attention)")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
         check(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
@@ -118,13 +123,18 @@ class ModelConfig:
         if reserved:
             raise ValueError(
                 f"attention_params may not set {reserved}: they come from the model config "
-                "(num_heads, qkv_dim / num_heads, attention_dropout)"
+                "(num_heads, qkv_dim / num_heads, attention_dropout, num_kv_heads)"
             )
         get_attention_info(self.attention)  # unknown name -> ValueError listing the registered ones
 
     @property
     def head_dim(self) -> int:
         return self.qkv_dim // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key-value heads: ``num_kv_heads``, or ``num_heads`` when it is None."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def uses_cls(self) -> bool:
@@ -155,6 +165,8 @@ class ModelConfig:
             )
         if self.causal:
             params["causal"] = True  # the registry refuses mechanisms without a causal form, naming those with one
+        if self.num_kv_heads is not None:
+            params["num_kv_heads"] = self.num_kv_heads  # the registry refuses it where keys cannot be grouped
         return dict(params, num_heads=self.num_heads, head_dim=self.head_dim, dropout=self.attention_dropout)
 
     def check_attention(self) -> None:
@@ -181,13 +193,15 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         info = get_attention_info(config.attention)
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.num_heads, self.head_dim, self.kv_heads = config.num_heads, config.head_dim, config.kv_heads
         # shared_qk mechanisms (Reformer's LSH) need keys equal to the queries, so one
         # projection produces both: the fused matrix holds [QK; V] instead of [Q; K; V].
         self.shared_qk = info.shared_qk
-        n_proj = 2 if self.shared_qk else 3
+        # Grouped-query attention: keys and values get kv_heads heads of head_dim (registry refuses shared_qk).
+        kv_dim = config.kv_heads * config.head_dim
+        self.split = (config.qkv_dim, kv_dim) if self.shared_qk else (config.qkv_dim, kv_dim, kv_dim)
         # One fused matmul for the projections (the same parameter count as separate Linears).
-        self.in_proj = nn.Linear(config.embed_dim, n_proj * config.qkv_dim)
+        self.in_proj = nn.Linear(config.embed_dim, sum(self.split))
         self.out_proj = nn.Linear(config.qkv_dim, config.embed_dim)
         self.attention = build_attention(config.attention, **config.attention_kwargs(layer))
 
@@ -210,6 +224,10 @@ class MultiHeadAttention(nn.Module):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(batch, seq, embed_dim) -> q, k, v (batch, heads, seq, head_dim); k is q for shared_qk."""
         batch, seq, _ = x.shape
+        if self.kv_heads != self.num_heads:
+            q, k, v = (t.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+                       for t in self.in_proj(x).split(self.split, dim=-1))
+            return q, k, v
         proj = self.in_proj(x).view(batch, seq, -1, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.shared_qk:
             qk = proj[0]  # one tensor: the mechanism may test `k is q`

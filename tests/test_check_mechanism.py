@@ -3,7 +3,8 @@
 Each broken mechanism below is correct except for one fault, so the check that must catch it is the
 first to fail: one ignores the padding mask, one claims ``supports_causal`` but looks at later positions,
 one claims linear memory but materialises seq x seq scores, one says it applies dropout but does not, one
-declares a state size of zero floats.
+declares a state size of zero floats, one shares grouped keys in the wrong order (interleaved instead of
+consecutive query heads), one says it refuses groups but takes them.
 (Every built-in passing is ``tests/test_registry_contract.py``.)
 """
 
@@ -87,6 +88,22 @@ def broken():
         def attend(self, q, k, v, key_padding_mask):
             return softmax_attention(q, k, v, key_padding_mask)
 
+    @register("test_interleaves_groups", grouped_kv="shared")
+    class InterleavesGroups(Attention):
+        """Takes grouped k, v but gives key-value head j to query heads j, j + kv_heads, ... (tile, not
+        repeat_interleave): right for kv_heads = 1 or num_heads, wrong in between."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            groups = q.shape[1] // k.shape[1]
+            return softmax_attention(q, k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1), key_padding_mask)
+
+    @register("test_says_refused", grouped_kv="refused")
+    class SaysRefused(Attention):
+        """Its info refuses grouped keys; the registry then refuses num_kv_heads < num_heads for it."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return softmax_attention(q, k, v, key_padding_mask)
+
     @register("test_honest_causal", config=CausalConfig, supports_causal=True)
     class HonestCausal(Attention):
         """Exact softmax attention with a real causal mask: passes every check."""
@@ -105,6 +122,7 @@ def broken():
     ("test_quadratic_claims_linear", "memory_growth", "per doubling of n"),
     ("test_claims_dropout", "dropout", "says it applies dropout"),
     ("test_bad_state_size", "metadata", "state size at n=1.*must be None or an int >= 1"),
+    ("test_interleaves_groups", "grouped_kv", "grouped k, v give another output than the same key-value heads"),
 ])
 def test_broken_mechanism_fails_naming_the_violation(broken, name, check, detail):
     with pytest.raises(ContractViolation, match=f"'{name}' violates the contract check '{check}'.*{detail}") as err:
@@ -116,7 +134,9 @@ def test_every_check_before_the_fault_passes(broken):
     # The faults are single: the checks before the failing one pass, so the message points at the fault.
     order = list(CHECKS)
     assert check_mechanism("test_leaks_padding", checks=order[: order.index("padding")])
-    assert check_mechanism("test_peeks_at_future", checks=[c for c in order if c not in ("causality", "decoding")])
+    assert check_mechanism("test_peeks_at_future",
+                           checks=[c for c in order if c not in ("causality", "decoding", "grouped_kv")])
+    assert check_mechanism("test_interleaves_groups", checks=order[: order.index("grouped_kv")])
     assert check_mechanism("test_quadratic_claims_linear", checks=order[:-1])
 
 
@@ -144,3 +164,38 @@ def test_cpu_peak_matches_the_harness_measurement():
 
     _, reading = measure_peak_memory(step, "cpu")
     assert cpu_peak_bytes(step) == reading.peak_bytes > 64 * 64 * 4
+
+
+def test_refused_groups_are_a_clear_error_and_pass_the_check(broken):
+    with pytest.raises(ValueError, match="'num_kv_heads'.*'test_says_refused' takes no grouped keys.*one of: .*full"):
+        attention_registry.build_attention("test_says_refused", num_heads=4, num_kv_heads=2)
+    assert check_mechanism("test_says_refused", checks=["grouped_kv"]) == ["grouped_kv"]
+    assert attention_registry.build_attention("test_says_refused", num_heads=4, num_kv_heads=4)
+
+
+def test_expanded_plugin_sees_num_heads_keys_and_stores_grouped_prefix(broken):
+    """A plug-in that declares nothing receives k, v repeated for its query heads (its contract is unchanged), and
+    its recompute decoding form stores the prefix's k, v per key-value head."""
+    seen = []
+
+    @register_attention("test_records_shapes", config=CausalConfig, family="exact", time_complexity="O(n^2)",
+                        memory_complexity="O(n^2)", supports_causal=True, applies_dropout=False)
+    class RecordsShapes(Attention):
+        def attend(self, q, k, v, key_padding_mask):
+            seen.append(tuple(k.shape))
+            return softmax_attention(q, k, v, key_padding_mask, causal=self.config.causal)
+
+    try:
+        attn = attention_registry.build_attention("test_records_shapes", num_heads=4, num_kv_heads=1, head_dim=8,
+                                                  causal=True)
+        q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 1, 6, 8), torch.randn(2, 1, 6, 8)
+        attn(q, k, v)
+        assert seen == [(2, 4, 6, 8)]
+        state = attn.init_state(2, 6)
+        attn.prefill(q, k, v, state)
+        assert state.k.shape == (2, 1, 6, 8) and state.q.shape == (2, 4, 6, 8)
+        with pytest.raises(ValueError, match=r"k, v num_kv_heads=1 heads.*expected q \(2, 4, 6, 8\), k and v "
+                                             r"\(2, 1, 6, 8\)"):
+            attn(q, q, q)
+    finally:
+        attention_registry._REGISTRY.pop("test_records_shapes", None)
