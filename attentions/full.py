@@ -231,7 +231,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.
 def _xformers_attention(q, k, v, key_padding_mask, dropout: float, causal: bool = False) -> torch.Tensor:
     """``key_padding_mask``: ``(batch, seq)`` real tokens, or a full ``(batch, 1, seq, seq)`` allowed mask.
 
-    Runs on CUDA only; the layouts are tested on a CPU with a stand-in for ``xformers.ops`` (tests/test_full.py).
+    Runs on CUDA only; its layouts are tested on a CPU with a stand-in for ``xformers.ops``
+    (tests/test_grouped_exact.py).
     """
     import xformers.ops as xops
 
