@@ -9,6 +9,15 @@ two executors run it: :func:`attend_recompute` (chunks of query blocks, O(n d) k
 
 Key slots that fall outside the sequence (before position 0, after the last position, or an unused
 random slot) carry position ``-1`` or ``>= n`` and are masked, as are padded keys.
+
+Grouped-query attention (Ainslie et al. 2023): ``k``, ``v`` may have ``kv_heads`` heads dividing the ``heads`` of
+``q``, key-value head ``j`` serving the ``g`` consecutive query heads ``j g .. j g + g - 1``. A plan's pattern
+depends on positions only (bigbird's random blocks are drawn per query block, the same for every head), so the
+``g`` query heads of a group read the same key slots: both executors fold them into the rows of one query block
+(:func:`_fold_rows`: ``(batch, kv_heads, blocks, g c, d)``) against the group's gathered key slots ``(batch,
+kv_heads, blocks, K, d)``. k and v are gathered once per key-value head, never repeated, and their gradients sum
+over the group inside the same products. Dropout masks are drawn in the ungrouped layout ``(batch, heads, blocks, c,
+K)`` and folded alike, so a grouped call drops exactly what an ungrouped call on repeated k, v drops.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._dropout import apply_dropout, draw_seed, keep_mask
+from ._dropout import draw_seed, keep_mask
 
 # Position of a key slot that holds no key (an unused random block, say).
 NO_KEY = -1
@@ -140,6 +149,34 @@ def _unbroadcast(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         grad = grad.sum(dim=tuple(range(extra)))
     dims = tuple(i for i, (g, s) in enumerate(zip(grad.shape, like.shape)) if s == 1 and g != 1)
     return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+def _fold_rows(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Query-side blocks ``(batch, heads, G, c, m)`` -> ``(batch, kv_heads, G, g c, m)``, ``g = heads / kv_heads``: the
+    rows of the ``g`` query heads of a key-value head stacked in each query block (a copy of the chunk when ``g > 1``;
+    ``x`` itself when ``g == 1``)."""
+    batch, heads, blocks, c, m = x.shape
+    g = heads // kv_heads
+    if g == 1:
+        return x
+    return x.view(batch, kv_heads, g, blocks, c, m).transpose(2, 3).reshape(batch, kv_heads, blocks, g * c, m)
+
+
+def _unfold_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`_fold_rows`: ``(batch, kv_heads, G, g c, m)`` -> ``(batch, heads, G, c, m)``."""
+    batch, kv_heads, blocks, rows, m = x.shape
+    g = heads // kv_heads
+    if g == 1:
+        return x
+    return x.view(batch, kv_heads, blocks, g, rows // g, m).transpose(2, 3).reshape(batch, heads, blocks, rows // g, m)
+
+
+def _fold_allowed(allowed: torch.Tensor, groups: int) -> torch.Tensor:
+    """An allowed mask ``(batch | 1, 1, G, c, K)`` (the same for every head) repeated for the ``groups`` stacked rows
+    of :func:`_fold_rows`: ``(batch | 1, 1, G, groups c, K)``."""
+    if groups == 1:
+        return allowed
+    return allowed.unsqueeze(3).expand(*allowed.shape[:3], groups, *allowed.shape[3:]).flatten(3, 4)
 
 
 # ----------------------------------------------------------------------------- plans and their two executors
@@ -376,11 +413,13 @@ def _dropout_keep(seed: int, first_part: int, lay: _Layout, shape: tuple[int, ..
 
 def attend_stored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[Part],
                   key_padding_mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
-    """Run ``parts`` on ``(batch, heads, n, d)`` inputs with autograd over the whole gathered blocks
+    """Run ``parts`` on ``(batch, heads, n, d)`` queries and ``(batch, kv_heads, n, d)`` keys and values (``kv_heads``
+    dividing ``heads``: grouped, module docstring) with autograd over the whole gathered blocks
     (``recompute=False``): the probabilities ``(batch, heads, blocks, c, K)`` and the gathered keys are kept for
     backward. ``dropout``: the probability of dropping (0 outside training). Same result as
     :func:`attend_recompute`, dropout masks included (same seed: same masks)."""
     batch, heads, n, d = q.shape
+    kv_heads = k.shape[1]
     seed = draw_seed() if dropout > 0.0 else 0
     out = q.new_zeros(batch, heads, n, d)
     first_part = 0
@@ -388,15 +427,16 @@ def attend_stored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list
         lay = _layout(part, batch, heads)
         key_pos = _key_positions(part, lay, 0, lay.blocks, q.device)
         allowed = _chunk_allowed(part, lay, 0, lay.blocks, key_pos, n, key_padding_mask)
-        qb = _read_rows(q, part, lay, 0, lay.blocks)
+        qb = _fold_rows(_read_rows(q, part, lay, 0, lay.blocks), kv_heads)
         kb, vb = _chunk_keys(k, part, lay, 0, lay.blocks), _chunk_keys(v, part, lay, 0, lay.blocks)
         keep = None
         if dropout > 0.0:
-            keep = _dropout_keep(seed, first_part, lay, (batch, heads, lay.blocks, lay.block, lay.keys), dropout,
-                                 q.device)
+            keep = _fold_rows(_dropout_keep(seed, first_part, lay, (batch, heads, lay.blocks, lay.block, lay.keys),
+                                            dropout, q.device), kv_heads)
         first_part += len(lay.chunks())
-        rows = masked_attention(qb, kb, vb, allowed, dropout, training=dropout > 0.0, keep=keep)
-        rows = rows.flatten(2, 3)[:, :, : part.num_rows]
+        rows = masked_attention(qb, kb, vb, _fold_allowed(allowed, heads // kv_heads), dropout,
+                                training=dropout > 0.0, keep=keep)
+        rows = _unfold_rows(rows, heads).flatten(2, 3)[:, :, : part.num_rows]
         if isinstance(part.rows, tuple):
             out = torch.slice_scatter(out, rows, dim=2, start=part.rows[0], end=part.rows[1])
         else:
@@ -406,7 +446,8 @@ def attend_stored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list
 
 def attend_recompute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[Part],
                      key_padding_mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
-    """Run ``parts`` on ``(batch, heads, n, d)`` inputs chunk by chunk, keeping only O(n d) for backward.
+    """Run ``parts`` on ``(batch, heads, n, d)`` queries and ``(batch, kv_heads, n, d)`` keys and values (``kv_heads``
+    dividing ``heads``: grouped, module docstring) chunk by chunk, keeping only O(n d) for backward.
 
     Per chunk of query blocks: gather the key slots, mask, softmax, dropout drawn from ``(seed, chunk)``
     (:mod:`attentions._dropout`), times the values. Backward recomputes each chunk's probabilities (the
@@ -420,37 +461,40 @@ def attend_recompute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: l
 
 
 def _chunk_probs(q_rows: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax of the scaled scores of one chunk over its allowed key slots: ``(batch, heads, G, c, K)``.
+    """Softmax of the scaled scores of one chunk over its allowed key slots: ``(batch, kv_heads, G, g c, K)``.
 
-    ``q_rows`` ``(batch, heads, G, c, d)`` already scaled by ``1 / sqrt(d)``; ``keys`` ``(batch, heads, G | 1, K, d)``
-    contiguous; ``allowed`` bool ``(batch | 1, 1, G, c, K)``. A row with no allowed key is all zeros.
-    The mask enters as a ``0 / -inf`` bias copied into the score buffer, onto which the product accumulates
-    (``baddbmm``), and the softmax is the fused kernel: the same probabilities in forward and in the
-    recomputing backward. (On a CPU, ``masked_fill`` of the scores and ``exp_`` over their lowest-finite
-    entries cost several times more than the copy and the fused softmax.)
+    ``q_rows`` ``(batch, kv_heads, G, g c, d)`` already scaled by ``1 / sqrt(d)``, the ``g`` query heads of each
+    key-value head folded into the rows (:func:`_fold_rows`; ``g = 1`` without groups); ``keys`` ``(batch, kv_heads,
+    G | 1, K, d)`` contiguous; ``allowed`` bool ``(batch | 1, 1, G, c, K)``, the same for every head. A row with no
+    allowed key is all zeros. The mask enters as a ``0 / -inf`` bias copied into the score buffer (broadcast over the
+    ``g`` stacked rows, not repeated), onto which the product accumulates (``baddbmm``), and the softmax is the fused
+    kernel: the same probabilities in forward and in the recomputing backward. (On a CPU, ``masked_fill`` of the
+    scores and ``exp_`` over their lowest-finite entries cost several times more than the copy and the fused softmax.)
     """
-    batch, heads, blocks, c, d = q_rows.shape
-    keys = keys.expand(batch, heads, blocks, *keys.shape[3:])
+    batch, kv_heads, blocks, rows, d = q_rows.shape
+    c, num_keys = allowed.shape[-2:]
+    keys = keys.expand(batch, kv_heads, blocks, num_keys, d)
     if bool(allowed.all()):  # most chunks of bigbird, longformer's global rows: no bias to copy
         return torch.softmax(torch.matmul(q_rows, keys.transpose(-1, -2)), dim=-1)
     zero = torch.zeros((), dtype=q_rows.dtype, device=q_rows.device)
-    bias = torch.where(allowed, zero, zero - math.inf)
-    scores = torch.empty(batch, heads, blocks, c, keys.shape[3], dtype=q_rows.dtype, device=q_rows.device)
+    bias = torch.where(allowed, zero, zero - math.inf)[:, :, :, None]  # (batch | 1, 1, G, 1, c, K)
+    scores = torch.empty(batch, kv_heads, blocks, rows // c, c, num_keys, dtype=q_rows.dtype, device=q_rows.device)
     scores.copy_(bias.expand_as(scores))
-    flat = scores.view(-1, c, keys.shape[3])
-    flat.baddbmm_(q_rows.reshape(-1, c, d), keys.reshape(-1, keys.shape[3], d).transpose(-1, -2))
+    flat = scores.view(-1, rows, num_keys)
+    flat.baddbmm_(q_rows.reshape(-1, rows, d), keys.reshape(-1, num_keys, d).transpose(-1, -2))
     probs = torch.softmax(scores, dim=-1)
     del scores
     empty = ~allowed.any(dim=-1, keepdim=True)
     if bool(empty.any()):
-        probs.masked_fill_(empty, 0.0)  # softmax of an all -inf row is NaN
-    return probs
+        probs.masked_fill_(empty[:, :, :, None], 0.0)  # softmax of an all -inf row is NaN
+    return probs.view(batch, kv_heads, blocks, rows, num_keys)
 
 
 class _RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, parts, dropout, seed):
         batch, heads, n, d = q.shape
+        kv_heads = k.shape[1]
         scale = 1.0 / math.sqrt(d)
         out = q.new_zeros(batch, heads, n, d)
         chunk_id = 0
@@ -459,12 +503,12 @@ class _RecomputedAttention(torch.autograd.Function):
             for b0, b1 in lay.chunks():
                 key_pos = _key_positions(part, lay, b0, b1, q.device)
                 allowed = _chunk_allowed(part, lay, b0, b1, key_pos, n, key_padding_mask)
-                probs = _chunk_probs(_read_rows(q, part, lay, b0, b1) * scale,
+                probs = _chunk_probs(_fold_rows(_read_rows(q, part, lay, b0, b1) * scale, kv_heads),
                                      _chunk_keys(k, part, lay, b0, b1).contiguous(), allowed)
-                probs = apply_dropout(probs, seed, chunk_id, dropout)
+                probs = _drop(probs, (dropout, seed, chunk_id), heads, allowed.shape[-2])
                 values = _chunk_keys(v, part, lay, b0, b1).contiguous()
-                _put_rows(out, torch.matmul(probs, values.expand(*probs.shape[:3], *values.shape[3:])),
-                          part, lay, b0, b1)
+                rows = torch.matmul(probs, values.expand(*probs.shape[:3], *values.shape[3:]))
+                _put_rows(out, _unfold_rows(rows, heads), part, lay, b0, b1)
                 chunk_id += 1
         ctx.save_for_backward(q, k, v, out, key_padding_mask)
         ctx.parts, ctx.dropout, ctx.seed = parts, dropout, seed
@@ -477,7 +521,9 @@ class _RecomputedAttention(torch.autograd.Function):
         parts, dropout, seed = ctx.parts, ctx.dropout, ctx.seed
         batch, heads, n, d = q.shape
         scale = 1.0 / math.sqrt(d)
-        grad_q, grad_k, grad_v = (torch.zeros(batch, heads, n, d, dtype=q.dtype, device=q.device) for _ in range(3))
+        grad_q = torch.zeros(batch, heads, n, d, dtype=q.dtype, device=q.device)
+        # kv_heads heads (each the sum over its group), contiguous (_scatter_keys adds into a flat view).
+        grad_k, grad_v = (torch.zeros(k.shape, dtype=k.dtype, device=k.device) for _ in range(2))
         chunk_id = 0
         for part in parts:
             lay = _layout(part, batch, heads)
@@ -488,25 +534,44 @@ class _RecomputedAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None, None
 
 
-def _chunk_backward(q, k, v, out, grad_out, key_padding_mask, part, lay, b0, b1, scale, drop, grads) -> None:
-    """Gradients of one chunk, added into ``grads = (grad_q, grad_k, grad_v)``; ``drop = (p, seed, chunk_id)``."""
+def _chunk_keep(probs: torch.Tensor, drop: tuple[float, int, int], heads: int, c: int) -> torch.Tensor:
+    """The keep mask of chunk ``drop = (p, seed, chunk_id)`` for folded probabilities ``(batch, kv_heads, G, g c, K)``:
+    drawn in the ungrouped layout ``(batch, heads, G, c, K)`` (what an ungrouped call draws), then folded."""
     dropout, seed, chunk_id = drop
+    batch, kv_heads, blocks, _, num_keys = probs.shape
+    keep = keep_mask(seed, chunk_id, (batch, heads, blocks, c, num_keys), dropout, probs.device)
+    return _fold_rows(keep, kv_heads)
+
+
+def _drop(probs: torch.Tensor, drop: tuple[float, int, int], heads: int, c: int) -> torch.Tensor:
+    """Folded ``probs`` with chunk ``drop = (p, seed, chunk_id)``'s dropout (:func:`_chunk_keep`), kept entries scaled
+    by ``1 / (1 - p)`` as :func:`attentions._dropout.apply_dropout`; ``probs`` itself when ``p == 0``."""
+    if drop[0] == 0.0:
+        return probs
+    return probs.masked_fill(~_chunk_keep(probs, drop, heads, c), 0.0) * (1.0 / (1.0 - drop[0]))
+
+
+def _chunk_backward(q, k, v, out, grad_out, key_padding_mask, part, lay, b0, b1, scale, drop, grads) -> None:
+    """Gradients of one chunk, added into ``grads = (grad_q, grad_k, grad_v)``; ``drop = (p, seed, chunk_id)``.
+    The query side (q, out, their gradients) is folded per key-value head as in the forward (:func:`_fold_rows`)."""
+    dropout = drop[0]
     grad_q, grad_k, grad_v = grads
-    n = q.shape[2]
+    heads, n = q.shape[1:3]
+    kv_heads = k.shape[1]
     key_pos = _key_positions(part, lay, b0, b1, q.device)
     allowed = _chunk_allowed(part, lay, b0, b1, key_pos, n, key_padding_mask)
-    q_rows = _read_rows(q, part, lay, b0, b1) * scale
+    q_rows = _fold_rows(_read_rows(q, part, lay, b0, b1) * scale, kv_heads)
     keys = _chunk_keys(k, part, lay, b0, b1).contiguous()
     values = _chunk_keys(v, part, lay, b0, b1).contiguous()
     probs = _chunk_probs(q_rows, keys, allowed)
     keys, values = (x.expand(*probs.shape[:3], *x.shape[3:]) for x in (keys, values))
     # contiguous: a loss like out.sum() hands back an expanded gradient with zero strides, which sends
     # matmul down a path hundreds of times slower than BLAS.
-    grad_rows = _read_rows(grad_out, part, lay, b0, b1).contiguous()
-    delta = (grad_rows * _read_rows(out, part, lay, b0, b1)).sum(dim=-1, keepdim=True)
+    grad_rows = _fold_rows(_read_rows(grad_out, part, lay, b0, b1).contiguous(), kv_heads)
+    delta = (grad_rows * _fold_rows(_read_rows(out, part, lay, b0, b1), kv_heads)).sum(dim=-1, keepdim=True)
     keep = None
     if dropout > 0.0:
-        keep = keep_mask(seed, chunk_id, probs.shape, dropout, q.device)
+        keep = _chunk_keep(probs, drop, heads, allowed.shape[-2])
         dropped = probs.masked_fill(~keep, 0.0).mul_(1.0 / (1.0 - dropout))
     else:
         dropped = probs
@@ -518,5 +583,6 @@ def _chunk_backward(q, k, v, out, grad_out, key_padding_mask, part, lay, b0, b1,
     # Softmax backward in place: dS = P * (dP - rowsum(dO * O)) (FlashAttention's identity, dropout included).
     grad_scores.sub_(delta).mul_(probs)
     del probs, keep
-    _put_rows(grad_q, torch.matmul(grad_scores, keys).mul_(scale), part, lay, b0, b1, add=True)
+    grad_rows_q = torch.matmul(grad_scores, keys).mul_(scale)
+    _put_rows(grad_q, _unfold_rows(grad_rows_q, heads), part, lay, b0, b1, add=True)
     _scatter_keys(grad_k, torch.matmul(grad_scores.transpose(-1, -2), q_rows), part, lay, b0, b1)

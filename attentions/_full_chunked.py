@@ -12,6 +12,14 @@ Masks: ``key_padding_mask`` ``(batch, n)`` bool, True = real key, and/or ``causa
 ``j <= i``). A query row with no allowed key attends to every key instead (as ``full``'s SDPA path does for an
 all-padding sequence): its output is padding and stays finite.
 
+Grouped-query attention: ``k``, ``v`` may have ``kv_heads`` heads dividing the ``heads`` of ``q``, key-value head
+``j`` serving the ``g`` consecutive query heads ``j g .. j g + g - 1``. Each chunk folds the ``g`` query heads of a
+group into the rows of one product against its key-value head (:func:`_fold`: ``(batch, kv_heads, g rows, d)``
+times ``(batch, kv_heads, d, n)``), so k and v are read once per group and never repeated; the gradients of k and v
+sum over the group inside the same products. Scores, dropout masks and log-sum-exps keep the ungrouped layout
+``(batch, heads, rows, n)`` (the folded product is that tensor, viewed), so a grouped call draws exactly the
+dropout masks of an ungrouped call on the key-value heads repeated.
+
 Chunking: :func:`chunk_rows` picks the number of query rows per chunk from the shape alone, so that a chunk's
 ``(batch, heads, rows, n)`` score tensor holds about :data:`CHUNK_ELEMENTS` numbers (4 MiB in float32) and
 backward rebuilds the chunks (and their masks) that forward drew.
@@ -51,8 +59,28 @@ def _allowed(key_padding_mask: torch.Tensor | None, causal: bool, start: int, st
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+def _fold(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``(batch, heads, rows, m)`` -> ``(batch, kv_heads, (heads / kv_heads) rows, m)``: the rows of the query heads of
+    one key-value head side by side (a view of a contiguous ``x``, else a copy of this chunk)."""
+    batch, heads, rows, m = x.shape
+    return x.reshape(batch, kv_heads, (heads // kv_heads) * rows, m)
+
+
+def _times(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` per query head, ``x`` ``(batch, heads, rows, m)``, ``y`` ``(batch, kv_heads, m, p)`` shared by the
+    group of query heads of each key-value head: ``(batch, heads, rows, p)``, one product per key-value head."""
+    batch, heads, rows, _ = x.shape
+    return torch.matmul(_fold(x, y.shape[1]), y).view(batch, heads, rows, y.shape[-1])
+
+
+def _group_sum(x: torch.Tensor, y: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``x^T @ y`` summed over each key-value head's query heads: ``x`` ``(batch, heads, rows, n)``, ``y`` ``(batch,
+    heads, rows, d)`` -> ``(batch, kv_heads, n, d)`` (a key's or value's gradient, one product per key-value head)."""
+    return torch.matmul(_fold(x, kv_heads).transpose(-2, -1), _fold(y, kv_heads))
+
+
 def _scores(q_c: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
-    scores = torch.matmul(q_c, k.transpose(-2, -1)).mul_(scale)
+    scores = _times(q_c, k.transpose(-2, -1)).mul_(scale)
     if allowed is not None:
         scores = scores.masked_fill_(~allowed, float("-inf"))
     return scores
@@ -75,7 +103,8 @@ class _Dropped:
 class ChunkedSoftmaxAttention(torch.autograd.Function):
     """``softmax(q k^T / sqrt(d) + mask)`` with dropout ``p`` (masks from ``seed``) times ``v``.
 
-    ``q, k, v``: ``(batch, heads, n, d)``, one dtype; returns ``(batch, heads, n, d)``. ``seed`` is an int
+    ``q``: ``(batch, heads, n, d)``; ``k, v``: ``(batch, kv_heads, n, d)``, ``kv_heads`` dividing ``heads`` (grouped
+    query heads, module docstring), one dtype; returns ``(batch, heads, n, d)``. ``seed`` is an int
     (:func:`attentions._dropout.draw_seed`), ignored when ``p == 0``.
     """
 
@@ -93,7 +122,7 @@ class ChunkedSoftmaxAttention(torch.autograd.Function):
             scores = _scores(q[:, :, start:stop], k, allowed, scale)
             lse[:, :, start:stop] = torch.logsumexp(scores, dim=-1)
             probs = scores.sub_(lse[:, :, start:stop, None]).exp_()
-            out[:, :, start:stop] = torch.matmul(apply_dropout(probs, seed, part, p), v)
+            out[:, :, start:stop] = _times(apply_dropout(probs, seed, part, p), v)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.causal, ctx.p, ctx.seed, ctx.rows = causal, p, seed, rows
         return out
@@ -102,7 +131,7 @@ class ChunkedSoftmaxAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         n_q, d = q.shape[-2:]
-        n_k = k.shape[-2]
+        kv_heads, n_k = k.shape[1], k.shape[-2]
         scale = 1.0 / math.sqrt(d)
         grad_out = grad_out.contiguous()
         delta = (grad_out * out).sum(dim=-1)  # D_i = dO_i . O_i = sum_j P_ij dP_ij (dropout included)
@@ -114,12 +143,12 @@ class ChunkedSoftmaxAttention(torch.autograd.Function):
             probs = _scores(q_c, k, allowed, scale).sub_(lse[:, :, start:stop, None]).exp_()
             # The forward's mask of this chunk, drawn once here for both uses (the draw is the costly part).
             drop = _Dropped(ctx.seed, part, ctx.p, probs)
-            dv += torch.matmul(drop(probs).transpose(-2, -1), do_c)
+            dv += _group_sum(drop(probs), do_c, kv_heads)
             # dP = (dO V^T) through the same mask and 1/(1-p) scaling the forward applied.
-            dprobs = drop(torch.matmul(do_c, v.transpose(-2, -1)))
+            dprobs = drop(_times(do_c, v.transpose(-2, -1)))
             dscores = probs.mul_(dprobs.sub_(delta[:, :, start:stop, None])).mul_(scale)
-            dq[:, :, start:stop] = torch.matmul(dscores, k)
-            dk += torch.matmul(dscores.transpose(-2, -1), q_c)
+            dq[:, :, start:stop] = _times(dscores, k)
+            dk += _group_sum(dscores, q_c, kv_heads)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -144,5 +173,5 @@ def chunked_attention_stored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         stop = min(start + rows, n_q)
         allowed = _allowed(key_padding_mask, causal, start, stop, n_k, q.device)
         probs = torch.softmax(_scores(q[:, :, start:stop], k, allowed, 1.0 / math.sqrt(d)), dim=-1)
-        outs.append(torch.matmul(apply_dropout(probs, seed, part, p), v))
+        outs.append(_times(apply_dropout(probs, seed, part, p), v))
     return torch.cat(outs, dim=2)

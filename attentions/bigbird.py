@@ -34,6 +34,11 @@ the row's random blocks (``random_blocks[i]``, the buffer the forward uses), and
 band's global keys counted once (in the global segment): for ``i >= g`` exactly the keys of the local part of
 :func:`bigbird_parts`, for a global row (``i < g``; no random blocks, its band inside the global blocks) exactly
 the global part's keys ``0 .. p``. One joint softmax over them is the causal row, up to float rounding.
+
+Grouped-query attention (``num_kv_heads``; ``grouped_kv="shared"``): the random blocks are drawn per query block and
+shared by every head (one ``random_blocks`` buffer), so the query heads of a group read the same key blocks and the
+blocked executor folds them into the rows of one block against the group's keys (:mod:`attentions._blocked`: no
+repeated k, v); the KV cache holds ``num_kv_heads`` heads, gathered once per key-value head and read by its group.
 """
 
 from __future__ import annotations
@@ -150,6 +155,9 @@ def bigbird_state_size(config: BigBirdConfig, seq_len: int) -> int:
     decoding_note="KV cache of the whole past (random blocks may reach any past block); a step gathers the global, "
                   "band and its random blocks' keys j <= p",
     state_growth="linear",
+    grouped_kv="shared",
+    grouped_kv_note="training: a group's query heads folded into the rows of its blocks (random blocks are per block, "
+                    "shared by all heads; k, v not repeated); decoding: a KV cache of num_kv_heads heads",
 )
 class BigBirdAttention(Attention):
     """BigBird attention: 3-block band, global blocks and seeded random blocks (ITC)."""
@@ -177,7 +185,7 @@ class BigBirdAttention(Attention):
     # Inference only: no dropout in the step.
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVSlots:
-        return KVSlots(batch, max_len, max_len, self.config.num_heads, self.config.head_dim, dtype, device)
+        return KVSlots(batch, max_len, max_len, self.config.kv_heads, self.config.head_dim, dtype, device)
 
     def prefill_state(self, q, k, v, key_padding_mask, state) -> torch.Tensor:
         check_slots(self.name, state, KVSlots, slots=state.max_len)
@@ -191,8 +199,8 @@ class BigBirdAttention(Attention):
         write_slots(state.k, state.v, k, v, pos)
         key_pos, allowed = step_keys(pos, cfg.block_size, cfg.num_global_blocks, self.random_blocks.to(pos.device),
                                      state.max_len)
-        batch, heads, _, d = q.shape
-        index = key_pos.clamp(0, state.max_len - 1)[:, None, :, None].expand(batch, heads, -1, d)
+        batch, kv_heads, _, d = state.k.shape
+        index = key_pos.clamp(0, state.max_len - 1)[:, None, :, None].expand(batch, kv_heads, -1, d)
         return attend_slots(q, state.k.gather(2, index), state.v.gather(2, index), allowed)
 
 

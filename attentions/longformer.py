@@ -32,6 +32,11 @@ position ``p`` reads the prefix cache's slots ``0 .. p``. Why it is exact: these
 each once, in one joint softmax. So the state is bounded by ``window // 2 + 1 + P + 1`` slots, not by the context
 (``state_growth="window"``): with the default ``global_positions=(0,)`` it is the ring plus one slot; a config
 with a global position far ahead holds the whole past up to it.
+
+Grouped-query attention (``num_kv_heads``; ``grouped_kv="shared"``): band and global positions are the same for every
+head, so the blocked executor folds the query heads of a group into the rows of one block (band and global rows)
+against the group's keys (:mod:`attentions._blocked`: no repeated k, v); the ring and the prefix cache hold
+``num_kv_heads`` heads, each read by its group.
 """
 
 from __future__ import annotations
@@ -105,6 +110,9 @@ def longformer_state_size(config: LongformerConfig, seq_len: int) -> int:
     decoding_note="band ring + cache of positions 0..last global (< max_len): a global step reads j <= p, others "
                   "the ring and earlier globals",
     state_growth="window",
+    grouped_kv="shared",
+    grouped_kv_note="training: a group's query heads folded into the rows of its band and global blocks (k, v not "
+                    "repeated); decoding: ring and global prefix cache of num_kv_heads heads",
 )
 class LongformerAttention(Attention):
     """Longformer attention: sliding band plus global tokens that see and are seen by every token."""
@@ -130,7 +138,7 @@ class LongformerAttention(Attention):
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> LongformerState:
         lay = self._layout(max_len)
-        return LongformerState(batch, max_len, lay["slots"], lay["prefix_slots"], self.config.num_heads,
+        return LongformerState(batch, max_len, lay["slots"], lay["prefix_slots"], self.config.kv_heads,
                                self.config.head_dim, dtype, device)
 
     def prefill_state(self, q, k, v, key_padding_mask, state) -> torch.Tensor:
@@ -173,7 +181,8 @@ class LongformerAttention(Attention):
 
 class LongformerState(KVSlots):
     """The band's ring ``k``/``v`` ``(batch, heads, slots, d)`` (position ``p`` in slot ``p % slots``) and the prefix
-    cache ``pk``/``pv`` ``(batch, heads, prefix_slots, d)`` of the positions ``0 .. last global`` (slot = position)."""
+    cache ``pk``/``pv`` ``(batch, heads, prefix_slots, d)`` of the positions ``0 .. last global`` (slot = position);
+    ``heads``: the key-value heads."""
 
     positional = ("k", "v", "pk", "pv")
 

@@ -18,6 +18,10 @@ slot and attends to the filled slots with SDPA. Why it is exact: causal row ``p`
 ``p - window // 2 .. p`` (:func:`band_pattern`, ``0 <= p - j <= window // 2``), at most ``window // 2 + 1`` of
 them, and after the write the ring holds exactly those: the ``min(p + 1, slots)`` latest positions, each in its
 own slot (``p % slots``). The joint softmax over them is the causal row, up to float rounding.
+
+Grouped-query attention (``num_kv_heads``; ``grouped_kv="shared"``): every head has the same band, so the blocked
+executor folds the query heads of a group into the rows of one block against the group's key blocks
+(:mod:`attentions._blocked`: no repeated k, v), and the ring holds ``num_kv_heads`` heads, each read by its group.
 """
 
 from __future__ import annotations
@@ -115,6 +119,9 @@ def sliding_window_state_size(config: SlidingWindowConfig, seq_len: int) -> int:
     supports_decoding=True,
     decoding_note="ring of the window // 2 + 1 latest keys/values (slot p % size); a step reads the band j >= p - w//2",
     state_growth="window",
+    grouped_kv="shared",
+    grouped_kv_note="training: a group's query heads folded into the rows of its band blocks (k, v not repeated); "
+                    "decoding: a ring of num_kv_heads heads",
 )
 class SlidingWindowAttention(Attention):
     """Sliding-window attention: each token attends to the keys within window // 2 positions of it."""
@@ -129,7 +136,7 @@ class SlidingWindowAttention(Attention):
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVSlots:
         slots = ring_slots(self.config.window, max_len)
-        return KVSlots(batch, max_len, slots, self.config.num_heads, self.config.head_dim, dtype, device)
+        return KVSlots(batch, max_len, slots, self.config.kv_heads, self.config.head_dim, dtype, device)
 
     def prefill_state(self, q, k, v, key_padding_mask, state) -> torch.Tensor:
         check_slots(self.name, state, KVSlots, slots=ring_slots(self.config.window, state.max_len))
