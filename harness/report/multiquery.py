@@ -33,9 +33,11 @@ import pandas as pd
 from attentions import get_attention_info
 from harness.display import MISSING, format_bytes, not_run
 from harness.report.decoding import _k, decode_frame
+from harness.report.groups import comparisons
 from harness.report.page import Page
 from harness.report.plots import MECHANISM_ORDER, _pyplot, _save, mechanism_style
 from harness.report.recall import is_tie
+from harness.report.recipe_files import matches_recipe_file
 
 MHA_EXPERIMENT = "quick/mqar_causal"  # kv heads = heads
 MQA_EXPERIMENT = "quick/mqar_causal_mqa"  # one key-value head: the same recipe with model.num_kv_heads: 1
@@ -95,6 +97,24 @@ def grouped_text(name: str) -> str:
         return get_attention_info(name).grouped_kv
     except ValueError:
         return MISSING
+
+
+def recipe_runs(train: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """(runs, left out): the training runs of the two recipes, one comparison of each (runs that differ only in
+    mechanism and seed, :func:`harness.report.groups.comparisons`): the one with the settings its recipe file
+    sets, else the one with the most runs; the titles of the others of these recipes (another step count, say),
+    left out so that no mean pools two settings."""
+    if train.empty or "experiment" not in train:
+        return train, []
+    kept, left_out = [], []
+    for experiment in (MHA_EXPERIMENT, MQA_EXPERIMENT):
+        comps = comparisons(train[train["experiment"] == experiment])
+        if not comps:
+            continue
+        best = max(comps, key=lambda c: (matches_recipe_file(c, experiment), len(c.runs)))
+        kept.append(best.runs)
+        left_out += [c.title for c in comps if c is not best]
+    return (pd.concat(kept) if kept else train.iloc[0:0]), left_out
 
 
 def recall_of(train: pd.DataFrame, name: str, variant: str) -> Recall:
@@ -187,6 +207,7 @@ def multiquery_table(train: pd.DataFrame, decode: pd.DataFrame | None) -> pd.Dat
     ``train``: the store's training records (``experiment``, ``attention``, ``status``, ``test_acc``);
     ``decode``: its decode records."""
     train = train if train is not None and "experiment" in train and "test_acc" in train else pd.DataFrame()
+    train, left_out = recipe_runs(train)
     cells = _decode_cells(decode)
     rows = []
     for name in mechanisms_of(train, cells):
@@ -204,7 +225,9 @@ def multiquery_table(train: pd.DataFrame, decode: pd.DataFrame | None) -> pd.Dat
             "state measured on": SCOPE_TEXT[scope],
             "_heads": heads, "_one": one, "_states": states,
         })
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["left_out"] = left_out
+    return table
 
 
 def multiquery_section(page: Page, train: pd.DataFrame, decode: pd.DataFrame | None, out: Path,
@@ -228,6 +251,9 @@ def multiquery_section(page: Page, train: pd.DataFrame, decode: pd.DataFrame | N
               "decoding tables give its heads and head dim); ratio: kv 1 over kv heads. '— (why)': a run or a "
               "cell that is missing or refused.")
     page.table(shown, index=False)
+    if table.attrs.get("left_out"):
+        page.note("Runs of these recipes with other settings, left out of this table (one setting per recipe, the "
+                  "recipe file's where it ran): " + "; ".join(table.attrs["left_out"]) + ".")
     points = _plot_points(table)
     if len(points) >= 1:
         files.append(plot_multiquery(points, out / "multiquery_recall_vs_state.png"))
