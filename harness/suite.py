@@ -2,7 +2,7 @@
 
     arena-suite                       # everything, sized for a 2-core CPU (GPU used when present)
     arena-suite size=extended         # the default plus quick ListOps, second seeds, an MQAR ladder rung and the
-                                      # multi-query decoder MQAR with its decode cells (~44 min)
+                                      # multi-query decoder MQAR with its decode cells (~43 min)
     arena-suite size=smoke            # seconds-to-minutes end-to-end check (tests)
     arena-suite size=lra              # official LRA recipes x 3 seeds (GPU-sized; on a CPU it only estimates)
     arena-suite stages=[report]       # only rebuild the report
@@ -25,9 +25,10 @@ Stages (each reuses what the store already holds, so a re-run finishes only what
    ``train.verbose=true`` streams everything they log. Its exit status comes from the workers' (each
    ``arena-train`` process exits 1 when one of its runs failed, whether it wrote a record or not).
 3. ``decode``: ``arena-bench mode=decode`` (:func:`harness.bench.run_benchmark`), one run per scan of the ``decode``
-   block (by default the mechanisms alone at contexts 1K, 4K and 16K, batches 1 and 8, and the whole model at the
-   ``quick/mqar_causal`` size at 4K, batch 1: the cost side of the report's recall-vs-cost plot); the causal
-   mechanisms only.
+   block (by default the mechanisms alone at contexts 1K, 4K and 16K, batches 1 and 8, the same with one key-value
+   head at 4K, batch 1 (multi-query), and the whole model at the ``quick/mqar_causal`` size at 4K, batch 1: the cost
+   side of the report's recall-vs-cost plot; ``size=extended`` adds the ``quick/mqar_causal_mqa`` models); the
+   causal mechanisms only.
 4. ``report``: :func:`harness.report.build_report`; the suite ends by printing where it is.
 
 Owns: the order of the stages, :class:`SuiteSettings` (built once by :func:`resolve_suite`), the
@@ -133,7 +134,7 @@ DEFAULTS: dict[str, Any] = {
     # size=extended: the default plus quick ListOps (two seeds), the encoder MQAR's second seed, the 16-pair rung
     # of the recall ladder, and the decoder MQAR with multi-query attention (quick/mqar_causal_mqa, two seeds; the
     # causal mechanisms that take grouped keys and values) with its models' decode cells at 4K: the report's
-    # multi-query table (issue 26; about 44 minutes on 2 cores).
+    # multi-query table (issue 26; about 43 minutes on 2 cores).
     "extended": {
         "train": {"experiments": ["quick/listops", "quick/mqar", "quick/mqar_causal", "quick/mqar_causal_mqa"],
                   "recipe_seeds": {"quick/listops": [0, 1], "quick/mqar": [0, 1], "quick/mqar_causal_mqa": [0, 1]},
