@@ -432,7 +432,10 @@ def cell_identity(row: DecodeRow, context: int, settings: BenchSettings) -> dict
                         heads=settings.heads, head_dim=settings.head_dim)
     else:
         try:
-            identity["model_config"] = model_config(row, max_len)[0]
+            config = dict(model_config(row, max_len)[0])
+            if config.get("num_kv_heads") is None:  # as before grouped-query attention: the cells keep their key
+                config.pop("num_kv_heads", None)
+            identity["model_config"] = config
         except ValueError as exc:
             identity["model_config"] = str(exc)
     if settings.cpu_allocator_used != "default":
