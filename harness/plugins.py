@@ -270,6 +270,32 @@ def available_experiments(conf: Path | None = None) -> list[str]:
     return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
 
 
+def recipe_file(experiment: str, conf: Path | None = None) -> dict:
+    """The recipe file ``conf/experiment/<experiment>.yaml`` as plain data (interpolations unresolved), with what it
+    inherits through its ``defaults`` from other recipes (an entry ``/experiment/<name>``, as
+    ``quick/mqar_causal_mqa`` inherits ``quick/mqar_causal``): the inherited keys under its own, and ``defaults``
+    the inherited recipe's entries then its own others. For readers that cannot compose with Hydra (the suite runs
+    inside a Hydra app). Raises FileNotFoundError naming a missing recipe file."""
+    from omegaconf import OmegaConf
+
+    conf = Path(conf) if conf is not None else conf_dir()
+    path = conf / "experiment" / f"{experiment}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe file {path}")
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    merged: dict = {}
+    defaults: list = []
+    for entry in own.pop("defaults", None) or []:
+        if isinstance(entry, str) and entry.startswith("/experiment/"):
+            parent = recipe_file(entry.removeprefix("/experiment/"), conf)
+            defaults += parent.pop("defaults", [])
+            merged = OmegaConf.to_container(OmegaConf.merge(merged, parent), resolve=False)
+        elif entry != "_self_":
+            defaults.append(entry)
+    merged = OmegaConf.to_container(OmegaConf.merge(merged, own), resolve=False)
+    return {**merged, "defaults": defaults} if defaults else merged
+
+
 def unknown_experiment_message(overrides: Sequence[str]) -> str | None:
     """The error for ``experiment=<name>`` overrides (a sweep included) naming no recipe file, or None; Hydra's
     own error does not list the recipes."""

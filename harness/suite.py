@@ -1,7 +1,8 @@
 """The one-command suite (``arena-suite``): efficiency scan, quick training sweep, decoding scan, report.
 
     arena-suite                       # everything, sized for a 2-core CPU (GPU used when present)
-    arena-suite size=extended         # the default plus quick ListOps, second seeds, an MQAR ladder rung (~32 min)
+    arena-suite size=extended         # the default plus quick ListOps, second seeds, an MQAR ladder rung and the
+                                      # multi-query decoder MQAR with its decode cells (~43 min)
     arena-suite size=smoke            # seconds-to-minutes end-to-end check (tests)
     arena-suite size=lra              # official LRA recipes x 3 seeds (GPU-sized; on a CPU it only estimates)
     arena-suite stages=[report]       # only rebuild the report
@@ -24,9 +25,10 @@ Stages (each reuses what the store already holds, so a re-run finishes only what
    ``train.verbose=true`` streams everything they log. Its exit status comes from the workers' (each
    ``arena-train`` process exits 1 when one of its runs failed, whether it wrote a record or not).
 3. ``decode``: ``arena-bench mode=decode`` (:func:`harness.bench.run_benchmark`), one run per scan of the ``decode``
-   block (by default the mechanisms alone at contexts 1K, 4K and 16K, batches 1 and 8, and the whole model at the
-   ``quick/mqar_causal`` size at 4K, batch 1: the cost side of the report's recall-vs-cost plot); the causal
-   mechanisms only.
+   block (by default the mechanisms alone at contexts 1K, 4K and 16K, batches 1 and 8, the same with one key-value
+   head at 4K, batch 1 (multi-query), and the whole model at the ``quick/mqar_causal`` size at 4K, batch 1: the cost
+   side of the report's recall-vs-cost plot; ``size=extended`` adds the ``quick/mqar_causal_mqa`` models); the
+   causal mechanisms only.
 4. ``report``: :func:`harness.report.build_report`; the suite ends by printing where it is.
 
 Owns: the order of the stages, :class:`SuiteSettings` (built once by :func:`resolve_suite`), the
@@ -64,6 +66,7 @@ from harness.plugins import (
     exit_on_settings_error,
     load_plugins,
     prepare,
+    recipe_file,
 )
 from harness.settings import Settings, as_float, as_int, check_known, merge_settings
 
@@ -113,23 +116,31 @@ DEFAULTS: dict[str, Any] = {
                           "recompute_contexts": []},
             "model": {"scopes": ["model"], "model_sizes": ["mqar_causal"], "contexts": [4096], "batches": [1],
                       "recompute_contexts": []},
+            # Multi-query attention (one key-value head) at 4K, batch 1, beside the mechanism scan's own cells there:
+            # the decode state it saves, for the report's multi-query table (measured: about 5 s in all).
+            "mechanism_mqa": {"scopes": ["mechanism"], "num_kv_heads": [1], "contexts": [4096], "batches": [1],
+                              "recompute_contexts": []},
         },
     },
     "smoke": {
         "bench": {"smoke": True},
         "decode": {"smoke": True,
                    "scans": {"mechanism": {"contexts": [16, 32], "batches": [1]},
-                             "model": {"contexts": [32]}}},
+                             "model": {"contexts": [32]}, "mechanism_mqa": {"contexts": [32]}}},
         "train": {"experiments": ["smoke/listops", "smoke/mqar"], "seeds": [0],
                   "ladder": {"experiment": "smoke/mqar", "points": [[16, 2]], "seeds": [0]}},
         "results_dir": "results/smoke",
     },
-    # size=extended: the default plus quick ListOps (two seeds), the encoder MQAR's second seed and the 16-pair rung
-    # of the recall ladder (about 32 minutes on 2 cores).
+    # size=extended: the default plus quick ListOps (two seeds), the encoder MQAR's second seed, the 16-pair rung
+    # of the recall ladder, and the decoder MQAR with multi-query attention (quick/mqar_causal_mqa, two seeds; the
+    # causal mechanisms that take grouped keys and values) with its models' decode cells at 4K: the report's
+    # multi-query table (issue 26; about 43 minutes on 2 cores).
     "extended": {
-        "train": {"experiments": ["quick/listops", "quick/mqar", "quick/mqar_causal"],
-                  "recipe_seeds": {"quick/listops": [0, 1], "quick/mqar": [0, 1]},
+        "train": {"experiments": ["quick/listops", "quick/mqar", "quick/mqar_causal", "quick/mqar_causal_mqa"],
+                  "recipe_seeds": {"quick/listops": [0, 1], "quick/mqar": [0, 1], "quick/mqar_causal_mqa": [0, 1]},
                   "ladder": {"points": [[64, 16]]}},
+        "decode": {"scans": {"model_mqa": {"scopes": ["model"], "model_sizes": ["mqar_causal_mqa"],
+                                           "contexts": [4096], "batches": [1], "recompute_contexts": []}}},
     },
     "lra": {
         "train": {"experiments": [f"lra/{t}" for t in ("listops", "text", "retrieval", "image", "pathfinder",
@@ -228,8 +239,8 @@ def check_sections(s: Mapping) -> None:
     for section, keys in (("bench", bench_keys), ("cuda_bench", bench_keys), ("smoke", ["results_dir", "bench",
                                                                                          "train", "decode"]),
                           ("smoke.bench", bench_keys), ("smoke.train", train_keys), ("lra", ["train"]),
-                          ("extended", ["train"]), ("extended.train", train_keys),
-                          ("decode", decode_keys), ("smoke.decode", decode_keys),
+                          ("extended", ["train", "decode"]), ("extended.train", train_keys),
+                          ("decode", decode_keys), ("smoke.decode", decode_keys), ("extended.decode", decode_keys),
                           ("lra.train", train_keys), ("train.ladder", ["experiment", "points", "seeds"])):
         node: Any = s
         for part in section.split("."):
@@ -258,7 +269,7 @@ def check_scans(s: Mapping) -> None:
     """ValueError (one line) for a decode scan that is not a mapping of the benchmark's ``decode.*`` keys
     (``decode.scans.model.contxts``), naming the key and the allowed ones."""
     decode_keys = list(bench.DEFAULTS.get("decode") or {}) if decode_supported() else None
-    for section in ("decode", "smoke.decode"):
+    for section in ("decode", "smoke.decode", "extended.decode"):
         node: Any = s
         for part in section.split("."):
             node = (node or {}).get(part) if isinstance(node, Mapping) else None
@@ -306,6 +317,7 @@ def _apply_size(s: dict, cfg: dict) -> dict:
         s["decode"] = bench.apply_preset(s["decode"], user_decode, DEFAULTS["decode"], smoke.get("decode") or {})
     elif s["size"] in ("lra", "extended"):
         s["train"] = bench.apply_preset(s["train"], user_train, DEFAULTS["train"], s[s["size"]].get("train") or {})
+        s["decode"] = bench.apply_preset(s["decode"], user_decode, DEFAULTS["decode"], s[s["size"]].get("decode") or {})
     if s["size"] != "smoke" and s["device"].startswith("cuda"):
         s["bench"] = bench.apply_preset(s["bench"], user_bench, DEFAULTS["bench"], s["cuda_bench"])
     return s
@@ -423,34 +435,61 @@ def largest_first(sized: list[tuple[int, tuple[str, list[str]]]]) -> list[tuple[
 
 
 def recipe_is_causal(experiment: str) -> bool:
-    """Whether ``conf/experiment/<experiment>.yaml`` sets ``model.causal: true`` (a decoder recipe)."""
+    """Whether ``conf/experiment/<experiment>.yaml`` (with what it inherits from another recipe) sets
+    ``model.causal: true`` (a decoder recipe)."""
+    return bool((recipe_file(experiment, CONF_DIR).get("model") or {}).get("causal", False))
+
+
+def recipe_groups_kv(experiment: str) -> bool:
+    """Whether the recipe (with what it inherits) sets ``model.num_kv_heads`` below its ``num_heads`` (grouped-query
+    attention; ``quick/mqar_causal_mqa``: multi-query), so the mechanisms that refuse grouped keys and values
+    cannot run it."""
     from omegaconf import OmegaConf
 
-    node = OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml")
-    return bool(OmegaConf.select(node, "model.causal", default=False))
+    model = {**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "base.yaml")),
+             **(recipe_file(experiment, CONF_DIR).get("model") or {})}
+    kv = model.get("num_kv_heads")
+    return kv is not None and int(kv) < int(model["num_heads"])
+
+
+def left_out_of(mechanisms: list[str], causal: bool, grouped: bool) -> dict[str, str]:
+    """The mechanisms a recipe cannot run, each with why (the registry's words): no causal form (a causal
+    recipe), or grouped keys and values refused (a recipe with ``num_kv_heads < num_heads``; reformer)."""
+    out = {}
+    for name in mechanisms:
+        info = get_attention_info(name)
+        if causal and not info.supports_causal:
+            out[name] = "no causal form"
+        elif grouped and info.grouped_kv == "refused":
+            out[name] = "refuses grouped keys and values" + (f": {info.grouped_kv_note}" if info.grouped_kv_note
+                                                              else "")
+    return out
 
 
 def sweep_parts(s: SuiteSettings, mechanisms: list[str],
                 experiments: list[str]) -> list[tuple[str, list[str], list[str], list[str], list[int]]]:
     """(tag, mechanisms, experiments, extra overrides, seeds) per part of the sweep: the bidirectional recipes
-    with every mechanism, the causal ones with the mechanisms that have a causal form (a recipe with its own
-    ``train.recipe_overrides`` in a part of its own), and one part per point of the recall ladder."""
+    with every mechanism, the causal ones with the mechanisms that have a causal form, a recipe with grouped keys
+    and values (``quick/mqar_causal_mqa``) without the mechanisms that refuse them (:func:`left_out_of`; a recipe
+    with its own ``train.recipe_overrides`` or seeds in a part of its own), and one part per point of the recall
+    ladder."""
     s = SuiteSettings.of(s)
     causal = [m for m in mechanisms if get_attention_info(m).supports_causal]
     seeds = [int(x) for x in s.train.seeds]
     per_recipe = {str(k): [str(o) for o in v] for k, v in dict(s.train.recipe_overrides or {}).items()}
     own_seeds = {str(k): tuple(int(x) for x in v) for k, v in dict(s.train.recipe_seeds or {}).items()}
-    groups: dict[tuple[bool, tuple[str, ...], tuple[int, ...]], list[str]] = {}
-    for exp in experiments:  # one part per (causal?, the recipe's own overrides, its seeds)
-        key = (recipe_is_causal(exp), tuple(per_recipe.get(exp, [])), own_seeds.get(exp, tuple(seeds)))
+    groups: dict[tuple[bool, bool, tuple[str, ...], tuple[int, ...]], list[str]] = {}
+    for exp in experiments:  # one part per (causal?, grouped?, the recipe's own overrides, its seeds)
+        key = (recipe_is_causal(exp), recipe_groups_kv(exp), tuple(per_recipe.get(exp, [])),
+               own_seeds.get(exp, tuple(seeds)))
         groups.setdefault(key, []).append(exp)
     parts = []
-    for i, ((is_causal, extra, part_seeds), exps) in enumerate(groups.items()):
-        mechs = causal if is_causal else mechanisms
+    for i, ((is_causal, grouped, extra, part_seeds), exps) in enumerate(groups.items()):
+        mechs = [m for m in mechanisms if m not in left_out_of(mechanisms, is_causal, grouped)]
         if mechs:
             own = bool(extra) or list(part_seeds) != seeds
-            parts.append((("causal" if is_causal else "bidir") + (f"{i}" if own else ""), mechs, exps,
-                          list(extra), list(part_seeds)))
+            parts.append((("causal" if is_causal else "bidir") + ("-gqa" if grouped else "") + (f"{i}" if own else ""),
+                          mechs, exps, list(extra), list(part_seeds)))
     ladder = dict(s.train.ladder or {})
     exp = ladder.get("experiment")
     if exp and exp in experiments:  # a rung of a recipe the sweep runs (resolve_suite checked that it exists)
@@ -669,10 +708,8 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
                   for (group, share_seeds), job in zip(shares, part_jobs)]
         for exp in exps:
             planned[(exp, tag)] = len(mechs) * len(seeds)
-        left_out = [m for m in trainable if m not in mechs]  # a causal recipe: mechanisms without a causal form
         print(f"training [{tag}]: {len(mechs)} mechanisms x {exps}{' ' + ' '.join(extra) if extra else ''} "
-              f"x seeds {seeds}" + (f" (no causal form, left out: {', '.join(left_out)})" if left_out else ""),
-              flush=True)
+              f"x seeds {seeds}" + left_out_text(trainable, mechs, exps[0]), flush=True)
     jobs = largest_first(sized)
     widths = (max(map(len, trainable)), max(len(e) + (len(t) + 3 if t.startswith("ladder") else 0)
                                             for e, t in planned))
@@ -691,6 +728,14 @@ def run_training(s: SuiteSettings, mechanisms: list[str]) -> int:
     code = run_jobs(jobs, workers, env=env, cwd=os.getcwd(), progress=progress, verbose=bool(s.train.verbose))
     _training_summary(progress, code)
     return code
+
+
+def left_out_text(trainable: list[str], mechs: list[str], experiment: str) -> str:
+    """`` (left out: linformer (no causal form), ...)``: the mechanisms a part of the sweep does not train, each with
+    why (:func:`left_out_of`); ``""`` when it trains them all. The ladder's parts share their recipe's."""
+    why = left_out_of(trainable, recipe_is_causal(experiment), recipe_groups_kv(experiment))
+    short = {name: reason.split(":")[0] for name, reason in why.items() if name not in mechs}
+    return f" (left out: {', '.join(f'{n} ({r})' for n, r in short.items())})" if short else ""
 
 
 def _training_summary(progress: RunProgress, code: int) -> None:

@@ -569,7 +569,7 @@ BAD_SETTINGS = [
     ({"decode": {"batches": [0]}}, "decode.batches must be a non-empty list of batch sizes >= 1, got [0]"),
     ({"decode": {"scopes": ["layer"]}}, "decode.scopes must be a non-empty list among mechanism, model, got ['layer']"),
     ({"decode": {"model_sizes": ["huge"]}},
-     "decode.model_sizes must be a non-empty list among mqar_causal, large, got ['huge']"),
+     "decode.model_sizes must be a non-empty list among mqar_causal, large, mqar_causal_mqa, got ['huge']"),
     ({"decode": {"recompute_contexts": [-1]}},
      "decode.recompute_contexts must be a list of positive lengths, got [-1]"),
     ({"approx": 3}, "approx must be a mapping of ['batch', 'budgets', 'enabled', 'n', 'seeds', 'variants'], got 3"),

@@ -18,8 +18,13 @@ def test_resolve_suite_sizes():
     default = suite.resolve_suite({"device": "cpu"})
     assert default["bench"]["seq_lens"] == [256, 512, 1024, 2048, 4096]
     assert default["train"]["experiments"] == ["quick/mqar", "quick/mqar_causal"]
-    assert suite.resolve_suite({"device": "cpu", "size": "extended"})["train"]["experiments"] == [
-        "quick/listops", "quick/mqar", "quick/mqar_causal"]
+    extended = suite.resolve_suite({"device": "cpu", "size": "extended"})
+    assert extended["train"]["experiments"] == ["quick/listops", "quick/mqar", "quick/mqar_causal",
+                                                "quick/mqar_causal_mqa"]
+    # The multi-query decoder MQAR (issue 26): two seeds, its models' decode cells at 4K.
+    assert extended["train"]["recipe_seeds"]["quick/mqar_causal_mqa"] == [0, 1]
+    assert extended["decode"]["scans"]["model_mqa"]["model_sizes"] == ["mqar_causal_mqa"]
+    assert "model_mqa" not in default["decode"]["scans"]
     assert default["stages"] == ["bench", "train", "decode", "report"]  # decode after train, before the report
     assert default["train"]["seeds"] == [0, 1]  # at least two seeds: spreads and ties in the report
     assert Path(default["report_dir"]) == Path(default["results_dir"]) / "report"
@@ -592,7 +597,9 @@ def test_decode_stage_in_smoke_size_writes_decode_records_for_the_causal_mechani
            "mechanisms": ["full", "performer", "linformer"]}
     s, mechanisms = suite.prepare_suite(cfg)
     scans = dict(suite.decode_scans(s, mechanisms))
-    assert set(scans) == {"mechanism", "model"} and all(isinstance(v, bench.BenchSettings) for v in scans.values())
+    assert set(scans) == {"mechanism", "model", "mechanism_mqa"}
+    assert all(isinstance(v, bench.BenchSettings) for v in scans.values())
+    assert scans["mechanism_mqa"].decode.num_kv_heads == [1] and scans["mechanism_mqa"].decode.contexts == [32]
     assert scans["mechanism"].mode == "decode" and scans["mechanism"].mechanisms == ["full", "performer"]
     with pytest.raises(ValueError, match=r"decode.scans.model.*contxts"):  # a scan's key the benchmark does not know
         suite.resolve_suite({**cfg, "decode": {"scans": {"model": {"contxts": [64]}}}})
@@ -602,6 +609,9 @@ def test_decode_stage_in_smoke_size_writes_decode_records_for_the_causal_mechani
     decode = load_records(tmp_path / "r", kind="decode")
     assert set(decode["mechanism"]) == {"full", "performer"}  # linformer has no causal form
     assert set(decode["scope"]) == {"mechanism", "model"} and set(decode["context"]) == {16, 32}
+    mqa = decode[decode["num_kv_heads"] == 1]  # the multi-query scan: the mechanisms alone at 32 tokens
+    assert set(mqa["mechanism"]) == {"full", "performer"} and set(mqa["context"]) == {32}
+    assert set(mqa["scope"]) == {"mechanism"} and (mqa["kv_heads"] == 1).all()
     md = Path(result["report"]).with_suffix(".md").read_text()
     assert "Decoding, mechanism alone, batch 1" in md and "Decoding, whole model at the mqar_causal size" in md
     assert (Path(result["report"]).parent / "decode_time_vs_context.png").exists()

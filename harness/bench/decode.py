@@ -9,7 +9,11 @@ batch and context, one cell (:mod:`harness.bench.decode_cells`): the prefill tim
 generated token (median, p10, p90 over ``decode.tokens`` steps), tokens/s, the state's bytes per sequence and its
 allocated capacity, and the allocator peak of a step. A mechanism with its own step form is also measured in the
 recompute form at ``decode.recompute_contexts`` (4K), for its speed-up over recomputation. A mechanism without a
-causal form gets ``unsupported`` cells naming why. Records: kind ``decode`` (fields: /work/wt/DECODE_SCHEMA.md,
+causal form gets ``unsupported`` cells naming why. Grouped-query attention (issue 26): the mechanism scope has one
+row per ``decode.num_kv_heads`` entry (None = ``heads``; 1 = multi-query), the mechanism built with it; a model's
+key-value heads come from its size's recipe (``mqar_causal_mqa``); every cell records ``num_kv_heads`` and
+``kv_heads``, and a mechanism that refuses grouped keys and values (its info's ``grouped_kv``) gets
+``unsupported`` cells saying why. Records: kind ``decode`` (fields: /work/wt/DECODE_SCHEMA.md,
 docs/DECODING.md), reused on a re-run like the efficiency scan's cells.
 
 The guard, per row (mechanism, scope, size, form, batch): every cell is predicted before it runs from the row's two
@@ -67,17 +71,21 @@ PROBE_TOKENS = 4  # timed steps of a probe (the fastest counts), after one warm-
 @dataclass(frozen=True)
 class DecodeRow:
     """A row of the scan (every setting of a cell but its context): the mechanism, scope, model size (None for
-    the mechanism alone), batch, and whether the recompute form is forced on a mechanism with a step form."""
+    the mechanism alone), batch, whether the recompute form is forced on a mechanism with a step form, and the
+    key-value heads (None: as many as the query heads; for a model, what its size's recipe sets)."""
 
     mechanism: str
     scope: str
     model_size: str | None
     batch: int
     forced_recompute: bool = False
+    num_kv_heads: int | None = None
 
     def label(self) -> str:
         size = f" {self.model_size}" if self.model_size else ""
-        return f"{self.mechanism}{' (recompute)' if self.forced_recompute else ''} {self.scope}{size} b={self.batch}"
+        kv = f" kv={self.num_kv_heads}" if self.num_kv_heads is not None and self.scope == "mechanism" else ""
+        return (f"{self.mechanism}{' (recompute)' if self.forced_recompute else ''} {self.scope}{size}{kv} "
+                f"b={self.batch}")
 
 
 @dataclass(frozen=True)
@@ -164,12 +172,16 @@ def run_decode(settings: BenchSettings, mechanisms: list[str], log: Callable[[st
 
 
 def rows_of(settings: BenchSettings, mechanisms: list[str]) -> list[DecodeRow]:
-    """Every row: per scope (and model size), batch and mechanism; then the forced recompute rows of the
-    mechanisms with a step form (when ``decode.recompute_contexts`` is not empty)."""
+    """Every row: per scope (and model size; the mechanism scope per ``decode.num_kv_heads``), batch and
+    mechanism; then the forced recompute rows of the mechanisms with a step form (when
+    ``decode.recompute_contexts`` is not empty)."""
     d = settings.decode
-    sizes = [(scope, size) for scope in d.scopes
-             for size in ([None] if scope == "mechanism" else d.model_sizes)]
-    rows = [DecodeRow(m, scope, size, b) for scope, size in sizes for b in d.batches for m in mechanisms]
+    sizes = [(scope, size, kv) for scope in d.scopes
+             for size, kvs in ([(None, d.num_kv_heads)] if scope == "mechanism" else
+                               [(size, [decode_models.size_kv_heads(size)]) for size in d.model_sizes])
+             for kv in kvs]
+    rows = [DecodeRow(m, scope, size, b, num_kv_heads=kv) for scope, size, kv in sizes for b in d.batches
+            for m in mechanisms]
     if d.recompute_contexts:
         rows += [replace(r, forced_recompute=True) for r in rows if _has_step_form(r.mechanism)]
     return rows
@@ -259,8 +271,16 @@ def _steady(measure: Callable[[], dict]) -> dict:
 
 
 def _unsupported(row: DecodeRow, settings: BenchSettings) -> str | None:
-    """Why the row cannot run at all: no causal form (the registry's words)."""
-    return unsupported_reason(row.mechanism, replace(settings, causal=True))
+    """Why the row cannot run at all: no causal form, or grouped keys and values it refuses (the registry's
+    words)."""
+    causal = unsupported_reason(row.mechanism, replace(settings, causal=True))
+    if causal is not None or row.num_kv_heads is None:
+        return causal
+    info = get_attention_info(row.mechanism)
+    if info.grouped_kv != "refused":
+        return None
+    return (f"refuses grouped keys and values (num_kv_heads={row.num_kv_heads}): "
+            + (info.grouped_kv_note or "its registry info says grouped_kv='refused'"))
 
 
 def _learn(learnt: Learnt, record: dict) -> None:
@@ -376,15 +396,18 @@ def _backend(runner) -> str | None:
 def _runner(row: DecodeRow, context: int, settings: BenchSettings):
     max_len = context + settings.decode.tokens + 1
     if row.scope == "mechanism":
-        return MechanismRunner(row.mechanism, _params(row.mechanism, max_len, settings), settings.device,
+        return MechanismRunner(row.mechanism, _params(row.mechanism, max_len, settings, row.num_kv_heads),
+                               settings.device,
                                settings.dtype, force_recompute=row.forced_recompute)
     config, _ = model_config(row, max_len)
     return ModelRunner(config, settings.device, settings.dtype, force_recompute=row.forced_recompute)
 
 
-def _params(name: str, max_len: int, settings: BenchSettings) -> dict[str, Any]:
-    """The mechanism's keywords: the efficiency benchmark's documented settings, the user's params, causal."""
-    return mechanism_params(name, max_len, replace(settings, causal=True))
+def _params(name: str, max_len: int, settings: BenchSettings, num_kv_heads: int | None = None) -> dict[str, Any]:
+    """The mechanism's keywords: the efficiency benchmark's documented settings, the user's params, causal, and
+    ``num_kv_heads`` when the row groups keys and values."""
+    params = mechanism_params(name, max_len, replace(settings, causal=True))
+    return params if num_kv_heads is None else {**params, "num_kv_heads": num_kv_heads}
 
 
 def model_config(row: DecodeRow, max_len: int) -> tuple[dict[str, Any], list[str]]:
@@ -402,12 +425,17 @@ def cell_identity(row: DecodeRow, context: int, settings: BenchSettings) -> dict
         "warmup": settings.warmup, "dtype": settings.dtype, "device": settings.device,
         "threads": torch.get_num_threads(),
     }
+    if row.num_kv_heads is not None:  # left out when None: the cells measured before grouping keep their key
+        identity["num_kv_heads"] = row.num_kv_heads
     if row.scope == "mechanism":
-        identity.update(params=jsonable_params(_params(row.mechanism, max_len, settings)),
+        identity.update(params=jsonable_params(_params(row.mechanism, max_len, settings, row.num_kv_heads)),
                         heads=settings.heads, head_dim=settings.head_dim)
     else:
         try:
-            identity["model_config"] = model_config(row, max_len)[0]
+            config = dict(model_config(row, max_len)[0])
+            if config.get("num_kv_heads") is None:  # as before grouped-query attention: the cells keep their key
+                config.pop("num_kv_heads", None)
+            identity["model_config"] = config
         except ValueError as exc:
             identity["model_config"] = str(exc)
     if settings.cpu_allocator_used != "default":
@@ -416,8 +444,10 @@ def cell_identity(row: DecodeRow, context: int, settings: BenchSettings) -> dict
 
 
 def decode_record_id(row: DecodeRow, context: int, identity: dict[str, Any]) -> str:
-    """``performer.mechanism.own.c4096.b8.<hash>``: readable prefix, then the identity's hash."""
+    """``performer.mechanism.own.c4096.b8.<hash>`` (``.kv1`` after the scope for one key-value head): readable
+    prefix, then the identity's hash."""
     scope = row.scope + (f"-{row.model_size}" if row.model_size else "")
+    scope += f".kv{row.num_kv_heads}" if row.num_kv_heads is not None and row.scope == "mechanism" else ""
     form = "recompute" if row.forced_recompute else "own"
     return f"{row.mechanism}.{scope}.{form}.c{context}.b{row.batch}.{config_hash(identity)}".replace("_", "-")
 
@@ -455,6 +485,8 @@ def _write(row: DecodeRow, context: int, settings: BenchSettings, identity: dict
         "config_changes": changes, "context": context, "prompt_tokens": cell.get("prompt_tokens"),
         "warmup_steps": cell.get("warmup_steps"), "batch": batch,
         "heads": cell.get("heads", config["num_heads"] if config else settings.heads),
+        "num_kv_heads": row.num_kv_heads,
+        "kv_heads": row.num_kv_heads or cell.get("heads", config["num_heads"] if config else settings.heads),
         "head_dim": cell.get("head_dim", config["qkv_dim"] // config["num_heads"] if config else settings.head_dim),
         "dtype": settings.dtype, "device": torch.device(settings.device).type, "threads": torch.get_num_threads(),
         "decode_form": form, "forced_recompute": row.forced_recompute,
@@ -485,7 +517,7 @@ def resolved_params(row: DecodeRow, max_len: int, settings: BenchSettings, confi
     keywords, for a model from its first layer's (the layers differ only in their seed). The keywords as given
     when the registry refuses them (the cell then says why); None for a model whose config is unknown."""
     if row.scope == "mechanism":
-        keywords = _params(row.mechanism, max_len, settings)
+        keywords = _params(row.mechanism, max_len, settings, row.num_kv_heads)
     elif config is not None:
         from harness.model import ModelConfig
 
@@ -527,15 +559,22 @@ def format_decode_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no decode cells)"
     blocks = []
-    df = df.assign(model_size=df["model_size"].fillna("-"))
-    for (scope, size, batch), group in df.groupby(["scope", "model_size", "batch"], sort=False):
+    df = df.assign(model_size=df["model_size"].fillna("-"), kv=_kv_column(df))
+    for (scope, size, batch, kv), group in df.groupby(["scope", "model_size", "batch", "kv"], sort=False):
         cells = group.assign(cell=group.apply(_cell_text, axis=1), row=group.apply(_row_text, axis=1))
         table = cells.pivot_table(index="row", columns="context", values="cell", aggfunc="first", sort=False)
         table = table.fillna("")  # a context the row does not run (the recompute rows run at few)
-        head = f"decode scope={scope}{'' if size == '-' else f' size={size}'} batch={batch}"
+        head = f"decode scope={scope}{'' if size == '-' else f' size={size}'} batch={batch}{kv}"
         blocks.append(f"{head}  (ms per token median, state bytes per sequence; * = state filled at random)\n"
                       + table.to_string())
     return "\n\n".join(blocks)
+
+
+def _kv_column(df: pd.DataFrame) -> pd.Series:
+    """Per cell, `` kv_heads=<n>`` for grouped keys and values (``num_kv_heads`` set), else ``""``: what separates
+    its table and its derived figures from the plain multi-head cells of the same scope and batch."""
+    kv = df["num_kv_heads"] if "num_kv_heads" in df else pd.Series(None, index=df.index, dtype=object)
+    return kv.map(lambda k: "" if k is None or k != k else f" kv_heads={int(k)}")
 
 
 def _row_text(r: pd.Series) -> str:
@@ -563,7 +602,14 @@ def _speedup_context(settings: BenchSettings) -> int:
 
 
 def format_decode_derived(df: pd.DataFrame, speedup_context: int = DECODE_SPEEDUP_CONTEXT) -> str:
-    """The derived figures (:func:`harness.analysis.decode_derived`) as text."""
+    """The derived figures (:func:`harness.analysis.decode_derived`) as text, per key-value head count (grouped
+    and plain cells of one mechanism are different rows)."""
+    if not df.empty:
+        kvs = _kv_column(df)
+        if kvs.nunique() > 1:
+            parts = [format_decode_derived(df[kvs == kv], speedup_context) for kv in kvs.unique()]
+            return "\n".join(f"{kv.strip() or 'kv_heads=heads'}: {part}" for kv, part in zip(kvs.unique(), parts)
+                             if part)
     derived = decode_derived(df, speedup_context=speedup_context)
     if derived.empty:
         return ""

@@ -52,8 +52,9 @@ def _generator(device: str, seed: int) -> torch.Generator:
 
 
 class MechanismRunner:
-    """The mechanism alone: ``(batch, heads, n, head_dim)`` random q, k, v (k = q for a shared-QK mechanism, as
-    the backbone feeds it)."""
+    """The mechanism alone: ``(batch, heads, n, head_dim)`` random q and ``(batch, kv_heads, n, head_dim)`` k, v
+    (the config's key-value heads: fewer under grouped-query attention; k = q for a shared-QK mechanism, as the
+    backbone feeds it)."""
 
     scope = "mechanism"
 
@@ -65,14 +66,15 @@ class MechanismRunner:
             force_recompute_form(self.module)
         self.decode_form = "recompute" if force_recompute else self.module.decode_form
         self.heads, self.head_dim = self.module.config.num_heads, self.module.config.head_dim
+        self.kv_heads = self.module.config.kv_heads
         self.shared_qk = get_attention_info(name).shared_qk
         self.state = None
         self._pool: list[tuple[torch.Tensor, ...]] = []
         self._i = 0
 
     def _qkv(self, batch: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        shape = (batch, self.heads, n, self.head_dim)
-        q, k, v = (torch.randn(shape, generator=gen, device=self.device).to(self.dtype) for _ in range(3))
+        q, k, v = (torch.randn((batch, heads, n, self.head_dim), generator=gen, device=self.device).to(self.dtype)
+                   for heads in (self.heads, self.kv_heads, self.kv_heads))
         return (q, q, v) if self.shared_qk else (q, k, v)
 
     def start(self, batch: int, max_len: int, seed: int) -> None:

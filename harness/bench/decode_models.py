@@ -1,12 +1,14 @@
 """The whole models the decode benchmark times (scope ``model``): their configurations and what decoding needs
 of the backbone.
 
-Two sizes, each the trained recipe ``quick/mqar_causal`` (conf/experiment/quick/mqar_causal.yaml: the decoder
-form of MQAR, vocabulary 128, learned positions, the recipe's per-mechanism budgets ``attention_overrides``):
+Three sizes, each a trained recipe (:data:`RECIPES`; conf/experiment/quick/mqar_causal.yaml: the decoder form of
+MQAR, vocabulary 128, learned positions, the recipe's per-mechanism budgets ``attention_overrides``):
 
-- ``mqar_causal``: the recipe's backbone as trained (embed 64, 4 heads, qkv 64, 2 layers, mlp 128);
+- ``mqar_causal``: the ``quick/mqar_causal`` backbone as trained (embed 64, 4 heads, qkv 64, 2 layers, mlp 128);
 - ``large``: the same recipe at one larger size, embed 256, 8 heads of 32 (qkv 256), 4 layers, mlp 1024
-  (:data:`LARGE`), for a model whose layers cost more than their bookkeeping.
+  (:data:`LARGE`), for a model whose layers cost more than their bookkeeping;
+- ``mqar_causal_mqa``: the ``quick/mqar_causal_mqa`` backbone as trained, the same with one key-value head
+  (``num_kv_heads: 1``, multi-query attention; issue 26): beside ``mqar_causal``, what multi-query saves in state.
 
 A cell changes only ``max_length`` and what derives from it (:func:`at_context`; the records' ``config_changes``
 list them). Decode speed and state bytes depend on the architecture and configuration, not on the weights, so
@@ -27,27 +29,29 @@ import math
 from typing import Any
 
 from attentions import get_attention_info, make_config
-from harness.plugins import conf_dir
+from harness.plugins import conf_dir, recipe_file
 
 RECIPE = "quick/mqar_causal"
 # The larger size: heads of the recipe's head dim (32) so the mechanisms' budgets mean the same per head.
 LARGE = {"embed_dim": 256, "num_heads": 8, "qkv_dim": 256, "mlp_dim": 1024, "num_layers": 4}
-MODEL_SIZES = ("mqar_causal", "large")
+# Each size's recipe (conf/experiment/<recipe>.yaml, with what it inherits from another recipe).
+RECIPES = {"mqar_causal": RECIPE, "large": RECIPE, "mqar_causal_mqa": "quick/mqar_causal_mqa"}
+MODEL_SIZES = tuple(RECIPES)
 MISSING_API = ("the backbone has no decoding API yet (ArenaModel.init_states, prefill, step and "
                "harness.model.decode_state_bytes: issue 24's backbone part)")
 
 
 def recipe_model_config(mechanism: str, size: str) -> dict[str, Any]:
-    """The ModelConfig fields (a dict) of ``RECIPE`` trained with ``mechanism``, at ``size``: the backbone's
-    defaults (conf/model/base.yaml), the recipe's ``model`` section, the task's shapes (vocabulary, length, one
-    class per token, token-level) and the recipe's budgets for the mechanism. Raises ValueError for an unknown
-    size."""
+    """The ModelConfig fields (a dict) of the size's recipe (:data:`RECIPES`) trained with ``mechanism``, at
+    ``size``: the backbone's defaults (conf/model/base.yaml), the recipe's ``model`` section (``num_kv_heads``
+    included), the task's shapes (vocabulary, length, one class per token, token-level) and the recipe's budgets
+    for the mechanism. Raises ValueError for an unknown size."""
     from omegaconf import OmegaConf
 
     if size not in MODEL_SIZES:
         raise ValueError(f"model size must be one of {', '.join(MODEL_SIZES)}, got {size!r}")
     base = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / "base.yaml"), resolve=True)
-    recipe = OmegaConf.to_container(OmegaConf.load(conf_dir() / "experiment" / f"{RECIPE}.yaml"), resolve=True)
+    recipe = recipe_file(RECIPES[size])
     task = recipe["task"]["params"]
     overrides = recipe.get("attention_overrides") or {}
     config = {**base, **recipe["model"], "vocab_size": int(task["vocab_size"]), "max_length": int(task["seq_len"]),
@@ -56,6 +60,12 @@ def recipe_model_config(mechanism: str, size: str) -> dict[str, Any]:
     if size == "large":
         config.update(LARGE)
     return config
+
+
+def size_kv_heads(size: str) -> int | None:
+    """The ``num_kv_heads`` the size's recipe sets (None: as many as its query heads)."""
+    kv = (recipe_file(RECIPES[size]).get("model") or {}).get("num_kv_heads") if size in RECIPES else None
+    return None if kv is None else int(kv)
 
 
 def at_context(config: dict[str, Any], context: int) -> tuple[dict[str, Any], list[str]]:

@@ -19,7 +19,7 @@ from harness.settings import Settings, merge_settings
 PASSES = ("fwd", "fwd+bwd")
 MODES = ("efficiency", "decode")  # arena-bench mode=...: the forward/backward scan, or incremental decoding
 DECODE_SCOPES = ("mechanism", "model")  # the mechanism alone, or the whole ArenaModel (harness.bench.decode)
-DECODE_MODEL_SIZES = ("mqar_causal", "large")  # harness.bench.decode_models.MODEL_SIZES
+DECODE_MODEL_SIZES = ("mqar_causal", "large", "mqar_causal_mqa")  # harness.bench.decode_models.MODEL_SIZES
 # The decode scan's contexts: 1K to 64K on a CPU; on CUDA, when left at this default, to 256K (issue 24).
 DECODE_CONTEXTS_CPU = [1024, 4096, 16384, 65536]
 DECODE_CONTEXTS_CUDA = [1024, 4096, 16384, 65536, 262144]
@@ -96,7 +96,8 @@ DEFAULTS: dict[str, Any] = {
                "budgets": "default"},
     "peers": {"enabled": True, "seq_lens": [1024, 4096]},
     "decode": {"contexts": list(DECODE_CONTEXTS_CPU), "batches": [1, 8], "tokens": MIN_DECODE_TOKENS,
-               "scopes": list(DECODE_SCOPES), "model_sizes": list(DECODE_MODEL_SIZES), "recompute_contexts": [4096]},
+               "scopes": list(DECODE_SCOPES), "model_sizes": ["mqar_causal", "large"], "recompute_contexts": [4096],
+               "num_kv_heads": [None]},
     "results_dir": "results",
     "reuse": True,
     "force": False,
@@ -130,7 +131,8 @@ class PeerSettings(Settings):
 class DecodeSettings(Settings):
     """``mode=decode``: the contexts (tokens in the state when the timed steps start), batches, timed tokens per
     cell, scopes, model sizes, and the contexts at which a mechanism with its own step form is also measured in
-    the recompute form (its speed-up over recomputation)."""
+    the recompute form (its speed-up over recomputation); ``num_kv_heads``: the mechanism scope's key-value heads,
+    one row per entry (None = ``heads``; 1 = multi-query attention; a model's come from its recipe)."""
 
     contexts: list
     batches: list
@@ -138,6 +140,7 @@ class DecodeSettings(Settings):
     scopes: list
     model_sizes: list
     recompute_contexts: list
+    num_kv_heads: list = field(default_factory=lambda: [None])
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,7 @@ def check_values(s: dict[str, Any]) -> dict[str, Any]:
                                       items="batch sizes >= 1")
     s["decode"]["recompute_contexts"] = _lengths("decode.recompute_contexts", s["decode"]["recompute_contexts"],
                                                  empty_ok=True)
+    s["decode"]["num_kv_heads"] = _kv_heads(s["decode"].get("num_kv_heads", [None]), s["heads"])
     s["slope_range"] = _slope_range(s["slope_range"])
     _choices(s, "mode", MODES, one=True)
     _choices(s, "decode.scopes", DECODE_SCOPES, one=False)
@@ -309,6 +313,25 @@ def check_values(s: dict[str, Any]) -> dict[str, Any]:
     _choices(s, "passes", PASSES, one=False)
     _choices(s, "approx.variants", APPROX_VARIANTS, one=False)
     return s
+
+
+def _kv_heads(values: Any, heads: int) -> list:
+    """``decode.num_kv_heads``: a non-empty list of null (= ``heads``) or integers dividing ``heads``; ``heads``
+    itself becomes null (the same cells), duplicates dropped, order kept. Raises ValueError naming the setting and
+    what is allowed."""
+    allowed = f"a non-empty list of null (= heads) or integers dividing heads={heads} (1 = multi-query attention)"
+    if not isinstance(values, list | tuple) or not values:
+        raise ValueError(f"decode.num_kv_heads must be {allowed}, got {values!r}")
+    out: list = []
+    for value in values:
+        number = None if value is None else _number(value)
+        if value is not None and (number is None or not float(number).is_integer() or number < 1
+                                  or heads % int(number)):
+            raise ValueError(f"decode.num_kv_heads must be {allowed}, got {values!r}")
+        kv = None if value is None or int(number) == heads else int(number)  # = heads: plain multi-head, one row
+        if kv not in out:
+            out.append(kv)
+    return out
 
 
 def _number(value: Any) -> float | None:

@@ -36,6 +36,7 @@ from harness.report.average import average_section
 from harness.report.decoding import DECODE_KIND, decoding_section, recall_cost_section
 from harness.report.groups import Comparison, Setting, comparisons, is_smoke, settings
 from harness.report.lra import published_section
+from harness.report.multiquery import multiquery_section
 from harness.report.page import Page
 from harness.report.plots import SEEDS_NOTE, plot_accuracy_speed, plot_approx, plot_scaling
 from harness.report.published import LRA_TABLE_2, TABLE_2_NOTE
@@ -149,6 +150,7 @@ def build_report(results_dir: str | Path = "results", out: str | Path | None = N
     published_section(page, comps)
     recall_section(page, store.train, out, files)
     recall_cost_section(page, store.train, store.decode, out, files)
+    multiquery_section(page, store.train, store.decode, out, files)
     for setting in groups:
         budget, fit = _analysis_of(setting, memory_budget_gb, slope_range)
         efficiency_section(page, setting, out, files, budget, fit, file_prefix(setting, groups[0]))

@@ -54,7 +54,8 @@ RECALL_COST_EXPERIMENT = "quick/mqar_causal"
 RECALL_COST_SIZE = "mqar_causal"
 RECALL_COST_CONTEXT = 4096
 # The fields that make one decode setting (one table, one panel); the others belong to the cell.
-SETTING_FIELDS = ("scope", "model_size", "batch", "heads", "head_dim", "dtype", "device", "threads", "timing_policy")
+SETTING_FIELDS = ("scope", "model_size", "batch", "heads", "head_dim", "dtype", "device", "threads", "timing_policy",
+                  "num_kv_heads")  # grouped-query cells (issue 26) in tables and panels of their own
 RECOMPUTE_TEXT = "RECOMPUTE (no step form)"
 # A mechanism with a step form also timed in the recompute form (the benchmark's decode.recompute_contexts): the
 # step form's speed-up. Shown in the table, left out of the plots and of the recall-vs-cost figure.
@@ -80,7 +81,7 @@ def decode_frame(decode: pd.DataFrame) -> pd.DataFrame:
     cells["line"] = [f"{m} (recompute)" if f == "recompute" else str(m)
                      for m, f in zip(cells["mechanism"], cells["decode_form"])]
     for col in ("context", "batch", "ms_per_token", "ms_per_token_p10", "ms_per_token_p90", "tokens_per_s",
-                "state_bytes_per_seq"):
+                "state_bytes_per_seq", "num_kv_heads"):  # num_kv_heads: NaN for None, in old and new records alike
         cells[col] = pd.to_numeric(cells[col], errors="coerce")
     rank = {name: i for i, name in enumerate(MECHANISM_ORDER)}
     cells["_rank"] = cells["mechanism"].map(lambda m: rank.get(m, len(rank)))
@@ -108,6 +109,9 @@ def setting_text(rows: pd.DataFrame) -> str:
     parts = [scope, f"batch {_int(first['batch'])}"]
     if first["scope"] == "mechanism" and _known(first["heads"]):
         parts.append(f"{_int(first['heads'])} heads, head dim {_int(first['head_dim'])}")
+    if first["scope"] == "mechanism" and _known(first["num_kv_heads"]):  # a model's size names its recipe's
+        kv = _int(first["num_kv_heads"])
+        parts.append(f"{kv} key-value head{'s' if kv > 1 else ''}" + (" (multi-query)" if kv == 1 else ""))
     parts += [str(first[c]) for c in ("dtype", "device") if _known(first[c])]
     if _known(first["threads"]):
         parts.append(f"{_int(first['threads'])} thread(s)")

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from harness.plugins import conf_dir
+from harness.plugins import conf_dir, recipe_file
 from harness.store import NON_SEMANTIC_KEYS
 
 
@@ -30,7 +30,8 @@ def experiment_of(comp: Any) -> str | None:
 
 def recipe_file_values(experiment: str, conf: Path | None = None) -> dict[str, Any] | None:
     """The settings the recipe file ``conf/experiment/<experiment>.yaml`` fixes, as flat ``section.key`` ->
-    value: its own keys over those of the config groups its ``defaults`` select. None when the file does not
+    value: its own keys (and those it inherits from another recipe, :func:`harness.plugins.recipe_file`) over those
+    of the config groups its ``defaults`` select. None when the file does not
     exist. Interpolations (``${...}``) are left out (they are resolved per run), and so are the keys that say
     where things go (:data:`harness.store.NON_SEMANTIC_KEYS`), which no record's recipe holds."""
     from omegaconf import OmegaConf
@@ -39,7 +40,7 @@ def recipe_file_values(experiment: str, conf: Path | None = None) -> dict[str, A
     path = conf / "experiment" / f"{experiment}.yaml"
     if not path.is_file():
         return None
-    own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    own = recipe_file(experiment, conf)  # with the keys it inherits from another recipe (quick/mqar_causal_mqa)
     merged = OmegaConf.create({})
     for entry in own.pop("defaults", None) or []:
         for key, option in (entry.items() if isinstance(entry, dict) else ()):
