@@ -69,7 +69,7 @@ from attentions import (
     state_bytes,
 )
 from attentions.functional import is_right_padded
-from attentions.rotary import apply_rotary, compute_dtype, rotary_cos_sin
+from attentions.rotary import apply_rotary, rotary_table
 
 POOLINGS = ("cls", "mean", "last")
 # sinusoidal and learned: a table added to the embeddings; rope: q and k rotated in every layer (attentions.rotary)
@@ -219,9 +219,9 @@ class ModelConfig:
         make_config(self.attention, **self.attention_kwargs(0))
 
 
-# RoPE's (cos, sin) tables of the positions a forward, prefill or step feeds, each (..., seq, head_dim // 2)
-# broadcasting against (batch, heads, seq): attentions.rotary.rotary_cos_sin.
-Rotary = tuple[torch.Tensor, torch.Tensor]
+# RoPE's rotations of the positions a forward, prefill or step feeds: complex e^(i p theta), (..., seq, head_dim // 2)
+# broadcasting against (batch, heads, seq) (attentions.rotary.rotary_table).
+Rotary = torch.Tensor
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -240,7 +240,7 @@ class MultiHeadAttention(nn.Module):
     """Projections around a registered mechanism; the mask is always passed through.
 
     With ``pos_emb=rope`` the projected q and k are rotated here (``attentions.rotary``), each position by its own
-    angle, before any mechanism sees them, from the ``rotary`` tables (cos, sin) the Encoder computes once for all
+    angle, before any mechanism sees them, from the ``rotary`` table (complex) the Encoder computes once for all
     layers: the forward's and the prefill's positions ``0 .. n-1``, a step's ``state.lengths[b]``. A mechanism whose
     info says ``rotary='own'`` rotates them itself and receives them unrotated."""
 
@@ -290,17 +290,17 @@ class MultiHeadAttention(nn.Module):
         if self.shared_qk:
             qk = self._rotate(proj[0], rotary)  # one tensor: the mechanism may test `k is q`
             return qk, qk, proj[1]
-        qk = self._rotate(proj[:2], rotary)  # q and k in one pass (the tables broadcast over the leading 2)
+        qk = self._rotate(proj[:2], rotary)  # q and k in one pass (the table broadcasts over the leading 2)
         return qk[0], qk[1], proj[2]
 
     def _rotate(self, t: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
-        """``t`` (..., seq, head_dim) rotated by the positions' tables with rope; as it is otherwise."""
+        """``t`` (..., seq, head_dim) rotated by the positions' table with rope; as it is otherwise."""
         if not self.rotary:
             return t
         if rotary is None:
-            raise ValueError("pos_emb=rope: the attention layer needs its positions' rotary tables (cos, sin), which "
+            raise ValueError("pos_emb=rope: the attention layer needs its positions' rotary table, which "
                              "the Encoder computes; call the model, not a layer alone")
-        return apply_rotary(t, *rotary)
+        return apply_rotary(t, rotary)
 
     def _merge(self, out: torch.Tensor) -> torch.Tensor:
         """(batch, heads, seq, head_dim) -> the output projection (batch, seq, embed_dim)."""
@@ -469,14 +469,14 @@ class Encoder(nn.Module):
     def _positions(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, Rotary | None]:
         """Position information for the embeddings ``x`` (B, L, embed_dim), then dropout: at positions ``0 .. L-1``
         (forward, prefill), or with ``lengths`` (B,) one token per sequence at its own position ``lengths[b]`` (a
-        step, L = 1). With a table its rows are added (no rotary tables); with rope ``x`` is left as it is and the
-        positions' (cos, sin) come back, shaped to broadcast against (B, heads, L), in float32 or the embeddings'
-        dtype if wider (``attentions.rotary``): computed once here for every layer."""
+        step, L = 1). With a table its rows are added (no rotary table); with rope ``x`` is left as it is and the
+        positions' rotations come back (``attentions.rotary.rotary_table``: complex, shaped to broadcast against
+        (B, heads, L), in float32 or the embeddings' dtype if wider), computed once here for every layer."""
         if self.pos_emb is not None:
             rows = self.pos_emb[: x.shape[1]] if lengths is None else self.pos_emb[lengths][:, None]
             return self.dropout(x + rows), None
         positions = torch.arange(x.shape[1], device=x.device) if lengths is None else lengths[:, None, None]
-        return self.dropout(x), rotary_cos_sin(positions, self.config.head_dim, compute_dtype(x.dtype))
+        return self.dropout(x), rotary_table(positions, self.config.head_dim, x.dtype)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x, mask = self.encode(tokens, mask)

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from attentions import Attention, AttentionConfig, causal_attentions, get_attention_info, register_attention
 from attentions import registry as attention_registry
 from attentions.functional import reference_attention
-from attentions.rotary import apply_rotary, rotary_cos_sin, rotate
+from attentions.rotary import apply_rotary, rotary_table, rotate
 from harness.generate import load_trained_model, with_context
 from harness.model import ModelConfig, build_model
 from harness.train import CONF_DIR, run
@@ -34,17 +34,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def plain_rotation(x: torch.Tensor, positions) -> torch.Tensor:
-    """RoPE written out: the vector at column t of ``x`` (..., n, d), float64, has each pair (x_i, x_(i + d/2)) turned
-    by the 2x2 rotation of angle p_t * 10000^(-2i/d), p_t = positions[t]."""
+    """RoPE written out (RoFormer eq. 15 and 34): the vector at column t of ``x`` (..., n, d), in float64, has each
+    pair (x_2i, x_2i+1) multiplied by the 2x2 rotation matrix of angle p_t * 10000^(-2i/d), p_t = positions[t]."""
     d = x.shape[-1]
-    half = d // 2
     out = x.double().clone()
     for t, p in enumerate(positions):
-        for i in range(half):
+        for i in range(d // 2):
             angle = float(p) * 10000.0 ** (-2.0 * i / d)
-            c, s = math.cos(angle), math.sin(angle)
-            a, b = x[..., t, i].double(), x[..., t, i + half].double()
-            out[..., t, i], out[..., t, i + half] = c * a - s * b, s * a + c * b
+            rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
+                                    dtype=torch.float64)
+            pair = x[..., t, 2 * i: 2 * i + 2].double()
+            out[..., t, 2 * i: 2 * i + 2] = pair @ rotation.T
     return out
 
 
@@ -74,7 +74,7 @@ def test_one_position_per_sequence_broadcasts_over_heads():
 
 def test_float32_and_bf16_keep_their_dtype_and_are_accurate_at_large_positions():
     """The angles are formed in float64: at position 10^6 a float32 angle would be off by ~0.03 rad; ours rounds
-    only cos and sin (and x) to float32, bf16 is rotated in float32 and rounded once."""
+    only cos and sin (and x) to float32; bf16 is rotated in float32 and rounded once."""
     positions = [0, 1, 999_999, 1_000_000]
     x = randn(1, 2, 4, 16)
     ref = plain_rotation(x, positions)
@@ -102,6 +102,16 @@ def test_scores_depend_on_the_offset_only():
     assert len({round(score(0, n), 6) for n in range(6)}) == 6  # the offset does matter
 
 
+def test_strided_views_rotate_alike_and_gradients_are_the_rotations():
+    """An odd-offset, non-contiguous view (copied before the complex view) rotates as its contiguous copy; the
+    gradient is the inverse rotation (gradcheck, float64)."""
+    base = randn(2, 5, 3, 10)
+    x = base[..., 1:9].transpose(1, 2)  # (2, 3, 5, 8), storage offset 1
+    torch.testing.assert_close(rotate(x, torch.arange(5)), plain_rotation(x, range(5)), atol=1e-12, rtol=0)
+    leaf = randn(1, 2, 4, 6).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: rotate(t, torch.tensor([0, 2, 9, 100])), (leaf,))
+
+
 def test_norms_are_kept_and_position_zero_is_the_identity():
     x = randn(2, 2, 5, 8)
     torch.testing.assert_close(rotate(x, torch.arange(5) * 37).norm(dim=-1), x.norm(dim=-1))
@@ -113,9 +123,10 @@ def test_bad_inputs_are_named():
         rotate(randn(1, 1, 3, 7), torch.arange(3))
     with pytest.raises(ValueError, match="integer tensor"):
         rotate(randn(1, 1, 3, 8), torch.arange(3).float())
-    cos, sin = rotary_cos_sin(torch.arange(3), 6)
-    with pytest.raises(ValueError, match="d / 2 columns"):
-        apply_rotary(randn(1, 1, 3, 8), cos, sin)
+    with pytest.raises(ValueError, match="complex table of d / 2 columns"):
+        apply_rotary(randn(1, 1, 3, 8), rotary_table(torch.arange(3), 6))
+    with pytest.raises(ValueError, match="complex table"):
+        apply_rotary(randn(1, 1, 3, 8), randn(3, 4))
     with pytest.raises(ValueError, match="'qkv_dim'.*rope.*even.*12 / 4 = 3"):
         lm_config("full", num_heads=4, qkv_dim=12)
 
