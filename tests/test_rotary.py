@@ -73,8 +73,8 @@ def test_one_position_per_sequence_broadcasts_over_heads():
 
 
 def test_float32_and_bf16_keep_their_dtype_and_are_accurate_at_large_positions():
-    """The angles are formed in float64: at position 10^6 a float32 angle would be off by ~0.03 rad; ours rounds
-    only cos and sin (and x) to float32; bf16 is rotated in float32 and rounded once."""
+    """The angles are formed in float64: at position 10^6 a float32 angle could be off by hundredths of a radian;
+    ours rounds only cos and sin (and x) to float32; bf16 is rotated in float32 and rounded once."""
     positions = [0, 1, 999_999, 1_000_000]
     x = randn(1, 2, 4, 16)
     ref = plain_rotation(x, positions)
