@@ -16,8 +16,8 @@ The half-split layout of GPT-NeoX and Hugging Face's Llama ("rotate_half", pair 
 it by one fixed permutation of the head's dimensions, which the learned projections absorb: the same dot products and
 the same relative property. Interleaved is chosen for speed: adjacent pairs view as complex numbers, so the rotation is
 one elementwise complex multiplication forward and one backward, where the half split takes two slices, four
-products, two sums and a concatenation (in the quick/mqar_causal backbone, forward+backward, one CPU thread: +2.4%
-over sinusoidal positions against +8.9% for the half split).
+products, two sums and a concatenation (in the quick/mqar_causal backbone, forward+backward, one CPU thread: +2% to
++5% over sinusoidal positions, against +9% to +14% for the half split; docs/POSITIONS.md).
 
 Precision: the angles are formed in float64 from integer positions (float32 on a device without float64, MPS), and
 ``e^(i p theta)`` is rounded once to the compute dtype: float32, or the input's dtype where it is wider. The rotation
