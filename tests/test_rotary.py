@@ -29,6 +29,8 @@ from harness.train import CONF_DIR, run
 from conftest import HEAD_DIM, SMALL_PARAMS
 
 VOCAB, MAX_LENGTH = 24, 40
+BUILTIN = ["aft", "bigbird", "clustered", "full", "linformer", "longformer", "memory_compressed", "performer",
+           "reformer", "rfa", "sliding_window"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -257,6 +259,27 @@ def test_a_mechanism_with_its_own_rotation_is_not_rotated_twice(plugins):
         assert not torch.allclose(own(tokens), rope_model("_rope_twice")(tokens), atol=1e-3)  # what it would be
 
 
+@pytest.mark.parametrize("attention", [n for n in BUILTIN if n != "aft"])
+def test_every_mechanism_trains_with_rope_and_padding_reaches_nothing(attention):
+    """An encoder (CLS pooling) with rope: finite gradients into every projection, and the real rows' output does not
+    depend on what stands in the padded positions (they are rotated too, then zeroed by the contract)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=VOCAB, max_length=20, num_classes=3, embed_dim=16, num_heads=2,
+                                    qkv_dim=2 * HEAD_DIM, mlp_dim=16, num_layers=2, dropout=0.0, attention_dropout=0.0,
+                                    pos_emb="rope", attention=attention,
+                                    attention_params=dict(SMALL_PARAMS.get(attention, {})))).eval()
+    tokens = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
+    mask = torch.arange(20)[None, :] < torch.tensor([[20], [13]])
+    out = model(tokens, mask)
+    out.square().sum().backward()
+    for block in model.encoder.blocks:
+        grad = block.attn.in_proj.weight.grad
+        assert grad is not None and bool(grad.isfinite().all()) and bool(grad.abs().sum() > 0), attention
+    with torch.no_grad():
+        other = model(tokens.masked_fill(~mask, VOCAB - 1), mask)
+    torch.testing.assert_close(other, out.detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_aft_refuses_rope_naming_the_mechanisms_that_take_it():
     assert get_attention_info("aft").rotary == "refused"
     with pytest.raises(ValueError, match=r"'pos_emb': rope cannot be used with attention 'aft': AFT has no query-key "
@@ -266,9 +289,7 @@ def test_aft_refuses_rope_naming_the_mechanisms_that_take_it():
 
 
 def test_every_mechanism_says_what_the_rotation_does_there():
-    builtin = ["aft", "bigbird", "clustered", "full", "linformer", "longformer", "memory_compressed", "performer",
-               "reformer", "rfa", "sliding_window"]
-    for name in builtin:
+    for name in BUILTIN:
         info = get_attention_info(name)
         assert info.rotary == ("refused" if name == "aft" else "rotated"), name
         assert "R_(j-i)" in info.rotary_note or name == "aft", name
