@@ -42,6 +42,11 @@ never underflows for want of its own keys.
 
 ``dropout``: AFT has no attention probabilities, so ``dropout`` is accepted (one harness
 setting for every mechanism) and does nothing here.
+
+Rotary positions: ``model.pos_emb=rope`` is refused for aft (info ``rotary='refused'``; ``harness.model.ModelConfig``
+says so). RoPE acts through a query-key dot product (RoFormer eq. 16) and AFT has none: ``sigmoid(Q_t)`` gates and
+``exp(K_t')`` weights channel by channel, so rotating q and k would only mix pairs of channels by absolute position.
+AFT's positions are its biases ``w_{t,t'}`` (relative ones in ``local`` mode).
 """
 
 from __future__ import annotations
@@ -112,6 +117,9 @@ def aft_state_size(config: AFTConfig, seq_len: int) -> int:
     "aft",
     config=AFTConfig,
     family="attention-free",
+    rotary="refused",
+    rotary_note="AFT has no query-key product (sigmoid(Q_t) gates a per-channel softmax of K_t' + w_(t,t')): a "
+                "rotation would only mix channel pairs by absolute position; its positions are its biases w",
     supports_causal=True,
     causal_note="the paper's causal AFT: sums over t' <= t in simple (cumulative), local and full modes",
     time_complexity="simple O(n d); local O(n s d); full O(n^2 d)",

@@ -144,6 +144,8 @@ def bigbird_state_size(config: BigBirdConfig, seq_len: int) -> int:
     "bigbird",
     config=BigBirdConfig,
     family="sparse",
+    rotary_note="exact RoPE on its blocks: each kept score is q_i^T R_(j-i) k_j (RoFormer eq. 16); which blocks a row "
+                "keeps (global, random) still depends on absolute block positions",
     supports_causal=True,
     causal_note="left part: blocks i-1, i (j <= i inside), global keys, random blocks among past blocks",
     time_complexity="O(n b (3 + g + r) d)",

@@ -32,6 +32,12 @@ explicit (C x n) centroid probabilities (O(n C)) and the gathered top keys/value
 Never an n x n tensor (unless C >= n, where the centroids are the queries themselves).
 ``dropout`` drops centroid attention probabilities (and the per-query top-k
 probabilities when improved) in training mode.
+
+Rotary positions (``model.pos_emb=rope``, ``attentions.rotary``): the backbone rotates q and k before this mechanism,
+so k-means groups the rotated queries ``R_i q_i``: content and position together (a token's query drifts across
+clusters with its position). A query takes its centroid's attention, scores ``c^T R_j k_j`` for the mean ``c`` of its
+cluster's rotated queries, not its own ``q_i^T R_(j-i) k_j`` (RoFormer eq. 16): relative only as far as the cluster's
+members agree, exact for a query alone in its cluster and, with ``improved``, for its recomputed top-k keys.
 """
 
 from __future__ import annotations
@@ -82,6 +88,9 @@ def clustered_state_size(config: ClusteredConfig, seq_len: int) -> int:
     "clustered",
     config=ClusteredConfig,
     family="query-prototyping",
+    rotary_note="k-means clusters the rotated queries R_i q_i (content and position together) and a query takes its "
+                "centroid's attention, c^T R_j k_j rather than q_i^T R_(j-i) k_j: relative only as far as a cluster's "
+                "members agree (exact for a query alone in its cluster, and for improved's top-k keys)",
     time_complexity="O(n C d) (k-means and centroid attention); improved + O(n k d)",
     memory_complexity="O(n d) (fused centroid attention, chunked k-means); improved O(n C + n k d)",
     needs_max_seq_len=False,

@@ -113,6 +113,8 @@ def full_state_size(config: FullConfig, seq_len: int) -> int:
     "full",
     config=FullConfig,
     family="exact",
+    rotary_note="exact RoPE: every score is (R_i q_i)^T R_j k_j = q_i^T R_(j-i) k_j (RoFormer eq. 16), a function "
+                "of the offset j - i",
     time_complexity="O(n^2 d)",
     memory_complexity="O(n^2) reference; O(n) with fused SDPA/xformers kernels",
     exact=True,

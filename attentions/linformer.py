@@ -5,6 +5,11 @@ Keys and values are projected along the sequence with learned ``E, F`` (n x k):
     out = softmax(Q (E^T K)^T / sqrt(d)) (F^T V)
 
 so the score matrix is ``n x k`` instead of ``n x n``: ``O(n k d)`` time, ``O(n k)`` memory.
+
+Rotary positions (``model.pos_emb=rope``, ``attentions.rotary``): the backbone rotates q and k before this mechanism,
+and ``E`` then mixes the rotated keys along the sequence: projected key ``s`` is ``sum_j E_js R_j k_j``, so a score is
+``sum_j E_js q_i^T R_(j-i) k_j``: RoPE's relative scores (RoFormer eq. 16), weighted by ``E``'s learned rows, which
+belong to absolute positions. The values (``F^T V``) are not rotated.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def linformer_state_size(config: LinformerConfig, seq_len: int) -> int:
     "linformer",
     config=LinformerConfig,
     family="low-rank",
+    rotary_note="rotated keys are mixed along the sequence: a projected key is sum_j E_js R_j k_j, so a score is "
+                "sum_j E_js q_i^T R_(j-i) k_j, relative scores weighted by E's learned absolute-position rows",
     time_complexity="O(n k d), k = proj_dim",
     memory_complexity="O(n k + k d)",
     exact=False,

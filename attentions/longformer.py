@@ -99,6 +99,8 @@ def longformer_state_size(config: LongformerConfig, seq_len: int) -> int:
     "longformer",
     config=LongformerConfig,
     family="sparse",
+    rotary_note="exact RoPE on its pattern: each kept score, band or global, is q_i^T R_(j-i) k_j (RoFormer eq. 16); "
+                "which keys a row keeps still depends on the absolute global positions",
     supports_causal=True,
     causal_note="left half of the band; a global token sees keys up to itself, every token the globals before it",
     time_complexity="O(n (w + g) d), g = global tokens",

@@ -25,6 +25,12 @@ and, exactly, to the tokens of its own block up to itself, in one joint softmax.
 pieces of ``CAUSAL_PIECE`` tokens under activation checkpointing (each piece's scores are
 ``piece x (n / c + piece)``, recomputed in the backward), so memory stays O(n d) plus one piece and
 time is about half the bidirectional form's O(n^2 d / c), plus one recomputed forward.
+
+Rotary positions (``model.pos_emb=rope``, ``attentions.rotary``): the backbone rotates q and k before this mechanism,
+so a slot compresses rotated keys. ``mean``: a slot's score is the mean of ``q_i^T R_(j-i) k_j`` (RoFormer eq. 16) over
+its tokens, relative term by term. ``conv``: the learned weights mix the dimensions of ``R_j k_j``, so a slot is no
+longer a rotated vector and its score is no function of the offsets (the convolution sees absolute phases). The
+causal form's own-block tokens are exact keys, scored as RoPE's ``q_i^T R_(j-i) k_j``.
 """
 
 from __future__ import annotations
@@ -85,6 +91,9 @@ def memory_compressed_state_size(config: MemoryCompressedConfig, seq_len: int) -
     "memory_compressed",
     config=MemoryCompressedConfig,
     family="memory-compression",
+    rotary_note="slots mix rotated keys: mean mode averages q_i^T R_(j-i) k_j over a slot's tokens; conv mode's "
+                "weights mix dimensions, so a slot's score is no function of offsets; the causal form's own-block "
+                "tokens get exact RoPE",
     supports_causal=True,
     causal_note="slots of fully past blocks plus exact attention to the own block's tokens up to the query",
     time_complexity="O(n^2 d / c)",

@@ -20,6 +20,14 @@ chunked form): a masked ``(C, C)`` product inside each chunk of ``C`` tokens and
 state per chunk, so memory stays ``O(n m + n C)`` (see ``causal_exp_linear_attention``). Stabilised
 with prefix maxima only (a global key maximum would let a later key underflow earlier ones and make
 an output depend numerically on the future).
+
+Rotary positions (``model.pos_emb=rope``; the backbone rotates q and k before this mechanism, ``attentions.rotary``):
+FAVOR+ then estimates ``exp((R_i q)^T (R_j k) / sqrt(d))``, and ``(R_i q)^T (R_j k) = q^T R_(j-i) k`` (RoFormer eq. 16);
+a rotation keeps ``|x|``, so the positive features' ``-|x|^2 / 2`` term is unchanged and the estimate is still
+unbiased. The approximated kernel therefore depends on the offset ``j - i`` only, in expectation over the features;
+one draw's error depends on the absolute positions (``W R_i q`` is not ``W q``). RoFormer sec. 3.3 (eq. 19) pairs
+RoPE with linear attention differently: it rotates the feature vectors ``phi(q)``, ``phi(k)`` in the numerator and
+leaves the denominator unrotated; here the rotation comes before the feature map, as for every mechanism.
 """
 
 from __future__ import annotations
@@ -78,6 +86,9 @@ def performer_state_size(config: PerformerConfig, seq_len: int) -> int:
     "performer",
     config=PerformerConfig,
     family="kernel",
+    rotary_note="phi(R_i q)^T phi(R_j k) estimates exp((R_i q)^T R_j k / sqrt d) = exp(q^T R_(j-i) k / sqrt d) without "
+                "bias (|R x| = |x|): relative in expectation over the features, one draw's error depends on absolute "
+                "positions (RoFormer sec. 3.3 rotates the features instead, eq. 19)",
     supports_causal=True,
     causal_note="unidirectional FAVOR+ by prefix sums, chunked: O(n m + n C) memory, running-max stabiliser",
     time_complexity="O(n m d), m = num_features",

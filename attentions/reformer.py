@@ -52,6 +52,13 @@ Memory: with ``recompute=True`` (the default) the whole computation is one autog
 chunk scores there, a few chunks at a time; ``recompute=False`` is the stored form, which keeps the
 ``O(n_hashes * n * bucket_size)`` probabilities, gathered keys and values and bias. Both compute the same
 function (outputs and gradients equal to float rounding); no ``seq x seq`` tensor is formed by either.
+
+Rotary positions (``model.pos_emb=rope``, ``attentions.rotary``): the backbone rotates the shared query-key tensor once
+(``k is q`` still holds), so the keys are the unit-normalised rotated queries and a kept score is
+``(R_i q_i)^T R_j q_j / |q_j| = q_i^T R_(j-i) q_j / |q_j|`` (RoFormer eq. 16). Hashing sees the rotated vectors:
+angular LSH makes ``R_i q_i`` and ``R_j q_j`` collide with a probability set by their angle, which is that of ``q_i``
+and ``R_(j-i) q_j``, so which pairs share a bucket depends on the offset in distribution over the random rotations;
+for one draw, a token's bucket depends on its absolute position (equal tokens far apart may part).
 """
 
 from __future__ import annotations
@@ -126,6 +133,9 @@ def reformer_state_size(config: ReformerConfig, seq_len: int) -> int:
     "reformer",
     config=ReformerConfig,
     family="hashing",
+    rotary_note="q and k are one tensor, rotated once (k stays q); scores q_i^T R_(j-i) k_j / |k_j| are RoPE's, and "
+                "the hashes of R_i q_i and R_j q_j collide with a probability set by the angle between q_i and R_(j-i) "
+                "q_j: relative in distribution over the random rotations, one draw's buckets depend on positions",
     supports_causal=True,
     causal_note="LSH attention to the last <= bucket_size same-bucket predecessors; never a later position",
     time_complexity="O(n_hashes * n * (bucket_size * d + log n) + n_hashes * n * num_buckets * d)",

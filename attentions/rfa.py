@@ -20,6 +20,15 @@ optional gate: ``out_t = phi(q_t)^T S_t / phi(q_t)^T z_t`` with ``S_t = S_{t-1} 
 product inside each chunk, one carried state per chunk; ``causal_linear_attention``), so memory is
 ``O(n D + n C)``, never the ``(n, D, d)`` of per-token states. sin/cos features are bounded, so no
 stabiliser is needed; the denominator floor counts the real keys up to each row.
+
+Rotary positions (``model.pos_emb=rope``; the backbone rotates q and k before this mechanism, ``attentions.rotary``):
+a rotation keeps ``|x|``, so normalising commutes with it, and for unit ``q, k`` the features estimate
+``exp(-|R_i q - R_j k|^2 / (2 sigma^2)) = exp(-1/sigma^2) exp(q^T R_(j-i) k / sigma^2)`` (RoFormer eq. 16): a kernel
+of the offset ``j - i`` only, in expectation over ``omega`` (one draw's error depends on absolute positions). With
+``learn_sigma`` the bandwidth is per dimension, ``|diag(sigma)^-1 (R_i q - R_j k)|``, and that is a function of the
+offset only where both dimensions of each rotated pair (``a``, ``a + head_dim / 2``) share one bandwidth; a learned
+bandwidth need not. RoFormer sec. 3.3 (eq. 19) rotates the feature vectors instead; here the rotation comes before
+the feature map, as for every mechanism.
 """
 
 from __future__ import annotations
@@ -67,6 +76,10 @@ def rfa_state_size(config: RFAConfig, seq_len: int) -> int:
     "rfa",
     config=RFAConfig,
     family="kernel",
+    rotary_note="normalising commutes with the rotation and phi(R_i q)^T phi(R_j k) estimates exp(q^T R_(j-i) k / "
+                "sigma^2) (unit q, k) up to a constant: relative in expectation over w; learn_sigma's per-dimension "
+                "bandwidth keeps that only where both dimensions of a rotated pair share it (RoFormer sec. 3.3 rotates "
+                "the features instead, eq. 19)",
     supports_causal=True,
     causal_note="RFA's causal recurrence (no gate) as chunked prefix sums, O(n D + n C) memory",
     time_complexity="O(n D d), D = num_features",

@@ -109,6 +109,8 @@ def sliding_window_state_size(config: SlidingWindowConfig, seq_len: int) -> int:
     "sliding_window",
     config=SlidingWindowConfig,
     family="sparse",
+    rotary_note="exact RoPE on its band: each kept score is q_i^T R_(j-i) k_j (RoFormer eq. 16); the band is itself "
+                "relative",
     supports_causal=True,
     causal_note="left half of the band: i - window // 2 <= j <= i, left neighbour blocks only",
     time_complexity="O(n w d)",

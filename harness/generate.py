@@ -16,6 +16,13 @@ The learned position table at a longer context keeps the trained rows and draws 
 initialisation (N(0, 0.02)): the model is the trained one on the positions it was trained on, and for timing the
 values of the new rows do not matter.
 
+A rope model (``pos_emb=rope``) has no position table: the rotation exists for every position, so nothing of the
+positions changes and every trained weight still fits. What bounds its length is its mechanisms' ``max_seq_len``,
+and :func:`with_context` raises that as for any model: the mechanisms are built anew at the longer ``max_length``
+(what they derive from the length listed; an explicit ``attention_params['max_seq_len']`` set to the new length, a
+None one left None). Its positions beyond the trained length are computed as the trained ones, but the model never
+saw them: whether it generalises there is the model's business (RoPE does not promise it).
+
 Owns: the model of a training record. Imports: :mod:`harness.model`, :mod:`harness.checkpoint`,
 :mod:`harness.plugins` (a record's plug-in mechanisms), ``attentions``.
 """
@@ -98,6 +105,9 @@ def with_context(model_config: ModelConfig | Mapping[str, Any], context: int) ->
 
 
 def _position_changes(old: ModelConfig, new: ModelConfig) -> list[str]:
+    if old.pos_emb == "rope":
+        unseen = f"; positions {old.seq_len} and on were not seen in training" if new.seq_len > old.seq_len else ""
+        return [f"rope: no position table, q and k rotated at every position as before{unseen}"]
     if old.pos_emb == "learned":
         grown = f"rows from {old.seq_len} on drawn N(0, 0.02) as at initialisation" if new.seq_len > old.seq_len \
             else f"its first {new.seq_len} rows"

@@ -22,6 +22,14 @@ associative recall) the same classifier is applied at every position: logits
 Peng et al. 2023, the simplest of the short convolutions Zoology/Based put before attention): a position
 carries its left neighbour, which the bidirectional MQAR recipe needs (see ``conf/experiment/quick/mqar.yaml``).
 
+Positions (``pos_emb``): ``sinusoidal`` (Vaswani et al. 2017) or ``learned`` (LRA, N(0, 0.02)), a table of
+``seq_len`` rows added to the embeddings; or ``rope`` (RoFormer, Su et al. 2021; ``attentions.rotary``): no table,
+the multi-head wrapper rotates each layer's projected q and k by their positions before the mechanism (position
+``i`` of the sequence the mechanism sees, the CLS token at 0; in decoding, the prompt's ``0 .. n-1`` and each step's
+``lengths[b]``, each sequence its own). The rotation exists for any position, so a rope model's length is bounded by
+its mechanisms' ``max_seq_len`` only (:attr:`ModelConfig.context_limit`). ``aft`` (no query-key product) refuses
+rope; a mechanism whose info says ``rotary='own'`` rotates q and k itself and receives them unrotated.
+
 ``causal=True`` makes every layer's attention causal (the mechanism is built with
 ``causal=True``; position i sees positions <= i), the decoder pattern. A sequence
 classifier then pools with ``last`` (the last real token, the only one that has seen the
@@ -34,7 +42,7 @@ position i are the next-token logits (the distribution of token i + 1). Such a m
 every layer's :class:`attentions.DecodeState` (:class:`ModelDecodeState` holds them and what the backbone needs per
 sequence)::
 
-    states = model.init_states(batch, max_len)          # empty; max_len <= max_length
+    states = model.init_states(batch, max_len)          # empty; max_len <= max_length (rope: context_limit)
     logits = model.prefill(tokens, mask, states)         # (batch, n, vocab): the prompt (right-padded)
     logits_t = model.step(next_tokens, states)           # (batch, vocab): one more token per sequence
     new = model.generate(prompt, max_new_tokens, mask)   # greedy: (batch, max_new_tokens)
@@ -52,11 +60,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attentions import DecodeState, build_attention, get_attention_info, make_config, state_bytes
+from attentions import (
+    DecodeState,
+    available_attentions,
+    build_attention,
+    get_attention_info,
+    make_config,
+    state_bytes,
+)
 from attentions.functional import is_right_padded
+from attentions.rotary import apply_rotary, rotary_table
 
 POOLINGS = ("cls", "mean", "last")
-POS_EMBS = ("sinusoidal", "learned")
+# sinusoidal and learned: a table added to the embeddings; rope: q and k rotated in every layer (attentions.rotary)
+POS_EMBS = ("sinusoidal", "learned", "rope")
 ACTIVATIONS = ("gelu", "relu")
 # These come from the model config, so a mechanism's params may not set them.
 _RESERVED_ATTENTION_PARAMS = ("num_heads", "head_dim", "dropout", "num_kv_heads")
@@ -126,6 +143,23 @@ class ModelConfig:
                 "(num_heads, qkv_dim / num_heads, attention_dropout, num_kv_heads)"
             )
         get_attention_info(self.attention)  # unknown name -> ValueError listing the registered ones
+        if self.pos_emb == "rope":
+            self._check_rope()
+
+    def _check_rope(self) -> None:
+        """pos_emb=rope needs an even head_dim and a mechanism with a query-key product (info ``rotary`` not
+        'refused'); ValueError naming the parameter, why, and what is allowed."""
+        if self.head_dim % 2:
+            raise ValueError(f"invalid model parameter 'qkv_dim': pos_emb=rope rotates pairs of dimensions, so "
+                             f"head_dim = qkv_dim / num_heads must be even, got {self.qkv_dim} / {self.num_heads} = "
+                             f"{self.head_dim}")
+        info = get_attention_info(self.attention)
+        if info.rotary == "refused":
+            takers = [n for n in available_attentions() if get_attention_info(n).rotary != "refused"]
+            reason = f": {info.rotary_note}" if info.rotary_note else ""
+            raise ValueError(f"invalid model parameter 'pos_emb': rope cannot be used with attention "
+                             f"'{self.attention}'{reason}; use pos_emb=sinusoidal or learned, or one of: "
+                             f"{', '.join(takers)}")
 
     @property
     def head_dim(self) -> int:
@@ -145,6 +179,16 @@ class ModelConfig:
     def seq_len(self) -> int:
         """Length the mechanism sees: the task length plus the CLS token when CLS-pooling."""
         return self.max_length + (1 if self.uses_cls else 0)
+
+    @property
+    def context_limit(self) -> int | None:
+        """The most tokens a sequence may have (CLS not counted). With a position table (sinusoidal, learned):
+        ``max_length``, its rows. With rope the rotation has no limit, the mechanisms' ``max_seq_len`` does:
+        ``max_length`` unless ``attention_params`` sets a longer ``max_seq_len``, None (no limit) where it sets None."""
+        if self.pos_emb != "rope":
+            return self.max_length
+        max_seq_len = self.attention_kwargs(0)["max_seq_len"]
+        return None if max_seq_len is None else max_seq_len - (1 if self.uses_cls else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,6 +219,11 @@ class ModelConfig:
         make_config(self.attention, **self.attention_kwargs(0))
 
 
+# RoPE's rotations of the positions a forward, prefill or step feeds: complex e^(i p theta), (..., seq, head_dim // 2)
+# broadcasting against (batch, heads, seq) (attentions.rotary.rotary_table).
+Rotary = torch.Tensor
+
+
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     """(length, dim) fixed sin/cos position table (Vaswani et al. 2017; max timescale 1e4)."""
     position = torch.arange(length, dtype=torch.float64)[:, None]
@@ -188,7 +237,12 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 
 
 class MultiHeadAttention(nn.Module):
-    """Projections around a registered mechanism; the mask is always passed through."""
+    """Projections around a registered mechanism; the mask is always passed through.
+
+    With ``pos_emb=rope`` the projected q and k are rotated here (``attentions.rotary``), each position by its own
+    angle, before any mechanism sees them, from the ``rotary`` table (complex) the Encoder computes once for all
+    layers: the forward's and the prefill's positions ``0 .. n-1``, a step's ``state.lengths[b]``. A mechanism whose
+    info says ``rotary='own'`` rotates them itself and receives them unrotated."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -204,35 +258,49 @@ class MultiHeadAttention(nn.Module):
         self.in_proj = nn.Linear(config.embed_dim, sum(self.split))
         self.out_proj = nn.Linear(config.qkv_dim, config.embed_dim)
         self.attention = build_attention(config.attention, **config.attention_kwargs(layer))
+        # RoPE here, unless the mechanism carries its own rotation (info 'own'); 'refused' never gets this far.
+        self.rotary = config.pos_emb == "rope" and info.rotary == "rotated"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._project(x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rotary: Rotary | None = None) -> torch.Tensor:
+        q, k, v = self._project(x, rotary)
         return self._merge(self.attention(q, k, v, key_padding_mask=mask))
 
-    def prefill(self, x: torch.Tensor, mask: torch.Tensor | None, state: DecodeState) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, mask: torch.Tensor | None, state: DecodeState,
+                rotary: Rotary | None = None) -> torch.Tensor:
         """:meth:`forward` of a prompt ``x`` (batch, n, embed_dim), filling the mechanism's ``state``."""
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, rotary)
         out, _ = self.attention.prefill(q, k, v, state, key_padding_mask=mask, x=x)
         return self._merge(out)
 
-    def step(self, x: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: DecodeState, rotary: Rotary | None = None) -> torch.Tensor:
         """:meth:`forward` of one new position ``x`` (batch, 1, embed_dim) through the mechanism's ``state``."""
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, rotary)
         out, _ = self.attention.step(q, k, v, state, x=x)
         return self._merge(out)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(batch, seq, embed_dim) -> q, k, v (batch, heads, seq, head_dim); k is q for shared_qk."""
+    def _project(self, x: torch.Tensor, rotary: Rotary | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch, seq, embed_dim) -> q, k, v (batch, heads, seq, head_dim), q and k rotated with rope; k is q for
+        shared_qk (rotated once)."""
         batch, seq, _ = x.shape
         if self.kv_heads != self.num_heads:
             q, k, v = (t.view(batch, seq, -1, self.head_dim).transpose(1, 2)
                        for t in self.in_proj(x).split(self.split, dim=-1))
-            return q, k, v
+            return self._rotate(q, rotary), self._rotate(k, rotary), v
         proj = self.in_proj(x).view(batch, seq, -1, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.shared_qk:
-            qk = proj[0]  # one tensor: the mechanism may test `k is q`
+            qk = self._rotate(proj[0], rotary)  # one tensor: the mechanism may test `k is q`
             return qk, qk, proj[1]
-        return proj[0], proj[1], proj[2]
+        qk = self._rotate(proj[:2], rotary)  # q and k in one pass (the table broadcasts over the leading 2)
+        return qk[0], qk[1], proj[2]
+
+    def _rotate(self, t: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+        """``t`` (..., seq, head_dim) rotated by the positions' table with rope; as it is otherwise."""
+        if not self.rotary:
+            return t
+        if rotary is None:
+            raise ValueError("pos_emb=rope: the attention layer needs its positions' rotary table, which "
+                             "the Encoder computes; call the model, not a layer alone")
+        return apply_rotary(t, rotary)
 
     def _merge(self, out: torch.Tensor) -> torch.Tensor:
         """(batch, heads, seq, head_dim) -> the output projection (batch, seq, embed_dim)."""
@@ -253,16 +321,17 @@ class EncoderBlock(nn.Module):
         self.act = F.gelu if config.activation == "gelu" else F.relu
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self._feed_forward(x + self.dropout(self.attn(self.norm1(x), mask)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rotary: Rotary | None = None) -> torch.Tensor:
+        return self._feed_forward(x + self.dropout(self.attn(self.norm1(x), mask, rotary)))
 
-    def prefill(self, x: torch.Tensor, mask: torch.Tensor | None, state: DecodeState) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, mask: torch.Tensor | None, state: DecodeState,
+                rotary: Rotary | None = None) -> torch.Tensor:
         """:meth:`forward` of a prompt, filling this layer's decoding ``state``."""
-        return self._feed_forward(x + self.dropout(self.attn.prefill(self.norm1(x), mask, state)))
+        return self._feed_forward(x + self.dropout(self.attn.prefill(self.norm1(x), mask, state, rotary)))
 
-    def step(self, x: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: DecodeState, rotary: Rotary | None = None) -> torch.Tensor:
         """:meth:`forward` of one new position (batch, 1, embed_dim) through this layer's ``state``."""
-        return self._feed_forward(x + self.dropout(self.attn.step(self.norm1(x), state)))
+        return self._feed_forward(x + self.dropout(self.attn.step(self.norm1(x), state, rotary)))
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(self.act(self.ff1(self.norm2(x))))
@@ -304,6 +373,14 @@ def decode_capacity_bytes(states: ModelDecodeState) -> int:
     return sum(layer.capacity_bytes() for layer in states.layers)
 
 
+def limit_text(config: ModelConfig) -> str:
+    """What bounds a sequence of the model (:attr:`ModelConfig.context_limit`), for error messages."""
+    if config.pos_emb != "rope":
+        return f"max_length={config.max_length} (its position table; harness.generate.with_context gives a longer one)"
+    return (f"limit of {config.context_limit} tokens (rope has no position table: the limit is the mechanisms' "
+            "max_seq_len; harness.generate.with_context, or a longer attention_params.max_seq_len, raises it)")
+
+
 class Encoder(nn.Module):
     """Embeddings, blocks, final LayerNorm and pooling: tokens (B, L) -> features (B, embed_dim).
 
@@ -319,8 +396,11 @@ class Encoder(nn.Module):
             self.cls = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         if config.pos_emb == "learned":
             self.pos_emb = nn.Parameter(torch.randn(config.seq_len, config.embed_dim) * 0.02)  # LRA: N(0, 0.02)
-        else:
+        elif config.pos_emb == "sinusoidal":
             self.register_buffer("pos_emb", sinusoidal_table(config.seq_len, config.embed_dim), persistent=False)
+        else:  # rope: no table; every layer rotates its q and k (_positions, MultiHeadAttention)
+            self.pos_emb = None
+        self.context_limit = config.context_limit
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(config, i) for i in range(config.num_layers))
         self.norm = nn.LayerNorm(config.embed_dim)
@@ -331,8 +411,8 @@ class Encoder(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq), got shape {tuple(tokens.shape)}")
         batch, length = tokens.shape
-        if length > cfg.max_length:
-            raise ValueError(f"sequence length {length} exceeds the model's max_length={cfg.max_length}")
+        if self.context_limit is not None and length > self.context_limit:
+            raise ValueError(f"sequence length {length} exceeds the model's {limit_text(cfg)}")
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
         if mask.shape != tokens.shape or mask.dtype != torch.bool:
@@ -348,9 +428,9 @@ class Encoder(nn.Module):
         if cfg.uses_cls:
             x = torch.cat([self.cls.expand(batch, -1, -1), x], dim=1)
             mask = torch.cat([mask.new_ones(batch, 1), mask], dim=1)
-        x = self.dropout(x + self.pos_emb[: x.shape[1]])
+        x, rotary = self._positions(x)  # the CLS token, when there is one, is position 0
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, rotary)
         return self.norm(x), mask
 
     def prefill(self, tokens: torch.Tensor, mask: torch.Tensor | None, states: ModelDecodeState) -> torch.Tensor:
@@ -360,9 +440,9 @@ class Encoder(nn.Module):
         x = self.token_emb(tokens)
         if self.config.token_shift:  # as encode: position i gets token i-1's embedding
             x = x + F.pad(x, (0, 0, 1, 0))[:, :-1]
-        x = self.dropout(x + self.pos_emb[: x.shape[1]])
+        x, rotary = self._positions(x)
         for block, state in zip(self.blocks, states.layers):
-            x = block.prefill(x, mask, state)
+            x = block.prefill(x, mask, state, rotary)
         lengths = mask.sum(dim=1) if mask is not None else torch.full_like(states.lengths, tokens.shape[1])
         if states.prev_emb is not None and tokens.shape[1] > 0:
             rows = torch.arange(tokens.shape[0], device=tokens.device)
@@ -377,14 +457,26 @@ class Encoder(nn.Module):
         embedding; with token_shift, plus the previous token's embedding). Final-LayerNorm state (B, embed_dim)."""
         emb = self.token_emb(tokens)
         x = emb + states.prev_emb if states.prev_emb is not None else emb
-        x = self.dropout(x + self.pos_emb[states.lengths])[:, None]
+        x, rotary = self._positions(x[:, None], states.lengths)  # each sequence at its own position
         for block, state in zip(self.blocks, states.layers):
-            x = block.step(x, state)
+            x = block.step(x, state, rotary)
         states.lengths = states.lengths + 1
         states.longest += 1
         if states.prev_emb is not None:
             states.prev_emb = emb
         return self.norm(x[:, 0])
+
+    def _positions(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, Rotary | None]:
+        """Position information for the embeddings ``x`` (B, L, embed_dim), then dropout: at positions ``0 .. L-1``
+        (forward, prefill), or with ``lengths`` (B,) one token per sequence at its own position ``lengths[b]`` (a
+        step, L = 1). With a table its rows are added (no rotary table); with rope ``x`` is left as it is and the
+        positions' rotations come back (``attentions.rotary.rotary_table``: complex, shaped to broadcast against
+        (B, heads, L), in float32 or the embeddings' dtype if wider), computed once here for every layer."""
+        if self.pos_emb is not None:
+            rows = self.pos_emb[: x.shape[1]] if lengths is None else self.pos_emb[lengths][:, None]
+            return self.dropout(x + rows), None
+        positions = torch.arange(x.shape[1], device=x.device) if lengths is None else lengths[:, None, None]
+        return self.dropout(x), rotary_table(positions, self.config.head_dim, x.dtype)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x, mask = self.encode(tokens, mask)
@@ -463,14 +555,17 @@ class ArenaModel(nn.Module):
         """Empty decoding states for ``batch`` sequences of up to ``max_len`` tokens (prompt and new tokens).
 
         ``dtype``/``device``: of the q, k, v the layers will see (default: the model's parameters'). Raises
-        ValueError for a model that is not causal and token-level, or ``max_len`` above ``max_length`` (the
-        position table's length) or below 1.
+        ValueError for a model that is not causal and token-level, or ``max_len`` below 1 or above
+        :attr:`ModelConfig.context_limit` (``max_length``, the position table's length; with rope the mechanisms'
+        ``max_seq_len``).
         """
         self._check_decodable("init_states")
         cfg = self.config
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cfg.max_length:
-            raise ValueError(f"init_states' max_len must be an int in [1, max_length={cfg.max_length}] (the model's "
-                             f"position table), got {max_len!r}")
+        limit = cfg.context_limit
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1 or \
+                (limit is not None and max_len > limit):
+            raise ValueError(f"init_states' max_len must be an int >= 1 and at most the model's {limit_text(cfg)}, "
+                             f"got {max_len!r}")
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = torch.device(device) if device is not None else param.device
@@ -520,7 +615,8 @@ class ArenaModel(nn.Module):
         ``prompt_tokens`` (batch, n) right-padded by ``mask`` (None = all real); every sequence needs a real token
         and continues from its own end. Runs in eval mode (restored after). ValueError: not a language model
         (:attr:`is_language_model`), ``max_new_tokens`` not an int >= 0, an empty prompt, or a prompt's real
-        tokens plus ``max_new_tokens`` above ``max_length``.
+        tokens plus ``max_new_tokens`` above :attr:`ModelConfig.context_limit` (``max_length``; with rope the
+        mechanisms' ``max_seq_len``, which ``harness.generate.with_context`` sets for a longer context).
         """
         self._check_language_model()
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -528,11 +624,11 @@ class ArenaModel(nn.Module):
         lengths = self._prompt_lengths(prompt_tokens, mask)
         batch, n = prompt_tokens.shape
         longest = int(lengths.max())
-        if longest + max_new_tokens > self.config.max_length:
+        limit = self.config.context_limit
+        if limit is not None and longest + max_new_tokens > limit:
             raise ValueError(f"generate: the longest prompt ({longest} real tokens) plus max_new_tokens="
                              f"{max_new_tokens} is {longest + max_new_tokens} positions, more than the model's "
-                             f"max_length={self.config.max_length} (its position table; harness.generate.with_context "
-                             "gives a longer one)")
+                             f"{limit_text(self.config)}")
         if max_new_tokens == 0:
             return prompt_tokens.new_zeros(batch, 0)
         was_training = self.training
@@ -562,9 +658,10 @@ class ArenaModel(nn.Module):
         if prompt_tokens.shape[1] == 0 or bool((lengths == 0).any()):
             raise ValueError("generate needs at least one real prompt token per sequence (the first new token is "
                              "predicted from the last one)")
-        if prompt_tokens.shape[1] > self.config.max_length:
+        limit = self.config.context_limit
+        if limit is not None and prompt_tokens.shape[1] > limit:
             raise ValueError(f"prompt_tokens has {prompt_tokens.shape[1]} positions, more than the model's "
-                             f"max_length={self.config.max_length}")
+                             f"{limit_text(self.config)}")
         return lengths
 
     def _check_decodable(self, what: str) -> None:

@@ -214,7 +214,7 @@ def test_attention_backend_is_reported():
     [
         (dict(qkv_dim=15), "qkv_dim"),
         (dict(pooling="max"), "pooling.*'cls', 'mean'"),
-        (dict(pos_emb="rope"), "pos_emb"),
+        (dict(pos_emb="alibi"), "pos_emb.*rope"),
         (dict(attention="fulll"), "unknown attention 'fulll'.*full"),
         (dict(attention_params={"num_heads": 3}), "may not set"),
         (dict(attention_params={"max_seq_len": 10}), "max_seq_len.*shorter"),
