@@ -188,3 +188,20 @@ def test_smoke_recipes_write_to_their_own_store(experiment):
     """A smoke run is a check, not a benchmark: its records never land beside a benchmark's."""
     assert compose_train(f"experiment={experiment}").results_dir == "results/smoke"
     assert compose_train(f"experiment={experiment}", "results_dir=elsewhere").results_dir == "elsewhere"
+
+
+@pytest.mark.parametrize("experiment,expected", [("quick/mqar_causal", "beca3131c67086ac"),
+                                                 ("quick/mqar", "22e5c81b83ba2043")])
+def test_a_new_key_at_its_neutral_value_keeps_earlier_run_hashes(experiment, expected):
+    # The hashes these runs had before model.num_kv_heads existed (commit 8bf5c0f): a store's records of them
+    # are reused by a re-run. Setting the key makes another run.
+    from harness.store import config_hash
+    from harness.train import hashed_config
+    from harness.train.config import recipe_config
+
+    cfg = compose_train(f"experiment={experiment}", "attention=full", "seed=0")
+    assert config_hash(hashed_config(cfg)) == expected
+    assert "num_kv_heads" not in recipe_config(cfg)["model"]
+    grouped = compose_train(f"experiment={experiment}", "attention=full", "seed=0", "model.num_kv_heads=1")
+    assert config_hash(hashed_config(grouped)) != expected
+    assert recipe_config(grouped)["model"]["num_kv_heads"] == 1

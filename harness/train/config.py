@@ -64,6 +64,19 @@ def resolved_choices(cfg: DictConfig) -> dict[str, str]:
         return {"device": str(cfg.device), "precision": str(cfg.precision)}
 
 
+# Config keys added after records existed, at the value that leaves a run as it was: left out of the hash and the
+# recipe when they hold it, so a store's earlier records still match the runs they describe (a re-run reuses them).
+NEUTRAL_DEFAULTS = {("model", "num_kv_heads"): None}
+
+
+def _without_neutral(config: dict[str, Any]) -> dict[str, Any]:
+    for (group, key), neutral in NEUTRAL_DEFAULTS.items():
+        section = config.get(group)
+        if isinstance(section, dict) and key in section and section[key] == neutral:
+            config[group] = {k: v for k, v in section.items() if k != key}
+    return config
+
+
 def hashed_config(cfg: DictConfig) -> dict[str, Any]:
     """What the config hash covers: the resolved config minus the non-semantic keys, with the
     attention's effective params (other mechanisms' presets do not change this run's hash) and
@@ -74,7 +87,7 @@ def hashed_config(cfg: DictConfig) -> dict[str, Any]:
                                                                                           "attention_overrides")}
     hashed["attention"] = {**hashed["attention"], "params": attention_params(cfg)}
     hashed.update(resolved_choices(cfg))
-    return hashed
+    return _without_neutral(hashed)
 
 
 def recipe_config(cfg: DictConfig) -> dict[str, Any]:
@@ -89,7 +102,7 @@ def recipe_config(cfg: DictConfig) -> dict[str, Any]:
     recipe = {k: v for k, v in resolved.items() if k not in NON_SEMANTIC_KEYS and k not in ("hydra", "seed")}
     recipe["attention"] = {"params": recipe["attention"].get("params") or {}}
     recipe.update(resolved_choices(cfg))
-    return recipe
+    return _without_neutral(recipe)
 
 
 def experiment_name() -> str | None:
