@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from . import _blocked as blk
 from ._dropout import draw_seed
 from ._full_chunked import chunked_attention
+from ._grouped import query_rows
 from .base import Attention
 from .decoding import DecodeState, write_positions
 from .registry import AttentionConfig, register_attention, require
@@ -130,7 +131,7 @@ class MemoryCompressedAttention(Attention):
             slot_mask = slot_mask | ~slot_mask.any(dim=-1, keepdim=True)
             attn_mask = slot_mask[:, None, None, :]
         dropout = self.config.dropout if self.training else 0.0
-        rows = _group_rows(q, k_slots.shape[1])  # grouped: a key-value head's query heads as rows of one head
+        rows = query_rows(q, k_slots.shape[1])  # grouped: a key-value head's query heads as rows of one head
         if dropout > 0.0 and self.config.recompute and q.device.type == "cpu":
             # The dropout policy (docs/FAIRNESS.md): SDPA's CPU dropout path is the quadratic math path.
             out = chunked_attention(rows, k_slots, v_slots, slot_mask if key_padding_mask is not None else None,
@@ -226,7 +227,7 @@ class MemoryCompressedAttention(Attention):
         token_ok = torch.arange(c, device=pos.device)[None, :] <= offset[:, None]
         allowed = torch.cat([slot_ok, token_ok], dim=1)[:, None, None, :]
         # Grouped: the g query heads of a key-value head as g rows of it, one mask per sequence for all.
-        out = blk.masked_attention(_group_rows(q.to(dtype), keys.shape[1]), keys, values, allowed)
+        out = blk.masked_attention(query_rows(q.to(dtype), keys.shape[1]), keys, values, allowed)
         done = offset == c - 1  # the token completed its block: compress it into slot pos // c
         if bool(done.any()):
             self._close_blocks(state, pos, done)
@@ -280,20 +281,13 @@ def _fill_block(state: CompressedState, k: torch.Tensor, v: torch.Tensor, length
         buf.copy_(torch.where(valid, t.gather(2, index), torch.zeros_like(t[:, :, :1])))
 
 
-def _group_rows(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """q ``(b, h, n, d)`` -> ``(b, kv_heads, (h / kv_heads) n, d)``: key-value head ``j``'s query heads ``j g .. j g +
-    g - 1`` as consecutive blocks of ``n`` rows (a view of a contiguous q; q itself when the heads are equal)."""
-    b, h, n, d = q.shape
-    return q if h == kv_heads else q.reshape(b, kv_heads, h // kv_heads * n, d)
-
-
 def _causal_piece(q, k, v, k_slots, v_slots, real, start: int, c: int, dropout: float) -> torch.Tensor:
     """Causal memory-compressed attention of the queries ``start .. start + len(q) - 1`` (start a multiple of c).
 
     Query ``i`` (block ``i // c``) sees slot ``s`` iff ``s < i // c`` and token ``j`` of the piece iff it
     is in the same block and ``j <= i``. ``real``: ``(batch, slots + piece)`` key mask, or None. Grouped-query
     attention: k, v and the slots may have fewer heads than q; each key-value head's query heads are rows of it
-    (:func:`_group_rows`), the piece's mask repeated for each.
+    (:func:`query_rows`), the piece's mask repeated for each.
     """
     device = q.device
     pos = start + torch.arange(q.shape[2], device=device)
@@ -303,10 +297,10 @@ def _causal_piece(q, k, v, k_slots, v_slots, real, start: int, c: int, dropout: 
     allowed = torch.cat([slot_allowed, token_allowed], dim=1)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
-        allowed = allowed.repeat(groups, 1)  # rows ordered (query head of the group, position), as _group_rows
+        allowed = allowed.repeat(groups, 1)  # rows ordered (query head of the group, position), as query_rows
     allowed = allowed[None, None]
     if real is not None:
         allowed = allowed & real[:, None, None, :]
     keys, values = torch.cat([k_slots, k], dim=2), torch.cat([v_slots, v], dim=2)
-    out = blk.masked_attention(_group_rows(q, k.shape[1]), keys, values, allowed, dropout, training=dropout > 0.0)
+    out = blk.masked_attention(query_rows(q, k.shape[1]), keys, values, allowed, dropout, training=dropout > 0.0)
     return out.reshape(q.shape)
