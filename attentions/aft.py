@@ -404,8 +404,8 @@ def _gate(q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     kv = context.shape[1]
     if kv == h:
         return torch.sigmoid(q) * context
-    gated = torch.sigmoid(q).view(b, kv, h // kv, n, d) * context[:, :, None]
-    return gated.view(b, h, n, d)
+    gated = torch.sigmoid(q).view(b, kv, h // kv, n, d) * context[:, :, None]  # splitting a dim: always a view
+    return gated.reshape(b, h, n, d)
 
 
 # Smallest group (elements of one (n, channels) intermediate: 1 MiB in float32), and the most groups: a group

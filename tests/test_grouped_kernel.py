@@ -385,3 +385,44 @@ def test_decode_state_is_per_key_value_head(name, params):
             _, state = attn.prefill(q, k, v, state)
         sizes[kv_heads] = state_bytes(state)
     assert sizes[4] == 2 * sizes[2] == 4 * sizes[1]
+
+
+# ----------------------------------------------------------------------------- in the backbone
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+@pytest.mark.parametrize("name", CAUSAL)
+def test_a_grouped_language_model_decodes_as_its_causal_forward(name, kv_heads):
+    """ArenaModel with num_kv_heads (the projections give k, v kv_heads heads): right-padded prefill of 9, 4 and 0
+    tokens, then teacher-forced steps, equal the causal forward's logits; the state is 4 / kv_heads times smaller
+    than the ungrouped model's."""
+    from harness.model import ModelConfig, build_model, decode_state_bytes
+
+    def model_of(kv):
+        config = ModelConfig(vocab_size=24, max_length=40, num_classes=24, embed_dim=16, num_heads=HEADS,
+                             qkv_dim=HEADS * DIM, mlp_dim=32, num_layers=2, dropout=0.0, attention_dropout=0.0,
+                             causal=True, token_level=True, attention=name, num_kv_heads=kv,
+                             attention_params={k: v for k, v in SMALL[name].items() if k != "max_seq_len"}, seed=3)
+        torch.manual_seed(0)
+        return build_model(config).eval()
+
+    model = model_of(kv_heads)
+    lengths, total = [9, 4, 0], 24
+    seqs = torch.randint(1, 24, (3, total), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(seqs)
+        mask = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
+        states = model.init_states(3, total)
+        logits = model.prefill(seqs[:, :9].masked_fill(~mask, 0), mask, states)
+        for b, n in enumerate(lengths):
+            torch.testing.assert_close(logits[b, :n], ref[b, :n], atol=1e-4, rtol=1e-4)
+        rows = torch.arange(3)
+        for t in range(total - 9):
+            pos = torch.tensor(lengths) + t
+            torch.testing.assert_close(model.step(seqs[rows, pos], states), ref[rows, pos], atol=1e-4, rtol=1e-4)
+        other = model_of(None)
+        plain = other.init_states(3, total)
+        other.prefill(seqs[:, :9].masked_fill(~mask, 0), mask, plain)
+        for t in range(total - 9):
+            other.step(seqs[rows, torch.tensor(lengths) + t], plain)
+    assert decode_state_bytes(states) * (HEADS // kv_heads) == decode_state_bytes(plain)
