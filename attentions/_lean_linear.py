@@ -22,6 +22,12 @@ Feature maps (:class:`FeatureMap`) come in two kinds:
   All references are detached (their exact gradient is zero).
 - direct maps (RFA's sin/cos, the ReLU kernel): the map gives the features themselves.
 
+Grouped-query attention: ``q`` may have ``g`` times the heads of ``k`` and ``v`` only as ``(B, g, n, d)`` against
+``(B, 1, n, d)`` (see :func:`group_heads`, which puts a key-value head's ``g`` query heads on the head axis and the
+key-value heads on the batch axis): the key side (sums, stabiliser references, causal chunk states) is computed once
+per key-value head and every query head of the group reads it (products broadcast over the head axis; the key-side
+gradients are summed over it). With ``g == 1`` (heads equal) nothing changes.
+
 Padded keys: their ``[v, 1]`` rows are zero (and exp maps set their log-features to ``-inf``), so they
 add nothing; their gradients are zero. The denominator is clamped from below at ``floor`` (a tensor
 broadcastable to ``(b, h, n, 1)``, with its gradient, or None for the smallest positive normal).
@@ -141,6 +147,31 @@ def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
 
 
+def _kv_side(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """A key-side gradient computed per query head ``(B, g, ...)`` summed over the group to ``(B, 1, ...)`` when the
+    key side has one head per group (``heads`` = the key side's heads); itself when the heads are equal."""
+    return t if t.shape[1] == heads else t.sum(1, keepdim=True)
+
+
+def group_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None):
+    """Grouped-query layout for the engine: q ``(b, h, n, d)`` with k, v ``(b, h_kv, n, d)`` (key-value head ``j``
+    serving the ``g = h / h_kv`` consecutive query heads ``j g .. j g + g - 1``) -> q ``(b h_kv, g, n, d)``, k, v
+    ``(b h_kv, 1, n, d)``, the mask ``(b h_kv, n)`` (or None). Views where the inputs are contiguous (the mask is
+    repeated: ``b h_kv n`` booleans). :func:`ungroup_heads` undoes it on the output."""
+    b, h, n, d = q.shape
+    kv = k.shape[1]
+    q = q.reshape(b * kv, h // kv, n, d)
+    k, v = k.reshape(b * kv, 1, n, d), v.reshape(b * kv, 1, n, v.shape[-1])
+    mask = None if key_padding_mask is None else key_padding_mask.repeat_interleave(kv, dim=0)
+    return q, k, v, mask
+
+
+def ungroup_heads(out: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(b h_kv, g, n, e)`` -> ``(b, h_kv g, n, e)``: the inverse of :func:`group_heads` on an output."""
+    bk, g, n, e = out.shape
+    return out.reshape(batch, bk // batch * g, n, e)
+
+
 # ----------------------------------------------------------------------------- the function
 
 
@@ -216,8 +247,8 @@ def _bidir_forward(fmap, real, q, k, v, floor, params):
     sequence (no bigger than a chunk: kept rather than recomputed, which matters at short lengths)."""
     n = q.shape[-2]
     sums, shift, phi_k = _key_sums(fmap, real, k, v, params)
-    out = torch.empty_like(v)
-    den = v.new_empty(v.shape[:-1] + (1,))
+    out = v.new_empty(q.shape[:-1] + v.shape[-1:])  # q's heads (grouped: the group's query heads)
+    den = v.new_empty(q.shape[:-1] + (1,))
     phi = None
     for a, z in _spans(n, _bidir_chunk(fmap, n)):
         phi = _query_features(fmap, q[..., a:z, :], shift, params)
@@ -245,7 +276,7 @@ def _bidir_backward(fmap, real, q, k, v, out, den, floor, saved, params, param_g
         dsum, dfl = _ratio_backward(grad_out[..., a:z, :], out[..., a:z, :], den[..., a:z, :], _rows(floor, a, z, n))
         if dfloor is not None:
             dfloor[..., a:z, :] = dfl
-        dsums.add_(torch.matmul(phi.transpose(-1, -2), dsum))
+        dsums.add_(_kv_side(torch.matmul(phi.transpose(-1, -2), dsum), dsums.shape[1]))
         dphi = torch.matmul(dsum, sums.transpose(-1, -2))
         dq[..., a:z, :] = fmap.project_backward(x, t, dphi.mul_(phi) if fmap.exp else dphi, "q", params, param_grads)
     for a, z in _spans(n, chunk):
@@ -313,10 +344,10 @@ def _causal_forward(fmap, real, q, k, v, floor, params, dtype):
     chunk = min(CAUSAL_CHUNK, n)
     spans = _spans(n, chunk)
     m = fmap.num_features()
-    states = v.new_empty(b, h, len(spans), m, d + 1, dtype=dtype)
+    states = v.new_empty(b, h, len(spans), m, d + 1, dtype=dtype)  # per key-value head
     references = v.new_empty(b, h, len(spans), m, dtype=dtype) if fmap.exp else None
-    out = torch.empty_like(v, dtype=dtype)
-    den = v.new_empty(v.shape[:-1] + (1,), dtype=dtype)
+    out = v.new_empty(q.shape[:-1] + (d,), dtype=dtype)  # q's heads (grouped: the group's query heads)
+    den = v.new_empty(q.shape[:-1] + (1,), dtype=dtype)
     carried = v.new_zeros(b, h, m, d + 1, dtype=dtype)  # state + this chunk's sums, before the next decay
     previous = None
     tril = torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril()
@@ -372,11 +403,13 @@ def _causal_backward(fmap, real, q, k, v, out, den, floor, saved, params, param_
         scores = torch.matmul(phi_q, phi_k.transpose(-1, -2)).masked_fill_(mask, 0.0)
         dscores = torch.matmul(dsum, values.transpose(-1, -2)).masked_fill_(mask, 0.0)
         dphi_q = torch.matmul(dsum, state.transpose(-1, -2)).add_(torch.matmul(dscores, phi_k))
-        dphi_k = torch.matmul(dscores.transpose(-1, -2), phi_q).add_(torch.matmul(values, later.transpose(-1, -2)))
-        dvalues = torch.matmul(scores.transpose(-1, -2), dsum).add_(torch.matmul(phi_k, later))
+        # Grouped: the query heads of a group meet the same keys, so the key side's gradients sum over them.
+        dphi_k = _kv_side(torch.matmul(dscores.transpose(-1, -2), phi_q), h).add_(
+            torch.matmul(values, later.transpose(-1, -2)))
+        dvalues = _kv_side(torch.matmul(scores.transpose(-1, -2), dsum), h).add_(torch.matmul(phi_k, later))
         dv[..., a:z, :] = dvalues[..., :-1] if pad is None else dvalues[..., :-1].masked_fill(pad, 0.0)
         # Gradient of the state entering this chunk; the chunk before carried it out before this decay.
-        later = later.add_(torch.matmul(phi_q.transpose(-1, -2), dsum))
+        later = later.add_(_kv_side(torch.matmul(phi_q.transpose(-1, -2), dsum), h))
         if decay is not None:
             later.mul_(decay.transpose(-1, -2))
         dq[..., a:z, :] = fmap.project_backward(xq, tq, dphi_q.mul_(phi_q) if fmap.exp else dphi_q, "q", params,
@@ -454,10 +487,13 @@ def query_sums(fmap: FeatureMap, sums: torch.Tensor, reference: torch.Tensor | N
                floor: torch.Tensor | None, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The output of queries ``q`` ``(b, h, 1, d)`` against the prefix ``sums``: ``(b, h, 1, d)`` in ``q``'s dtype.
 
+    Grouped-query attention: ``sums`` (and ``reference``) may have ``h_kv`` heads dividing ``h``; the ``g = h / h_kv``
+    query heads of key-value head ``j`` (``j g .. j g + g - 1``) then read its sums, as ``g`` rows of one head.
     ``floor``: lower bound of the denominator, broadcastable to ``(b, h, 1, 1)``, or None (smallest normal).
     """
     dtype = sums.dtype
-    x = q.to(dtype)
+    b, h, _, d = q.shape
+    x = q.to(dtype).reshape(b, sums.shape[1], -1, d)  # (b, h_kv, g, d): a group's query heads as rows
     phi = fmap.project(x, "q", params) if reference is None else _query_features(fmap, x, reference, params)
     out, _ = _ratio(torch.matmul(phi, sums), None if floor is None else floor.to(dtype))
-    return out.to(q.dtype)
+    return out.reshape(b, h, 1, d).to(q.dtype)

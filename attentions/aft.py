@@ -47,6 +47,12 @@ Rotary positions: ``model.pos_emb=rope`` is refused for aft (info ``rotary='refu
 says so). RoPE acts through a query-key dot product (RoFormer eq. 16) and AFT has none: ``sigmoid(Q_t)`` gates and
 ``exp(K_t')`` weights channel by channel, so rotating q and k would only mix pairs of channels by absolute position.
 AFT's positions are its biases ``w_{t,t'}`` (relative ones in ``local`` mode).
+
+Grouped-query attention (``num_kv_heads < num_heads``, ``grouped_kv="shared"``): there is no query-key product.
+The query enters only through the gate ``sigmoid(Q_t)``; the weighted average ``num_t / den_t`` of the values is a
+function of the keys, values and biases (shared by all heads) alone. So it is computed once per key-value head, in
+every mode and pattern, and each of the ``g`` query heads of the group gates it with its own ``sigmoid(Q)``
+(:func:`_gate`). Decoding holds its sums, ring and cache per key-value head: state exactly ``1/g``.
 """
 
 from __future__ import annotations
@@ -134,6 +140,9 @@ def aft_state_size(config: AFTConfig, seq_len: int) -> int:
                   "sums themselves, per-channel running-max stabilised",
     state_growth="window",
     state_growth_fn=lambda config: {"simple": "constant", "local": "window", "full": "linear"}[config.mode],
+    grouped_kv="shared",
+    grouped_kv_note="no query-key product: the average sum exp(K + w) V / sum exp(K + w) is per key-value head in "
+                    "every mode (decoding: its sums, ring or cache), each query head gating it with sigmoid(Q)",
 )
 class AFTAttention(Attention):
     """Attention Free Transformer: per-channel softmax over keys plus learned position biases."""
@@ -156,14 +165,14 @@ class AFTAttention(Attention):
             return self._causal_attend(q, k, v, key_padding_mask)
         mode = self.config.mode
         if mode == "simple":
-            return torch.sigmoid(q) * _simple_context(k, v, key_padding_mask)
+            return _gate(q, _simple_context(k, v, key_padding_mask))
         if mode == "full":
             num, den = self._full_sums(k, v, key_padding_mask)
         else:
             num, den = _local_sums(*_stable_key_weights(k, v, key_padding_mask), self.rel_bias, self.config.window)
         # den >= the top key's weight > 0 for any sequence with a real token; the clamp only
         # keeps all-padding sequences finite (their rows are padding anyway).
-        return torch.sigmoid(q) * (num / den.clamp_min(torch.finfo(den.dtype).tiny))
+        return _gate(q, num / den.clamp_min(torch.finfo(den.dtype).tiny))
 
     def _causal_attend(self, q, k, v, key_padding_mask):
         """Sums over ``t' <= t`` only (see the module docstring); the same three modes."""
@@ -179,7 +188,7 @@ class AFTAttention(Attention):
             num, den = sums.split(k.shape[-1], dim=-1)
         # den > 0 on every real row (its own key); the clamp keeps rows without a real key finite.
         out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
-        return torch.sigmoid(q) * out.to(q.dtype)
+        return _gate(q, out.to(q.dtype))
 
     # ------------------------------------------------------------------------------------------- decoding
     # Why a step equals the causal forward: the causal output is sigmoid(q_t) * num_t / den_t with num_t, den_t the
@@ -194,13 +203,14 @@ class AFTAttention(Attention):
 
     def new_state(self, batch, max_len, dtype, device):
         cfg, sums = self.config, torch.promote_types(dtype, torch.float32)
+        heads = cfg.kv_heads  # one cache, ring and sums per key-value head (grouped_kv='shared')
         if cfg.mode == "full":
-            return AFTCacheState(batch, max_len, cfg.num_heads, max_len, cfg.head_dim, dtype, device)
+            return AFTCacheState(batch, max_len, heads, max_len, cfg.head_dim, dtype, device)
         if cfg.mode == "local":
-            state = AFTCacheState(batch, max_len, cfg.num_heads, cfg.window, cfg.head_dim, dtype, device)
+            state = AFTCacheState(batch, max_len, heads, cfg.window, cfg.head_dim, dtype, device)
         else:
-            state = AFTCacheState(batch, max_len, cfg.num_heads, 0, cfg.head_dim, dtype, device)
-        state.num, state.den, state.reference = _empty_sums(batch, cfg.num_heads, cfg.head_dim, sums, device)
+            state = AFTCacheState(batch, max_len, heads, 0, cfg.head_dim, dtype, device)
+        state.num, state.den, state.reference = _empty_sums(batch, heads, cfg.head_dim, sums, device)
         return state
 
     def prefill_state(self, q, k, v, key_padding_mask, state):
@@ -229,7 +239,7 @@ class AFTAttention(Attention):
             write_positions((state.k, state.v), (k, v), pos)
             num, den = _full_step(state, pos, self.pos_bias)
         out = num / den.clamp_min(torch.finfo(den.dtype).tiny)  # den >= 1: the row's top weight is exp(0)
-        return torch.sigmoid(q) * out.to(q.dtype)
+        return _gate(q, out.to(q.dtype))
 
     def _local_step(self, k, v, state):
         """One token through the ring of the ``s`` latest keys and the sums of the keys before them."""
@@ -391,7 +401,19 @@ def _local_attend(q, k, v, key_padding_mask, rel_bias, window: int, causal: bool
         weights, weighted_v = _stable_key_weights(k, v, key_padding_mask)
     num, den = _local_sums(weights, weighted_v, rel_bias, window, causal=causal)
     out = num / den.clamp_min(torch.finfo(den.dtype).tiny)
-    return torch.sigmoid(q) * out.to(q.dtype)
+    return _gate(q, out.to(q.dtype))
+
+
+def _gate(q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(q) * context``: q ``(b, h, n, d)``, the key-value average ``(b, h_kv, n | 1, d)``, ``h_kv`` dividing
+    ``h``; key-value head ``j``'s average is gated by each of its query heads ``j g .. j g + g - 1`` (grouped-query
+    attention: read in place, never repeated)."""
+    b, h, n, d = q.shape
+    kv = context.shape[1]
+    if kv == h:
+        return torch.sigmoid(q) * context
+    gated = torch.sigmoid(q).view(b, kv, h // kv, n, d) * context[:, :, None]  # splitting a dim: always a view
+    return gated.reshape(b, h, n, d)
 
 
 # Smallest group (elements of one (n, channels) intermediate: 1 MiB in float32), and the most groups: a group
@@ -406,55 +428,65 @@ def grouped_recompute(fn, q, k, v, key_padding_mask, params: tuple[torch.Tensor,
     """``fn(q, k, v, key_padding_mask, *params)`` for a mechanism whose (batch, head) channels are independent,
     computed group by group (batch rows, or heads of one row) without storing intermediates; each group is
     recomputed in backward (its output, then autograd's gradients of that group only). Keeps ``q, k, v`` and
-    the ``params``; the gradients are those of ``fn`` itself. Shapes ``(b, h, n, d)``, output ``q``'s shape."""
-    b, h, n, d = q.shape
-    total = b * h * n * d
+    the ``params``; the gradients are those of ``fn`` itself. Shapes ``(b, h, n, d)``, output ``q``'s shape.
+    Grouped-query attention: k, v may have ``h_kv`` heads dividing ``h``; a group of key-value heads ``h0:h1`` then
+    goes with their query heads ``h0 g : h1 g`` (``g = h / h_kv``), so ``fn`` sees each key-value head whole."""
+    b, h, n, d = k.shape  # split along the key-value heads, each with its query heads
+    g = q.shape[1] // h
+    total = q.numel()
     per = max(GROUP_ELEMENTS, -(-total // MAX_GROUPS))
     if per >= total:
         return fn(q, k, v, key_padding_mask, *params)
-    if per >= h * n * d:
-        rows = per // (h * n * d)
+    if per >= g * h * n * d:
+        rows = per // (g * h * n * d)
         groups = [(i, min(i + rows, b), 0, h) for i in range(0, b, rows)]
     else:
-        heads = max(1, per // (n * d))
+        heads = max(1, per // (g * n * d))
         groups = [(i, i + 1, h0, min(h0 + heads, h)) for i in range(b) for h0 in range(0, h, heads)]
-    return _GroupRecompute.apply(fn, groups, key_padding_mask, q, k, v, *params)
+    return _GroupRecompute.apply(fn, groups, g, key_padding_mask, q, k, v, *params)
+
+
+def _channel_slices(q, k, v, i: int, j: int, h0: int, h1: int, g: int) -> tuple[torch.Tensor, ...]:
+    """Batch rows ``i:j``, key-value heads ``h0:h1`` of k, v and their query heads ``h0 g : h1 g`` of q."""
+    return q[i:j, h0 * g:h1 * g], k[i:j, h0:h1], v[i:j, h0:h1]
 
 
 class _GroupRecompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, groups, mask, q, k, v, *params):
+    def forward(ctx, fn, groups, g, mask, q, k, v, *params):
         out = torch.empty_like(q)
         with torch.no_grad():
             for i, j, h0, h1 in groups:
-                part = (t[i:j, h0:h1] for t in (q, k, v))
-                out[i:j, h0:h1] = fn(*part, None if mask is None else mask[i:j], *params)
-        ctx.fn, ctx.groups, ctx.mask = fn, groups, mask
+                part = _channel_slices(q, k, v, i, j, h0, h1, g)
+                out[i:j, h0 * g:h1 * g] = fn(*part, None if mask is None else mask[i:j], *params)
+        ctx.fn, ctx.groups, ctx.g, ctx.mask = fn, groups, g, mask
         ctx.save_for_backward(q, k, v, *params)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, *params = ctx.saved_tensors
+        g = ctx.g
         grads = [torch.zeros_like(t) for t in (q, k, v)]
         param_grads = [torch.zeros_like(p) if p.requires_grad else None for p in params]
         for i, j, h0, h1 in ctx.groups:
             with torch.enable_grad():
-                leaves = [t[i:j, h0:h1].detach().requires_grad_() for t in (q, k, v)]
+                leaves = [t.detach().requires_grad_() for t in _channel_slices(q, k, v, i, j, h0, h1, g)]
                 plain = [p.detach().requires_grad_(p.requires_grad) for p in params]
                 out = ctx.fn(*leaves, None if ctx.mask is None else ctx.mask[i:j], *plain)
                 wanted = leaves + [p for p in plain if p.requires_grad]
-                found = torch.autograd.grad(out, wanted, grad_out[i:j, h0:h1], allow_unused=True)
-            for grad, part in zip(grads, found[:3]):
+                found = torch.autograd.grad(out, wanted, grad_out[i:j, h0 * g:h1 * g], allow_unused=True)
+            spans = ((h0 * g, h1 * g), (h0, h1), (h0, h1))  # q's heads, then k's and v's
+            for grad, part, (lo, hi) in zip(grads, found[:3], spans):
                 if part is not None:
-                    grad[i:j, h0:h1] = part
+                    grad[i:j, lo:hi] = part
             extra = iter(found[3:])
             for j, p in enumerate(plain):
                 if p.requires_grad:
                     part = next(extra)
                     if part is not None:
                         param_grads[j] += part
-        return (None, None, None, *grads, *param_grads)
+        return (None, None, None, None, *grads, *param_grads)
 
 
 def _banded_sum(stacked: torch.Tensor, coeff: torch.Tensor, s: int) -> torch.Tensor:

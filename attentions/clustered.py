@@ -38,6 +38,12 @@ so k-means groups the rotated queries ``R_i q_i``: content and position together
 clusters with its position). A query takes its centroid's attention, scores ``c^T R_j k_j`` for the mean ``c`` of its
 cluster's rotated queries, not its own ``q_i^T R_(j-i) k_j`` (RoFormer eq. 16): relative only as far as the cluster's
 members agree, exact for a query alone in its cluster and, with ``improved``, for its recomputed top-k keys.
+
+Grouped-query attention (``num_kv_heads < num_heads``, ``grouped_kv="shared"``): the clusters are of queries, so
+they stay per query head (k-means on each head's queries); only the keys and values are shared. The centroids of
+the ``g`` query heads of key-value head ``j`` attend to its keys as rows of one head
+(``attentions._grouped.query_rows``: one grouped SDPA call or matmul, keys never repeated), and ``improved``
+gathers each query head's top keys from its key-value head. No causal form, so no decoding state.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import torch.nn.functional as F
 
 from ._dropout import draw_seed
 from ._full_chunked import chunked_attention, chunked_attention_stored
+from ._grouped import query_rows
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
@@ -97,6 +104,9 @@ def clustered_state_size(config: ClusteredConfig, seq_len: int) -> int:
     state_size_fn=clustered_state_size,
     causal_note=("clusters and their centroid queries are computed from every position, so each output depends on "
                  "later queries; a causal form would recluster every prefix and lose the linear cost"),
+    grouped_kv="shared",
+    grouped_kv_note="clusters stay per query head (they are of queries); the centroids of a key-value head's query "
+                    "heads attend to its keys as rows of one head, improved's top keys gathered from it",
 )
 class ClusteredAttention(Attention):
     """Clustered attention: k-means over queries, one softmax attention per centroid."""
@@ -128,27 +138,29 @@ class ClusteredAttention(Attention):
             if key_padding_mask is not None:
                 # No real key at all (all-padding sequence): attend everywhere to stay finite.
                 allowed = (real | ~real.any(dim=-1, keepdim=True))[:, None, None, :]
+            # Grouped: the centroids of a key-value head's query heads as rows of it (C rows each).
+            rows = query_rows(centroids, k.shape[1])
             if dropout == 0.0:
-                centroid_out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=allowed)
+                centroid_out = F.scaled_dot_product_attention(rows, k, v, attn_mask=allowed)
             else:  # SDPA's dropout leaves its fused kernel on CPU and keeps the (C, n) probabilities
                 keys = None if allowed is None else allowed[:, 0, 0]
                 attention = chunked_attention if cfg.recompute else chunked_attention_stored
-                centroid_out = attention(centroids, k, v, keys, False, dropout, draw_seed(), CENTROID_CHUNK_ELEMENTS)
-            return _gather_rows(centroid_out, index)
+                centroid_out = attention(rows, k, v, keys, False, dropout, draw_seed(), CENTROID_CHUNK_ELEMENTS)
+            return _gather_rows(centroid_out.reshape(centroids.shape), index)
 
-        scores = torch.matmul(centroids * (1.0 / math.sqrt(dim)), k.transpose(-1, -2))  # (b, h, C, n)
+        scores = _centroid_scores(centroids, k)  # (b, h, C, n)
         if key_padding_mask is not None:
             scores = scores.masked_fill(~real[:, None, None, :], float("-inf"))
         probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # all-padding sequence: no key
         if dropout > 0.0:
             probs = F.dropout(probs, p=dropout)
-        centroid_out = torch.matmul(probs, v)  # (b, h, C, d)
+        centroid_out = torch.matmul(query_rows(probs, k.shape[1]), v).reshape(centroids.shape)  # (b, h, C, d)
         if scores.dtype == torch.float32:
             select = scores.detach()
         else:
             with torch.no_grad():  # the float32 scores, computed exactly as the float32 path does
                 centroids32 = _cluster_means(q32, assign, num_slots)
-                select = torch.matmul(centroids32 * (1.0 / math.sqrt(dim)), k.detach().float().transpose(-1, -2))
+                select = _centroid_scores(centroids32, k.detach().float())
                 if key_padding_mask is not None:
                     select = select.masked_fill(~real[:, None, None, :], float("-inf"))
         return self._improved(q, k, v, real, select, probs, centroid_out, index, dropout)
@@ -243,6 +255,13 @@ class ClusteredAttention(Attention):
         return _gather_rows(mass[..., None], index) * exact + _gather_rows(rest, index)
 
 
+def _centroid_scores(centroids: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``centroids k^T / sqrt(d)``: centroids ``(b, h, C, d)``, keys ``(b, h_kv, n, d)`` (``h_kv`` dividing ``h``, a
+    key-value head's query heads' centroids as rows of it) -> ``(b, h, C, n)``."""
+    scores = torch.matmul(query_rows(centroids, k.shape[1]) * (1.0 / math.sqrt(k.shape[-1])), k.transpose(-1, -2))
+    return scores.reshape(*centroids.shape[:-1], k.shape[2])
+
+
 def _top_mass_sum(top_mass: torch.Tensor, top_ok: torch.Tensor) -> torch.Tensor:
     """Centroid probability mass on the real top keys."""
     return (top_mass * top_ok).sum(-1)
@@ -293,7 +312,9 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_keys(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x: (b, h, n, d), index: (b, h, r, k) -> (b, h, r, k, d)."""
+    """x: (b, h_kv, n, d), index: (b, h, r, k) -> (b, h, r, k, d); ``h_kv`` divides ``h`` (grouped-query attention:
+    query head ``i`` reads key-value head ``i // (h / h_kv)``, its index rows taken as rows of that head)."""
     batch, heads, rows, kk = index.shape
-    out = torch.gather(x, 2, index.reshape(batch, heads, rows * kk, 1).expand(-1, -1, -1, x.shape[-1]))
+    kv = x.shape[1]
+    out = torch.gather(x, 2, index.reshape(batch, kv, heads // kv * rows * kk, 1).expand(-1, -1, -1, x.shape[-1]))
     return out.view(batch, heads, rows, kk, x.shape[-1])

@@ -10,6 +10,11 @@ Rotary positions (``model.pos_emb=rope``, ``attentions.rotary``): the backbone r
 and ``E`` then mixes the rotated keys along the sequence: projected key ``s`` is ``sum_j E_js R_j k_j``, so a score is
 ``sum_j E_js q_i^T R_(j-i) k_j``: RoPE's relative scores (RoFormer eq. 16), weighted by ``E``'s learned rows, which
 belong to absolute positions. The values (``F^T V``) are not rotated.
+
+Grouped-query attention (``num_kv_heads < num_heads``, ``grouped_kv="shared"``): ``E, F`` are shared by all heads
+and act on keys and values only, so ``E^T K`` and ``F^T V`` are computed once per key-value head (``g`` times fewer
+projections), and its ``g`` query heads attend to them as rows of one head (``attentions._grouped.query_rows``: one
+grouped SDPA call, nothing repeated). No causal form, so no decoding state.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._grouped import query_rows
 from .base import Attention
 from .registry import AttentionConfig, register_attention, require
 
@@ -59,6 +65,9 @@ def linformer_state_size(config: LinformerConfig, seq_len: int) -> int:
     state_size_fn=linformer_state_size,
     causal_note=("the learned (k, n) projection mixes every position into each compressed key, so a query would "
                  "see the future; masking it needs one projection per prefix, which loses the linear cost"),
+    grouped_kv="shared",
+    grouped_kv_note="E^T K and F^T V per key-value head (E, F shared by all heads), its query heads attending to them "
+                    "as rows of one head",
 )
 class LinformerAttention(Attention):
     """Linformer: softmax attention over keys/values projected along the sequence to ``proj_dim``.
@@ -94,9 +103,11 @@ class LinformerAttention(Attention):
         seq = q.shape[-2]
         e = self.proj_k[:seq].to(q.dtype)
         f = e if self.proj_v is None else self.proj_v[:seq].to(q.dtype)
-        # (k, n) @ (b, h, n, d) -> (b, h, k, d): a projection along the sequence, shared by all heads.
+        # (k, n) @ (b, h_kv, n, d) -> (b, h_kv, k, d): a projection along the sequence, shared by all heads.
         k_proj = torch.matmul(e.T, k)
         v_proj = torch.matmul(f.T, v)
         dropout = self.config.dropout if self.training else 0.0
-        # Exact softmax over the k projected slots; SDPA picks a fused kernel.
-        return F.scaled_dot_product_attention(q, k_proj, v_proj, dropout_p=dropout)
+        # Exact softmax over the k projected slots; SDPA picks a fused kernel. Grouped: a key-value head's query
+        # heads as rows of it (no mask, so the rows are independent).
+        out = F.scaled_dot_product_attention(query_rows(q, k.shape[1]), k_proj, v_proj, dropout_p=dropout)
+        return out.reshape(q.shape)

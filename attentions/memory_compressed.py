@@ -4,7 +4,7 @@ Keys and values are compressed along the sequence into ``m = ceil(n / c)`` slots
 query attends to the slots with exact softmax attention:
 
 - ``conv`` (the paper): a learned strided convolution, kernel = stride = ``compression`` c,
-  one per head and one each for keys and values (weights ``(heads, c * head_dim, head_dim)``,
+  one per key-value head and one each for keys and values (weights ``(kv_heads, c * head_dim, head_dim)``,
   no bias, drawn from ``seed`` as N(0, 1 / (c * head_dim)) so a slot keeps the scale of a
   token and the softmax temperature is unchanged at initialisation).
 - ``mean``: mean over the real tokens of each slot (no parameters).
@@ -31,6 +31,12 @@ so a slot compresses rotated keys. ``mean``: a slot's score is the mean of ``q_i
 its tokens, relative term by term. ``conv``: the learned weights mix the dimensions of ``R_j k_j``, so a slot is no
 longer a rotated vector and its score is no function of the offsets (the convolution sees absolute phases). The
 causal form's own-block tokens are exact keys, scored as RoPE's ``q_i^T R_(j-i) k_j``.
+
+Grouped-query attention (``num_kv_heads < num_heads``, ``grouped_kv="shared"``): a slot is made from keys (values)
+only, so the compression kernels belong to the key-value head (``(num_kv_heads, c * head_dim, head_dim)``) and the
+slots are made once per key-value head. Its ``g`` query heads attend to them as ``g`` blocks of rows of one head
+(queries ``(b, h_kv, g n, d)`` against slots ``(b, h_kv, m, d)``: a grouped matmul, nothing repeated; causal: each
+piece's block mask tiled over the group). Decoding holds slots and the current block per key-value head: ``1/g``.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 from . import _blocked as blk
 from ._dropout import draw_seed
 from ._full_chunked import chunked_attention
+from ._grouped import query_rows
 from .base import Attention
 from .decoding import DecodeState, write_positions
 from .registry import AttentionConfig, register_attention, require
@@ -104,6 +111,10 @@ def memory_compressed_state_size(config: MemoryCompressedConfig, seq_len: int) -
     decoding_note="the compressed key/value slots of the complete past blocks plus the raw keys/values of the "
                   "current block; a block is compressed as it completes, as the causal form compresses it",
     state_growth="linear",
+    grouped_kv="shared",
+    grouped_kv_note="compression kernels and slots per key-value head, its query heads attending to them as rows of "
+                    "one head (a grouped matmul; causal pieces tile the block mask); decoding: slots and block per "
+                    "key-value head",
 )
 class MemoryCompressedAttention(Attention):
     """Memory-compressed attention: keys/values compressed by a strided convolution, then softmax."""
@@ -113,7 +124,7 @@ class MemoryCompressedAttention(Attention):
         if config.compression_type == "conv":
             gen = torch.Generator().manual_seed(config.seed)
             fan_in = config.compression * config.head_dim
-            shape = (config.num_heads, fan_in, config.head_dim)
+            shape = (config.kv_heads, fan_in, config.head_dim)  # slots are per key-value head
             # Rows of a kernel are ordered (position within the slot, input channel).
             self.key_kernel = nn.Parameter(torch.randn(shape, generator=gen) / math.sqrt(fan_in))
             self.value_kernel = nn.Parameter(torch.randn(shape, generator=gen) / math.sqrt(fan_in))
@@ -129,11 +140,14 @@ class MemoryCompressedAttention(Attention):
             slot_mask = slot_mask | ~slot_mask.any(dim=-1, keepdim=True)
             attn_mask = slot_mask[:, None, None, :]
         dropout = self.config.dropout if self.training else 0.0
+        rows = query_rows(q, k_slots.shape[1])  # grouped: a key-value head's query heads as rows of one head
         if dropout > 0.0 and self.config.recompute and q.device.type == "cpu":
             # The dropout policy (docs/FAIRNESS.md): SDPA's CPU dropout path is the quadratic math path.
-            return chunked_attention(q, k_slots, v_slots, slot_mask if key_padding_mask is not None else None,
-                                     False, dropout, draw_seed())
-        return F.scaled_dot_product_attention(q, k_slots, v_slots, attn_mask=attn_mask, dropout_p=dropout)
+            out = chunked_attention(rows, k_slots, v_slots, slot_mask if key_padding_mask is not None else None,
+                                    False, dropout, draw_seed())
+        else:
+            out = F.scaled_dot_product_attention(rows, k_slots, v_slots, attn_mask=attn_mask, dropout_p=dropout)
+        return out.reshape(q.shape)
 
     def _compress(self, k, v, key_padding_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Key and value slots ``(batch, heads, ceil(n / c), dim)``; slots holding a real token ``(batch, slots)``."""
@@ -194,7 +208,8 @@ class MemoryCompressedAttention(Attention):
 
     def new_state(self, batch, max_len, dtype, device):
         cfg = self.config
-        return CompressedState(batch, max_len, cfg.num_heads, cfg.compression, cfg.head_dim, dtype,
+        # Slots and block per key-value head (grouped_kv='shared'): the hooks get k, v with kv_heads heads.
+        return CompressedState(batch, max_len, cfg.kv_heads, cfg.compression, cfg.head_dim, dtype,
                                torch.promote_types(dtype, torch.float32), device)
 
     def prefill_state(self, q, k, v, key_padding_mask, state):
@@ -220,11 +235,12 @@ class MemoryCompressedAttention(Attention):
         slot_ok = torch.arange(used, device=pos.device)[None, :] < (pos // c)[:, None]
         token_ok = torch.arange(c, device=pos.device)[None, :] <= offset[:, None]
         allowed = torch.cat([slot_ok, token_ok], dim=1)[:, None, None, :]
-        out = blk.masked_attention(q.to(dtype), keys, values, allowed)
+        # Grouped: the g query heads of a key-value head as g rows of it, one mask per sequence for all.
+        out = blk.masked_attention(query_rows(q.to(dtype), keys.shape[1]), keys, values, allowed)
         done = offset == c - 1  # the token completed its block: compress it into slot pos // c
         if bool(done.any()):
             self._close_blocks(state, pos, done)
-        return out.to(q.dtype)
+        return out.reshape(q.shape).to(q.dtype)
 
     def _close_blocks(self, state, pos: torch.Tensor, done: torch.Tensor) -> None:
         """Compress the current block of the sequences where ``done`` into their slot ``pos // c``."""
@@ -278,15 +294,22 @@ def _causal_piece(q, k, v, k_slots, v_slots, real, start: int, c: int, dropout: 
     """Causal memory-compressed attention of the queries ``start .. start + len(q) - 1`` (start a multiple of c).
 
     Query ``i`` (block ``i // c``) sees slot ``s`` iff ``s < i // c`` and token ``j`` of the piece iff it
-    is in the same block and ``j <= i``. ``real``: ``(batch, slots + piece)`` key mask, or None.
+    is in the same block and ``j <= i``. ``real``: ``(batch, slots + piece)`` key mask, or None. Grouped-query
+    attention: k, v and the slots may have fewer heads than q; each key-value head's query heads are rows of it
+    (:func:`query_rows`), the piece's mask repeated for each.
     """
     device = q.device
     pos = start + torch.arange(q.shape[2], device=device)
     block = torch.div(pos, c, rounding_mode="floor")
     slot_allowed = torch.arange(k_slots.shape[2], device=device)[None, :] < block[:, None]
     token_allowed = (block[:, None] == block[None, :]) & (pos[None, :] <= pos[:, None])
-    allowed = torch.cat([slot_allowed, token_allowed], dim=1)[None, None]
+    allowed = torch.cat([slot_allowed, token_allowed], dim=1)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        allowed = allowed.repeat(groups, 1)  # rows ordered (query head of the group, position), as query_rows
+    allowed = allowed[None, None]
     if real is not None:
         allowed = allowed & real[:, None, None, :]
     keys, values = torch.cat([k_slots, k], dim=2), torch.cat([v_slots, v], dim=2)
-    return blk.masked_attention(q, keys, values, allowed, dropout, training=dropout > 0.0)
+    out = blk.masked_attention(query_rows(q, k.shape[1]), keys, values, allowed, dropout, training=dropout > 0.0)
+    return out.reshape(q.shape)

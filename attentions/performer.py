@@ -28,6 +28,15 @@ unbiased. The approximated kernel therefore depends on the offset ``j - i`` only
 one draw's error depends on the absolute positions (``W R_i q`` is not ``W q``). RoFormer sec. 3.3 (eq. 19) pairs
 RoPE with linear attention differently: it rotates the feature vectors ``phi(q)``, ``phi(k)`` in the numerator and
 leaves the denominator unrotated; here the rotation comes before the feature map, as for every mechanism.
+
+Grouped-query attention (``num_kv_heads < num_heads``, ``grouped_kv="shared"``): the projection ``W`` is one
+matrix for all heads, so ``phi(K)`` of a key-value head is the same for each of its ``g`` query heads. The feature
+sums ``phi(K)^T [V, 1]`` (bidirectional), the causal chunk states and the decoding state are therefore computed and
+held once per key-value head, and ``phi(Q)`` of each query head reads its group's (``_lean_linear.group_heads``).
+The stabiliser stays per group and per row: the per-feature key maximum ``c_f`` is taken over the group's keys
+(the keys every query head of the group sees, in the ratio it cancels in), the query shift over the query's own row;
+so no query head's output depends on another head's queries, and each equals the ungrouped module's on the key-value
+head repeated (the same features, shifts and sums), up to float rounding. Decode state: exactly ``1/g``.
 """
 
 from __future__ import annotations
@@ -37,7 +46,16 @@ from typing import Literal
 
 import torch
 
-from ._lean_linear import FeatureMap, FeatureSumState, lean_linear_attention, prefix_sums, query_sums, step_sums
+from ._lean_linear import (
+    FeatureMap,
+    FeatureSumState,
+    group_heads,
+    lean_linear_attention,
+    prefix_sums,
+    query_sums,
+    step_sums,
+    ungroup_heads,
+)
 from ._random_features import (
     causal_exp_linear_attention,
     causal_linear_attention,
@@ -101,6 +119,10 @@ def performer_state_size(config: PerformerConfig, seq_len: int) -> int:
     decoding_note="the (m, d+1) prefix sums phi(K)^T [V, 1] with the causal form's per-feature running-max "
                   "stabiliser, one token per update: the recurrence the chunked causal form evaluates",
     state_growth="constant",
+    grouped_kv="shared",
+    grouped_kv_note="one projection for all heads, so phi(K) and the sums phi(K)^T [V, 1] (causal: the prefix sums "
+                    "and chunk states; decoding: the state) are per key-value head, read by its query heads' phi(Q); "
+                    "the key stabiliser is per group, the query shift per row",
 )
 class PerformerAttention(Attention):
     """Performer (FAVOR+): positive orthogonal random features approximating softmax attention.
@@ -203,6 +225,13 @@ class PerformerAttention(Attention):
 
     def attend(self, q, k, v, key_padding_mask):
         self._maybe_redraw()
+        if self.config.kv_groups > 1:  # the group's query heads on the head axis, key-value heads on the batch axis
+            return ungroup_heads(self._attend(*group_heads(q, k, v, key_padding_mask)), q.shape[0])
+        return self._attend(q, k, v, key_padding_mask)
+
+    def _attend(self, q, k, v, key_padding_mask):
+        """FAVOR+ of q ``(B, h, n, d)`` and k, v ``(B, h, n, d)`` or ``(B, 1, n, d)`` (one key-value head for the
+        ``h`` query heads; :func:`attentions._lean_linear.group_heads`): every path broadcasts over the head axis."""
         if self.config.recompute:
             compute = torch.promote_types(q.dtype, torch.float32)
             w = self.projection.to(compute) * q.shape[-1] ** -0.25  # the d^-1/4 input scaling folded into W
@@ -247,7 +276,8 @@ class PerformerAttention(Attention):
 
     def new_state(self, batch, max_len, dtype, device):
         exp = self.config.kernel == "softmax"
-        return FeatureSumState(batch, max_len, self.config.num_heads, self.config.num_features, self.config.head_dim,
+        # One state per key-value head (grouped_kv='shared'): the hooks get k, v with kv_heads heads.
+        return FeatureSumState(batch, max_len, self.config.kv_heads, self.config.num_features, self.config.head_dim,
                                torch.promote_types(dtype, torch.float32), device, exp)
 
     def prefill_state(self, q, k, v, key_padding_mask, state):

@@ -26,9 +26,20 @@ a rotation keeps ``|x|``, so normalising commutes with it, and for unit ``q, k``
 ``exp(-|R_i q - R_j k|^2 / (2 sigma^2)) = exp(-1/sigma^2) exp(q^T R_(j-i) k / sigma^2)`` (RoFormer eq. 16): a kernel
 of the offset ``j - i`` only, in expectation over ``omega`` (one draw's error depends on absolute positions). With
 ``learn_sigma`` the bandwidth is per dimension, ``|diag(sigma)^-1 (R_i q - R_j k)|``, and that is a function of the
-offset only where both dimensions of each rotated pair (``a``, ``a + head_dim / 2``) share one bandwidth; a learned
+offset only where both dimensions of each rotated pair (``2a``, ``2a + 1``) share one bandwidth; a learned
 bandwidth need not. RoFormer sec. 3.3 (eq. 19) rotates the feature vectors instead; here the rotation comes before
 the feature map, as for every mechanism.
+
+Grouped-query attention (``num_kv_heads < num_heads``, ``grouped_kv="shared"``): the frequencies ``omega`` are
+shared by all heads, so ``phi(K)`` of a key-value head, hence its sums ``phi(K)^T [V, 1]`` (causal: the chunk
+states; decoding: the state), can serve all ``g`` query heads of its group, provided the bandwidth does too. With
+``learn_sigma`` the bandwidth ``sigma`` scales the frequencies of both sides (``w = omega / sigma``: a kernel
+``k(q, k) = exp(-|q^ - k^|^2 / 2 sigma^2)`` of the pair), so a bandwidth per *query* head would give each query head
+its own key features, and nothing to share. The bandwidth is therefore a parameter of the key-value head: shape
+``(num_kv_heads, head_dim)``, its group's query heads scaled by it (with ``num_kv_heads = num_heads``, the earlier
+per-head bandwidth). The group's query heads then read one set of sums: decode state exactly ``1/g``. A grouped
+model thus learns ``g`` times fewer bandwidths; ungrouped it is unchanged. The denominator floor uses the smallest
+bandwidth of the module, as before. RFA's optional gate is not implemented (nothing per head to share).
 """
 
 from __future__ import annotations
@@ -40,7 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._lean_linear import FeatureMap, FeatureSumState, lean_linear_attention, prefix_sums, query_sums, step_sums
+from ._lean_linear import (
+    FeatureMap,
+    FeatureSumState,
+    group_heads,
+    lean_linear_attention,
+    prefix_sums,
+    query_sums,
+    step_sums,
+    ungroup_heads,
+)
 from ._random_features import causal_linear_attention, draw_generator, gaussian_projection, linear_attention
 from .base import Attention
 from .functional import zero_padded_values
@@ -50,11 +70,11 @@ from .registry import AttentionConfig, register_attention, require
 @dataclass(frozen=True)
 class RFAConfig(AttentionConfig):
     """``num_features``: D random frequencies (2D features). ``sigma``: kernel bandwidth, the
-    frequencies are ``N(0, sigma^-2 I)``. ``learn_sigma``: learn one bandwidth per head and
-    dimension (initialised at ``sigma``) instead of keeping it fixed. ``recompute``: True = features
-    computed chunk by chunk and recomputed in backward (only O(n d) tensors kept: memory near full
-    attention's); False = the stored autograd path (the (n x 2D) features kept for backward). Changes
-    memory and time, not results (equal up to float rounding)."""
+    frequencies are ``N(0, sigma^-2 I)``. ``learn_sigma``: learn one bandwidth per key-value head and
+    dimension (initialised at ``sigma``; per head without grouped-query attention) instead of keeping it
+    fixed. ``recompute``: True = features computed chunk by chunk and recomputed in backward (only O(n d)
+    tensors kept: memory near full attention's); False = the stored autograd path (the (n x 2D) features
+    kept for backward). Changes memory and time, not results (equal up to float rounding)."""
 
     num_features: int = 128
     sigma: float = 1.0
@@ -92,15 +112,20 @@ def rfa_state_size(config: RFAConfig, seq_len: int) -> int:
     decoding_note="RFA's recurrence itself: the (2D, d+1) sums phi(K)^T [V, 1] plus one key per step, the "
                   "denominator floor counting the keys so far, as the causal form's prefix sums",
     state_growth="constant",
+    grouped_kv="shared",
+    grouped_kv_note="shared frequencies and a bandwidth per key-value head (learn_sigma: (num_kv_heads, head_dim), "
+                     "its query heads scaled by it), so the sums phi(K)^T [V, 1] (causal: chunk states; decoding: the "
+                     "state) are per key-value head, read by its query heads",
 )
 class RFAAttention(Attention):
     """Random Feature Attention: random Fourier features on l2-normalised queries and keys.
 
     Random state: ``omega`` (D, d), standard Gaussian rows shared by all heads, a registered
     buffer drawn from ``seed``; the frequencies are ``omega / sigma``. With ``learn_sigma`` the
-    bandwidth is ``exp(log_sigma)``, a parameter of shape (heads, head_dim): RFA's learned
-    random-feature variance (frequencies ``sigma``-scaled elementwise), kept positive by the log
-    parametrisation. Features are fixed (no redraw); the paper resamples them during training.
+    bandwidth is ``exp(log_sigma)``, a parameter of shape (kv_heads, head_dim) (kv_heads = num_heads
+    without grouped-query attention; a key-value head's query heads share its bandwidth, module
+    docstring): RFA's learned random-feature variance (frequencies ``sigma``-scaled elementwise),
+    kept positive by the log parametrisation. Features are fixed (no redraw); the paper resamples them during training.
 
     Denominator: sin/cos features are not positive, so the estimate of ``sum_j k(q, k_j)`` can be
     tiny or negative. The exact value is at least ``n_real * exp(-2 / sigma_min^2)`` (unit vectors
@@ -117,26 +142,35 @@ class RFAAttention(Attention):
         generator = draw_generator(config.seed, 0)
         self.register_buffer("omega", gaussian_projection(config.num_features, config.head_dim, generator))
         if config.learn_sigma:
-            self.log_sigma = nn.Parameter(torch.full((config.num_heads, config.head_dim), math.log(config.sigma)))
+            self.log_sigma = nn.Parameter(torch.full((config.kv_heads, config.head_dim), math.log(config.sigma)))
         else:
             self.log_sigma = None
 
     def bandwidth(self) -> torch.Tensor:
-        """``sigma`` broadcastable to (batch, heads, seq, head_dim)."""
+        """``sigma`` broadcastable to (batch, kv_heads, seq, head_dim): a scalar, or ``(1, kv_heads, 1, head_dim)``."""
         if self.log_sigma is None:
             return self.omega.new_tensor(self.config.sigma)
         return self.log_sigma.exp()[None, :, None, :]
 
+    def _grouped_bandwidth(self, batch: int) -> torch.Tensor:
+        """The bandwidth in :func:`attentions._lean_linear.group_heads`' layout: ``(batch kv_heads, 1, 1, head_dim)``
+        (key-value heads on the batch axis), or the scalar."""
+        sigma = self.bandwidth()
+        if sigma.dim() == 0:
+            return sigma
+        return sigma.expand(batch, -1, -1, -1).reshape(-1, 1, 1, sigma.shape[-1])
+
     def feature_maps(
-        self, q: torch.Tensor, k: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, sigma: torch.Tensor | None = None
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """``((sin, cos) of Q^, (sin, cos) of K^)``, each ``(batch, heads, seq, D)``.
 
         ``phi(x)`` is the concatenation of the pair times ``D^-1/2``; that factor cancels in the
-        attention's ratio and is left out (the denominator floor is scaled to match).
+        attention's ratio and is left out (the denominator floor is scaled to match). ``sigma``: the
+        bandwidth broadcastable to q and k (None: :meth:`bandwidth`).
         """
         compute = torch.promote_types(q.dtype, torch.float32)
-        sigma = self.bandwidth().to(compute)
+        sigma = (self.bandwidth() if sigma is None else sigma).to(compute)
         omega_t = self.omega.to(compute).T
         # w.x with w = omega / sigma (elementwise) == omega . (x / sigma).
         q_proj = torch.matmul(F.normalize(q.to(compute), dim=-1) / sigma, omega_t)
@@ -161,30 +195,39 @@ class RFAAttention(Attention):
         return floor * n_real.clamp_min(1.0)
 
     def attend(self, q, k, v, key_padding_mask):
+        if self.config.kv_groups > 1:  # the group's query heads on the head axis, key-value heads on the batch axis
+            batch = q.shape[0]
+            out = self._attend(*group_heads(q, k, v, key_padding_mask), self._grouped_bandwidth(batch))
+            return ungroup_heads(out, batch)
+        return self._attend(q, k, v, key_padding_mask, self.bandwidth())
+
+    def _attend(self, q, k, v, key_padding_mask, sigma):
+        """RFA of q ``(B, h, n, d)`` and k, v ``(B, h, n, d)`` or ``(B, 1, n, d)`` (one key-value head for the ``h``
+        query heads; :func:`attentions._lean_linear.group_heads`), bandwidth ``sigma`` broadcastable to k."""
         if self.config.recompute:
-            return self._lean_attend(q, k, v, key_padding_mask)
+            return self._lean_attend(q, k, v, key_padding_mask, sigma)
         if self.config.causal:
-            return self._causal_attend(q, k, v, key_padding_mask)
+            return self._causal_attend(q, k, v, key_padding_mask, sigma)
         # Padded contents never reach sin/cos (no NaN * 0); linear_attention drops their rows.
-        phi_q, phi_k = self.feature_maps(q, zero_padded_values(k, key_padding_mask))
+        phi_q, phi_k = self.feature_maps(q, zero_padded_values(k, key_padding_mask), sigma)
         floor = self.denominator_floor(key_padding_mask, q.shape[-2], phi_q[0].dtype).to(phi_q[0].device)
         return linear_attention(phi_q, phi_k, v, key_padding_mask, min_denominator=floor * self.config.num_features)
 
-    def _causal_attend(self, q, k, v, key_padding_mask):
+    def _causal_attend(self, q, k, v, key_padding_mask, sigma):
         """Causal RFA: chunked prefix sums; the denominator floor counts the real keys up to each row."""
-        phi_q, phi_k = self.feature_maps(q, zero_padded_values(k, key_padding_mask))
+        phi_q, phi_k = self.feature_maps(q, zero_padded_values(k, key_padding_mask), sigma)
         floor = self.denominator_floor(key_padding_mask, q.shape[-2], phi_q[0].dtype, causal=True).to(q.device)
         floor = floor * self.config.num_features
         return causal_linear_attention(phi_q, phi_k, v, key_padding_mask, min_denominator=floor)
 
 
-    def _lean_attend(self, q, k, v, key_padding_mask):
+    def _lean_attend(self, q, k, v, key_padding_mask, sigma):
         """The recomputing path (:mod:`attentions._lean_linear`): the same features, floor and padding rules."""
         compute = torch.promote_types(q.dtype, torch.float32)
         causal = self.config.causal
         floor = self.denominator_floor(key_padding_mask, q.shape[-2], compute, causal=causal).to(q.device)
         fmap = _FourierMap(self.omega.to(compute))
-        sigma = self.bandwidth().to(compute)
+        sigma = sigma.to(compute)
         return lean_linear_attention(fmap, q, k, v, key_padding_mask, floor * self.config.num_features,
                                      causal=causal, params=(sigma,))
 
@@ -199,7 +242,8 @@ class RFAAttention(Attention):
         return _FourierMap(self.omega.to(dtype)), (self.bandwidth().to(dtype),)
 
     def new_state(self, batch, max_len, dtype, device):
-        return FeatureSumState(batch, max_len, self.config.num_heads, 2 * self.config.num_features,
+        # One state per key-value head (grouped_kv='shared'): the hooks get k, v with kv_heads heads.
+        return FeatureSumState(batch, max_len, self.config.kv_heads, 2 * self.config.num_features,
                                self.config.head_dim, torch.promote_types(dtype, torch.float32), device, exp=False)
 
     def prefill_state(self, q, k, v, key_padding_mask, state):
@@ -219,8 +263,9 @@ class RFAAttention(Attention):
 
 class _FourierMap(FeatureMap):
     """``[sin u, cos u]``, ``u = (x / |x|) / sigma . omega^T``, for the recomputing path (2D features, the
-    ``D^-1/2`` factor left out as in :meth:`RFAAttention.feature_maps`). ``params = (sigma,)``: a scalar or
-    ``(1, heads, 1, head_dim)``, with its gradient when learned."""
+    ``D^-1/2`` factor left out as in :meth:`RFAAttention.feature_maps`). ``params = (sigma,)``: a scalar or a
+    tensor broadcastable to the keys (``(1, kv_heads, 1, head_dim)``; grouped layout ``(batch kv_heads, 1, 1,
+    head_dim)``), with its gradient when learned."""
 
     exp = False
 
