@@ -26,7 +26,7 @@ from .registry import (
     require,
 )
 
-_INFRASTRUCTURE = {"base", "registry", "functional", "testing", "decoding"}
+_INFRASTRUCTURE = {"base", "registry", "functional", "testing", "decoding", "rotary"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
