@@ -648,7 +648,8 @@ def check_mechanism(name: str, params: Mapping[str, Any] | None = None, *, check
     family is not ``exact``). ``causality`` and ``decoding`` run only where the info says ``supports_causal``.
 
     Raises :class:`ContractViolation` (an AssertionError) naming the mechanism, the first failed check and
-    what was seen; ValueError for an unknown mechanism or check name.
+    what was seen (also where the mechanism raised inside the check: the exception is chained); ValueError for
+    an unknown mechanism or check name.
     """
     subject = _Subject(name, get_attention_info(name), dict(params or {}))
     selected = list(CHECKS) if checks is None else list(checks)
@@ -662,6 +663,11 @@ def check_mechanism(name: str, params: Mapping[str, Any] | None = None, *, check
         if (check == "memory_growth" and not linear_memory) or (check in ("causality", "decoding")
                                                                   and not subject.info.supports_causal):
             continue
-        CHECKS[check](subject)
+        try:
+            CHECKS[check](subject)
+        except ContractViolation:
+            raise
+        except Exception as exc:  # a mechanism that crashes inside a check fails that check, by name
+            raise ContractViolation(name, check, f"raised {type(exc).__name__}: {exc}") from exc
         ran.append(check)
     return ran

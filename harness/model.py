@@ -155,7 +155,8 @@ class ModelConfig:
                              f"{self.head_dim}")
         info = get_attention_info(self.attention)
         if info.rotary == "refused":
-            takers = [n for n in available_attentions() if get_attention_info(n).rotary != "refused"]
+            takers = [n for n in available_attentions() if get_attention_info(n).rotary != "refused"
+                      and (get_attention_info(n).supports_causal or not self.causal)]
             reason = f": {info.rotary_note}" if info.rotary_note else ""
             raise ValueError(f"invalid model parameter 'pos_emb': rope cannot be used with attention "
                              f"'{self.attention}'{reason}; use pos_emb=sinusoidal or learned, or one of: "

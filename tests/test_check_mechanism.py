@@ -97,6 +97,13 @@ def broken():
             groups = q.shape[1] // k.shape[1]
             return softmax_attention(q, k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1), key_padding_mask)
 
+    @register("test_assumes_one_kv_head", grouped_kv="shared")
+    class AssumesOneKVHead(Attention):
+        """Declares shared groups but only works when k, v have one head (broadcasting): it raises at two."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return softmax_attention(q, k, v, key_padding_mask)  # matmul broadcasts k, v of one head only
+
     @register("test_says_refused", grouped_kv="refused")
     class SaysRefused(Attention):
         """Its info refuses grouped keys; the registry then refuses num_kv_heads < num_heads for it."""
@@ -123,6 +130,7 @@ def broken():
     ("test_claims_dropout", "dropout", "says it applies dropout"),
     ("test_bad_state_size", "metadata", "state size at n=1.*must be None or an int >= 1"),
     ("test_interleaves_groups", "grouped_kv", "grouped k, v give another output than the same key-value heads"),
+    ("test_assumes_one_kv_head", "grouped_kv", "raised RuntimeError: The size of tensor"),
 ])
 def test_broken_mechanism_fails_naming_the_violation(broken, name, check, detail):
     with pytest.raises(ContractViolation, match=f"'{name}' violates the contract check '{check}'.*{detail}") as err:

@@ -411,3 +411,14 @@ def test_a_rope_run_trains_records_it_and_decodes_past_its_length(tmp_path):
     assert any(c.startswith("rope: no position table") for c in loaded.changes)
     tokens = torch.randint(1, 32, (2, 6), generator=torch.Generator().manual_seed(0))
     assert loaded.model.generate(tokens, 80).shape == (2, 80)
+
+
+def test_rope_refusal_offers_only_mechanisms_of_the_models_pattern():
+    from harness.model import ModelConfig
+
+    base = dict(vocab_size=16, max_length=8, num_classes=16, attention="aft", pos_emb="rope", token_level=True)
+    with pytest.raises(ValueError, match="one of: .*linformer"):
+        ModelConfig(**base)
+    with pytest.raises(ValueError, match="rope cannot be used with attention 'aft'") as err:
+        ModelConfig(**base, causal=True)
+    assert "linformer" not in str(err.value) and "clustered" not in str(err.value) and "full" in str(err.value)
