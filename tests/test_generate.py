@@ -20,9 +20,8 @@ from harness.generate import best_checkpoint, load_trained_model, with_context
 from harness.model import ModelConfig, build_model, decode_capacity_bytes, decode_state_bytes
 from harness.train import CONF_DIR, run
 
-from conftest import HEAD_DIM, SMALL_PARAMS
+from decoding_lm import MAX_LENGTH, VOCAB, assert_prefill_then_steps_match_forward, lm, lm_config, recomputed
 
-VOCAB, MAX_LENGTH = 24, 40
 PROMPTS = [11, 5, 1]  # right-padded to 11: each sequence continues from its own end
 NEW = 14  # prompt + new crosses every test-size window, block and chunk edge (4 to 8) at least once
 FORMS = [(False, "learned"), (True, "learned"), (False, "sinusoidal"), (True, "sinusoidal")]  # (token_shift, pos)
@@ -31,39 +30,12 @@ FORMS = [(False, "learned"), (True, "learned"), (False, "sinusoidal"), (True, "s
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def lm_config(attention: str, token_shift: bool = False, pos_emb: str = "learned", **overrides) -> ModelConfig:
-    """A random-init causal language model (num_classes == vocab_size) at test sizes, fp32, no dropout."""
-    params = dict(vocab_size=VOCAB, max_length=MAX_LENGTH, num_classes=VOCAB, embed_dim=16, num_heads=2,
-                  qkv_dim=2 * HEAD_DIM, mlp_dim=32, num_layers=2, dropout=0.0, attention_dropout=0.0,
-                  causal=True, token_level=True, token_shift=token_shift, pos_emb=pos_emb, attention=attention,
-                  attention_params=dict(SMALL_PARAMS.get(attention, {})), seed=3)
-    params.update(overrides)
-    return ModelConfig(**params)
-
-
-def lm(attention: str, token_shift: bool = False, pos_emb: str = "learned", **overrides):
-    torch.manual_seed(0)
-    model = build_model(lm_config(attention, token_shift, pos_emb, **overrides)).eval()
-    with torch.no_grad():  # a wider head than N(0, 1/fan_in): random models then stop repeating one token at once
-        model.head[-1].weight.mul_(8.0)
-    return model
-
-
 def prompts(lengths=PROMPTS, seed=1):
     g = torch.Generator().manual_seed(seed)
     width = max(lengths)
     tokens = torch.randint(1, VOCAB, (len(lengths), width), generator=g)
     mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
     return tokens.masked_fill(~mask, VOCAB - 1), mask  # padding holds a real token id: it must not matter
-
-
-def recomputed(model, prompt: list[int], new: int) -> list[int]:
-    """Greedy decoding by re-running the whole causal forward on the sequence so far at each step."""
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(new):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
 
 
 @pytest.mark.parametrize("token_shift,pos_emb", FORMS)
@@ -84,25 +56,7 @@ def test_prefill_then_steps_give_the_causal_forwards_logits(attention, token_shi
     """Right-padded prompts of 9, 4 and 0 real tokens, then teacher-forced steps to 24 tokens each: the logits at
     every real position equal the causal forward of the whole sequence (the empty prompt starts at position 0,
     with no previous token for token_shift)."""
-    model = lm(attention, token_shift, pos_emb)
-    lengths, total = [9, 4, 0], 24
-    seqs = torch.randint(1, VOCAB, (3, total), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = model(seqs)
-    width = max(lengths)
-    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-    states = model.init_states(3, total)
-    logits = model.prefill(seqs[:, :width].masked_fill(~mask, 0), mask, states)
-    assert logits.shape == (3, width, VOCAB)
-    for b, n in enumerate(lengths):
-        torch.testing.assert_close(logits[b, :n], ref[b, :n], atol=1e-4, rtol=1e-4)
-    assert states.lengths.tolist() == lengths
-    rows = torch.arange(3)
-    for t in range(total - max(lengths)):
-        pos = torch.tensor(lengths) + t
-        out = model.step(seqs[rows, pos], states)
-        torch.testing.assert_close(out, ref[rows, pos], atol=1e-4, rtol=1e-4, msg=f"step {t} (positions {pos})")
-    assert states.lengths.tolist() == [n + total - max(lengths) for n in lengths]
+    assert_prefill_then_steps_match_forward(lm(attention, token_shift, pos_emb))
 
 
 @pytest.mark.parametrize("attention", causal_attentions())

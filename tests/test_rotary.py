@@ -26,9 +26,10 @@ from harness.generate import load_trained_model, with_context
 from harness.model import ModelConfig, build_model
 from harness.train import CONF_DIR, run
 
+import decoding_lm
 from conftest import HEAD_DIM, SMALL_PARAMS
+from decoding_lm import VOCAB, assert_prefill_then_steps_match_forward, recomputed
 
-VOCAB, MAX_LENGTH = 24, 40
 BUILTIN = ["aft", "bigbird", "clustered", "full", "linformer", "longformer", "memory_compressed", "performer",
            "reformer", "rfa", "sliding_window"]
 
@@ -303,30 +304,12 @@ ROTATED_CAUSAL = [n for n in causal_attentions() if get_attention_info(n).rotary
 
 
 def lm_config(attention: str, **overrides) -> ModelConfig:
-    """A causal language model at test sizes with rope, fp32, no dropout."""
-    params = dict(vocab_size=VOCAB, max_length=MAX_LENGTH, num_classes=VOCAB, embed_dim=16, num_heads=2,
-                  qkv_dim=2 * HEAD_DIM, mlp_dim=32, num_layers=2, dropout=0.0, attention_dropout=0.0, causal=True,
-                  token_level=True, pos_emb="rope", attention=attention,
-                  attention_params=dict(SMALL_PARAMS.get(attention, {})), seed=3)
-    params.update(overrides)
-    return ModelConfig(**params)
+    """A causal language model at test sizes with rope, fp32, no dropout (tests/decoding_lm.py)."""
+    return decoding_lm.lm_config(attention, **{"pos_emb": "rope", **overrides})
 
 
 def lm(attention: str, **overrides):
-    torch.manual_seed(0)
-    model = build_model(lm_config(attention, **overrides)).eval()
-    with torch.no_grad():  # a wider head: random models then do not repeat one token at once
-        model.head[-1].weight.mul_(8.0)
-    return model
-
-
-def recomputed(model, prompt: list[int], new: int) -> list[int]:
-    """Greedy decoding by re-running the whole causal forward on the sequence so far."""
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(new):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return decoding_lm.lm(attention, **{"pos_emb": "rope", **overrides})
 
 
 @pytest.mark.parametrize("kv", [None, 1])
@@ -337,22 +320,7 @@ def test_prefill_then_steps_give_the_rope_models_causal_forward(attention, kv):
     sequence; with num_kv_heads=1 as well (multi-query keys rotated like the queries)."""
     if kv is not None and get_attention_info(attention).grouped_kv == "refused":
         pytest.skip(f"{attention} takes no grouped keys")
-    model = lm(attention, num_kv_heads=kv)
-    lengths, total = [9, 4, 0], 24
-    seqs = torch.randint(1, VOCAB, (3, total), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = model(seqs)
-    width = max(lengths)
-    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-    states = model.init_states(3, total)
-    logits = model.prefill(seqs[:, :width].masked_fill(~mask, 0), mask, states)
-    for b, n in enumerate(lengths):
-        torch.testing.assert_close(logits[b, :n], ref[b, :n], atol=1e-4, rtol=1e-4)
-    rows = torch.arange(3)
-    for t in range(total - width):
-        pos = torch.tensor(lengths) + t
-        torch.testing.assert_close(model.step(seqs[rows, pos], states), ref[rows, pos], atol=1e-4, rtol=1e-4,
-                                   msg=f"step {t} (positions {pos.tolist()})")
+    assert_prefill_then_steps_match_forward(lm(attention, num_kv_heads=kv))
 
 
 @pytest.mark.parametrize("attention", ["full", "performer", "sliding_window"])
