@@ -474,7 +474,6 @@ def sweep_parts(s: SuiteSettings, mechanisms: list[str],
     with its own ``train.recipe_overrides`` or seeds in a part of its own), and one part per point of the recall
     ladder."""
     s = SuiteSettings.of(s)
-    causal = [m for m in mechanisms if get_attention_info(m).supports_causal]
     seeds = [int(x) for x in s.train.seeds]
     per_recipe = {str(k): [str(o) for o in v] for k, v in dict(s.train.recipe_overrides or {}).items()}
     own_seeds = {str(k): tuple(int(x) for x in v) for k, v in dict(s.train.recipe_seeds or {}).items()}
@@ -485,7 +484,8 @@ def sweep_parts(s: SuiteSettings, mechanisms: list[str],
         groups.setdefault(key, []).append(exp)
     parts = []
     for i, ((is_causal, grouped, extra, part_seeds), exps) in enumerate(groups.items()):
-        mechs = [m for m in mechanisms if m not in left_out_of(mechanisms, is_causal, grouped)]
+        skipped = left_out_of(mechanisms, is_causal, grouped)
+        mechs = [m for m in mechanisms if m not in skipped]
         if mechs:
             own = bool(extra) or list(part_seeds) != seeds
             parts.append((("causal" if is_causal else "bidir") + ("-gqa" if grouped else "") + (f"{i}" if own else ""),
@@ -493,7 +493,8 @@ def sweep_parts(s: SuiteSettings, mechanisms: list[str],
     ladder = dict(s.train.ladder or {})
     exp = ladder.get("experiment")
     if exp and exp in experiments:  # a rung of a recipe the sweep runs (resolve_suite checked that it exists)
-        mechs = causal if recipe_is_causal(exp) else mechanisms
+        skipped = left_out_of(mechanisms, recipe_is_causal(exp), recipe_groups_kv(exp))  # its recipe's rule
+        mechs = [m for m in mechanisms if m not in skipped]
         for seq_len, pairs in ladder.get("points") or []:
             parts.append((f"ladder-L{int(seq_len)}-k{int(pairs)}", mechs, [exp],
                           [f"task.params.seq_len={int(seq_len)}", f"task.params.num_kv_pairs={int(pairs)}"],
